@@ -1,0 +1,1 @@
+//! bm-cli: to be filled.

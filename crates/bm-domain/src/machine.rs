@@ -1,0 +1,324 @@
+//! The machine record: what the operator declares (spec, labels) and what the control plane
+//! knows (status).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Conditions, DomainError, EffectiveState, Labels, MacAddress, MachineId, OperationId, Phase,
+    Timestamp, effective_state,
+};
+
+/// What the operator declares about a machine: how to reach it and what it should run.
+///
+/// Operations converge the hardware towards the spec: a reimage writes `image`, a network
+/// reconfiguration applies `network_config`. The spec cannot change while an operation is
+/// active, so an operation always works from one spec from start to end.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    /// The provider that drives this machine's hardware, e.g. `fake` or `redfish`.
+    pub provider: String,
+    /// The MAC addresses of its NICs, without duplicates.
+    pub mac_addresses: Vec<MacAddress>,
+    /// `[user@]host[:port]` of the machine's SSH daemon (deploy ramdisk or installed OS).
+    pub ssh_endpoint: String,
+    /// URL of its BMC, e.g. `redfish+https://10.0.0.5/redfish/v1/Systems/1`; never
+    /// credentials, which live in the server's provider configuration.
+    pub bmc_endpoint: String,
+    /// The OS image that a reimage writes, e.g. `ubuntu-24.04` or an image URL.
+    pub image: String,
+    /// The cluster the machine joins after a reimage.
+    pub target_cluster: String,
+    /// A provider-specific network configuration document (e.g. netplan YAML) applied by a
+    /// network reconfiguration; empty means the provider's default.
+    pub network_config: String,
+}
+
+impl MachineSpec {
+    /// The longest accepted network configuration document, in bytes.
+    pub const MAX_NETWORK_CONFIG: usize = 64 * 1024;
+    /// The most NICs a machine may list.
+    pub const MAX_MACS: usize = 64;
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    ///
+    /// [`DomainError::Invalid`] naming the first bad field and what would be accepted.
+    pub fn validate(&self) -> Result<(), DomainError> {
+        validate_provider(&self.provider)?;
+        if self.mac_addresses.len() > Self::MAX_MACS {
+            return Err(DomainError::invalid(
+                "MAC addresses",
+                &format!("{} addresses", self.mac_addresses.len()),
+                format!("at most {} are allowed", Self::MAX_MACS),
+            ));
+        }
+        for (i, mac) in self.mac_addresses.iter().enumerate() {
+            if self.mac_addresses[..i].contains(mac) {
+                return Err(DomainError::invalid(
+                    "MAC address",
+                    &mac.to_string(),
+                    "is listed twice",
+                ));
+            }
+        }
+        validate_ssh_endpoint(&self.ssh_endpoint)?;
+        validate_bmc_endpoint(&self.bmc_endpoint)?;
+        validate_token("image", &self.image, 1024)?;
+        validate_token("target cluster", &self.target_cluster, 253)?;
+        if self.network_config.len() > Self::MAX_NETWORK_CONFIG {
+            return Err(DomainError::invalid(
+                "network config",
+                &format!("{} bytes", self.network_config.len()),
+                format!("must be at most {} bytes", Self::MAX_NETWORK_CONFIG),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_provider(p: &str) -> Result<(), DomainError> {
+    let ok = !p.is_empty()
+        && p.len() <= 63
+        && p.starts_with(|c: char| c.is_ascii_lowercase())
+        && p.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(DomainError::invalid(
+            "provider",
+            p,
+            "must name a provider: 1-63 lowercase letters, digits and '-', e.g. fake or redfish",
+        ))
+    }
+}
+
+/// Free-form single-token fields: printable, no whitespace, bounded.
+fn validate_token(field: &'static str, v: &str, max: usize) -> Result<(), DomainError> {
+    if v.len() > max {
+        return Err(DomainError::invalid(
+            field,
+            v,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(DomainError::invalid(
+            field,
+            v,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_ssh_endpoint(v: &str) -> Result<(), DomainError> {
+    validate_token("SSH endpoint", v, 300)?;
+    if v.is_empty() {
+        return Ok(());
+    }
+    let bad = |reason: &str| Err(DomainError::invalid("SSH endpoint", v, reason));
+    let host_port = match v.rsplit_once('@') {
+        Some((user, hp)) if !user.is_empty() && !user.contains(':') => hp,
+        Some(_) => return bad("the user before '@' must be a plain user name (no password)"),
+        None => v,
+    };
+    let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
+        // [IPv6]:port
+        match rest.split_once(']') {
+            Some((h, tail)) if !h.is_empty() => (h, tail.strip_prefix(':')),
+            _ => return bad("an IPv6 address must be written as [addr]:port"),
+        }
+    } else {
+        match host_port.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return bad("expected [user@]host[:port]");
+    }
+    if let Some(p) = port
+        && !matches!(p.parse::<u16>(), Ok(1..))
+    {
+        return bad("the port must be a number from 1 to 65535");
+    }
+    Ok(())
+}
+
+fn validate_bmc_endpoint(v: &str) -> Result<(), DomainError> {
+    validate_token("BMC endpoint", v, 1024)?;
+    if v.is_empty() {
+        return Ok(());
+    }
+    let bad = |reason: &str| Err(DomainError::invalid("BMC endpoint", v, reason));
+    let Some((scheme, rest)) = v.split_once("://") else {
+        return bad("expected a URL such as redfish+https://10.0.0.5/redfish/v1/Systems/1");
+    };
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_lowercase())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok {
+        return bad("the scheme must be lowercase, e.g. redfish+https");
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        return bad("the URL has no host");
+    }
+    if authority.contains('@') {
+        return bad(
+            "credentials do not belong in the machine record: put them in the server's provider configuration",
+        );
+    }
+    Ok(())
+}
+
+/// What the control plane knows about a machine. Owned by the backend: clients never write
+/// it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineStatus {
+    /// The operator's intent, changed only by operations.
+    pub phase: Phase,
+    /// Facts about the machine.
+    pub conditions: Conditions,
+    /// The operation pending or running on the machine, if any (at most one).
+    pub active_operation_id: Option<OperationId>,
+}
+
+impl Default for MachineStatus {
+    fn default() -> Self {
+        MachineStatus {
+            phase: Phase::FactoryReady,
+            conditions: Conditions::new(),
+            active_operation_id: None,
+        }
+    }
+}
+
+/// A physical machine in the inventory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    /// Its id.
+    pub id: MachineId,
+    /// What the operator declares.
+    pub spec: MachineSpec,
+    /// Free-form labels for selection.
+    pub labels: Labels,
+    /// What the control plane knows.
+    pub status: MachineStatus,
+    /// When it was registered.
+    pub created_at: Timestamp,
+    /// When its record last changed.
+    pub updated_at: Timestamp,
+}
+
+impl Machine {
+    /// A newly registered machine: FACTORY_READY, no conditions, nothing running.
+    ///
+    /// # Errors
+    ///
+    /// [`DomainError::Invalid`] if the spec is invalid.
+    pub fn register(
+        id: MachineId,
+        spec: MachineSpec,
+        labels: Labels,
+        now: Timestamp,
+    ) -> Result<Self, DomainError> {
+        spec.validate()?;
+        Ok(Machine {
+            id,
+            spec,
+            labels,
+            status: MachineStatus::default(),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    /// The effective state, computed from phase, conditions and the active operation.
+    pub fn effective_state(&self) -> EffectiveState {
+        effective_state(
+            self.status.phase,
+            &self.status.conditions,
+            self.status.active_operation_id.is_some(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MachineSpec {
+        MachineSpec {
+            provider: "fake".into(),
+            mac_addresses: vec!["02:00:00:00:00:01".parse().unwrap()],
+            ssh_endpoint: "root@10.0.0.1:22".into(),
+            bmc_endpoint: "redfish+https://10.0.1.1/redfish/v1/Systems/1".into(),
+            image: "ubuntu-24.04".into(),
+            target_cluster: "prod-east".into(),
+            network_config: String::new(),
+        }
+    }
+
+    fn check(edit: impl FnOnce(&mut MachineSpec), expect: Result<(), &str>) {
+        let mut s = spec();
+        edit(&mut s);
+        match (s.validate(), expect) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e}"),
+            (got, want) => panic!("{s:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn spec_validation() {
+        check(|_| {}, Ok(()));
+        check(|s| s.ssh_endpoint = String::new(), Ok(()));
+        check(|s| s.ssh_endpoint = "[fe80::1]:2222".into(), Ok(()));
+        check(|s| s.ssh_endpoint = "node-1.lab".into(), Ok(()));
+        check(|s| s.bmc_endpoint = String::new(), Ok(()));
+        check(|s| s.provider = String::new(), Err("provider"));
+        check(|s| s.provider = "Fake".into(), Err("provider"));
+        check(
+            |s| s.mac_addresses.push(s.mac_addresses[0]),
+            Err("listed twice"),
+        );
+        check(|s| s.ssh_endpoint = "root@host:0".into(), Err("port"));
+        check(|s| s.ssh_endpoint = "root@host:ssh".into(), Err("port"));
+        check(
+            |s| s.ssh_endpoint = "root:pw@host".into(),
+            Err("no password"),
+        );
+        check(|s| s.ssh_endpoint = "a b".into(), Err("whitespace"));
+        check(
+            |s| s.bmc_endpoint = "10.0.1.1".into(),
+            Err("expected a URL"),
+        );
+        check(
+            |s| s.bmc_endpoint = "https://admin:pw@10.0.1.1/".into(),
+            Err("credentials"),
+        );
+        check(|s| s.bmc_endpoint = "HTTPS://h/".into(), Err("scheme"));
+        check(|s| s.image = "x".repeat(1025), Err("at most"));
+        check(
+            |s| s.network_config = "x".repeat(70_000),
+            Err("network config"),
+        );
+    }
+
+    #[test]
+    fn registered_machines_are_new() {
+        let m = Machine::register(
+            MachineId::new("machine-1").unwrap(),
+            spec(),
+            Labels::default(),
+            Timestamp::EPOCH,
+        )
+        .unwrap();
+        assert_eq!(m.status.phase, Phase::FactoryReady);
+        assert_eq!(m.effective_state(), EffectiveState::New);
+    }
+}

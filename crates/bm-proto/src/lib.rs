@@ -1,0 +1,1 @@
+//! bm-proto: to be filled.

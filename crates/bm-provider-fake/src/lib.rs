@@ -1,0 +1,1 @@
+//! bm-provider-fake: to be filled.

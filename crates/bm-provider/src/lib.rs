@@ -1,0 +1,1 @@
+//! bm-provider: to be filled.

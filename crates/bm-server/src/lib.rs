@@ -1,0 +1,1 @@
+//! bm-server: to be filled.

@@ -1,0 +1,1 @@
+//! bm-store: to be filled.

@@ -1,0 +1,1 @@
+//! bm-workflow: to be filled.
