@@ -63,6 +63,17 @@ pub enum DomainError {
         /// The refused operation.
         op: OperationType,
     },
+    /// The spec cannot change while an operation is active: every operation works from one
+    /// spec from start to end.
+    #[error(
+        "the spec of machine {machine_id} cannot change while operation {active} is active: wait for it to end or cancel it (labels can change)"
+    )]
+    SpecLocked {
+        /// The machine.
+        machine_id: MachineId,
+        /// The operation that is pending or running on it.
+        active: OperationId,
+    },
     /// The operation has already ended, so it can no longer be started or canceled.
     #[error("operation {operation_id} has already ended ({phase})")]
     AlreadyEnded {

@@ -15,6 +15,7 @@
 
 mod condition;
 mod error;
+mod event;
 mod ids;
 mod labels;
 mod mac;
@@ -26,6 +27,7 @@ mod time;
 
 pub use condition::{Condition, ConditionType, Conditions};
 pub use error::DomainError;
+pub use event::{EventKind, LogLine, OperationEvent};
 pub use ids::{MachineId, OperationId, RequestId};
 pub use labels::{LabelSelector, Labels};
 pub use mac::MacAddress;

@@ -237,6 +237,44 @@ impl Machine {
         })
     }
 
+    /// Applies an update of the operator-owned fields. The spec cannot change while an
+    /// operation is active; labels always can.
+    ///
+    /// # Errors
+    ///
+    /// [`DomainError::Invalid`] for an invalid spec, [`DomainError::SpecLocked`] for a spec
+    /// change during an operation. Nothing is changed on error.
+    pub fn update(
+        &mut self,
+        spec: Option<MachineSpec>,
+        labels: Option<Labels>,
+        now: Timestamp,
+    ) -> Result<(), DomainError> {
+        if let Some(spec) = &spec {
+            spec.validate()?;
+            if let Some(active) = self.status.active_operation_id
+                && *spec != self.spec
+            {
+                return Err(DomainError::SpecLocked {
+                    machine_id: self.id.clone(),
+                    active,
+                });
+            }
+        }
+        let changed = spec.as_ref().is_some_and(|s| *s != self.spec)
+            || labels.as_ref().is_some_and(|l| *l != self.labels);
+        if let Some(spec) = spec {
+            self.spec = spec;
+        }
+        if let Some(labels) = labels {
+            self.labels = labels;
+        }
+        if changed {
+            self.updated_at = now;
+        }
+        Ok(())
+    }
+
     /// The effective state, computed from phase, conditions and the active operation.
     pub fn effective_state(&self) -> EffectiveState {
         effective_state(
@@ -307,6 +345,30 @@ mod tests {
             |s| s.network_config = "x".repeat(70_000),
             Err("network config"),
         );
+    }
+
+    #[test]
+    fn spec_is_locked_during_an_operation_but_labels_are_not() {
+        let mut m = Machine::register(
+            MachineId::new("machine-1").unwrap(),
+            spec(),
+            Labels::default(),
+            Timestamp::EPOCH,
+        )
+        .unwrap();
+        m.status.active_operation_id = Some(OperationId::from_parts(1, 1));
+        let mut new_spec = spec();
+        new_spec.image = "ubuntu-26.04".into();
+        let err = m
+            .update(Some(new_spec), None, Timestamp::EPOCH)
+            .unwrap_err();
+        assert!(matches!(err, DomainError::SpecLocked { .. }), "{err}");
+        assert_eq!(m.spec, spec());
+        // The same spec (a full update that only changes labels) is fine.
+        let labels = Labels::from_pairs([("rack", "r1")]).unwrap();
+        let t = Timestamp::from_unix_micros(9);
+        m.update(Some(spec()), Some(labels.clone()), t).unwrap();
+        assert_eq!((m.labels.clone(), m.updated_at), (labels, t));
     }
 
     #[test]

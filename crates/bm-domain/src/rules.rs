@@ -274,7 +274,6 @@ pub fn complete(
         }
     }
     op.finished_at = Some(now);
-    op.cancel_requested = op.cancel_requested && op.phase == OperationPhase::Canceled;
     machine.status.active_operation_id = None;
     machine.updated_at = now;
     Ok(())

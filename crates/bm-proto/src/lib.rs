@@ -1,1 +1,50 @@
-//! bm-proto: to be filled.
+//! The gRPC contract of the bare-metal control plane, generated from
+//! `proto/baremetal/v1/baremetal.proto` at build time.
+//!
+//! # API boundary
+//!
+//! This crate is the SDK: its types are what clients compile against, so they change only
+//! with the proto file, compatibly. Plans, step kinds and provider details are deliberately
+//! absent. Only the adapters (`bm-server`, `bm-cli`) depend on it; the domain, the store,
+//! the workflow engine and the providers know nothing of it, which is why a new provider
+//! crate never needs a change here.
+
+/// Package `baremetal.v1`: messages, enums, and the clients and servers of
+/// `MachineService` and `OperationService`.
+pub mod v1 {
+    #![allow(
+        missing_docs,
+        reason = "generated code; the proto file documents every item"
+    )]
+    #![allow(unreachable_pub, reason = "generated code")]
+    #![allow(clippy::all, reason = "generated code")]
+    tonic::include_proto!("baremetal.v1");
+}
+
+/// The encoded `FileDescriptorSet` of the API (with its imports), for gRPC server
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/baremetal_v1_descriptor.bin"));
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    #[test]
+    fn descriptor_set_describes_both_services() {
+        let fds = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let file = fds
+            .file
+            .iter()
+            .find(|f| f.package() == "baremetal.v1")
+            .expect("baremetal.v1 is in the set");
+        let services: Vec<&str> = file.service.iter().map(|s| s.name()).collect();
+        assert_eq!(services, ["MachineService", "OperationService"]);
+        // Imports are included, so reflection clients can resolve google.protobuf types.
+        assert!(
+            fds.file
+                .iter()
+                .any(|f| f.name() == "google/protobuf/timestamp.proto")
+        );
+    }
+}

@@ -1,1 +1,285 @@
-//! bm-store: to be filled.
+//! Storage for the control plane: machines, operations with their stage records, the
+//! idempotency keys, events, provider log lines, and the leases by which executors claim
+//! operations.
+//!
+//! [`Store`] is the one interface; [`SqliteStore`] is the embedded, durable default and
+//! [`MemoryStore`] serves unit tests and throwaway runs. Both run the same transaction logic
+//! (written once, in `logic.rs`) and pass the same conformance suite.
+//!
+//! # Architecture invariant
+//!
+//! A state change is reported (its call returns, its events are published) only after it is
+//! committed. Every rule about what may change is bm-domain's: this crate applies the rules
+//! atomically, it does not make them. It knows nothing of gRPC or providers.
+//!
+//! # Leases
+//!
+//! An executor works on an operation only while it holds the operation's lease (an owner id
+//! and an expiry). [`Store::claim`] hands out pending operations and operations whose lease
+//! expired; every write of the executor is fenced by the lease, so an executor that lost its
+//! lease (it stalled past the expiry and another took over) can no longer change anything.
+//! This is what will let several servers share one database.
+
+mod error;
+mod logic;
+mod memory;
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bm_domain::rules::Outcome;
+use bm_domain::{
+    EffectiveState, LabelSelector, Labels, LogLine, Machine, MachineId, MachineSpec, Operation,
+    OperationEvent, OperationId, OperationPhase, OperationType, Phase, Timestamp,
+};
+use tokio::sync::broadcast;
+
+pub use error::StoreError;
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteConfig, SqliteStore};
+
+/// The result type of the store.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How many events and log lines a subscriber may fall behind before it is told it lagged
+/// (it then reads the missed ones back from the store).
+pub const BROADCAST_CAPACITY: usize = 1 << 16;
+
+/// Which machines to list, and where to start.
+#[derive(Clone, Debug, Default)]
+pub struct MachineQuery {
+    /// Start after this id (the last id of the previous page).
+    pub after: Option<MachineId>,
+    /// The most machines to return.
+    pub limit: usize,
+    /// Only this phase.
+    pub phase: Option<Phase>,
+    /// Only this effective state.
+    pub effective_state: Option<EffectiveState>,
+    /// Only machines whose labels match.
+    pub selector: LabelSelector,
+}
+
+/// Which operations to list (newest first), and where to start.
+#[derive(Clone, Debug, Default)]
+pub struct OperationQuery {
+    /// Start before this id (the last id of the previous page).
+    pub before: Option<OperationId>,
+    /// The most operations to return.
+    pub limit: usize,
+    /// Only this machine's.
+    pub machine_id: Option<MachineId>,
+    /// Only this type.
+    pub op_type: Option<OperationType>,
+    /// Only this phase.
+    pub phase: Option<OperationPhase>,
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items, in listing order.
+    pub items: Vec<T>,
+    /// True when more items match after the last one.
+    pub more: bool,
+}
+
+/// What an import did with one row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// The machine was registered.
+    Created,
+    /// The machine existed with the same spec and labels.
+    Unchanged,
+}
+
+/// The result of [`Store::admit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// The operation: the new one, or the one the request id was first used for.
+    pub operation: Operation,
+    /// False when the request id had been used before and nothing was created.
+    pub created: bool,
+}
+
+/// Which events to read or watch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only this machine's.
+    pub machine_id: Option<MachineId>,
+    /// Only this operation's.
+    pub operation_id: Option<OperationId>,
+}
+
+impl EventFilter {
+    /// True when `event` passes the filter.
+    pub fn matches(&self, event: &OperationEvent) -> bool {
+        self.machine_id
+            .as_ref()
+            .is_none_or(|m| *m == event.machine_id)
+            && self.operation_id.is_none_or(|o| o == event.operation_id)
+    }
+}
+
+/// A claim on operations: who holds it and until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The executor's id, unique per process start.
+    pub owner: String,
+    /// When the claim lapses unless renewed.
+    pub expires_at: Timestamp,
+}
+
+/// Storage of the control plane. See the crate documentation for its guarantees.
+///
+/// Reads see every write that returned before them. Writes are atomic: a call that returns
+/// an error changed nothing.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Registers a new machine.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::MachineExists`], [`StoreError::MacInUse`].
+    async fn register_machine(&self, machine: Machine) -> Result<Machine>;
+
+    /// Registers a batch of machines, each row on its own: a machine that exists with the
+    /// same spec and labels is [`ImportOutcome::Unchanged`], with different ones
+    /// [`StoreError::ImportConflict`]. With `dry_run` nothing is written, and the results are
+    /// what the import would do.
+    async fn import_machines(
+        &self,
+        machines: Vec<Machine>,
+        dry_run: bool,
+    ) -> Result<Vec<Result<ImportOutcome>>>;
+
+    /// Reads one machine.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::MachineNotFound`].
+    async fn get_machine(&self, id: &MachineId) -> Result<Machine>;
+
+    /// Lists machines ordered by id.
+    async fn list_machines(&self, query: &MachineQuery) -> Result<Page<Machine>>;
+
+    /// Replaces the spec and/or the labels of a machine (see [`Machine::update`]).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::MachineNotFound`], [`StoreError::MacInUse`], and the domain's refusals.
+    async fn update_machine(
+        &self,
+        id: &MachineId,
+        spec: Option<MachineSpec>,
+        labels: Option<Labels>,
+        now: Timestamp,
+    ) -> Result<Machine>;
+
+    /// Admits a new pending operation, atomically: if the machine already has an operation
+    /// with this request id, that one is returned and nothing is created; otherwise the
+    /// domain's admission rules decide, and the operation, the machine's active operation,
+    /// the idempotency key and a `Created` event are written together.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::MachineNotFound`], [`StoreError::RequestIdReused`] (same key, another
+    /// type), and the domain's refusals (e.g. a second active operation).
+    async fn admit(&self, operation: Operation) -> Result<Admission>;
+
+    /// Reads one operation.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::OperationNotFound`].
+    async fn get_operation(&self, id: OperationId) -> Result<Operation>;
+
+    /// Lists operations, newest first.
+    async fn list_operations(&self, query: &OperationQuery) -> Result<Page<Operation>>;
+
+    /// Asks to cancel an operation. A pending operation that no executor holds ends
+    /// CANCELED at once (with its effects on the machine); otherwise the request is recorded
+    /// and the executor that holds it sees it on its next write or lease renewal.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::OperationNotFound`]; the domain's `AlreadyEnded` if it has ended.
+    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> Result<Operation>;
+
+    /// Claims up to `limit` operations for `lease.owner`, oldest first: pending ones and
+    /// active ones whose lease has expired (their executor died). Returns them as stored.
+    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>>;
+
+    /// Extends every lease `lease.owner` holds to `lease.expires_at`. Returns the held
+    /// operations that an operator asked to cancel.
+    async fn renew(&self, lease: &Lease) -> Result<Vec<OperationId>>;
+
+    /// Gives up every lease `owner` holds (on shutdown), so that the next claim takes the
+    /// operations up at once. Returns how many were released.
+    async fn release(&self, owner: &str) -> Result<usize>;
+
+    /// Writes an executor's progress on an active operation it holds, with its events.
+    /// Returns whether an operator has asked to cancel it (the stored flag is kept).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::LeaseLost`] if `owner` no longer holds it.
+    async fn save_progress(
+        &self,
+        owner: &str,
+        operation: &Operation,
+        events: Vec<OperationEvent>,
+    ) -> Result<bool>;
+
+    /// Ends an operation `owner` holds: in one transaction, writes `events`, applies the
+    /// domain's effects of `outcome` to the operation and its machine, releases the lease
+    /// and appends the final `PhaseChanged` event. Returns both records as committed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::LeaseLost`] if `owner` no longer holds it.
+    async fn finish(
+        &self,
+        owner: &str,
+        operation: Operation,
+        outcome: Outcome,
+        events: Vec<OperationEvent>,
+        now: Timestamp,
+    ) -> Result<(Operation, Machine)>;
+
+    /// Committed events with a revision above `after`, in revision order, at most `limit`.
+    async fn events_after(
+        &self,
+        after: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<OperationEvent>>;
+
+    /// The revision of the last committed event (0 if none).
+    async fn last_revision(&self) -> Result<u64>;
+
+    /// Every event from now on, as it is committed, in revision order.
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<OperationEvent>>;
+
+    /// Queues a provider log line for writing; never blocks. Lines are committed in the
+    /// order they were appended, and no later than any write called after this.
+    fn append_log(&self, line: LogLine);
+
+    /// Committed log lines of an operation with a sequence above `after`, at most `limit`.
+    async fn logs_after(
+        &self,
+        operation: OperationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LogLine>>;
+
+    /// The highest committed log sequence of an operation (0 if none).
+    async fn last_log_sequence(&self, operation: OperationId) -> Result<u64>;
+
+    /// Every log line from now on, as it is committed.
+    fn subscribe_logs(&self) -> broadcast::Receiver<Arc<LogLine>>;
+
+    /// Waits until every write and log line queued before this call is committed.
+    async fn flush(&self) -> Result<()>;
+}

@@ -1,0 +1,80 @@
+//! The error every provider action returns.
+
+use std::error::Error as StdError;
+
+/// What kind of failure, which decides whether the engine retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A retry may help: a timeout, a busy BMC, a server error.
+    Transient,
+    /// The machine or its BMC did not answer. A retry may help; if none does, the machine
+    /// is marked not Reachable.
+    Unreachable,
+    /// A retry will not help until a person changes something: bad credentials, a wrong
+    /// system path, an unsupported action, a missing field in the spec.
+    Permanent,
+    /// The action stopped because its cancellation token fired.
+    Canceled,
+}
+
+/// Why a provider action did not succeed.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    kind: ErrorKind,
+    message: String,
+    #[source]
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+impl ProviderError {
+    /// An error of `kind` with a message for people.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ProviderError {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure a retry may fix.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Transient, message)
+    }
+
+    /// The machine or its BMC did not answer.
+    pub fn unreachable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unreachable, message)
+    }
+
+    /// A failure no retry will fix.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Permanent, message)
+    }
+
+    /// The action was canceled.
+    pub fn canceled() -> Self {
+        Self::new(ErrorKind::Canceled, "canceled")
+    }
+
+    /// Attaches the underlying error.
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// True when another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind, ErrorKind::Transient | ErrorKind::Unreachable)
+    }
+
+    /// The message, without the source chain.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}

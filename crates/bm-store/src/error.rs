@@ -1,0 +1,91 @@
+//! The store's error type.
+
+use bm_domain::{DomainError, MacAddress, MachineId, OperationId, OperationType, RequestId};
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No machine has that id.
+    #[error("machine {0} not found")]
+    MachineNotFound(MachineId),
+    /// No operation has that id.
+    #[error("operation {0} not found")]
+    OperationNotFound(OperationId),
+    /// A machine with that id is registered.
+    #[error("machine {0} already exists")]
+    MachineExists(MachineId),
+    /// A MAC address belongs to another machine.
+    #[error("MAC address {mac} already belongs to machine {owner}")]
+    MacInUse {
+        /// The address.
+        mac: MacAddress,
+        /// The machine that has it.
+        owner: MachineId,
+    },
+    /// An import row names an existing machine with another spec or other labels.
+    #[error(
+        "machine {0} already exists with a different spec or labels; change it with UpdateMachine"
+    )]
+    ImportConflict(MachineId),
+    /// A request id was used on the machine before, for an operation of another type.
+    #[error(
+        "request id {request_id} was already used on machine {machine_id} for {existing_type} operation {existing}; use a new request id"
+    )]
+    RequestIdReused {
+        /// The machine.
+        machine_id: MachineId,
+        /// The reused key.
+        request_id: RequestId,
+        /// The operation it was first used for.
+        existing: OperationId,
+        /// That operation's type.
+        existing_type: OperationType,
+    },
+    /// The executor no longer holds the operation's lease.
+    #[error("operation {0} is no longer held by this executor")]
+    LeaseLost(OperationId),
+    /// The domain's rules refused the change.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// Another process uses the data directory.
+    #[error("data directory {0} is in use by another process")]
+    Locked(String),
+    /// The data was written by a newer version of the program.
+    #[error(
+        "the store has schema version {found}, newer than the {supported} this program knows; run a newer version"
+    )]
+    SchemaTooNew {
+        /// The version found.
+        found: i64,
+        /// The newest version known.
+        supported: i64,
+    },
+    /// A stored record could not be read back.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The database or the filesystem failed.
+    #[error("storage failure")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store was shut down.
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// A backend failure.
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::backend(e)
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}

@@ -1,0 +1,290 @@
+//! The transactions of the store, written once for every backend.
+//!
+//! Each function runs inside one backend transaction ([`Tx`]) and follows one discipline:
+//! **check everything, then write**. A function that returns an error has written nothing
+//! (the in-memory backend relies on this; SQLite also rolls back a savepoint), and a
+//! backend's writes fail only on IO errors.
+
+use std::collections::HashMap;
+
+use bm_domain::rules::{self, Outcome};
+use bm_domain::{
+    EventKind, Labels, MacAddress, Machine, MachineId, MachineSpec, Operation, OperationEvent,
+    OperationId, OperationPhase, RequestId, Timestamp,
+};
+
+use crate::{Admission, ImportOutcome, Lease, Result, StoreError};
+
+/// An operation as stored: the record and who holds it.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredOp {
+    pub(crate) op: Operation,
+    pub(crate) lease: Option<Lease>,
+}
+
+impl StoredOp {
+    fn held_by(&self, owner: &str) -> bool {
+        self.op.is_active() && self.lease.as_ref().is_some_and(|l| l.owner == owner)
+    }
+}
+
+/// The primitive reads and writes of one backend transaction.
+pub(crate) trait Tx {
+    fn machine(&mut self, id: &MachineId) -> Result<Option<Machine>>;
+    /// Writes a machine. `old_macs` is `None` when the MAC addresses did not change (the
+    /// index is left alone), `Some(previous)` when they did or the machine is new (`&[]`).
+    fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()>;
+    fn mac_owner(&mut self, mac: &MacAddress) -> Result<Option<MachineId>>;
+    fn operation(&mut self, id: OperationId) -> Result<Option<StoredOp>>;
+    fn operation_by_request(
+        &mut self,
+        machine: &MachineId,
+        request: &RequestId,
+    ) -> Result<Option<Operation>>;
+    /// Writes an operation (new or not), with its lease; the stored record's
+    /// `cancel_requested` becomes the one of `op`.
+    fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()>;
+    /// Active operations with no lease or an expired one, oldest first.
+    fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>>;
+    /// Extends every lease of `lease.owner`; returns the held operations with a cancel
+    /// request.
+    fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>>;
+    /// Clears every lease of `owner`; returns how many.
+    fn release_leases(&mut self, owner: &str) -> Result<usize>;
+    /// Appends an event, assigning its revision; it is published after the commit.
+    fn append_event(&mut self, event: OperationEvent) -> Result<()>;
+}
+
+fn check_macs(tx: &mut impl Tx, id: &MachineId, macs: &[MacAddress]) -> Result<()> {
+    for mac in macs {
+        if let Some(owner) = tx.mac_owner(mac)?
+            && owner != *id
+        {
+            return Err(StoreError::MacInUse { mac: *mac, owner });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn register(tx: &mut impl Tx, m: Machine) -> Result<Machine> {
+    if tx.machine(&m.id)?.is_some() {
+        return Err(StoreError::MachineExists(m.id));
+    }
+    check_macs(tx, &m.id, &m.spec.mac_addresses)?;
+    tx.put_machine(&m, Some(&[]))?;
+    Ok(m)
+}
+
+/// Imports rows one by one; each row is its own unit (a failed row changes nothing). With
+/// `dry_run` nothing is written, and the ids and MACs of earlier rows are tracked here so
+/// that later rows are judged as if they had been written.
+pub(crate) fn import(
+    tx: &mut impl Tx,
+    rows: Vec<Machine>,
+    dry_run: bool,
+) -> Result<Vec<Result<ImportOutcome>>> {
+    let mut planned: HashMap<MachineId, Machine> = HashMap::new();
+    let mut planned_macs: HashMap<MacAddress, MachineId> = HashMap::new();
+    let mut results = Vec::with_capacity(rows.len());
+    for m in rows {
+        let existing = match planned.get(&m.id) {
+            Some(p) => Some(p.clone()),
+            None => tx.machine(&m.id)?,
+        };
+        let result = match existing {
+            Some(e) if e.spec == m.spec && e.labels == m.labels => Ok(ImportOutcome::Unchanged),
+            Some(_) => Err(StoreError::ImportConflict(m.id.clone())),
+            None => {
+                let planned_clash = m
+                    .spec
+                    .mac_addresses
+                    .iter()
+                    .find_map(|mac| planned_macs.get(mac).map(|o| (*mac, o.clone())));
+                match planned_clash {
+                    Some((mac, owner)) => Err(StoreError::MacInUse { mac, owner }),
+                    None => check_macs(tx, &m.id, &m.spec.mac_addresses)
+                        .map(|()| ImportOutcome::Created),
+                }
+            }
+        };
+        if result.as_ref().is_ok_and(|o| *o == ImportOutcome::Created) {
+            if dry_run {
+                for mac in &m.spec.mac_addresses {
+                    planned_macs.insert(*mac, m.id.clone());
+                }
+                planned.insert(m.id.clone(), m);
+            } else {
+                tx.put_machine(&m, Some(&[]))?;
+            }
+        }
+        results.push(result);
+    }
+    Ok(results)
+}
+
+pub(crate) fn update(
+    tx: &mut impl Tx,
+    id: &MachineId,
+    spec: Option<MachineSpec>,
+    labels: Option<Labels>,
+    now: Timestamp,
+) -> Result<Machine> {
+    let mut m = tx
+        .machine(id)?
+        .ok_or_else(|| StoreError::MachineNotFound(id.clone()))?;
+    let old_macs = m.spec.mac_addresses.clone();
+    m.update(spec, labels, now)?;
+    let macs_changed = m.spec.mac_addresses != old_macs;
+    if macs_changed {
+        check_macs(tx, id, &m.spec.mac_addresses)?;
+    }
+    tx.put_machine(&m, macs_changed.then_some(&old_macs[..]))?;
+    Ok(m)
+}
+
+pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
+    if let Some(existing) = tx.operation_by_request(&op.machine_id, &op.request_id)? {
+        if existing.op_type != op.op_type {
+            return Err(StoreError::RequestIdReused {
+                machine_id: op.machine_id,
+                request_id: op.request_id,
+                existing: existing.id,
+                existing_type: existing.op_type,
+            });
+        }
+        return Ok(Admission {
+            operation: existing,
+            created: false,
+        });
+    }
+    let mut m = tx
+        .machine(&op.machine_id)?
+        .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
+    rules::begin(&mut m, &op, op.created_at)?;
+    tx.put_operation(&op, None)?;
+    tx.put_machine(&m, None)?;
+    tx.append_event(OperationEvent::new(
+        &op,
+        EventKind::Created,
+        "",
+        op.created_at,
+    ))?;
+    Ok(Admission {
+        operation: op,
+        created: true,
+    })
+}
+
+pub(crate) fn request_cancel(
+    tx: &mut impl Tx,
+    id: OperationId,
+    now: Timestamp,
+) -> Result<Operation> {
+    let stored = tx.operation(id)?.ok_or(StoreError::OperationNotFound(id))?;
+    let mut op = stored.op;
+    let already = op.cancel_requested;
+    op.request_cancel()?;
+    if already {
+        return Ok(op);
+    }
+    let unheld = stored.lease.as_ref().is_none_or(|l| l.expires_at < now);
+    if op.phase == OperationPhase::Pending && unheld {
+        // No executor has it: end it here, with its effects on the machine.
+        let mut m = tx
+            .machine(&op.machine_id)?
+            .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
+        let requested = OperationEvent::new(&op, EventKind::CancelRequested, "", now);
+        rules::complete(
+            &mut m,
+            &mut op,
+            Outcome::Canceled {
+                disk_touched: false,
+            },
+            now,
+        )?;
+        tx.put_operation(&op, None)?;
+        tx.put_machine(&m, None)?;
+        tx.append_event(requested)?;
+        tx.append_event(phase_changed(&op, now))?;
+    } else {
+        tx.put_operation(&op, stored.lease.as_ref())?;
+        tx.append_event(OperationEvent::new(
+            &op,
+            EventKind::CancelRequested,
+            "",
+            now,
+        ))?;
+    }
+    Ok(op)
+}
+
+fn phase_changed(op: &Operation, now: Timestamp) -> OperationEvent {
+    OperationEvent::new(
+        op,
+        EventKind::PhaseChanged,
+        op.error.clone().unwrap_or_default(),
+        now,
+    )
+}
+
+pub(crate) fn claim(
+    tx: &mut impl Tx,
+    lease: &Lease,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<Operation>> {
+    let claimable = tx.claimable(now, limit)?;
+    let mut out = Vec::with_capacity(claimable.len());
+    for s in claimable {
+        tx.put_operation(&s.op, Some(lease))?;
+        out.push(s.op);
+    }
+    Ok(out)
+}
+
+fn held(tx: &mut impl Tx, owner: &str, id: OperationId) -> Result<StoredOp> {
+    let stored = tx.operation(id)?.ok_or(StoreError::OperationNotFound(id))?;
+    if !stored.held_by(owner) {
+        return Err(StoreError::LeaseLost(id));
+    }
+    Ok(stored)
+}
+
+pub(crate) fn save_progress(
+    tx: &mut impl Tx,
+    owner: &str,
+    op: &Operation,
+    events: Vec<OperationEvent>,
+) -> Result<bool> {
+    let stored = held(tx, owner, op.id)?;
+    let mut op = op.clone();
+    op.cancel_requested |= stored.op.cancel_requested;
+    tx.put_operation(&op, stored.lease.as_ref())?;
+    for e in events {
+        tx.append_event(e)?;
+    }
+    Ok(op.cancel_requested)
+}
+
+pub(crate) fn finish(
+    tx: &mut impl Tx,
+    owner: &str,
+    mut op: Operation,
+    outcome: Outcome,
+    events: Vec<OperationEvent>,
+    now: Timestamp,
+) -> Result<(Operation, Machine)> {
+    let stored = held(tx, owner, op.id)?;
+    op.cancel_requested |= stored.op.cancel_requested;
+    let mut m = tx
+        .machine(&op.machine_id)?
+        .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
+    rules::complete(&mut m, &mut op, outcome, now)?;
+    tx.put_operation(&op, None)?;
+    tx.put_machine(&m, None)?;
+    for e in events {
+        tx.append_event(e)?;
+    }
+    tx.append_event(phase_changed(&op, now))?;
+    Ok((op, m))
+}

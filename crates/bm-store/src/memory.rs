@@ -1,0 +1,378 @@
+//! The in-memory backend: for unit tests and throwaway runs. Nothing survives the process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bm_domain::rules::Outcome;
+use bm_domain::{
+    Labels, LogLine, MacAddress, Machine, MachineId, MachineSpec, Operation, OperationEvent,
+    OperationId, RequestId, Timestamp,
+};
+use tokio::sync::broadcast;
+
+use crate::logic::{self, StoredOp, Tx};
+use crate::{
+    Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
+    Page, Result, Store,
+};
+
+#[derive(Default)]
+struct State {
+    machines: BTreeMap<MachineId, Machine>,
+    macs: HashMap<MacAddress, MachineId>,
+    operations: BTreeMap<OperationId, StoredOp>,
+    requests: HashMap<(MachineId, RequestId), OperationId>,
+    events: Vec<Arc<OperationEvent>>,
+    logs: HashMap<OperationId, Vec<LogLine>>,
+}
+
+/// A [`Store`] that keeps everything in memory, behind one lock.
+pub struct MemoryStore {
+    state: Mutex<State>,
+    events: broadcast::Sender<Arc<OperationEvent>>,
+    logs: broadcast::Sender<Arc<LogLine>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            state: Mutex::new(State::default()),
+            events: broadcast::channel(BROADCAST_CAPACITY).0,
+            logs: broadcast::channel(BROADCAST_CAPACITY).0,
+        }
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryStore")
+    }
+}
+
+struct MemTx<'a> {
+    state: &'a mut State,
+    events: &'a broadcast::Sender<Arc<OperationEvent>>,
+}
+
+impl Tx for MemTx<'_> {
+    fn machine(&mut self, id: &MachineId) -> Result<Option<Machine>> {
+        Ok(self.state.machines.get(id).cloned())
+    }
+
+    fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()> {
+        if let Some(old) = old_macs {
+            for mac in old {
+                self.state.macs.remove(mac);
+            }
+            for mac in &m.spec.mac_addresses {
+                self.state.macs.insert(*mac, m.id.clone());
+            }
+        }
+        self.state.machines.insert(m.id.clone(), m.clone());
+        Ok(())
+    }
+
+    fn mac_owner(&mut self, mac: &MacAddress) -> Result<Option<MachineId>> {
+        Ok(self.state.macs.get(mac).cloned())
+    }
+
+    fn operation(&mut self, id: OperationId) -> Result<Option<StoredOp>> {
+        Ok(self.state.operations.get(&id).cloned())
+    }
+
+    fn operation_by_request(
+        &mut self,
+        machine: &MachineId,
+        request: &RequestId,
+    ) -> Result<Option<Operation>> {
+        let key = (machine.clone(), request.clone());
+        Ok(self
+            .state
+            .requests
+            .get(&key)
+            .and_then(|id| self.state.operations.get(id))
+            .map(|s| s.op.clone()))
+    }
+
+    fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+        self.state
+            .requests
+            .insert((op.machine_id.clone(), op.request_id.clone()), op.id);
+        self.state.operations.insert(
+            op.id,
+            StoredOp {
+                op: op.clone(),
+                lease: lease.cloned(),
+            },
+        );
+        Ok(())
+    }
+
+    fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>> {
+        Ok(self
+            .state
+            .operations
+            .values()
+            .filter(|s| s.op.is_active() && s.lease.as_ref().is_none_or(|l| l.expires_at < now))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>> {
+        let mut canceled = Vec::new();
+        for s in self.state.operations.values_mut() {
+            if let Some(l) = &mut s.lease
+                && l.owner == lease.owner
+                && s.op.is_active()
+            {
+                l.expires_at = lease.expires_at;
+                if s.op.cancel_requested {
+                    canceled.push(s.op.id);
+                }
+            }
+        }
+        Ok(canceled)
+    }
+
+    fn release_leases(&mut self, owner: &str) -> Result<usize> {
+        let mut n = 0;
+        for s in self.state.operations.values_mut() {
+            if s.lease.as_ref().is_some_and(|l| l.owner == owner) {
+                s.lease = None;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn append_event(&mut self, mut event: OperationEvent) -> Result<()> {
+        event.revision = self.state.events.len() as u64 + 1;
+        let event = Arc::new(event);
+        self.state.events.push(event.clone());
+        // Published under the lock, so subscribers see revision order; nothing to roll
+        // back, as logic functions write only after every check passed.
+        let _ = self.events.send(event);
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemoryStore::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-written transaction (logic
+        // functions write only after every check), so the state is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tx<T>(&self, f: impl FnOnce(&mut MemTx<'_>) -> Result<T>) -> Result<T> {
+        let mut state = self.lock();
+        f(&mut MemTx {
+            state: &mut state,
+            events: &self.events,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn register_machine(&self, machine: Machine) -> Result<Machine> {
+        self.tx(|tx| logic::register(tx, machine))
+    }
+
+    async fn import_machines(
+        &self,
+        machines: Vec<Machine>,
+        dry_run: bool,
+    ) -> Result<Vec<Result<ImportOutcome>>> {
+        self.tx(|tx| logic::import(tx, machines, dry_run))
+    }
+
+    async fn get_machine(&self, id: &MachineId) -> Result<Machine> {
+        self.lock()
+            .machines
+            .get(id)
+            .cloned()
+            .ok_or_else(|| crate::StoreError::MachineNotFound(id.clone()))
+    }
+
+    async fn list_machines(&self, q: &MachineQuery) -> Result<Page<Machine>> {
+        let state = self.lock();
+        let start = match &q.after {
+            Some(after) => std::ops::Bound::Excluded(after.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut items: Vec<Machine> = state
+            .machines
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(_, m)| m)
+            .filter(|m| q.phase.is_none_or(|p| p == m.status.phase))
+            .filter(|m| q.effective_state.is_none_or(|s| s == m.effective_state()))
+            .filter(|m| q.selector.matches(&m.labels))
+            .take(q.limit + 1)
+            .cloned()
+            .collect();
+        let more = items.len() > q.limit;
+        items.truncate(q.limit);
+        Ok(Page { items, more })
+    }
+
+    async fn update_machine(
+        &self,
+        id: &MachineId,
+        spec: Option<MachineSpec>,
+        labels: Option<Labels>,
+        now: Timestamp,
+    ) -> Result<Machine> {
+        self.tx(|tx| logic::update(tx, id, spec, labels, now))
+    }
+
+    async fn admit(&self, operation: Operation) -> Result<Admission> {
+        self.tx(|tx| logic::admit(tx, operation))
+    }
+
+    async fn get_operation(&self, id: OperationId) -> Result<Operation> {
+        self.lock()
+            .operations
+            .get(&id)
+            .map(|s| s.op.clone())
+            .ok_or(crate::StoreError::OperationNotFound(id))
+    }
+
+    async fn list_operations(&self, q: &OperationQuery) -> Result<Page<Operation>> {
+        let state = self.lock();
+        let end = match q.before {
+            Some(before) => std::ops::Bound::Excluded(before),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut items: Vec<Operation> = state
+            .operations
+            .range((std::ops::Bound::Unbounded, end))
+            .rev()
+            .map(|(_, s)| &s.op)
+            .filter(|o| q.machine_id.as_ref().is_none_or(|m| *m == o.machine_id))
+            .filter(|o| q.op_type.is_none_or(|t| t == o.op_type))
+            .filter(|o| q.phase.is_none_or(|p| p == o.phase))
+            .take(q.limit + 1)
+            .cloned()
+            .collect();
+        let more = items.len() > q.limit;
+        items.truncate(q.limit);
+        Ok(Page { items, more })
+    }
+
+    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> Result<Operation> {
+        self.tx(|tx| logic::request_cancel(tx, id, now))
+    }
+
+    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {
+        self.tx(|tx| logic::claim(tx, lease, now, limit))
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Vec<OperationId>> {
+        self.tx(|tx| tx.renew_leases(lease))
+    }
+
+    async fn release(&self, owner: &str) -> Result<usize> {
+        self.tx(|tx| tx.release_leases(owner))
+    }
+
+    async fn save_progress(
+        &self,
+        owner: &str,
+        operation: &Operation,
+        events: Vec<OperationEvent>,
+    ) -> Result<bool> {
+        self.tx(|tx| logic::save_progress(tx, owner, operation, events))
+    }
+
+    async fn finish(
+        &self,
+        owner: &str,
+        operation: Operation,
+        outcome: Outcome,
+        events: Vec<OperationEvent>,
+        now: Timestamp,
+    ) -> Result<(Operation, Machine)> {
+        self.tx(|tx| logic::finish(tx, owner, operation, outcome, events, now))
+    }
+
+    async fn events_after(
+        &self,
+        after: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<OperationEvent>> {
+        let state = self.lock();
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(state.events.len());
+        Ok(state.events[start..]
+            .iter()
+            .filter(|e| filter.matches(e))
+            .take(limit)
+            .map(|e| (**e).clone())
+            .collect())
+    }
+
+    async fn last_revision(&self) -> Result<u64> {
+        Ok(self.lock().events.len() as u64)
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<OperationEvent>> {
+        self.events.subscribe()
+    }
+
+    fn append_log(&self, line: LogLine) {
+        let mut state = self.lock();
+        let lines = state.logs.entry(line.operation_id).or_default();
+        if lines.last().is_some_and(|l| l.sequence >= line.sequence) {
+            return;
+        }
+        lines.push(line.clone());
+        let _ = self.logs.send(Arc::new(line));
+    }
+
+    async fn logs_after(
+        &self,
+        operation: OperationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LogLine>> {
+        let state = self.lock();
+        Ok(state
+            .logs
+            .get(&operation)
+            .map(|lines| {
+                lines
+                    .iter()
+                    .filter(|l| l.sequence > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn last_log_sequence(&self, operation: OperationId) -> Result<u64> {
+        Ok(self
+            .lock()
+            .logs
+            .get(&operation)
+            .and_then(|l| l.last())
+            .map_or(0, |l| l.sequence))
+    }
+
+    fn subscribe_logs(&self) -> broadcast::Receiver<Arc<LogLine>> {
+        self.logs.subscribe()
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,310 @@
+//! The single writer thread: group commit.
+//!
+//! Every write of the store is a job sent to one thread that owns the only writing
+//! connection. The thread takes whatever jobs are queued (up to a batch limit), runs each in
+//! its own savepoint inside one transaction, commits once, and only then publishes the
+//! events and answers the callers. A batch of a thousand writes from a thousand concurrent
+//! operations therefore costs one fsync, not a thousand; a job that fails rolls back its own
+//! savepoint and nothing else.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use bm_domain::{
+    LogLine, MacAddress, Machine, MachineId, Operation, OperationEvent, OperationId, RequestId,
+    Timestamp,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::broadcast;
+
+use super::codec;
+use crate::logic::{StoredOp, Tx};
+use crate::{Lease, Result, StoreError};
+
+/// Called after the batch's commit with its result.
+pub(super) type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
+
+/// A write: runs in a savepoint and says whether to keep it.
+pub(super) type Job = Box<dyn FnOnce(&mut SqlTx<'_>) -> (bool, Reply) + Send>;
+
+pub(super) enum Command {
+    Write(Job),
+    Log(LogLine),
+}
+
+/// The writer's view of one savepoint of the batch transaction.
+pub(super) struct SqlTx<'a> {
+    conn: &'a Connection,
+    events: Vec<OperationEvent>,
+}
+
+/// Counters of the writer, for benchmarks and logs.
+#[derive(Debug, Default)]
+pub(super) struct Stats {
+    pub(super) batches: std::sync::atomic::AtomicU64,
+    pub(super) jobs: std::sync::atomic::AtomicU64,
+}
+
+pub(super) struct Writer {
+    pub(super) conn: Connection,
+    pub(super) rx: Receiver<Command>,
+    pub(super) max_batch: usize,
+    pub(super) events: broadcast::Sender<Arc<OperationEvent>>,
+    pub(super) logs: broadcast::Sender<Arc<LogLine>>,
+    pub(super) stats: Arc<Stats>,
+}
+
+impl Writer {
+    /// Runs until every sender is gone and the queue is drained.
+    pub(super) fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&mut self, batch: Vec<Command>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.batches.fetch_add(1, Relaxed);
+        self.stats.jobs.fetch_add(batch.len() as u64, Relaxed);
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut events = Vec::new();
+        let mut logs = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let conn = &self.conn;
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            for cmd in batch {
+                match cmd {
+                    Command::Log(line) => match insert_log(conn, &line) {
+                        Ok(true) => logs.push(line),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, operation_id = %line.operation_id, "log line not stored")
+                        }
+                    },
+                    Command::Write(job) => {
+                        conn.execute_batch("SAVEPOINT job")?;
+                        let mut tx = SqlTx {
+                            conn,
+                            events: Vec::new(),
+                        };
+                        let (keep, reply) = job(&mut tx);
+                        if keep {
+                            conn.execute_batch("RELEASE job")?;
+                            events.append(&mut tx.events);
+                        } else {
+                            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                        }
+                        replies.push(reply);
+                    }
+                }
+            }
+            conn.execute_batch("COMMIT")
+        })();
+        match result {
+            Ok(()) => {
+                for e in events {
+                    let _ = self.events.send(Arc::new(e));
+                }
+                for l in logs {
+                    let _ = self.logs.send(Arc::new(l));
+                }
+                for r in replies {
+                    r(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; the batch is rolled back");
+                let _ = self.conn.execute_batch("ROLLBACK");
+                let e = Arc::new(e);
+                for r in replies {
+                    r(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn insert_log(conn: &Connection, line: &LogLine) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO logs (operation_id, sequence, doc) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![
+            line.operation_id.to_string(),
+            line.sequence as i64,
+            codec::to_json(line)?
+        ])?;
+    Ok(n == 1)
+}
+
+const OP_COLUMNS: &str = "doc, cancel_requested, lease_owner, lease_expires";
+
+impl Tx for SqlTx<'_> {
+    fn machine(&mut self, id: &MachineId) -> Result<Option<Machine>> {
+        let doc: Option<String> = self
+            .conn
+            .prepare_cached("SELECT doc FROM machines WHERE id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))
+            .optional()?;
+        doc.map(|d| codec::machine(&d)).transpose()
+    }
+
+    fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO machines (id, phase, effective_state, doc) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET phase = ?2, effective_state = ?3, doc = ?4",
+            )?
+            .execute(params![
+                m.id.as_str(),
+                m.status.phase.as_str(),
+                m.effective_state().as_str(),
+                codec::to_json(m)?
+            ])?;
+        if let Some(old) = old_macs {
+            let mut delete = self
+                .conn
+                .prepare_cached("DELETE FROM machine_macs WHERE mac = ?1 AND machine_id = ?2")?;
+            for mac in old {
+                delete.execute(params![mac.to_string(), m.id.as_str()])?;
+            }
+            let mut insert = self
+                .conn
+                .prepare_cached("INSERT INTO machine_macs (mac, machine_id) VALUES (?1, ?2)")?;
+            for mac in &m.spec.mac_addresses {
+                insert.execute(params![mac.to_string(), m.id.as_str()])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn mac_owner(&mut self, mac: &MacAddress) -> Result<Option<MachineId>> {
+        let owner: Option<String> = self
+            .conn
+            .prepare_cached("SELECT machine_id FROM machine_macs WHERE mac = ?1")?
+            .query_row([mac.to_string()], |r| r.get(0))
+            .optional()?;
+        owner
+            .map(|o| MachineId::new(o).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    fn operation(&mut self, id: OperationId) -> Result<Option<StoredOp>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"
+            ))?
+            .query_row([id.to_string()], codec::stored_op)
+            .optional()?
+            .transpose()
+    }
+
+    fn operation_by_request(
+        &mut self,
+        machine: &MachineId,
+        request: &RequestId,
+    ) -> Result<Option<Operation>> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {OP_COLUMNS} FROM operations WHERE machine_id = ?1 AND request_id = ?2"
+            ))?
+            .query_row([machine.as_str(), request.as_str()], codec::stored_op)
+            .optional()?
+            .transpose()?
+            .map(|s| s.op))
+    }
+
+    fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO operations
+                   (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires, doc)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (id) DO UPDATE SET
+                   phase = ?4, cancel_requested = ?6, lease_owner = ?7, lease_expires = ?8, doc = ?9",
+            )?
+            .execute(params![
+                op.id.to_string(),
+                op.machine_id.as_str(),
+                op.op_type.as_str(),
+                op.phase.as_str(),
+                op.request_id.as_str(),
+                op.cancel_requested,
+                lease.map(|l| l.owner.as_str()),
+                lease.map(|l| l.expires_at.as_unix_micros()),
+                codec::to_json(op)?
+            ])?;
+        Ok(())
+    }
+
+    fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {OP_COLUMNS} FROM operations
+             WHERE phase IN ('PENDING', 'RUNNING') AND (lease_owner IS NULL OR lease_expires < ?1)
+             ORDER BY id LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(
+            params![now.as_unix_micros(), limit as i64],
+            codec::stored_op,
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
+    fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>> {
+        self.conn
+            .prepare_cached(
+                "UPDATE operations SET lease_expires = ?2
+                 WHERE lease_owner = ?1 AND phase IN ('PENDING', 'RUNNING')",
+            )?
+            .execute(params![lease.owner, lease.expires_at.as_unix_micros()])?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM operations
+             WHERE lease_owner = ?1 AND cancel_requested = 1 AND phase IN ('PENDING', 'RUNNING')",
+        )?;
+        let ids = stmt.query_map([&lease.owner], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for id in ids {
+            out.push(
+                id?.parse()
+                    .map_err(|e: bm_domain::DomainError| StoreError::Corrupt(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn release_leases(&mut self, owner: &str) -> Result<usize> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "UPDATE operations SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?1",
+            )?
+            .execute([owner])?)
+    }
+
+    fn append_event(&mut self, mut event: OperationEvent) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO events (operation_id, machine_id, doc) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                event.operation_id.to_string(),
+                event.machine_id.as_str(),
+                codec::to_json(&event)?
+            ])?;
+        event.revision = self.conn.last_insert_rowid() as u64;
+        self.events.push(event);
+        Ok(())
+    }
+}

@@ -1,0 +1,760 @@
+//! One async function per behaviour of the `Store` trait; `main.rs` runs each against every
+//! backend.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bm_domain::rules::Outcome;
+use bm_domain::{
+    ConditionType, DomainError, EffectiveState, EventKind, Labels, LogLine, OperationEvent,
+    OperationId, OperationPhase, OperationType, Phase,
+};
+use bm_store::{
+    EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery, Store, StoreError,
+};
+
+use crate::fixtures::{machine, maintenance_machine, mid, op, t};
+
+type S = Arc<dyn Store>;
+
+fn lease(owner: &str, until: i64) -> Lease {
+    Lease {
+        owner: owner.into(),
+        expires_at: t(until),
+    }
+}
+
+pub(crate) async fn register_get_and_conflicts(s: S) {
+    let m = s.register_machine(machine("machine-1", 1)).await.unwrap();
+    assert_eq!(s.get_machine(&m.id).await.unwrap(), m);
+    let dup = s
+        .register_machine(machine("machine-1", 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(dup, StoreError::MachineExists(_)), "{dup}");
+    let mac_clash = s
+        .register_machine(machine("machine-2", 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&mac_clash, StoreError::MacInUse { owner, .. } if owner.as_str() == "machine-1"),
+        "{mac_clash}"
+    );
+    // The refused machine was not half-written.
+    assert!(matches!(
+        s.get_machine(&mid("machine-2")).await,
+        Err(StoreError::MachineNotFound(_))
+    ));
+}
+
+pub(crate) async fn list_machines_pages_and_filters(s: S) {
+    for n in 1..=25u8 {
+        let mut m = machine(&format!("m-{n:02}"), n);
+        if n.is_multiple_of(5) {
+            m.status.phase = Phase::Maintenance;
+        }
+        s.register_machine(m).await.unwrap();
+    }
+    // Pages of 10 cover every machine once, in id order.
+    let mut seen = Vec::new();
+    let mut q = MachineQuery {
+        limit: 10,
+        ..MachineQuery::default()
+    };
+    loop {
+        let page = s.list_machines(&q).await.unwrap();
+        seen.extend(page.items.iter().map(|m| m.id.to_string()));
+        if !page.more {
+            break;
+        }
+        q.after = Some(page.items.last().unwrap().id.clone());
+    }
+    let want: Vec<String> = (1..=25).map(|n| format!("m-{n:02}")).collect();
+    assert_eq!(seen, want);
+
+    let count = |q: MachineQuery| {
+        let s = s.clone();
+        async move {
+            let page = s
+                .list_machines(&MachineQuery { limit: 100, ..q })
+                .await
+                .unwrap();
+            page.items.len()
+        }
+    };
+    let phase = MachineQuery {
+        phase: Some(Phase::Maintenance),
+        ..MachineQuery::default()
+    };
+    assert_eq!(count(phase).await, 5);
+    let state = MachineQuery {
+        effective_state: Some(EffectiveState::New),
+        ..MachineQuery::default()
+    };
+    assert_eq!(count(state).await, 20);
+    let selector = MachineQuery {
+        selector: "rack=r2".parse().unwrap(),
+        ..MachineQuery::default()
+    };
+    assert_eq!(count(selector).await, 12);
+    // A sparse selector with a small page still reports that more match.
+    let page = s
+        .list_machines(&MachineQuery {
+            limit: 2,
+            selector: "rack=r2".parse().unwrap(),
+            phase: Some(Phase::FactoryReady),
+            ..MachineQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 2);
+    assert!(page.more);
+    assert!(
+        page.items
+            .iter()
+            .all(|m| m.labels.get("rack") == Some("r2"))
+    );
+}
+
+pub(crate) async fn import_reports_each_row(s: S) {
+    s.register_machine(machine("existing", 1)).await.unwrap();
+    let mut changed = machine("changed", 2);
+    s.register_machine(changed.clone()).await.unwrap();
+    changed.spec.image = "other".into();
+    let rows = vec![
+        machine("new-1", 3),
+        machine("existing", 1),
+        changed,
+        machine("clash", 3), // the MAC of new-1, written just before
+        machine("new-2", 4),
+    ];
+    let results = s.import_machines(rows, false).await.unwrap();
+    assert!(matches!(results[0], Ok(ImportOutcome::Created)));
+    assert!(matches!(results[1], Ok(ImportOutcome::Unchanged)));
+    assert!(
+        matches!(results[2], Err(StoreError::ImportConflict(_))),
+        "{:?}",
+        results[2]
+    );
+    assert!(
+        matches!(&results[3], Err(StoreError::MacInUse { owner, .. }) if owner.as_str() == "new-1")
+    );
+    assert!(matches!(results[4], Ok(ImportOutcome::Created)));
+    assert!(s.get_machine(&mid("new-2")).await.is_ok());
+    assert!(s.get_machine(&mid("clash")).await.is_err());
+    assert_eq!(
+        s.get_machine(&mid("changed")).await.unwrap().spec.image,
+        "ubuntu-24.04"
+    );
+}
+
+pub(crate) async fn import_dry_run_writes_nothing(s: S) {
+    let rows = vec![machine("a", 1), machine("b", 1), machine("a", 1)];
+    let results = s.import_machines(rows.clone(), true).await.unwrap();
+    assert!(matches!(results[0], Ok(ImportOutcome::Created)));
+    assert!(
+        matches!(results[1], Err(StoreError::MacInUse { .. })),
+        "{:?}",
+        results[1]
+    );
+    assert!(matches!(results[2], Ok(ImportOutcome::Unchanged)));
+    let all = s
+        .list_machines(&MachineQuery {
+            limit: 10,
+            ..MachineQuery::default()
+        })
+        .await
+        .unwrap();
+    assert!(all.items.is_empty(), "a dry run wrote {:?}", all.items);
+    // The real import agrees with the dry run.
+    let real = s.import_machines(rows, false).await.unwrap();
+    assert_eq!(
+        format!("{results:?}").replace("Unchanged", "x"),
+        format!("{real:?}").replace("Unchanged", "x")
+    );
+}
+
+pub(crate) async fn update_spec_labels_and_macs(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    s.register_machine(machine("m-2", 2)).await.unwrap();
+    let mut spec = s.get_machine(&mid("m-1")).await.unwrap().spec;
+    spec.mac_addresses = vec!["02:00:00:00:00:09".parse().unwrap()];
+    let labels = Labels::from_pairs([("rack", "r9")]).unwrap();
+    let m = s
+        .update_machine(&mid("m-1"), Some(spec.clone()), Some(labels.clone()), t(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        (m.spec.clone(), m.labels.clone(), m.updated_at),
+        (spec.clone(), labels, t(5))
+    );
+    // The old MAC is free, the new one taken.
+    s.register_machine(machine("m-3", 1)).await.unwrap();
+    let mut clash = s.get_machine(&mid("m-2")).await.unwrap().spec;
+    clash.mac_addresses = spec.mac_addresses.clone();
+    let err = s
+        .update_machine(&mid("m-2"), Some(clash), None, t(6))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::MacInUse { .. }), "{err}");
+    // The spec is locked while an operation is active; labels are not.
+    s.admit(op("m-1", OperationType::Reboot, "r-1"))
+        .await
+        .unwrap();
+    let mut new_spec = spec.clone();
+    new_spec.image = "ubuntu-26.04".into();
+    let err = s
+        .update_machine(&mid("m-1"), Some(new_spec), None, t(7))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Domain(DomainError::SpecLocked { .. })),
+        "{err}"
+    );
+    let labels = Labels::from_pairs([("rack", "r10")]).unwrap();
+    let m = s
+        .update_machine(&mid("m-1"), None, Some(labels.clone()), t(8))
+        .await
+        .unwrap();
+    assert_eq!(m.labels, labels);
+    assert!(
+        m.status.active_operation_id.is_some(),
+        "an update never touches status"
+    );
+    let missing = s
+        .update_machine(&mid("nope"), None, None, t(9))
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StoreError::MachineNotFound(_)));
+}
+
+pub(crate) async fn admission_is_idempotent(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    let first = s
+        .admit(op("m-1", OperationType::Reimage, "req-1"))
+        .await
+        .unwrap();
+    assert!(first.created);
+    assert_eq!(first.operation.phase, OperationPhase::Pending);
+    let m = s.get_machine(&mid("m-1")).await.unwrap();
+    assert_eq!(m.status.active_operation_id, Some(first.operation.id));
+    assert_eq!(m.effective_state(), EffectiveState::Busy);
+
+    let again = s
+        .admit(op("m-1", OperationType::Reimage, "req-1"))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.operation, first.operation);
+
+    let other_type = s
+        .admit(op("m-1", OperationType::Reboot, "req-1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(other_type, StoreError::RequestIdReused { existing, .. } if existing == first.operation.id)
+    );
+
+    let busy = s
+        .admit(op("m-1", OperationType::Reboot, "req-2"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&busy, StoreError::Domain(DomainError::Busy { active, .. }) if *active == first.operation.id),
+        "{busy}"
+    );
+    assert!(busy.to_string().contains(&first.operation.id.to_string()));
+
+    let missing = s
+        .admit(op("nope", OperationType::Reboot, "req-3"))
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StoreError::MachineNotFound(_)));
+
+    // Exactly one Created event.
+    let events = s
+        .events_after(0, &EventFilter::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, EventKind::Created);
+    assert_eq!(events[0].operation_id, first.operation.id);
+}
+
+pub(crate) async fn concurrent_identical_requests_create_one_operation(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.admit(op("m-1", OperationType::Reimage, "same")).await })
+        })
+        .collect();
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    for t in tasks {
+        let a = t.await.unwrap().unwrap();
+        created += usize::from(a.created);
+        ids.insert(a.operation.id);
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    let all = s
+        .list_operations(&OperationQuery {
+            limit: 1000,
+            ..OperationQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 1);
+}
+
+pub(crate) async fn concurrent_different_requests_admit_one(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.admit(op("m-1", OperationType::Reimage, &format!("r-{i}")))
+                    .await
+            })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(a) => admitted.push(a.operation.id),
+            Err(StoreError::Domain(DomainError::Busy { active, .. })) => refused.push(active),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(admitted.len(), 1);
+    assert_eq!(refused.len(), 99);
+    assert!(
+        refused.iter().all(|id| *id == admitted[0]),
+        "every refusal names the admitted operation"
+    );
+}
+
+pub(crate) async fn leases_fence_writes(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    let a = s
+        .admit(op("m-1", OperationType::Reimage, "r"))
+        .await
+        .unwrap()
+        .operation;
+    let claimed = s.claim(&lease("exec-a", 100), t(0), 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|o| o.id).collect::<Vec<_>>(), [a.id]);
+    // Held: nobody else gets it before the lease expires.
+    assert!(
+        s.claim(&lease("exec-b", 100), t(50), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Renewal extends it past the time it would have expired.
+    assert!(s.renew(&lease("exec-a", 300)).await.unwrap().is_empty());
+    assert!(
+        s.claim(&lease("exec-b", 400), t(200), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let mut running = a.clone();
+    running.start(t(1)).unwrap();
+    running.begin_stage("set-netboot", t(1));
+    let ev = OperationEvent::new(&running, EventKind::StageStarted, "", t(1));
+    assert!(!s.save_progress("exec-a", &running, vec![ev]).await.unwrap());
+    assert!(matches!(
+        s.save_progress("exec-b", &running, vec![]).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+
+    // Expired: exec-b takes over, exec-a's writes are refused from then on.
+    let taken = s.claim(&lease("exec-b", 1000), t(301), 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].phase, OperationPhase::Running);
+    assert_eq!(taken[0].stages.len(), 1, "progress survives the hand-over");
+    assert!(matches!(
+        s.save_progress("exec-a", &running, vec![]).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        s.finish(
+            "exec-a",
+            running.clone(),
+            Outcome::Succeeded,
+            vec![],
+            t(302)
+        )
+        .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    // Release hands it back at once.
+    assert_eq!(s.release("exec-b").await.unwrap(), 1);
+    assert_eq!(
+        s.claim(&lease("exec-c", 2000), t(303), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+pub(crate) async fn cancel_of_a_pending_operation_ends_it(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    let a = s
+        .admit(op("m-1", OperationType::Reimage, "r"))
+        .await
+        .unwrap()
+        .operation;
+    let canceled = s.request_cancel(a.id, t(10)).await.unwrap();
+    assert_eq!(canceled.phase, OperationPhase::Canceled);
+    assert!(canceled.cancel_requested);
+    let m = s.get_machine(&mid("m-1")).await.unwrap();
+    assert_eq!(m.status.active_operation_id, None);
+    assert!(
+        m.status
+            .conditions
+            .is_true(&ConditionType::OperationCanceled)
+    );
+    assert!(
+        !m.status
+            .conditions
+            .is_true(&ConditionType::NeedsIntervention)
+    );
+    assert_eq!(m.status.phase, Phase::Maintenance);
+    // Nothing is left to claim, and a second cancel is a clear error.
+    assert!(
+        s.claim(&lease("x", 100), t(11), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let err = s.request_cancel(a.id, t(12)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Domain(DomainError::AlreadyEnded {
+                phase: OperationPhase::Canceled,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let kinds: Vec<EventKind> = s
+        .events_after(0, &EventFilter::default(), 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Created,
+            EventKind::CancelRequested,
+            EventKind::PhaseChanged
+        ]
+    );
+    let missing = s
+        .request_cancel(OperationId::from_parts(1, 1), t(13))
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StoreError::OperationNotFound(_)));
+}
+
+pub(crate) async fn cancel_of_a_held_operation_is_seen_by_its_executor(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    let a = s
+        .admit(op("m-1", OperationType::Reimage, "r"))
+        .await
+        .unwrap()
+        .operation;
+    let mut running = s
+        .claim(&lease("exec", 1000), t(0), 1)
+        .await
+        .unwrap()
+        .remove(0);
+    running.start(t(1)).unwrap();
+    s.save_progress("exec", &running, vec![]).await.unwrap();
+
+    let requested = s.request_cancel(a.id, t(2)).await.unwrap();
+    assert_eq!(
+        requested.phase,
+        OperationPhase::Running,
+        "the executor ends it, not the store"
+    );
+    assert!(requested.cancel_requested);
+    assert_eq!(s.renew(&lease("exec", 2000)).await.unwrap(), [a.id]);
+    // The executor's copy does not know yet; its write keeps the request and reports it.
+    assert!(!running.cancel_requested);
+    assert!(s.save_progress("exec", &running, vec![]).await.unwrap());
+    assert!(s.get_operation(a.id).await.unwrap().cancel_requested);
+    // Asking twice changes nothing more.
+    s.request_cancel(a.id, t(3)).await.unwrap();
+    let cancel_events = s
+        .events_after(0, &EventFilter::default(), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::CancelRequested)
+        .count();
+    assert_eq!(cancel_events, 1);
+
+    let (done, m) = s
+        .finish(
+            "exec",
+            running,
+            Outcome::Canceled {
+                disk_touched: false,
+            },
+            vec![],
+            t(4),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.phase, OperationPhase::Canceled);
+    assert!(
+        m.status
+            .conditions
+            .is_true(&ConditionType::OperationCanceled)
+    );
+    assert_eq!(m.status.active_operation_id, None);
+}
+
+pub(crate) async fn finish_applies_effects_and_events(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    s.admit(op("m-1", OperationType::Reimage, "r"))
+        .await
+        .unwrap();
+    let mut o = s
+        .claim(&lease("exec", 1000), t(0), 1)
+        .await
+        .unwrap()
+        .remove(0);
+    o.start(t(1)).unwrap();
+    o.begin_stage("verify-in-cluster", t(1));
+    s.save_progress(
+        "exec",
+        &o,
+        vec![OperationEvent::new(&o, EventKind::StageStarted, "", t(1))],
+    )
+    .await
+    .unwrap();
+    let succeeded = OperationEvent::new(&o, EventKind::StageSucceeded, "", t(2));
+    let (done, m) = s
+        .finish("exec", o, Outcome::Succeeded, vec![succeeded], t(2))
+        .await
+        .unwrap();
+    assert_eq!(done.phase, OperationPhase::Succeeded);
+    assert_eq!(done.finished_at, Some(t(2)));
+    assert!(m.status.conditions.is_true(&ConditionType::Provisioned));
+    assert!(
+        m.status
+            .conditions
+            .is_true(&ConditionType::InCustomerCluster)
+    );
+    assert_eq!(m.effective_state(), EffectiveState::MaintenanceIdle);
+    // What finish returned is what is stored.
+    assert_eq!(s.get_machine(&m.id).await.unwrap(), m);
+    assert_eq!(s.get_operation(done.id).await.unwrap(), done);
+    // Nothing left to claim; the lease was released with the end.
+    assert!(
+        s.claim(&lease("other", 1000), t(3), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let events = s
+        .events_after(0, &EventFilter::default(), 100)
+        .await
+        .unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Created,
+            EventKind::StageStarted,
+            EventKind::StageSucceeded,
+            EventKind::PhaseChanged
+        ]
+    );
+    assert!(events.last().unwrap().is_terminal());
+    assert_eq!(events.last().unwrap().phase, OperationPhase::Succeeded);
+}
+
+pub(crate) async fn list_operations_newest_first(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    s.register_machine(maintenance_machine("m-2", 2))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..6i64 {
+        let machine = if i % 2 == 0 { "m-1" } else { "m-2" };
+        let a = s
+            .admit(op(machine, OperationType::Reboot, &format!("r-{i}")))
+            .await
+            .unwrap()
+            .operation;
+        ids.push(a.id);
+        s.request_cancel(a.id, t(100 + i)).await.unwrap();
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut q = OperationQuery {
+        limit: 4,
+        ..OperationQuery::default()
+    };
+    loop {
+        let page = s.list_operations(&q).await.unwrap();
+        seen.extend(page.items.iter().map(|o| o.id));
+        if !page.more {
+            break;
+        }
+        q.before = Some(page.items.last().unwrap().id);
+    }
+    assert_eq!(seen, ids);
+    let m1 = s
+        .list_operations(&OperationQuery {
+            limit: 10,
+            machine_id: Some(mid("m-1")),
+            phase: Some(OperationPhase::Canceled),
+            op_type: Some(OperationType::Reboot),
+            ..OperationQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(m1.items.len(), 3);
+    assert!(m1.items.iter().all(|o| o.machine_id.as_str() == "m-1"));
+    let none = s
+        .list_operations(&OperationQuery {
+            limit: 10,
+            op_type: Some(OperationType::Reimage),
+            ..OperationQuery::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.items.is_empty() && !none.more);
+}
+
+pub(crate) async fn events_replay_and_live_agree(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    s.register_machine(maintenance_machine("m-2", 2))
+        .await
+        .unwrap();
+    let mut live = s.subscribe_events();
+    for i in 0..10i64 {
+        let machine = if i % 2 == 0 { "m-1" } else { "m-2" };
+        let a = s
+            .admit(op(machine, OperationType::Reboot, &format!("r-{i}")))
+            .await
+            .unwrap()
+            .operation;
+        s.request_cancel(a.id, t(i)).await.unwrap();
+    }
+    let stored = s
+        .events_after(0, &EventFilter::default(), 1000)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 30);
+    let revisions: Vec<u64> = stored.iter().map(|e| e.revision).collect();
+    assert_eq!(
+        revisions,
+        (1..=30).collect::<Vec<_>>(),
+        "revisions count up without gaps"
+    );
+    assert_eq!(s.last_revision().await.unwrap(), 30);
+    for e in &stored {
+        let got = live.recv().await.unwrap();
+        assert_eq!(*got, *e, "live and stored agree, in order");
+    }
+    // Resuming after a revision and filtering.
+    let after = s
+        .events_after(27, &EventFilter::default(), 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        [28, 29, 30]
+    );
+    let m2 = EventFilter {
+        machine_id: Some(mid("m-2")),
+        operation_id: None,
+    };
+    let only = s.events_after(0, &m2, 1000).await.unwrap();
+    assert_eq!(only.len(), 15);
+    assert!(only.iter().all(|e| e.machine_id.as_str() == "m-2"));
+    let one_op = EventFilter {
+        machine_id: None,
+        operation_id: Some(stored[0].operation_id),
+    };
+    assert_eq!(s.events_after(0, &one_op, 1000).await.unwrap().len(), 3);
+    let limited = s.events_after(0, &EventFilter::default(), 5).await.unwrap();
+    assert_eq!(limited.len(), 5);
+}
+
+pub(crate) async fn logs_replay_and_live(s: S) {
+    let id = OperationId::from_parts(5, 5);
+    let mut live = s.subscribe_logs();
+    for seq in 1..=5u64 {
+        s.append_log(LogLine {
+            operation_id: id,
+            sequence: seq,
+            time: t(seq as i64),
+            stage: "repave-image".into(),
+            tag: "repave".into(),
+            message: format!("line {seq}"),
+        });
+    }
+    // A duplicate (a resumed executor re-sending a line) is ignored.
+    s.append_log(LogLine {
+        operation_id: id,
+        sequence: 5,
+        time: t(9),
+        stage: "x".into(),
+        tag: "x".into(),
+        message: "dup".into(),
+    });
+    s.flush().await.unwrap();
+    let lines = s.logs_after(id, 0, 100).await.unwrap();
+    assert_eq!(
+        lines.iter().map(|l| l.sequence).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(lines[4].message, "line 5");
+    assert_eq!(s.logs_after(id, 3, 100).await.unwrap().len(), 2);
+    assert_eq!(s.logs_after(id, 0, 2).await.unwrap().len(), 2);
+    assert_eq!(s.last_log_sequence(id).await.unwrap(), 5);
+    assert_eq!(
+        s.last_log_sequence(OperationId::from_parts(6, 6))
+            .await
+            .unwrap(),
+        0
+    );
+    for want in &lines {
+        assert_eq!(*live.recv().await.unwrap(), *want);
+    }
+    assert!(live.try_recv().is_err(), "the duplicate is not published");
+}

@@ -1,0 +1,73 @@
+//! The store conformance suite: every behaviour of the `Store` trait, run against every
+//! backend, plus what only a durable backend can show (surviving a reopen).
+
+mod conformance;
+mod durability;
+mod fixtures;
+
+use std::sync::Arc;
+
+use bm_store::{MemoryStore, SqliteConfig, SqliteStore, Store};
+
+/// A backend under test, with whatever must outlive it (a temp dir).
+pub(crate) struct Backend {
+    pub(crate) store: Arc<dyn Store>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub(crate) fn memory() -> Backend {
+    Backend {
+        store: Arc::new(MemoryStore::new()),
+        _dir: None,
+    }
+}
+
+pub(crate) fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+    Backend {
+        store: Arc::new(store),
+        _dir: Some(dir),
+    }
+}
+
+/// Instantiates each conformance test once per backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    crate::conformance::$name(crate::memory().store).await;
+                }
+            )*
+        }
+        mod sqlite_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = crate::sqlite();
+                    crate::conformance::$name(backend.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    register_get_and_conflicts,
+    list_machines_pages_and_filters,
+    import_reports_each_row,
+    import_dry_run_writes_nothing,
+    update_spec_labels_and_macs,
+    admission_is_idempotent,
+    concurrent_identical_requests_create_one_operation,
+    concurrent_different_requests_admit_one,
+    leases_fence_writes,
+    cancel_of_a_pending_operation_ends_it,
+    cancel_of_a_held_operation_is_seen_by_its_executor,
+    finish_applies_effects_and_events,
+    list_operations_newest_first,
+    events_replay_and_live_agree,
+    logs_replay_and_live,
+);
