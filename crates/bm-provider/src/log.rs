@@ -3,11 +3,13 @@
 use std::fmt;
 use std::sync::Arc;
 
+type WriteFn = dyn Fn(&str, &str) + Send + Sync;
+
 /// Receives a provider's progress lines as they happen, each with a short tag naming the
 /// action (`repave`, `bmc`, `kubeadm`, ...). Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct LogSink {
-    write: Arc<dyn Fn(&str, &str) + Send + Sync>,
+    write: Arc<WriteFn>,
 }
 
 impl LogSink {

@@ -1,0 +1,409 @@
+//! The engine's front: what the adapters call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bm_domain::{
+    Labels, Machine, MachineId, MachineSpec, Operation, OperationId, OperationType, RequestId,
+};
+use bm_provider::ProviderRegistry;
+use bm_store::{
+    Admission, ImportOutcome, Lease, MachineQuery, OperationQuery, Page, Store, StoreError,
+};
+use tokio::sync::Notify;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::policy::RetryPolicy;
+use crate::{WorkflowError, executor, now};
+
+/// Settings of an [`Engine`].
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// This executor's id in leases; unique per process start.
+    pub owner: String,
+    /// The most operations running at once, over all machines.
+    pub max_concurrent_operations: usize,
+    /// How long a claim on an operation lasts unless renewed (renewed every third of it).
+    pub lease_duration: Duration,
+    /// How often the executor looks for work besides being woken (expired leases of other
+    /// executors).
+    pub poll_interval: Duration,
+    /// Retries of failed attempts.
+    pub retry: RetryPolicy,
+    /// One timeout for every step attempt, replacing the built-in per-step defaults (for
+    /// tests and fast fake hardware).
+    pub step_timeout: Option<Duration>,
+    /// How often one stage may be cut short by a server stop or crash before its operation
+    /// is failed for a person to look at.
+    pub max_interruptions: u32,
+    /// How long a provider action gets to stop after its token fired before it is dropped.
+    pub cancel_grace: Duration,
+    /// How long a cancel call waits for a running operation to end, so that its answer
+    /// shows the outcome.
+    pub cancel_wait: Duration,
+    /// Batches buffered per watcher or log reader before it is considered slow.
+    pub stream_buffer: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            owner: format!("bm-{}", ulid::Ulid::generate()),
+            max_concurrent_operations: 512,
+            lease_duration: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
+            step_timeout: None,
+            max_interruptions: 3,
+            cancel_grace: Duration::from_secs(2),
+            cancel_wait: Duration::from_secs(2),
+            stream_buffer: 16,
+        }
+    }
+}
+
+/// A request to start an operation.
+#[derive(Clone, Debug)]
+pub struct OperationRequest {
+    /// The machine.
+    pub machine_id: MachineId,
+    /// What to do.
+    pub op_type: OperationType,
+    /// The client's idempotency key.
+    pub request_id: RequestId,
+    /// A note for the audit trail.
+    pub note: String,
+}
+
+/// The workflow engine. Cheap to clone; clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) providers: ProviderRegistry,
+    pub(crate) config: EngineConfig,
+    /// Wakes the dispatcher: new work was admitted or capacity freed.
+    pub(crate) wake: Notify,
+    /// The operations running here, with the token that cancels each.
+    pub(crate) running: Mutex<HashMap<OperationId, CancellationToken>>,
+    /// Fires on shutdown; every operation's token is a child of it.
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    ids: Mutex<ulid::Generator>,
+}
+
+impl Inner {
+    pub(crate) fn running(&self) -> MutexGuard<'_, HashMap<OperationId, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn lease(&self) -> Lease {
+        Lease {
+            owner: self.config.owner.clone(),
+            expires_at: now().saturating_add(self.config.lease_duration),
+        }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("owner", &self.inner.config.owner)
+            .field("providers", &self.inner.providers)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine over `store` and `providers`. It admits operations at once; it runs them
+    /// once [`Engine::start`] was called.
+    pub fn new(store: Arc<dyn Store>, providers: ProviderRegistry, config: EngineConfig) -> Self {
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                providers,
+                config,
+                wake: Notify::new(),
+                running: Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                ids: Mutex::new(ulid::Generator::new()),
+            }),
+        }
+    }
+
+    /// Starts the executor: it claims pending operations (and those a stopped executor left
+    /// behind) and runs them. Must be called within a Tokio runtime.
+    pub fn start(&self) {
+        let inner = self.inner.clone();
+        self.inner.tasks.spawn(executor::dispatch(inner.clone()));
+        self.inner.tasks.spawn(executor::renew_leases(inner));
+    }
+
+    /// Stops the engine: no new work is claimed, running operations are interrupted at
+    /// once (their current stage runs again at the next start), their leases are released,
+    /// and open streams end. Waits up to `grace` for the tasks.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.shutdown.cancel();
+        inner.tasks.close();
+        if tokio::time::timeout(grace, inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("executor tasks did not stop within {grace:?}");
+        }
+        match inner.store.release(&inner.config.owner).await {
+            Ok(n) if n > 0 => tracing::info!(
+                operations = n,
+                "released leases; they resume at the next start"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "could not release leases; they resume when they expire")
+            }
+        }
+        if let Err(e) = inner.store.flush().await {
+            tracing::error!(error = %e, "could not flush the store");
+        }
+    }
+
+    /// True once [`Engine::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The providers.
+    pub fn providers(&self) -> &ProviderRegistry {
+        &self.inner.providers
+    }
+
+    /// How many operations this executor runs now.
+    pub fn running_operations(&self) -> usize {
+        self.inner.running().len()
+    }
+
+    fn check_provider(&self, m: &Machine) -> Result<(), WorkflowError> {
+        let provider = self.inner.providers.get(&m.spec.provider)?;
+        provider
+            .validate(m)
+            .map_err(|e| WorkflowError::ProviderRejected {
+                machine_id: m.id.to_string(),
+                provider: m.spec.provider.clone(),
+                message: e.message().to_owned(),
+            })
+    }
+
+    /// Registers a machine in FACTORY_READY.
+    ///
+    /// # Errors
+    ///
+    /// An invalid spec, an unknown provider or one that refuses the spec, an id or MAC
+    /// address already taken.
+    pub async fn register_machine(
+        &self,
+        id: MachineId,
+        spec: MachineSpec,
+        labels: Labels,
+    ) -> Result<Machine, WorkflowError> {
+        let m = Machine::register(id, spec, labels, now())?;
+        self.check_provider(&m)?;
+        Ok(self.inner.store.register_machine(m).await?)
+    }
+
+    /// Imports machines, each row on its own (see [`Store::import_machines`]); rows that
+    /// fail validation are reported and the others still go in.
+    ///
+    /// # Errors
+    ///
+    /// Only a failure of the store as a whole; row errors are in the results.
+    pub async fn import_machines(
+        &self,
+        rows: Vec<(MachineId, MachineSpec, Labels)>,
+        dry_run: bool,
+    ) -> Result<Vec<Result<ImportOutcome, WorkflowError>>, WorkflowError> {
+        let t = now();
+        let mut results: Vec<Option<Result<ImportOutcome, WorkflowError>>> =
+            Vec::with_capacity(rows.len());
+        let mut valid = Vec::new();
+        for (id, spec, labels) in rows {
+            match Machine::register(id, spec, labels, t)
+                .map_err(WorkflowError::from)
+                .and_then(|m| self.check_provider(&m).map(|()| m))
+            {
+                Ok(m) => {
+                    valid.push(m);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut stored = self
+            .inner
+            .store
+            .import_machines(valid, dry_run)
+            .await?
+            .into_iter();
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Some(err) => err,
+                None => stored
+                    .next()
+                    .map(|r| r.map_err(WorkflowError::from))
+                    .unwrap_or(Err(WorkflowError::Store(StoreError::Corrupt(
+                        "import returned fewer results than rows".into(),
+                    )))),
+            })
+            .collect())
+    }
+
+    /// Reads a machine.
+    ///
+    /// # Errors
+    ///
+    /// Not found, or a store failure.
+    pub async fn get_machine(&self, id: &MachineId) -> Result<Machine, WorkflowError> {
+        Ok(self.inner.store.get_machine(id).await?)
+    }
+
+    /// Lists machines.
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn list_machines(
+        &self,
+        query: &MachineQuery,
+    ) -> Result<Page<Machine>, WorkflowError> {
+        Ok(self.inner.store.list_machines(query).await?)
+    }
+
+    /// Changes a machine's spec and/or labels.
+    ///
+    /// # Errors
+    ///
+    /// Not found, an invalid spec, a provider that refuses it, a spec change during an
+    /// operation, a MAC address already taken.
+    pub async fn update_machine(
+        &self,
+        id: &MachineId,
+        spec: Option<MachineSpec>,
+        labels: Option<Labels>,
+    ) -> Result<Machine, WorkflowError> {
+        if let Some(spec) = &spec {
+            let mut probe = self.inner.store.get_machine(id).await?;
+            probe.spec = spec.clone();
+            spec.validate()?;
+            self.check_provider(&probe)?;
+        }
+        Ok(self
+            .inner
+            .store
+            .update_machine(id, spec, labels, now())
+            .await?)
+    }
+
+    /// Admits an operation, idempotently on `(machine_id, request_id)`, and wakes the
+    /// executor. The returned operation is pending (or, for a repeated request, as it is
+    /// now).
+    ///
+    /// # Errors
+    ///
+    /// Not found, the domain's refusals (wrong phase, blocked, busy, ...), a request id
+    /// reused for another type, a note too long, or shutdown.
+    pub async fn submit(&self, req: OperationRequest) -> Result<Admission, WorkflowError> {
+        if self.is_shutting_down() {
+            return Err(WorkflowError::ShuttingDown);
+        }
+        let t = now();
+        let id = {
+            let mut ids = self.inner.ids.lock().unwrap_or_else(|e| e.into_inner());
+            // A monotonic generator only fails after 2^80 ids in one millisecond.
+            ids.generate_from_datetime(t.to_system_time())
+                .unwrap_or_else(|_| ulid::Ulid::from_datetime(t.to_system_time()))
+        };
+        let op = Operation::new(
+            OperationId::from_ulid(id),
+            req.machine_id,
+            req.op_type,
+            req.request_id,
+            req.note,
+            t,
+        )?;
+        let admission = self.inner.store.admit(op).await?;
+        if admission.created {
+            self.inner.wake.notify_one();
+        }
+        Ok(admission)
+    }
+
+    /// Cancels an operation. A pending one ends at once; a running one is stopped (its
+    /// provider action's token fires) and this call waits briefly for it to end, so the
+    /// answer normally shows it CANCELED.
+    ///
+    /// # Errors
+    ///
+    /// Not found, or already ended.
+    pub async fn cancel(&self, id: OperationId) -> Result<Operation, WorkflowError> {
+        let store = &self.inner.store;
+        let mut events = store.subscribe_events();
+        let op = store.request_cancel(id, now()).await?;
+        if !op.is_active() {
+            return Ok(op);
+        }
+        if let Some(token) = self.inner.running().get(&id) {
+            token.cancel();
+        }
+        let wait = tokio::time::sleep(self.inner.config.cancel_wait);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                r = events.recv() => match r {
+                    Ok(e) if e.operation_id == id && e.is_terminal() => break,
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        if !store.get_operation(id).await?.is_active() {
+                            break;
+                        }
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                () = &mut wait => break,
+            }
+        }
+        Ok(store.get_operation(id).await?)
+    }
+
+    /// Reads an operation.
+    ///
+    /// # Errors
+    ///
+    /// Not found, or a store failure.
+    pub async fn get_operation(&self, id: OperationId) -> Result<Operation, WorkflowError> {
+        Ok(self.inner.store.get_operation(id).await?)
+    }
+
+    /// Lists operations, newest first.
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn list_operations(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Page<Operation>, WorkflowError> {
+        Ok(self.inner.store.list_operations(query).await?)
+    }
+}

@@ -1,0 +1,455 @@
+//! The executor: claims operations from the store and runs their plans against the
+//! providers, reconcile-style (see the crate documentation for its guarantees).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bm_domain::rules::Outcome;
+use bm_domain::{EventKind, LogLine, Machine, Operation, OperationEvent, OperationPhase};
+use bm_provider::{ActionContext, ErrorKind, LogSink, Provider, ProviderError};
+use bm_store::StoreError;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::engine::Inner;
+use crate::now;
+use crate::plan::{ResumePolicy, StepKind, completed_prefix, plan};
+use crate::policy::{Decision, decide};
+
+/// Claims work whenever woken (new operation, freed capacity) or every poll interval.
+pub(crate) async fn dispatch(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if inner.shutdown.is_cancelled() {
+            return;
+        }
+        let free = inner
+            .config
+            .max_concurrent_operations
+            .saturating_sub(inner.running().len());
+        let mut more = false;
+        if free > 0 {
+            match inner.store.claim(&inner.lease(), now(), free).await {
+                Ok(ops) => {
+                    backoff = Duration::from_millis(50);
+                    more = ops.len() == free;
+                    for op in ops {
+                        spawn_operation(&inner, op);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not claim operations; retrying");
+                    tokio::select! {
+                        () = inner.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        if more {
+            continue;
+        }
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            () = inner.wake.notified() => {}
+            () = tokio::time::sleep(inner.config.poll_interval) => {}
+        }
+    }
+}
+
+fn spawn_operation(inner: &Arc<Inner>, op: Operation) {
+    let token = inner.shutdown.child_token();
+    inner.running().insert(op.id, token.clone());
+    let span = tracing::info_span!(
+        "operation",
+        operation_id = %op.id,
+        machine_id = %op.machine_id,
+        r#type = %op.op_type,
+    );
+    let inner2 = inner.clone();
+    inner.tasks.spawn(
+        async move {
+            let id = op.id;
+            let runner = Runner {
+                inner: inner2.clone(),
+                op,
+                token,
+                events: Vec::new(),
+                log_seq: Arc::new(AtomicU64::new(0)),
+            };
+            match runner.execute().await {
+                Ok(phase) => tracing::info!(phase = %phase, "operation ended"),
+                Err(Stop::Interrupted) => {
+                    tracing::info!("operation interrupted by shutdown; it resumes at the next start")
+                }
+                Err(Stop::LeaseLost) => {
+                    tracing::warn!("lease lost: another executor took the operation over")
+                }
+                Err(Stop::Abandoned(e)) => {
+                    tracing::error!(error = %e, "operation abandoned; it resumes when its lease expires")
+                }
+            }
+            inner2.running().remove(&id);
+            inner2.wake.notify_one();
+        }
+        .instrument(span),
+    );
+}
+
+/// Renews this executor's leases every third of their duration, and stops operations an
+/// operator canceled through another server sharing the store.
+pub(crate) async fn renew_leases(inner: Arc<Inner>) {
+    let every = inner.config.lease_duration / 3;
+    loop {
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if inner.running().is_empty() {
+            continue;
+        }
+        match inner.store.renew(&inner.lease()).await {
+            Ok(canceled) => {
+                let running = inner.running();
+                for id in canceled {
+                    if let Some(t) = running.get(&id) {
+                        t.cancel();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew leases"),
+        }
+    }
+}
+
+/// Why a run stopped without ending its operation.
+enum Stop {
+    /// The engine is shutting down.
+    Interrupted,
+    /// Another executor holds the operation now.
+    LeaseLost,
+    /// A store error that retrying cannot fix.
+    Abandoned(String),
+}
+
+enum Flow {
+    Next,
+    Ended(OperationPhase),
+}
+
+struct Runner {
+    inner: Arc<Inner>,
+    op: Operation,
+    /// Fires on an operator's cancel or on shutdown (it is a child of the shutdown token).
+    token: CancellationToken,
+    /// Events to commit with the next write.
+    events: Vec<OperationEvent>,
+    log_seq: Arc<AtomicU64>,
+}
+
+impl Runner {
+    async fn execute(mut self) -> Result<OperationPhase, Stop> {
+        let machine = {
+            let store = self.inner.store.clone();
+            let id = self.op.machine_id.clone();
+            self.retry_store(|| store.get_machine(&id)).await?
+        };
+        let last_seq = {
+            let store = self.inner.store.clone();
+            let id = self.op.id;
+            self.retry_store(|| store.last_log_sequence(id)).await?
+        };
+        self.log_seq.store(last_seq, Ordering::Relaxed);
+        let steps = plan(self.op.op_type);
+        let t = now();
+
+        if self.op.phase == OperationPhase::Running {
+            let max = self.inner.config.max_interruptions;
+            if let Some(stage) = self.op.mark_interrupted() {
+                let (name, n) = (stage.name.clone(), stage.interruptions);
+                tracing::info!(stage = %name, interruptions = n, "resuming an interrupted stage");
+                if n > max {
+                    return self
+                        .fail(format!(
+                            "stage {name} was interrupted {n} times by server restarts; check the machine before running it again"
+                        ))
+                        .await;
+                }
+                if StepKind::from_name(&name).map(StepKind::resume_policy)
+                    == Some(ResumePolicy::FailForIntervention)
+                {
+                    return self
+                        .fail(format!(
+                            "stage {name} was interrupted by a server restart and is not safe to run again blindly: check the machine's network and console, then clear the intervention and run the operation again"
+                        ))
+                        .await;
+                }
+            }
+            self.events.push(OperationEvent::new(
+                &self.op,
+                EventKind::PhaseChanged,
+                "resumed after a server restart",
+                t,
+            ));
+        } else if self.op.start(t).is_ok() {
+            self.events.push(OperationEvent::new(
+                &self.op,
+                EventKind::PhaseChanged,
+                "",
+                t,
+            ));
+        }
+
+        let Some(done) = completed_prefix(steps, &self.op) else {
+            return self
+                .fail(
+                    "the stages recorded for this operation do not match its plan (the server was upgraded while it ran); run it again".into(),
+                )
+                .await;
+        };
+        if self.op.cancel_requested {
+            return self.end_stopped().await;
+        }
+        let provider = match self.inner.providers.get(&machine.spec.provider) {
+            Ok(p) => p.clone(),
+            Err(e) => return self.fail(e.to_string()).await,
+        };
+        for &step in &steps[done..] {
+            if let Flow::Ended(phase) = self.run_step(step, provider.as_ref(), &machine).await? {
+                return Ok(phase);
+            }
+        }
+        self.finish(Outcome::Succeeded).await
+    }
+
+    /// Runs one step to success, retrying per the policy; ends the operation if the step
+    /// fails for good or the operation is canceled.
+    async fn run_step(
+        &mut self,
+        step: StepKind,
+        provider: &dyn Provider,
+        machine: &Machine,
+    ) -> Result<Flow, Stop> {
+        loop {
+            let t = now();
+            self.op.begin_stage(step.name(), t);
+            self.events.push(OperationEvent::new(
+                &self.op,
+                EventKind::StageStarted,
+                "",
+                t,
+            ));
+            if self.save().await? {
+                self.token.cancel();
+            }
+            if self.token.is_cancelled() {
+                return self.end_stopped().await.map(Flow::Ended);
+            }
+            let attempt = self.op.stages.last().map_or(1, |s| s.attempts);
+            let error = match self.attempt(step, provider, machine).await {
+                Ok(()) => {
+                    let t = now();
+                    self.op
+                        .end_stage(bm_domain::StageOutcome::Succeeded, None, t);
+                    self.events.push(OperationEvent::new(
+                        &self.op,
+                        EventKind::StageSucceeded,
+                        "",
+                        t,
+                    ));
+                    return Ok(Flow::Next);
+                }
+                Err(_) if self.token.is_cancelled() => {
+                    return self.end_stopped().await.map(Flow::Ended);
+                }
+                Err(e) => e,
+            };
+            let message = error.to_string();
+            match decide(
+                &self.inner.config.retry,
+                attempt,
+                &error,
+                rand::random::<f64>(),
+            ) {
+                Decision::Retry { after } => {
+                    tracing::warn!(stage = step.name(), attempt, error = %message, "attempt failed; retrying in {after:?}");
+                    self.op.stage_attempt_failed(&message);
+                    self.events.push(OperationEvent::new(
+                        &self.op,
+                        EventKind::StageRetrying,
+                        format!("{message} (retrying in {} ms)", after.as_millis()),
+                        now(),
+                    ));
+                    if self.save().await? {
+                        self.token.cancel();
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(after) => {}
+                        () = self.token.cancelled() => return self.end_stopped().await.map(Flow::Ended),
+                    }
+                }
+                Decision::GiveUp => {
+                    tracing::warn!(stage = step.name(), attempt, error = %message, "stage failed");
+                    self.events.push(OperationEvent::new(
+                        &self.op,
+                        EventKind::StageFailed,
+                        message.clone(),
+                        now(),
+                    ));
+                    let outcome = Outcome::Failed {
+                        error: format!("{}: {message}", step.name()),
+                        disk_touched: self.disk_touched(),
+                        unreachable: error.kind() == ErrorKind::Unreachable,
+                    };
+                    return self.finish(outcome).await.map(Flow::Ended);
+                }
+            }
+        }
+    }
+
+    /// One attempt of a step, bounded by its timeout, stopped by a cancel.
+    async fn attempt(
+        &self,
+        step: StepKind,
+        provider: &dyn Provider,
+        machine: &Machine,
+    ) -> Result<(), ProviderError> {
+        let attempt_token = self.token.child_token();
+        let log = self.log_sink(step.name());
+        let ctx = ActionContext {
+            machine,
+            operation_id: self.op.id,
+            cancel: &attempt_token,
+            log: &log,
+        };
+        let timeout = self
+            .inner
+            .config
+            .step_timeout
+            .unwrap_or_else(|| step.default_timeout());
+        let grace = self.inner.config.cancel_grace;
+        let action = step.run(provider, ctx, &self.op);
+        tokio::pin!(action);
+        let result = tokio::select! {
+            r = &mut action => r,
+            () = tokio::time::sleep(timeout) => {
+                attempt_token.cancel();
+                let _ = tokio::time::timeout(grace, &mut action).await;
+                Err(ProviderError::transient(format!(
+                    "{} timed out after {} s",
+                    step.name(),
+                    timeout.as_secs_f64()
+                )))
+            }
+            () = self.token.cancelled() => {
+                // The attempt's token is a child: the provider sees the cancel. Give it a
+                // moment to stop what it started remotely, then drop it.
+                let _ = tokio::time::timeout(grace, &mut action).await;
+                Err(ProviderError::canceled())
+            }
+        };
+        attempt_token.cancel();
+        result
+    }
+
+    fn log_sink(&self, stage: &'static str) -> LogSink {
+        let store = self.inner.store.clone();
+        let seq = self.log_seq.clone();
+        let operation_id = self.op.id;
+        LogSink::new(move |tag, message| {
+            store.append_log(LogLine {
+                operation_id,
+                sequence: seq.fetch_add(1, Ordering::Relaxed) + 1,
+                time: now(),
+                stage: stage.to_owned(),
+                tag: tag.to_owned(),
+                message: message.to_owned(),
+            });
+        })
+    }
+
+    fn disk_touched(&self) -> bool {
+        self.op
+            .stages
+            .iter()
+            .any(|s| StepKind::from_name(&s.name).is_some_and(StepKind::touches_disk))
+    }
+
+    /// The token fired: a shutdown interrupts, an operator's cancel ends the operation.
+    async fn end_stopped(&mut self) -> Result<OperationPhase, Stop> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Stop::Interrupted);
+        }
+        let outcome = Outcome::Canceled {
+            disk_touched: self.disk_touched(),
+        };
+        self.finish(outcome).await
+    }
+
+    async fn fail(&mut self, error: String) -> Result<OperationPhase, Stop> {
+        tracing::warn!(error = %error, "failing operation");
+        let outcome = Outcome::Failed {
+            error,
+            disk_touched: self.disk_touched(),
+            unreachable: false,
+        };
+        self.finish(outcome).await
+    }
+
+    /// Commits progress with the pending events; returns whether a cancel was requested.
+    async fn save(&mut self) -> Result<bool, Stop> {
+        let events = std::mem::take(&mut self.events);
+        let (store, owner, op) = (
+            self.inner.store.clone(),
+            self.inner.config.owner.clone(),
+            self.op.clone(),
+        );
+        self.retry_store(|| store.save_progress(&owner, &op, events.clone()))
+            .await
+    }
+
+    async fn finish(&mut self, outcome: Outcome) -> Result<OperationPhase, Stop> {
+        let events = std::mem::take(&mut self.events);
+        let (store, owner, op) = (
+            self.inner.store.clone(),
+            self.inner.config.owner.clone(),
+            self.op.clone(),
+        );
+        let (op, _machine) = self
+            .retry_store(|| {
+                store.finish(&owner, op.clone(), outcome.clone(), events.clone(), now())
+            })
+            .await?;
+        Ok(op.phase)
+    }
+
+    /// Runs a store call, retrying failures of the storage itself (a full disk, a locked
+    /// file) with backoff until it works or the engine stops; the write was atomic, so a
+    /// retry is safe.
+    async fn retry_store<T, F, Fut>(&self, mut call: F) -> Result<T, Stop>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(StoreError::LeaseLost(_)) => return Err(Stop::LeaseLost),
+                Err(StoreError::Closed) => return Err(Stop::Interrupted),
+                Err(e @ StoreError::Backend(_)) => {
+                    tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store write failed; retrying");
+                    tokio::select! {
+                        () = self.inner.shutdown.cancelled() => return Err(Stop::Interrupted),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(Stop::Abandoned(e.to_string())),
+            }
+        }
+    }
+}

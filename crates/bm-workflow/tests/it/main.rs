@@ -1,0 +1,8 @@
+//! Executor tests against the fake provider at instant timing: one per behaviour of spec 000
+//! steps 5-9 and its FAQ, plus concurrency, cancellation, failure, resumption and streams.
+
+mod concurrency;
+mod harness;
+mod lifecycle;
+mod resume;
+mod streams;

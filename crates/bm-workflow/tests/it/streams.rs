@@ -1,0 +1,153 @@
+//! Watch and log streams: replay then live, resume from a revision, end with the operation.
+
+use std::time::Duration;
+
+use bm_domain::{EventKind, OperationType};
+use bm_provider_fake::LABEL_HANG_ACTION;
+use bm_store::EventFilter;
+
+use crate::harness::memory;
+
+#[tokio::test]
+async fn watch_replays_then_follows_and_resumes_from_a_revision() {
+    let h = memory();
+    h.machine("machine-1", &[]).await;
+    h.machine("machine-2", &[]).await;
+    h.run("machine-1", OperationType::EnterMaintenance, "a")
+        .await;
+    // A live watch of machine-2 only, opened before its operation.
+    let mut live = h
+        .engine
+        .watch(
+            EventFilter {
+                machine_id: Some(crate::harness::id("machine-2")),
+                operation_id: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let op = h
+        .run("machine-2", OperationType::EnterMaintenance, "b")
+        .await;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|e: &std::sync::Arc<bm_domain::OperationEvent>| e.is_terminal())
+    {
+        seen.extend(live.recv().await.unwrap().unwrap());
+    }
+    assert!(
+        seen.iter().all(|e| e.operation_id == op.id),
+        "only machine-2's events"
+    );
+    assert_eq!(seen.first().unwrap().kind, EventKind::Created);
+    let revs: Vec<u64> = seen.iter().map(|e| e.revision).collect();
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+
+    // Resuming after a revision replays exactly what came after it.
+    let mid = revs[revs.len() / 2];
+    let all = h.events_of(op.id).await;
+    let mut resumed = h
+        .engine
+        .watch(
+            EventFilter {
+                operation_id: Some(op.id),
+                machine_id: None,
+            },
+            Some(mid),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(b) = resumed.recv().await {
+        got.extend(b.unwrap().iter().map(|e| e.revision));
+    }
+    let want: Vec<u64> = all
+        .iter()
+        .map(|e| e.revision)
+        .filter(|r| *r > mid)
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn watching_an_unknown_operation_is_an_error() {
+    let h = memory();
+    let e = h
+        .engine
+        .watch(
+            EventFilter {
+                operation_id: Some(bm_domain::OperationId::from_parts(1, 1)),
+                machine_id: None,
+            },
+            Some(0),
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    let e = h
+        .engine
+        .logs(bm_domain::OperationId::from_parts(1, 1), 0)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+}
+
+#[tokio::test]
+async fn logs_replay_follow_and_end_with_the_operation() {
+    let h = memory();
+    h.machine("machine-1", &[(LABEL_HANG_ACTION, "repave")])
+        .await;
+    h.run("machine-1", OperationType::EnterMaintenance, "e")
+        .await;
+    let op = h
+        .submit("machine-1", OperationType::Reimage, "r")
+        .await
+        .unwrap();
+    h.wait_stage(op.id, "repave-image").await;
+    // Opened mid-operation: what was logged so far, then live, then the end.
+    let mut rx = h.engine.logs(op.id, 0).await.unwrap();
+    let mut lines = Vec::new();
+    // Everything up to the hang notice arrives while the operation still runs.
+    while !lines
+        .iter()
+        .any(|l: &std::sync::Arc<bm_domain::LogLine>| l.message.contains("injected hang"))
+    {
+        lines.extend(rx.recv().await.unwrap().unwrap());
+    }
+    h.engine.cancel(op.id).await.unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut rest = Vec::new();
+        while let Some(b) = rx.recv().await {
+            rest.extend(b.unwrap());
+        }
+        rest
+    })
+    .await
+    .expect("the log stream ends when the operation ends");
+    lines.extend(rest);
+    let seqs: Vec<u64> = lines.iter().map(|l| l.sequence).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.stage == "set-netboot" && l.tag == "pxe")
+    );
+
+    // After the end, a reader gets the whole log and the stream ends at once.
+    let mut again = h.engine.logs(op.id, 0).await.unwrap();
+    let mut replay = Vec::new();
+    while let Some(b) = again.recv().await {
+        replay.extend(b.unwrap().iter().map(|l| l.sequence));
+    }
+    assert_eq!(replay, seqs);
+    // Resuming after a sequence number skips what was seen.
+    let mut tail = h.engine.logs(op.id, 3).await.unwrap();
+    let first = tail.recv().await.unwrap().unwrap();
+    assert_eq!(first[0].sequence, 4);
+}
