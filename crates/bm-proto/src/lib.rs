@@ -19,6 +19,35 @@ pub mod v1 {
     #![allow(unreachable_pub, reason = "generated code")]
     #![allow(clippy::all, reason = "generated code")]
     tonic::include_proto!("baremetal.v1");
+    include!(concat!(env!("OUT_DIR"), "/baremetal.v1.serde.rs"));
+}
+
+/// The well-known protobuf types the API uses (`Timestamp`, `FieldMask`), with their
+/// canonical JSON form.
+pub use pbjson_types;
+
+/// The canonical name of a gRPC status code, e.g. `NOT_FOUND`, as gRPC tools print it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// The encoded `FileDescriptorSet` of the API (with its imports), for gRPC server
@@ -46,5 +75,22 @@ mod tests {
                 .iter()
                 .any(|f| f.name() == "google/protobuf/timestamp.proto")
         );
+    }
+
+    #[test]
+    fn json_follows_the_proto3_mapping() {
+        let op = super::v1::Operation {
+            id: "op-1".into(),
+            r#type: super::v1::OperationType::Reimage.into(),
+            create_time: Some(pbjson_types::Timestamp {
+                seconds: 1_795_437_965,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&op).unwrap();
+        assert_eq!(json["type"], "OPERATION_TYPE_REIMAGE");
+        assert_eq!(json["createTime"], "2026-11-23T12:46:05+00:00");
+        assert_eq!(json["id"], "op-1");
     }
 }

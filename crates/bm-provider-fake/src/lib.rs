@@ -280,16 +280,17 @@ impl FakeProvider {
             .map_or(Duration::ZERO, Duration::from_millis);
         let total = self.scale(action.normal_ms()) + extra;
         let step = total / u32::try_from(lines.len().max(1)).unwrap_or(1);
+        // Each line says what is about to take time, then the time passes.
         for (i, line) in lines.iter().enumerate() {
-            Self::wait(&ctx, step).await?;
             ctx.log.line(tag, line);
             if i == 0 {
                 self.injected_failure(machine, action, call)?;
             }
+            Self::wait(&ctx, step).await?;
         }
         if lines.is_empty() {
-            Self::wait(&ctx, total).await?;
             self.injected_failure(machine, action, call)?;
+            Self::wait(&ctx, total).await?;
         }
         Ok(())
     }

@@ -32,6 +32,11 @@ pub(super) enum Command {
     Log(LogLine),
 }
 
+enum Published {
+    Event(OperationEvent),
+    Log(LogLine),
+}
+
 /// The writer's view of one savepoint of the batch transaction.
 pub(super) struct SqlTx<'a> {
     conn: &'a Connection,
@@ -74,15 +79,16 @@ impl Writer {
         self.stats.batches.fetch_add(1, Relaxed);
         self.stats.jobs.fetch_add(batch.len() as u64, Relaxed);
         let mut replies = Vec::with_capacity(batch.len());
-        let mut events = Vec::new();
-        let mut logs = Vec::new();
+        // Published after the commit in the order they were written, so a provider's log
+        // line reaches subscribers before the event of the step that logged it ends.
+        let mut published = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
             let conn = &self.conn;
             conn.execute_batch("BEGIN IMMEDIATE")?;
             for cmd in batch {
                 match cmd {
                     Command::Log(line) => match insert_log(conn, &line) {
-                        Ok(true) => logs.push(line),
+                        Ok(true) => published.push(Published::Log(line)),
                         Ok(false) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, operation_id = %line.operation_id, "log line not stored")
@@ -97,7 +103,7 @@ impl Writer {
                         let (keep, reply) = job(&mut tx);
                         if keep {
                             conn.execute_batch("RELEASE job")?;
-                            events.append(&mut tx.events);
+                            published.extend(tx.events.drain(..).map(Published::Event));
                         } else {
                             conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
                         }
@@ -109,11 +115,15 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
-                for e in events {
-                    let _ = self.events.send(Arc::new(e));
-                }
-                for l in logs {
-                    let _ = self.logs.send(Arc::new(l));
+                for p in published {
+                    match p {
+                        Published::Event(e) => {
+                            let _ = self.events.send(Arc::new(e));
+                        }
+                        Published::Log(l) => {
+                            let _ = self.logs.send(Arc::new(l));
+                        }
+                    }
                 }
                 for r in replies {
                     r(Ok(()));

@@ -1,1 +1,0 @@
-//! bm-cli: to be filled.

@@ -1,0 +1,808 @@
+//! `bmctl`: the command line of the bare-metal control plane.
+//!
+//! Every command talks to `bm-server` over gRPC (`--server`, `BM_SERVER`). Operation
+//! commands follow the operation live by default; `--no-wait` returns at once. `-o json`
+//! prints the canonical proto3 JSON of the resources instead of tables.
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a command-line tool prints"
+)]
+
+mod follow;
+mod inventory;
+mod render;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bm_proto::pbjson_types::FieldMask;
+use bm_proto::v1 as pb;
+use bm_proto::v1::machine_service_client::MachineServiceClient;
+use bm_proto::v1::operation_service_client::OperationServiceClient;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use render::Palette;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bmctl",
+    version,
+    about = "Command line of the bare-metal provisioning control plane"
+)]
+struct Cli {
+    /// The server, as host:port or a URL.
+    #[arg(
+        long,
+        env = "BM_SERVER",
+        default_value = "localhost:50051",
+        global = true
+    )]
+    server: String,
+
+    /// Output format of the resources a command prints.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Import N fake machines (machine-1..N), or an inventory file (CSV or JSON).
+    Import(ImportArgs),
+    /// List machines: phase and effective state side by side.
+    List(ListArgs),
+    /// Show one machine.
+    Get {
+        /// The machine's id.
+        machine: String,
+    },
+    /// Change a machine's spec or labels.
+    Update(UpdateArgs),
+    /// Operation history, newest first.
+    #[command(alias = "runs")]
+    Ops(OpsArgs),
+    /// Show one operation with its stages.
+    Op {
+        /// The operation's id.
+        operation: String,
+    },
+    /// Drain the node and move the machine to MAINTENANCE.
+    EnterMaintenance(OpArgs),
+    /// Uncordon the node and move the machine to READY.
+    ExitMaintenance(OpArgs),
+    /// Netboot, write the image, join the cluster (MAINTENANCE only).
+    #[command(alias = "repave")]
+    Reimage(OpArgs),
+    /// Power-cycle the machine (READY or MAINTENANCE).
+    Reboot(OpArgs),
+    /// Drain, wipe and open a repair ticket; the machine ends BLOCKED.
+    Rma(OpArgs),
+    /// Drain, wipe and power off; the machine ends BLOCKED.
+    Retire(OpArgs),
+    /// Drain and reimage with the spec's image (MAINTENANCE only).
+    Upgrade(OpArgs),
+    /// Apply the spec's network config and verify connectivity (MAINTENANCE only).
+    NetReconfig(OpArgs),
+    /// Record that the cause of a failure was fixed: clears NeedsIntervention.
+    #[command(alias = "mark-fixed")]
+    ClearIntervention(OpArgs),
+    /// Take back a machine that returned from RMA: clears RMA/Retired, back to FACTORY_READY.
+    Readmit(OpArgs),
+    /// Cancel a pending or running operation.
+    Cancel {
+        /// The operation's id.
+        operation: String,
+    },
+    /// Follow every operation event live.
+    Watch(WatchArgs),
+    /// Print an operation's provider log: what was logged so far, then live until it ends.
+    Logs {
+        /// The operation's id.
+        operation: String,
+        /// Skip lines up to this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// How many fake machines to import.
+    count: Option<u32>,
+    /// An inventory file: CSV with a header row, a JSON array, or JSON Lines.
+    #[arg(long, conflicts_with = "count")]
+    file: Option<std::path::PathBuf>,
+    /// Check every row and report, without importing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// The image of the fake machines.
+    #[arg(long, default_value = "ubuntu-24.04")]
+    image: String,
+    /// The target cluster of the fake machines.
+    #[arg(long, default_value = "prod")]
+    cluster: String,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    /// Only this phase (factory-ready, ready, maintenance).
+    #[arg(long)]
+    phase: Option<String>,
+    /// Only this effective state (blocked, attention, busy, maintenance-idle, new, idle).
+    #[arg(long)]
+    state: Option<String>,
+    /// Only machines whose labels match this selector, e.g. "rack in (r1,r2)".
+    #[arg(short = 'l', long)]
+    selector: Option<String>,
+    /// Machines per request.
+    #[arg(long, default_value_t = 500)]
+    page_size: i32,
+}
+
+#[derive(Args, Debug)]
+struct OpsArgs {
+    /// Only this machine's operations.
+    #[arg(long, short = 'm')]
+    machine: Option<String>,
+    /// The most operations to show.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+#[derive(Args, Debug)]
+struct OpArgs {
+    /// The machine's id.
+    machine: String,
+    /// Idempotency key: the same key returns the same operation (default: a new one).
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Return at once instead of following the operation.
+    #[arg(long)]
+    no_wait: bool,
+    /// A note for the audit trail (what was fixed, a ticket number).
+    #[arg(long, default_value = "")]
+    note: String,
+}
+
+#[derive(Args, Debug)]
+struct UpdateArgs {
+    /// The machine's id.
+    machine: String,
+    /// New image (used by the next reimage or upgrade).
+    #[arg(long)]
+    image: Option<String>,
+    /// New target cluster.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// New SSH endpoint.
+    #[arg(long)]
+    ssh: Option<String>,
+    /// New BMC endpoint.
+    #[arg(long)]
+    bmc: Option<String>,
+    /// Set a label (key=value); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Remove a label; repeatable.
+    #[arg(long = "remove-label", value_name = "KEY")]
+    remove_labels: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct WatchArgs {
+    /// Only this machine's events.
+    #[arg(long, short = 'm')]
+    machine: Option<String>,
+    /// Only this operation's events (ends with the operation).
+    #[arg(long)]
+    operation: Option<String>,
+    /// Replay stored events after this revision first (0: everything).
+    #[arg(long)]
+    since: Option<u64>,
+}
+
+struct Clients {
+    machines: MachineServiceClient<Channel>,
+    operations: OperationServiceClient<Channel>,
+}
+
+async fn connect(server: &str) -> anyhow::Result<Clients> {
+    let uri = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("--server {server:?} is not a valid address"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| {
+        let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+        tonic::Status::unavailable(format!(
+            "cannot reach the server at {uri}: {cause} (is bm-server running? set --server or BM_SERVER)"
+        ))
+    })?;
+    Ok(Clients {
+        machines: MachineServiceClient::new(channel.clone())
+            .max_decoding_message_size(bm_max_message()),
+        operations: OperationServiceClient::new(channel)
+            .max_decoding_message_size(bm_max_message()),
+    })
+}
+
+fn bm_max_message() -> usize {
+    64 * 1024 * 1024
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn enum_arg<E>(
+    value: &str,
+    prefix: &str,
+    from: impl Fn(&str) -> Option<E>,
+    all: &[&str],
+) -> anyhow::Result<E> {
+    let name = format!("{prefix}{}", value.to_uppercase().replace('-', "_"));
+    from(&name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown value {value:?}; expected one of: {}",
+            all.join(", ")
+        )
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => {
+                    let msg = s.message().replace('\n', " ");
+                    anstream::eprintln!("error: {}: {msg}", bm_proto::code_name(s.code()));
+                }
+                None => anstream::eprintln!("error: {e:#}"),
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let pal = Palette::color();
+    let json = cli.output == Output::Json;
+    let mut c = connect(&cli.server).await?;
+    match cli.command {
+        Command::Import(args) => import(&mut c, args, json, &pal).await,
+        Command::List(args) => {
+            let phase = args
+                .phase
+                .as_deref()
+                .map(|p| {
+                    enum_arg(
+                        p,
+                        "PHASE_",
+                        pb::Phase::from_str_name,
+                        &["factory-ready", "ready", "maintenance"],
+                    )
+                })
+                .transpose()?;
+            let state = args
+                .state
+                .as_deref()
+                .map(|s| {
+                    enum_arg(
+                        s,
+                        "EFFECTIVE_STATE_",
+                        pb::EffectiveState::from_str_name,
+                        &[
+                            "blocked",
+                            "attention",
+                            "busy",
+                            "maintenance-idle",
+                            "new",
+                            "idle",
+                        ],
+                    )
+                })
+                .transpose()?;
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .machines
+                    .list_machines(pb::ListMachinesRequest {
+                        page_size: args.page_size,
+                        page_token: token,
+                        phase: phase.map_or(0, |p| p as i32),
+                        effective_state: state.map_or(0, |s| s as i32),
+                        label_selector: args.selector.clone().unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.machines);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if json {
+                print_json(&all)?;
+            } else {
+                anstream::print!("{}", render::machines_table(&all, &pal));
+            }
+            Ok(0)
+        }
+        Command::Get { machine } => {
+            let m = c
+                .machines
+                .get_machine(pb::GetMachineRequest {
+                    machine_id: machine,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&m)?;
+            } else {
+                anstream::print!("{}", render::machine_detail(&m, &pal));
+            }
+            Ok(0)
+        }
+        Command::Update(args) => update(&mut c, args, json, &pal).await,
+        Command::Ops(args) => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            while all.len() < args.limit {
+                let page = c
+                    .operations
+                    .list_operations(pb::ListOperationsRequest {
+                        page_size: i32::try_from((args.limit - all.len()).min(1000))
+                            .unwrap_or(1000),
+                        page_token: token,
+                        machine_id: args.machine.clone().unwrap_or_default(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.operations);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if json {
+                print_json(&all)?;
+            } else {
+                anstream::print!("{}", render::operations_table(&all, &pal));
+            }
+            Ok(0)
+        }
+        Command::Op { operation } => {
+            let o = c
+                .operations
+                .get_operation(pb::GetOperationRequest {
+                    operation_id: operation,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&o)?;
+            } else {
+                anstream::print!("{}", render::operation_detail(&o, &pal));
+            }
+            Ok(0)
+        }
+        Command::EnterMaintenance(a) => {
+            operation(&mut c, OpKind::EnterMaintenance, a, json, &pal).await
+        }
+        Command::ExitMaintenance(a) => {
+            operation(&mut c, OpKind::ExitMaintenance, a, json, &pal).await
+        }
+        Command::Reimage(a) => operation(&mut c, OpKind::Reimage, a, json, &pal).await,
+        Command::Reboot(a) => operation(&mut c, OpKind::Reboot, a, json, &pal).await,
+        Command::Rma(a) => operation(&mut c, OpKind::Rma, a, json, &pal).await,
+        Command::Retire(a) => operation(&mut c, OpKind::Retire, a, json, &pal).await,
+        Command::Upgrade(a) => operation(&mut c, OpKind::Upgrade, a, json, &pal).await,
+        Command::NetReconfig(a) => operation(&mut c, OpKind::NetReconfig, a, json, &pal).await,
+        Command::ClearIntervention(a) => {
+            operation(&mut c, OpKind::ClearIntervention, a, json, &pal).await
+        }
+        Command::Readmit(a) => operation(&mut c, OpKind::Readmit, a, json, &pal).await,
+        Command::Cancel { operation } => {
+            let o = c
+                .operations
+                .cancel_operation(pb::CancelOperationRequest {
+                    operation_id: operation,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&o)?;
+            } else {
+                anstream::print!("{}", render::operation_detail(&o, &pal));
+            }
+            Ok(0)
+        }
+        Command::Watch(args) => {
+            let mut stream = c
+                .operations
+                .watch_operations(pb::WatchOperationsRequest {
+                    machine_id: args.machine.unwrap_or_default(),
+                    operation_id: args.operation.unwrap_or_default(),
+                    after_revision: args.since,
+                })
+                .await?
+                .into_inner();
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            loop {
+                tokio::select! {
+                    batch = stream.next() => match batch {
+                        Some(b) => {
+                            for e in b?.events {
+                                if json {
+                                    println!("{}", serde_json::to_string(&e)?);
+                                } else {
+                                    anstream::println!("{}", render::watch_line(&e, &pal));
+                                }
+                            }
+                        }
+                        None => return Ok(0),
+                    },
+                    _ = &mut ctrl_c => return Ok(0),
+                }
+            }
+        }
+        Command::Logs { operation, after } => {
+            let mut stream = c
+                .operations
+                .stream_logs(pb::StreamLogsRequest {
+                    operation_id: operation,
+                    after_sequence: after,
+                })
+                .await?
+                .into_inner();
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            loop {
+                tokio::select! {
+                    batch = stream.next() => match batch {
+                        Some(b) => {
+                            for l in b?.lines {
+                                if json {
+                                    println!("{}", serde_json::to_string(&l)?);
+                                } else {
+                                    anstream::println!(
+                                        "{} {}",
+                                        render::clock(l.time.as_ref()),
+                                        render::log_line(&l, &pal)
+                                    );
+                                }
+                            }
+                        }
+                        None => return Ok(0),
+                    },
+                    _ = &mut ctrl_c => return Ok(130),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum OpKind {
+    EnterMaintenance,
+    ExitMaintenance,
+    Reimage,
+    Reboot,
+    Rma,
+    Retire,
+    Upgrade,
+    NetReconfig,
+    ClearIntervention,
+    Readmit,
+}
+
+async fn operation(
+    c: &mut Clients,
+    kind: OpKind,
+    a: OpArgs,
+    json: bool,
+    pal: &Palette,
+) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let (machine_id, note) = (a.machine, a.note);
+    let request_id = a
+        .request_id
+        .unwrap_or_else(|| format!("bmctl-{}", ulid::Ulid::generate()));
+    let m = &mut c.machines;
+    macro_rules! call {
+        ($method:ident, $req:ident) => {
+            m.$method(pb::$req {
+                machine_id,
+                request_id,
+                note,
+            })
+            .await?
+            .into_inner()
+        };
+    }
+    let op = match kind {
+        OpKind::EnterMaintenance => call!(enter_maintenance, EnterMaintenanceRequest),
+        OpKind::ExitMaintenance => call!(exit_maintenance, ExitMaintenanceRequest),
+        OpKind::Reimage => call!(reimage, ReimageRequest),
+        OpKind::Reboot => call!(reboot, RebootRequest),
+        OpKind::Rma => call!(rma, RmaRequest),
+        OpKind::Retire => call!(retire, RetireRequest),
+        OpKind::Upgrade => call!(upgrade, UpgradeRequest),
+        OpKind::NetReconfig => call!(reconfigure_network, ReconfigureNetworkRequest),
+        OpKind::ClearIntervention => call!(clear_intervention, ClearInterventionRequest),
+        OpKind::Readmit => call!(readmit, ReadmitRequest),
+    };
+    if a.no_wait {
+        if json {
+            print_json(&op)?;
+        } else {
+            anstream::print!("{}", render::operation_detail(&op, pal));
+        }
+        return Ok(0);
+    }
+    if json {
+        let done = if follow::is_terminal(op.phase) {
+            op
+        } else {
+            match follow::follow(&mut c.operations, &op, pal, false).await? {
+                follow::Followed::Ended(done) => *done,
+                follow::Followed::Interrupted => return Ok(130),
+            }
+        };
+        print_json(&done)?;
+        return Ok(follow::exit_code(done.phase));
+    }
+    Ok(follow::run(&mut c.operations, op, started, pal).await?)
+}
+
+/// Rows per import request (the server takes up to 10,000).
+const IMPORT_BATCH: usize = 1000;
+
+async fn import(
+    c: &mut Clients,
+    args: ImportArgs,
+    json: bool,
+    pal: &Palette,
+) -> anyhow::Result<u8> {
+    // (line, machine) rows; line 0 means generated.
+    let (rows, local_errors, source) = match (args.count, &args.file) {
+        (Some(n), None) => {
+            if n == 0 || n > 65_535 {
+                bail!("the count must be from 1 to 65535");
+            }
+            println!("Importing {n} fake machines...");
+            let rows: Vec<inventory::Row> = (1..=n)
+                .map(|i| inventory::Row {
+                    line: 0,
+                    machine: pb::Machine {
+                        id: format!("machine-{i}"),
+                        spec: Some(pb::MachineSpec {
+                            provider: "fake".into(),
+                            mac_addresses: vec![format!(
+                                "02:00:00:00:{:02x}:{:02x}",
+                                i >> 8,
+                                i & 0xff
+                            )],
+                            ssh_endpoint: format!("root@10.0.{}.{}:22", i >> 8, i & 0xff),
+                            image: args.image.clone(),
+                            target_cluster: args.cluster.clone(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            (rows, Vec::new(), format!("bmctl import {n}"))
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let name = path.to_string_lossy().into_owned();
+            let (rows, errors) = inventory::parse(&name, &text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            (rows, errors, name)
+        }
+        _ => bail!("give a count (bmctl import 5) or a file (bmctl import --file inventory.csv)"),
+    };
+
+    // (line, id, mac, outcome, error)
+    let mut report: Vec<(usize, String, String, String, String)> = local_errors
+        .iter()
+        .map(|e| {
+            (
+                e.line,
+                "-".to_owned(),
+                "-".to_owned(),
+                "FAILED".to_owned(),
+                e.message.clone(),
+            )
+        })
+        .collect();
+    let mut failed = local_errors.len();
+    let (mut created, mut unchanged) = (0, 0);
+    for chunk in rows.chunks(IMPORT_BATCH) {
+        let resp = c
+            .machines
+            .import_machines(pb::ImportMachinesRequest {
+                machines: chunk.iter().map(|r| r.machine.clone()).collect(),
+                source: source.clone(),
+                validate_only: args.dry_run,
+            })
+            .await?
+            .into_inner();
+        created += resp.created_count;
+        unchanged += resp.unchanged_count;
+        failed += resp.failed_count as usize;
+        for r in resp.results {
+            let row = usize::try_from(r.index).ok().and_then(|i| chunk.get(i));
+            let line = row.map_or(0, |r| r.line);
+            let mac = row
+                .and_then(|r| r.machine.spec.as_ref())
+                .map(|s| s.mac_addresses.join(" "))
+                .unwrap_or_default();
+            let outcome = pb::ImportOutcome::try_from(r.outcome).map_or_else(
+                |_| "?".into(),
+                |o| {
+                    o.as_str_name()
+                        .trim_start_matches("IMPORT_OUTCOME_")
+                        .to_owned()
+                },
+            );
+            let error = if r.error_code.is_empty() {
+                String::new()
+            } else {
+                format!("{}: {}", r.error_code, r.error_message)
+            };
+            report.push((line, r.machine_id, mac, outcome, error));
+        }
+    }
+    report.sort_by_key(|r| r.0);
+    if json {
+        let rows: Vec<serde_json::Value> = report
+            .iter()
+            .map(|(line, id, mac, outcome, error)| {
+                serde_json::json!({"line": line, "machineId": id, "macAddresses": mac, "outcome": outcome, "error": error})
+            })
+            .collect();
+        print_json(&serde_json::json!({
+            "created": created, "unchanged": unchanged, "failed": failed, "dryRun": args.dry_run, "rows": rows
+        }))?;
+    } else {
+        const SHOWN: usize = 20;
+        let from_file = args.file.is_some();
+        // Show failures first, then the first rows.
+        let mut shown: Vec<&(usize, String, String, String, String)> =
+            report.iter().filter(|r| r.3 == "FAILED").collect();
+        shown.extend(report.iter().filter(|r| r.3 != "FAILED"));
+        let rows: Vec<Vec<String>> = shown
+            .iter()
+            .take(SHOWN.max(failed))
+            .map(|(line, id, mac, outcome, error)| {
+                let mut row = vec![
+                    id.clone(),
+                    mac.clone(),
+                    outcome.clone(),
+                    if error.is_empty() {
+                        "-".into()
+                    } else {
+                        error.clone()
+                    },
+                ];
+                if from_file {
+                    row.insert(0, line.to_string());
+                }
+                row
+            })
+            .collect();
+        let header: &[&str] = if from_file {
+            &["LINE", "MACHINE_ID", "MAC", "RESULT", "ERROR"]
+        } else {
+            &["MACHINE_ID", "MAC", "RESULT", "ERROR"]
+        };
+        anstream::print!("{}", render::table(header, &rows));
+        if shown.len() > rows.len() {
+            println!("... and {} more", shown.len() - rows.len());
+        }
+        let verb = if args.dry_run {
+            "Would import"
+        } else {
+            "Imported"
+        };
+        let summary =
+            format!("{verb}: {created} created, {unchanged} already present, {failed} failed");
+        if failed > 0 {
+            anstream::println!("{}", render_warn(&summary, pal));
+        } else {
+            println!("{summary}");
+        }
+    }
+    Ok(u8::from(failed > 0))
+}
+
+fn render_warn(s: &str, _pal: &Palette) -> String {
+    let style = anstyle::AnsiColor::Yellow.on_default().bold();
+    format!("{style}{s}{style:#}")
+}
+
+async fn update(c: &mut Clients, a: UpdateArgs, json: bool, pal: &Palette) -> anyhow::Result<u8> {
+    let current = c
+        .machines
+        .get_machine(pb::GetMachineRequest {
+            machine_id: a.machine.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut spec = current.spec.clone().unwrap_or_default();
+    let mut paths = Vec::new();
+    let mut set = |path: &str, field: &mut String, v: Option<String>| {
+        if let Some(v) = v {
+            *field = v;
+            paths.push(path.to_owned());
+        }
+    };
+    set("spec.image", &mut spec.image, a.image);
+    set("spec.target_cluster", &mut spec.target_cluster, a.cluster);
+    set("spec.ssh_endpoint", &mut spec.ssh_endpoint, a.ssh);
+    set("spec.bmc_endpoint", &mut spec.bmc_endpoint, a.bmc);
+    let mut labels: BTreeMap<String, String> = current.labels.clone().into_iter().collect();
+    for l in &a.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    for k in &a.remove_labels {
+        labels.remove(k);
+    }
+    if !a.labels.is_empty() || !a.remove_labels.is_empty() {
+        paths.push("labels".into());
+    }
+    if paths.is_empty() {
+        bail!(
+            "nothing to change: give --image, --cluster, --ssh, --bmc, --label or --remove-label"
+        );
+    }
+    let m = c
+        .machines
+        .update_machine(pb::UpdateMachineRequest {
+            machine: Some(pb::Machine {
+                id: a.machine,
+                spec: Some(spec),
+                labels: labels.into_iter().collect(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask { paths }),
+        })
+        .await?
+        .into_inner();
+    if json {
+        print_json(&m)?;
+    } else {
+        anstream::print!("{}", render::machine_detail(&m, pal));
+    }
+    Ok(0)
+}

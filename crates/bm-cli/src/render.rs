@@ -1,0 +1,754 @@
+//! How things look: tables, the operation boxes, and the lines of a live follow, as spec
+//! 000 shows them. Pure functions from API messages to text, so they are snapshot-tested.
+
+use std::fmt::Write as _;
+
+use anstyle::{AnsiColor, Style};
+use bm_proto::pbjson_types::Timestamp;
+use bm_proto::v1 as pb;
+use unicode_width::UnicodeWidthStr;
+
+/// Colours of the output. `anstream` strips them when stdout is not a terminal or
+/// `NO_COLOR` is set, so they are always written.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Palette {
+    ok: Style,
+    bad: Style,
+    warn: Style,
+    accent: Style,
+    dim: Style,
+    bold: Style,
+}
+
+impl Palette {
+    pub(crate) fn color() -> Self {
+        Palette {
+            ok: AnsiColor::Green.on_default().bold(),
+            bad: AnsiColor::Red.on_default().bold(),
+            warn: AnsiColor::Yellow.on_default().bold(),
+            accent: AnsiColor::Cyan.on_default(),
+            dim: Style::new().dimmed(),
+            bold: Style::new().bold(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn plain() -> Self {
+        Palette {
+            ok: Style::new(),
+            bad: Style::new(),
+            warn: Style::new(),
+            accent: Style::new(),
+            dim: Style::new(),
+            bold: Style::new(),
+        }
+    }
+}
+
+fn paint(style: Style, text: impl std::fmt::Display) -> String {
+    format!("{style}{text}{style:#}")
+}
+
+/// Local wall-clock time `HH:MM:SS` of a timestamp.
+pub(crate) fn clock(t: Option<&Timestamp>) -> String {
+    local(t).map_or_else(|| "--:--:--".into(), |d| d.format("%H:%M:%S").to_string())
+}
+
+/// Local date and time `YYYY-MM-DD HH:MM:SS` of a timestamp.
+pub(crate) fn date_time(t: Option<&Timestamp>) -> String {
+    local(t).map_or_else(|| "-".into(), |d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+fn local(t: Option<&Timestamp>) -> Option<chrono::DateTime<chrono::Local>> {
+    let t = t?;
+    let utc = chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)?;
+    Some(utc.with_timezone(&chrono::Local))
+}
+
+fn seconds_between(a: Option<&Timestamp>, b: Option<&Timestamp>) -> Option<f64> {
+    let (a, b) = (a?, b?);
+    Some((b.seconds - a.seconds) as f64 + f64::from(b.nanos - a.nanos) / 1e9)
+}
+
+/// `2.512s`, `0.001s`, `1m05s`.
+pub(crate) fn duration(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.3}s")
+    } else {
+        let s = secs.round() as u64;
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// Strips the enum's prefix: `PHASE_FACTORY_READY` -> `FACTORY_READY`.
+fn short(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_owned()
+}
+
+pub(crate) fn phase(p: i32) -> String {
+    pb::Phase::try_from(p).map_or_else(|_| p.to_string(), |p| short(p.as_str_name(), "PHASE_"))
+}
+
+pub(crate) fn op_type(t: i32) -> String {
+    pb::OperationType::try_from(t).map_or_else(
+        |_| t.to_string(),
+        |t| short(t.as_str_name(), "OPERATION_TYPE_"),
+    )
+}
+
+pub(crate) fn op_phase(p: i32) -> String {
+    pb::OperationPhase::try_from(p).map_or_else(
+        |_| p.to_string(),
+        |p| short(p.as_str_name(), "OPERATION_PHASE_"),
+    )
+}
+
+/// The EFFECTIVE column, with the markers of spec 000.
+pub(crate) fn effective(s: i32, pal: &Palette) -> String {
+    match pb::EffectiveState::try_from(s) {
+        Ok(pb::EffectiveState::Blocked) => paint(pal.bad, "⛔BLOCK"),
+        Ok(pb::EffectiveState::Attention) => paint(pal.warn, "⚠ATTN"),
+        Ok(pb::EffectiveState::Busy) => paint(pal.accent, "BUSY"),
+        Ok(pb::EffectiveState::MaintenanceIdle) => "MAINT".into(),
+        Ok(pb::EffectiveState::New) => "NEW".into(),
+        Ok(pb::EffectiveState::Idle) => paint(pal.ok, "IDLE"),
+        _ => "?".into(),
+    }
+}
+
+/// The CONDITIONS column: what holds, and an unreachable machine.
+pub(crate) fn conditions(m: &pb::Machine) -> String {
+    let Some(status) = &m.status else {
+        return "-".into();
+    };
+    let shown: Vec<String> = status
+        .conditions
+        .iter()
+        .filter_map(|c| match (c.status, c.r#type.as_str()) {
+            (true, t) => Some(format!("{t}=✓")),
+            (false, "Reachable") => Some("Reachable=✗".into()),
+            _ => None,
+        })
+        .collect();
+    if shown.is_empty() {
+        "-".into()
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// A table with a header row; columns are padded to their widest cell (by display width,
+/// so ⚠ and ✓ line up).
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let visible = |s: &str| strip_ansi(s).width();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(visible(cell));
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        for (i, cell) in cells.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths[i] + 2 - visible(cell);
+                out.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub(crate) fn machines_table(ms: &[pb::Machine], pal: &Palette) -> String {
+    let rows: Vec<Vec<String>> = ms
+        .iter()
+        .map(|m| {
+            let status = m.status.clone().unwrap_or_default();
+            vec![
+                m.id.clone(),
+                phase(status.phase),
+                effective(m.effective_state, pal),
+                conditions(m),
+                if status.active_operation_id.is_empty() {
+                    "-".into()
+                } else {
+                    status.active_operation_id
+                },
+            ]
+        })
+        .collect();
+    table(
+        &["MACHINE", "PHASE", "EFFECTIVE", "CONDITIONS", "ACTIVE OP"],
+        &rows,
+    )
+}
+
+pub(crate) fn operations_table(ops: &[pb::Operation], pal: &Palette) -> String {
+    let rows: Vec<Vec<String>> = ops
+        .iter()
+        .map(|o| {
+            let took = seconds_between(o.start_time.as_ref(), o.end_time.as_ref())
+                .map_or_else(|| "-".into(), duration);
+            vec![
+                o.id.clone(),
+                o.machine_id.clone(),
+                op_type(o.r#type),
+                phase_marker(o.phase, pal),
+                if o.current_stage.is_empty() {
+                    "-".into()
+                } else {
+                    o.current_stage.clone()
+                },
+                date_time(o.create_time.as_ref()),
+                took,
+                o.request_id.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "OPERATION",
+            "MACHINE",
+            "TYPE",
+            "PHASE",
+            "STAGE",
+            "CREATED",
+            "DURATION",
+            "REQUEST ID",
+        ],
+        &rows,
+    )
+}
+
+fn phase_marker(p: i32, pal: &Palette) -> String {
+    let name = op_phase(p);
+    match pb::OperationPhase::try_from(p) {
+        Ok(pb::OperationPhase::Succeeded) => paint(pal.ok, format!("✓ {name}")),
+        Ok(pb::OperationPhase::Failed) => paint(pal.bad, format!("✗ {name}")),
+        Ok(pb::OperationPhase::Canceled) => paint(pal.warn, format!("⊘ {name}")),
+        _ => paint(pal.accent, name),
+    }
+}
+
+/// The detailed view of one machine.
+pub(crate) fn machine_detail(m: &pb::Machine, pal: &Palette) -> String {
+    let spec = m.spec.clone().unwrap_or_default();
+    let status = m.status.clone().unwrap_or_default();
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    let mut labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    let mut out = String::new();
+    let mut field = |k: &str, v: String| {
+        let _ = writeln!(out, "{:<12}{v}", format!("{k}:"));
+    };
+    field("Machine", paint(pal.bold, &m.id));
+    field("Phase", phase(status.phase));
+    field("Effective", effective(m.effective_state, pal));
+    field("Active op", or_dash(&status.active_operation_id));
+    field("Provider", or_dash(&spec.provider));
+    field("MACs", or_dash(&spec.mac_addresses.join(", ")));
+    field("SSH", or_dash(&spec.ssh_endpoint));
+    field("BMC", or_dash(&spec.bmc_endpoint));
+    field("Image", or_dash(&spec.image));
+    field("Cluster", or_dash(&spec.target_cluster));
+    field("Labels", or_dash(&labels.join(", ")));
+    field("Registered", date_time(m.create_time.as_ref()));
+    field("Updated", date_time(m.update_time.as_ref()));
+    if status.conditions.is_empty() {
+        out.push_str("Conditions: none\n");
+    } else {
+        out.push_str("Conditions:\n");
+        let rows: Vec<Vec<String>> = status
+            .conditions
+            .iter()
+            .map(|c| {
+                vec![
+                    c.r#type.clone(),
+                    if c.status {
+                        "True".into()
+                    } else {
+                        "False".into()
+                    },
+                    c.reason.clone(),
+                    date_time(c.last_transition_time.as_ref()),
+                    c.message.clone(),
+                ]
+            })
+            .collect();
+        for line in table(&["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"], &rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+/// The detailed view of one operation.
+pub(crate) fn operation_detail(o: &pb::Operation, pal: &Palette) -> String {
+    let mut out = String::new();
+    let mut field = |k: &str, v: String| {
+        let _ = writeln!(out, "{:<12}{v}", format!("{k}:"));
+    };
+    field("Operation", paint(pal.bold, &o.id));
+    field("Machine", o.machine_id.clone());
+    field("Type", op_type(o.r#type));
+    field("Phase", phase_marker(o.phase, pal));
+    field("Request ID", o.request_id.clone());
+    if !o.note.is_empty() {
+        field("Note", o.note.clone());
+    }
+    field("Created", date_time(o.create_time.as_ref()));
+    field("Started", date_time(o.start_time.as_ref()));
+    field("Ended", date_time(o.end_time.as_ref()));
+    if !o.error.is_empty() {
+        field("Error", paint(pal.bad, &o.error));
+    }
+    if o.cancel_requested {
+        field("Cancel", "requested".into());
+    }
+    if o.stages.is_empty() {
+        out.push_str("Stages: none\n");
+    } else {
+        out.push_str("Stages:\n");
+        let rows: Vec<Vec<String>> = o
+            .stages
+            .iter()
+            .map(|s| {
+                let outcome = pb::StageOutcome::try_from(s.outcome)
+                    .map_or_else(|_| "?".into(), |x| short(x.as_str_name(), "STAGE_OUTCOME_"));
+                vec![
+                    s.name.clone(),
+                    outcome,
+                    s.attempts.to_string(),
+                    s.interruptions.to_string(),
+                    seconds_between(s.start_time.as_ref(), s.end_time.as_ref())
+                        .map_or_else(|| "-".into(), duration),
+                    if s.last_error.is_empty() {
+                        "-".into()
+                    } else {
+                        s.last_error.clone()
+                    },
+                ]
+            })
+            .collect();
+        let t = table(
+            &[
+                "STAGE",
+                "OUTCOME",
+                "ATTEMPTS",
+                "INTERRUPTED",
+                "DURATION",
+                "LAST ERROR",
+            ],
+            &rows,
+        );
+        for line in t.lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+const RULE: &str = "─────────────────────────────────────────────────────────────";
+
+/// The box that opens a follow: which operation, on which machine, for which request.
+pub(crate) fn header_box(o: &pb::Operation, pal: &Palette) -> String {
+    format!(
+        "┌{RULE}\n│ Operation: {}\n│ Machine: {}\n│ Type: {}\n│ Request ID: {}\n└{RULE}\n",
+        paint(pal.bold, &o.id),
+        o.machine_id,
+        op_type(o.r#type),
+        o.request_id
+    )
+}
+
+/// The box that closes a follow: the outcome, how long this call took, and the stages.
+pub(crate) fn final_box(
+    o: &pb::Operation,
+    waited_secs: f64,
+    already_ended: bool,
+    pal: &Palette,
+) -> String {
+    let outcome = match pb::OperationPhase::try_from(o.phase) {
+        Ok(pb::OperationPhase::Succeeded) => paint(pal.ok, "✓ SUCCEEDED"),
+        Ok(pb::OperationPhase::Failed) => paint(pal.bad, "✗ FAILED"),
+        Ok(pb::OperationPhase::Canceled) => paint(pal.warn, "⊘ CANCELED"),
+        _ => paint(pal.accent, op_phase(o.phase)),
+    };
+    let done = o
+        .stages
+        .iter()
+        .filter(|s| s.outcome == pb::StageOutcome::Succeeded as i32)
+        .count();
+    let mut out = format!("┌{RULE}\n│ {outcome}\n");
+    if !o.error.is_empty() {
+        let _ = writeln!(out, "│ Error: {}", o.error);
+    }
+    let _ = writeln!(out, "│ Duration: {}", duration(waited_secs));
+    if let Some(took) = seconds_between(o.start_time.as_ref(), o.end_time.as_ref())
+        && !already_ended
+    {
+        let _ = writeln!(out, "│ Operation time: {}", duration(took));
+    }
+    let _ = writeln!(out, "│ Stages: {done} completed");
+    if already_ended {
+        let _ = writeln!(
+            out,
+            "│ Already ended before this request: nothing ran again"
+        );
+    }
+    let _ = writeln!(out, "└{RULE}");
+    out
+}
+
+/// The lines one event adds to a follow: the event itself (`[HH:MM:SS] Step X started`)
+/// and, for stages, the step marker (`→ X...`, `✓ X`).
+pub(crate) fn event_lines(e: &pb::OperationEvent, pal: &Palette) -> Vec<String> {
+    let at = paint(pal.dim, format!("[{}]", clock(e.time.as_ref())));
+    let stage = &e.stage;
+    match pb::EventType::try_from(e.r#type) {
+        Ok(pb::EventType::StageStarted) => {
+            let retry = if e.attempt > 1 {
+                format!(" (attempt {})", e.attempt)
+            } else {
+                String::new()
+            };
+            vec![
+                format!("{at} Step {stage} started{retry}"),
+                paint(pal.accent, format!("→ {stage}...")),
+            ]
+        }
+        Ok(pb::EventType::StageSucceeded) => vec![
+            format!("{at} Step {stage} succeeded"),
+            format!("  {}", paint(pal.ok, format!("✓ {stage}"))),
+        ],
+        Ok(pb::EventType::StageRetrying) => vec![
+            format!(
+                "{at} Step {stage} attempt {} failed: {}",
+                e.attempt, e.message
+            ),
+            format!(
+                "  {}",
+                paint(pal.warn, format!("↻ {stage} will be retried"))
+            ),
+        ],
+        Ok(pb::EventType::StageFailed) => vec![
+            format!("{at} Step {stage} failed: {}", e.message),
+            format!("  {}", paint(pal.bad, format!("✗ {stage}"))),
+        ],
+        Ok(pb::EventType::CancelRequested) => vec![format!("{at} Cancel requested")],
+        Ok(pb::EventType::PhaseChanged) => {
+            let why = if e.message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", e.message)
+            };
+            vec![format!("{at} Operation {}{why}", op_phase(e.phase))]
+        }
+        Ok(pb::EventType::Created) => vec![format!("{at} Operation created")],
+        _ => vec![format!("{at} event {}", e.r#type)],
+    }
+}
+
+/// One provider log line: `│ [repave] Writing image...`.
+pub(crate) fn log_line(l: &pb::LogLine, pal: &Palette) -> String {
+    format!(
+        "{} {}",
+        paint(pal.dim, "│"),
+        paint(pal.dim, format!("[{}] {}", l.tag, l.message))
+    )
+}
+
+/// One line of `bmctl watch`.
+pub(crate) fn watch_line(e: &pb::OperationEvent, pal: &Palette) -> String {
+    let what = match pb::EventType::try_from(e.r#type) {
+        Ok(pb::EventType::StageStarted) => format!("{} started (attempt {})", e.stage, e.attempt),
+        Ok(pb::EventType::StageSucceeded) => format!("{} succeeded", e.stage),
+        Ok(pb::EventType::StageRetrying) => format!("{} retrying: {}", e.stage, e.message),
+        Ok(pb::EventType::StageFailed) => format!("{} failed: {}", e.stage, e.message),
+        Ok(pb::EventType::CancelRequested) => "cancel requested".into(),
+        Ok(pb::EventType::Created) => "created".into(),
+        Ok(pb::EventType::PhaseChanged) => {
+            let p = phase_marker(e.phase, pal);
+            if e.message.is_empty() {
+                p
+            } else {
+                format!("{p} ({})", e.message)
+            }
+        }
+        _ => format!("event {}", e.r#type),
+    };
+    format!(
+        "{} {} {} {} {} {what}",
+        paint(pal.dim, format!("[{}]", clock(e.time.as_ref()))),
+        paint(pal.dim, format!("#{}", e.revision)),
+        e.operation_id,
+        e.machine_id,
+        op_type(e.operation_type),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(secs: i64, nanos: i32) -> Option<Timestamp> {
+        Some(Timestamp {
+            seconds: secs,
+            nanos,
+        })
+    }
+
+    fn machine(
+        id: &str,
+        phase: pb::Phase,
+        state: pb::EffectiveState,
+        conds: &[(&str, bool)],
+        active: &str,
+    ) -> pb::Machine {
+        pb::Machine {
+            id: id.into(),
+            status: Some(pb::MachineStatus {
+                phase: phase.into(),
+                conditions: conds
+                    .iter()
+                    .map(|(t, s)| pb::Condition {
+                        r#type: (*t).into(),
+                        status: *s,
+                        ..Default::default()
+                    })
+                    .collect(),
+                active_operation_id: active.into(),
+            }),
+            effective_state: state.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn machine_table_matches_spec_000() {
+        use pb::{EffectiveState as E, Phase as P};
+        let ms = [
+            machine(
+                "machine-1",
+                P::Ready,
+                E::Idle,
+                &[("InCustomerCluster", true), ("Provisioned", true)],
+                "",
+            ),
+            machine("machine-2", P::Maintenance, E::MaintenanceIdle, &[], ""),
+            machine(
+                "machine-3",
+                P::Maintenance,
+                E::Busy,
+                &[],
+                "op-01JD3F5Q2W8Y4ZP0N7R6T9V3KM",
+            ),
+            machine(
+                "machine-4",
+                P::Ready,
+                E::Attention,
+                &[("NeedsIntervention", true), ("Reachable", false)],
+                "",
+            ),
+            machine(
+                "machine-5",
+                P::Ready,
+                E::Blocked,
+                &[("RMA", true), ("Provisioned", false)],
+                "",
+            ),
+        ];
+        insta::assert_snapshot!(machines_table(&ms, &Palette::plain()), @r"
+        MACHINE    PHASE        EFFECTIVE  CONDITIONS                          ACTIVE OP
+        machine-1  READY        IDLE       InCustomerCluster=✓, Provisioned=✓  -
+        machine-2  MAINTENANCE  MAINT      -                                   -
+        machine-3  MAINTENANCE  BUSY       -                                   op-01JD3F5Q2W8Y4ZP0N7R6T9V3KM
+        machine-4  READY        ⚠ATTN      NeedsIntervention=✓, Reachable=✗    -
+        machine-5  READY        ⛔BLOCK    RMA=✓                               -
+        ");
+    }
+
+    #[test]
+    fn colours_do_not_break_alignment() {
+        let ms = [
+            machine("a", pb::Phase::Ready, pb::EffectiveState::Idle, &[], ""),
+            machine("b", pb::Phase::Ready, pb::EffectiveState::Blocked, &[], ""),
+        ];
+        let coloured = strip_ansi(&machines_table(&ms, &Palette::color()));
+        assert_eq!(coloured, machines_table(&ms, &Palette::plain()));
+    }
+
+    fn op(phase: pb::OperationPhase, stages: &[(&str, pb::StageOutcome)]) -> pb::Operation {
+        pb::Operation {
+            id: "op-01JD3F5Q2W8Y4ZP0N7R6T9V3KM".into(),
+            machine_id: "machine-2".into(),
+            r#type: pb::OperationType::Reimage.into(),
+            phase: phase.into(),
+            request_id: "demo-idempotent-123".into(),
+            start_time: ts(100, 0),
+            end_time: ts(102, 512_000_000),
+            stages: stages
+                .iter()
+                .map(|(n, o)| pb::Stage {
+                    name: (*n).into(),
+                    outcome: (*o).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn boxes_match_spec_000() {
+        use pb::StageOutcome::Succeeded as S;
+        let o = op(
+            pb::OperationPhase::Succeeded,
+            &[
+                ("set-netboot", S),
+                ("reboot-to-netboot", S),
+                ("repave-image", S),
+                ("join-cluster", S),
+                ("verify-in-cluster", S),
+            ],
+        );
+        let pal = Palette::plain();
+        insta::assert_snapshot!(header_box(&o, &pal), @r"
+        ┌─────────────────────────────────────────────────────────────
+        │ Operation: op-01JD3F5Q2W8Y4ZP0N7R6T9V3KM
+        │ Machine: machine-2
+        │ Type: REIMAGE
+        │ Request ID: demo-idempotent-123
+        └─────────────────────────────────────────────────────────────
+        ");
+        insta::assert_snapshot!(final_box(&o, 2.53, false, &pal), @r"
+        ┌─────────────────────────────────────────────────────────────
+        │ ✓ SUCCEEDED
+        │ Duration: 2.530s
+        │ Operation time: 2.512s
+        │ Stages: 5 completed
+        └─────────────────────────────────────────────────────────────
+        ");
+        insta::assert_snapshot!(final_box(&o, 0.001, true, &pal), @r"
+        ┌─────────────────────────────────────────────────────────────
+        │ ✓ SUCCEEDED
+        │ Duration: 0.001s
+        │ Stages: 5 completed
+        │ Already ended before this request: nothing ran again
+        └─────────────────────────────────────────────────────────────
+        ");
+        let mut failed = op(
+            pb::OperationPhase::Failed,
+            &[
+                ("set-netboot", S),
+                ("repave-image", pb::StageOutcome::Failed),
+            ],
+        );
+        failed.error = "repave-image: injected failure of repave (call 3)".into();
+        insta::assert_snapshot!(final_box(&failed, 1.0, false, &pal), @r"
+        ┌─────────────────────────────────────────────────────────────
+        │ ✗ FAILED
+        │ Error: repave-image: injected failure of repave (call 3)
+        │ Duration: 1.000s
+        │ Operation time: 2.512s
+        │ Stages: 1 completed
+        └─────────────────────────────────────────────────────────────
+        ");
+    }
+
+    #[test]
+    fn live_lines_interleave_as_spec_000_shows() {
+        let pal = Palette::plain();
+        // Times are rendered in local time; the test only looks at the text after them.
+        let ev = |t: pb::EventType, stage: &str, attempt: i32, msg: &str| pb::OperationEvent {
+            r#type: t.into(),
+            stage: stage.into(),
+            attempt,
+            message: msg.into(),
+            time: ts(0, 0),
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        lines.extend(event_lines(
+            &ev(pb::EventType::StageStarted, "repave-image", 1, ""),
+            &pal,
+        ));
+        lines.push(log_line(
+            &pb::LogLine {
+                tag: "repave".into(),
+                message: "Writing image to /dev/sda: 50%".into(),
+                ..Default::default()
+            },
+            &pal,
+        ));
+        lines.extend(event_lines(
+            &ev(pb::EventType::StageRetrying, "repave-image", 1, "disk busy"),
+            &pal,
+        ));
+        lines.extend(event_lines(
+            &ev(pb::EventType::StageStarted, "repave-image", 2, ""),
+            &pal,
+        ));
+        lines.extend(event_lines(
+            &ev(pb::EventType::StageSucceeded, "repave-image", 2, ""),
+            &pal,
+        ));
+        let text: Vec<String> = lines
+            .iter()
+            .map(|l| match l.find("] ") {
+                Some(i) if l.starts_with('[') => format!("[HH:MM:SS] {}", &l[i + 2..]),
+                _ => l.clone(),
+            })
+            .collect();
+        insta::assert_snapshot!(text.join("\n"), @r"
+        [HH:MM:SS] Step repave-image started
+        → repave-image...
+        │ [repave] Writing image to /dev/sda: 50%
+        [HH:MM:SS] Step repave-image attempt 1 failed: disk busy
+          ↻ repave-image will be retried
+        [HH:MM:SS] Step repave-image started (attempt 2)
+        → repave-image...
+        [HH:MM:SS] Step repave-image succeeded
+          ✓ repave-image
+        ");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(0.0012), "0.001s");
+        assert_eq!(duration(65.2), "1m05s");
+    }
+}

@@ -1,0 +1,212 @@
+//! `bm-server`: parses flags, opens the store, wires the providers and the engine, binds
+//! the listener and serves until Ctrl+C or SIGTERM.
+
+#![allow(
+    clippy::print_stdout,
+    reason = "the binary announces its address on stdout"
+)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bm_provider::ProviderRegistry;
+use bm_provider_fake::{FakeConfig, FakeProvider, Timing};
+use bm_store::{MemoryStore, SqliteConfig, SqliteStore, Store};
+use bm_workflow::{Engine, EngineConfig};
+use clap::{Parser, ValueEnum};
+
+/// The gRPC server of the bare-metal provisioning control plane.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the address is printed on stdout).
+    #[arg(
+        long,
+        env = "BM_LISTEN",
+        default_value = "127.0.0.1:50051",
+        conflicts_with = "port"
+    )]
+    listen: SocketAddr,
+
+    /// Port to listen on at 127.0.0.1 (shorthand for --listen 127.0.0.1:PORT).
+    #[arg(long, env = "BM_PORT")]
+    port: Option<u16>,
+
+    /// Where the embedded store keeps its data.
+    #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data")]
+    data_dir: PathBuf,
+
+    /// Which store to use: the durable embedded one, or memory (lost at exit).
+    #[arg(long, env = "BM_STORE", value_enum, default_value_t = StoreKind::Sqlite)]
+    store: StoreKind,
+
+    /// Slow fake hardware, for live presentations (same as --fake-timing slow).
+    #[arg(long, env = "BM_SLOW")]
+    slow: bool,
+
+    /// Timing of the fake provider.
+    #[arg(long, env = "BM_FAKE_TIMING", value_enum, default_value_t = FakeTiming::Normal)]
+    fake_timing: FakeTiming,
+
+    /// Chance (0 to 1) that any fake action fails with a transient error.
+    #[arg(long, env = "BM_FAKE_FAILURE_RATE", default_value_t = 0.0)]
+    fake_failure_rate: f64,
+
+    /// Seed of the fake provider's random failures.
+    #[arg(long, env = "BM_FAKE_SEED", default_value_t = 0)]
+    fake_seed: u64,
+
+    /// Operations running at once, over all machines.
+    #[arg(long, env = "BM_MAX_CONCURRENT_OPERATIONS", default_value_t = 512)]
+    max_concurrent_operations: usize,
+
+    /// Log level.
+    #[arg(long, env = "BM_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
+
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, env = "BM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    Sqlite,
+    Memory,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FakeTiming {
+    Normal,
+    Slow,
+    Instant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_tracing(level: LogLevel, format: LogFormat) {
+    let level = match level {
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warn => "warn",
+        LogLevel::Error => "error",
+    };
+    // Our crates at the chosen level; dependencies one step quieter unless RUST_LOG says.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "warn,bm_server={level},bm_workflow={level},bm_store={level},bm_provider_fake={level}"
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl+C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received Ctrl+C"),
+        () = term => tracing::info!("received SIGTERM"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_level, args.log_format);
+
+    let store: Arc<dyn Store> = match args.store {
+        StoreKind::Sqlite => {
+            let store = SqliteStore::open(SqliteConfig::new(&args.data_dir))
+                .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
+            tracing::info!(path = %store.path().display(), "store opened");
+            Arc::new(store)
+        }
+        StoreKind::Memory => {
+            tracing::warn!("memory store: nothing survives this process");
+            Arc::new(MemoryStore::new())
+        }
+    };
+
+    let timing = match (args.slow, args.fake_timing) {
+        (true, _) | (false, FakeTiming::Slow) => Timing::Slow,
+        (false, FakeTiming::Normal) => Timing::Normal,
+        (false, FakeTiming::Instant) => Timing::Instant,
+    };
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.fake_failure_rate),
+        "--fake-failure-rate must be between 0 and 1"
+    );
+    let mut providers = ProviderRegistry::new();
+    providers.register(Arc::new(FakeProvider::new(FakeConfig {
+        timing,
+        failure_rate: args.fake_failure_rate,
+        seed: args.fake_seed,
+    })));
+
+    let config = EngineConfig {
+        max_concurrent_operations: args.max_concurrent_operations.max(1),
+        ..EngineConfig::default()
+    };
+    tracing::info!(owner = %config.owner, providers = ?providers, "starting engine");
+    let engine = Engine::new(store, providers, config);
+    engine.start();
+
+    let addr = match args.port {
+        Some(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+        None => args.listen,
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "listening");
+    println!("bm-server listening on {local}");
+
+    let deps = bm_server::Deps {
+        engine,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    bm_server::serve(listener, shutdown_signal(), deps)
+        .await
+        .context("serving")?;
+    Ok(())
+}

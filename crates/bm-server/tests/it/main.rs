@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `bm-server` process on an ephemeral port with a temporary data
+//! directory, driven through the generated client and through `bmctl` as a process.
+
+mod api;
+mod cli;
+mod restart;
+mod streams;
+mod support;
