@@ -1,0 +1,331 @@
+//! A small Redfish client: one [`Bmc`] per BMC host with its credentials, TLS settings,
+//! request timeout and concurrency limit, plus what the provider does with it (find the
+//! system, power, boot override, virtual media, NICs).
+//!
+//! Every path comes from the BMC (`@odata.id`, action `target`) and is used verbatim: ids are
+//! opaque and some BMCs compare paths literally, trailing slash included.
+
+pub(crate) mod error;
+pub(crate) mod nic;
+pub(crate) mod power;
+pub(crate) mod system;
+
+use std::time::Duration;
+
+use bm_provider::ProviderError;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, IF_MATCH};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+
+/// How to talk to one BMC host.
+#[derive(Clone, Debug)]
+pub(crate) struct BmcSettings {
+    /// User and password, if the BMC wants them.
+    pub(crate) auth: Option<(String, Secret)>,
+    /// PEM CA certificates to trust instead of the system's.
+    pub(crate) ca_pem: Option<Vec<u8>>,
+    /// Skip certificate verification (labs).
+    pub(crate) insecure: bool,
+    /// Per-request timeout.
+    pub(crate) timeout: Duration,
+    /// Requests in flight at most.
+    pub(crate) concurrency: usize,
+}
+
+/// A resource read from the BMC.
+#[derive(Clone, Debug)]
+pub(crate) struct Resource {
+    /// Its path, as used for the GET.
+    pub(crate) path: String,
+    /// The JSON body.
+    pub(crate) body: Value,
+    /// Its ETag (header or `@odata.etag`), for `If-Match`.
+    pub(crate) etag: Option<String>,
+}
+
+impl Resource {
+    /// The `@odata.id` of the link under `key`, e.g. `EthernetInterfaces`.
+    pub(crate) fn link(&self, key: &str) -> Option<&str> {
+        link(&self.body, key)
+    }
+
+    /// A string property.
+    pub(crate) fn str(&self, key: &str) -> Option<&str> {
+        self.body.get(key).and_then(Value::as_str)
+    }
+}
+
+/// The `@odata.id` of `value[key]`.
+pub(crate) fn link<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    value
+        .get(key)
+        .and_then(|v| v.get("@odata.id"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// One BMC host: an HTTP client and a limit on requests in flight.
+#[derive(Debug)]
+pub(crate) struct Bmc {
+    name: String,
+    base: Url,
+    client: reqwest::Client,
+    auth: Option<(String, Secret)>,
+    permits: Semaphore,
+    timeout: Duration,
+}
+
+impl Bmc {
+    /// A client for the BMC at `base` (`https://host:port/`), called `name` in messages.
+    /// Building it may read the system's trust store: call it off the async runtime.
+    ///
+    /// # Errors
+    ///
+    /// A permanent error if the CA file does not hold a certificate or TLS cannot be set up.
+    pub(crate) fn new(
+        name: String,
+        base: Url,
+        settings: BmcSettings,
+    ) -> Result<Self, ProviderError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+            .no_proxy()
+            .user_agent(concat!("bm-provider-redfish/", env!("CARGO_PKG_VERSION")));
+        if settings.insecure {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        } else if let Some(pem) = &settings.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                ProviderError::permanent(format!(
+                    "the CA file for BMC {name} holds no usable PEM certificate"
+                ))
+                .with_source(e)
+            })?;
+            if certs.is_empty() {
+                return Err(ProviderError::permanent(format!(
+                    "the CA file for BMC {name} holds no PEM certificate"
+                )));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        let client = builder.build().map_err(|e| {
+            ProviderError::permanent(format!("cannot set up an HTTP client for BMC {name}"))
+                .with_source(e)
+        })?;
+        Ok(Bmc {
+            name,
+            base,
+            client,
+            auth: settings.auth,
+            permits: Semaphore::new(settings.concurrency.max(1)),
+            timeout: settings.timeout,
+        })
+    }
+
+    /// The BMC's name in messages (`host` or `host:port`).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// GETs a resource.
+    pub(crate) async fn get(
+        &self,
+        cancel: &CancellationToken,
+        path: &str,
+    ) -> Result<Resource, ProviderError> {
+        self.get_opt(cancel, path)
+            .await?
+            .ok_or_else(|| error::status_error(&self.name, "GET", path, 404, b""))
+    }
+
+    /// GETs a resource; `None` if the BMC has no such resource (404).
+    pub(crate) async fn get_opt(
+        &self,
+        cancel: &CancellationToken,
+        path: &str,
+    ) -> Result<Option<Resource>, ProviderError> {
+        let (status, headers, body) = self
+            .send(cancel, Method::GET, path, None, None, self.timeout)
+            .await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(error::status_error(
+                &self.name,
+                "GET",
+                path,
+                status.as_u16(),
+                &body,
+            ));
+        }
+        let body: Value = serde_json::from_slice(&body).map_err(|e| {
+            ProviderError::permanent(format!(
+                "BMC {} answered GET {path} with a body that is not JSON",
+                self.name
+            ))
+            .with_source(e)
+        })?;
+        let etag = headers
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| {
+                body.get("@odata.etag")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+        Ok(Some(Resource {
+            path: path.to_owned(),
+            body,
+            etag,
+        }))
+    }
+
+    /// POSTs a JSON body to an action target, with its own timeout.
+    pub(crate) async fn post(
+        &self,
+        cancel: &CancellationToken,
+        path: &str,
+        body: &Value,
+        timeout: Option<Duration>,
+    ) -> Result<(), ProviderError> {
+        let timeout = timeout.unwrap_or(self.timeout);
+        let (status, _, resp) = self
+            .send(cancel, Method::POST, path, Some(body), None, timeout)
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(error::status_error(
+                &self.name,
+                "POST",
+                path,
+                status.as_u16(),
+                &resp,
+            ))
+        }
+    }
+
+    /// PATCHes a resource, with `If-Match` when its ETag is known.
+    pub(crate) async fn patch(
+        &self,
+        cancel: &CancellationToken,
+        path: &str,
+        body: &Value,
+        etag: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        let (status, _, resp) = self
+            .send(cancel, Method::PATCH, path, Some(body), etag, self.timeout)
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(error::status_error(
+                &self.name,
+                "PATCH",
+                path,
+                status.as_u16(),
+                &resp,
+            ))
+        }
+    }
+
+    /// The URL of a path the BMC gave; refuses links to another host (the credentials go
+    /// with every request).
+    fn url(&self, path: &str) -> Result<Url, ProviderError> {
+        let url = self.base.join(path).map_err(|e| {
+            ProviderError::permanent(format!(
+                "BMC {} gave a link that is not a path: {path:?}",
+                self.name
+            ))
+            .with_source(e)
+        })?;
+        if url.origin() != self.base.origin() {
+            return Err(ProviderError::permanent(format!(
+                "BMC {} links to another host ({path}); refusing to send it the credentials",
+                self.name
+            )));
+        }
+        Ok(url)
+    }
+
+    async fn send(
+        &self,
+        cancel: &CancellationToken,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        etag: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), ProviderError> {
+        let url = self.url(path)?;
+        let _permit = tokio::select! {
+            p = self.permits.acquire() => p.map_err(|_| ProviderError::transient("the provider is shutting down"))?,
+            () = cancel.cancelled() => return Err(ProviderError::canceled()),
+        };
+        let mut req = self
+            .client
+            .request(method.clone(), url)
+            .timeout(timeout)
+            .header(ACCEPT, "application/json")
+            .header("OData-Version", "4.0");
+        if let Some((user, password)) = &self.auth {
+            req = req.basic_auth(user, Some(password.expose()));
+        }
+        if let Some(body) = body {
+            // A byte body, so that reqwest sends Content-Length (some BMCs answer 411
+            // without it) and can replay it on a 307 redirect.
+            let bytes = serde_json::to_vec(body).unwrap_or_default();
+            req = req.header(CONTENT_TYPE, "application/json").body(bytes);
+        }
+        if let Some(etag) = etag {
+            req = req.header(IF_MATCH, etag);
+        }
+        let exchange = async {
+            let resp = req.send().await?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let bytes = resp.bytes().await?;
+            Ok::<_, reqwest::Error>((status, headers, bytes.to_vec()))
+        };
+        let result = tokio::select! {
+            r = exchange => r,
+            () = cancel.cancelled() => return Err(ProviderError::canceled()),
+        };
+        result.map_err(|e| self.transport_error(&method, path, timeout, e))
+    }
+
+    fn transport_error(
+        &self,
+        method: &Method,
+        path: &str,
+        timeout: Duration,
+        e: reqwest::Error,
+    ) -> ProviderError {
+        let bmc = &self.name;
+        let detail = error::chain_detail(&e);
+        let lower = detail.to_ascii_lowercase();
+        let err = if lower.contains("certificate") || lower.contains("unknownissuer") {
+            ProviderError::permanent(format!(
+                "the TLS certificate of BMC {bmc} is not trusted ({detail}): set tls.ca_file to the CA that signed it, or insecure_skip_verify for this BMC in a lab"
+            ))
+        } else if e.is_timeout() {
+            ProviderError::transient(format!(
+                "BMC {bmc} did not answer {method} {path} within {}s",
+                timeout.as_secs_f32()
+            ))
+        } else if e.is_connect() {
+            ProviderError::unreachable(format!("cannot connect to BMC {bmc}: {detail}"))
+        } else if e.is_redirect() {
+            ProviderError::permanent(format!("BMC {bmc} redirects {method} {path} in a loop"))
+        } else {
+            ProviderError::transient(format!("{method} {path} on BMC {bmc} failed: {detail}"))
+        };
+        err.with_source(e)
+    }
+}

@@ -1,0 +1,645 @@
+//! Power actions that are done only when the BMC reports the target state.
+//!
+//! A `ComputerSystem.Reset` is fire-and-forget on most BMCs: a 204 says nothing about the
+//! power state, the change may land seconds later, and a reset may be dropped (the
+//! emulator drops one whose target equals the state at the time it arrives). So every
+//! action polls `PowerState` with a growing interval until it shows the target, sends the
+//! reset again when nothing changed for a while, and fails with a transient error at its
+//! deadline.
+//!
+//! The logic is written against [`PowerOps`] so that it can be tested with a scripted BMC
+//! and paused time.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bm_provider::{PowerAction, ProviderError};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CycleMethod;
+
+/// A `PowerState` as read from the BMC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reading {
+    On,
+    Off,
+    PoweringOn,
+    PoweringOff,
+    /// Missing, null or a value this client does not know.
+    Unknown,
+}
+
+impl Reading {
+    /// Reads a `PowerState` value. `Paused` counts as on: the machine has power.
+    pub(crate) fn parse(v: Option<&str>) -> Reading {
+        match v {
+            Some("On" | "Paused") => Reading::On,
+            Some("Off") => Reading::Off,
+            Some("PoweringOn") => Reading::PoweringOn,
+            Some("PoweringOff") => Reading::PoweringOff,
+            _ => Reading::Unknown,
+        }
+    }
+
+    fn is_stable(self) -> bool {
+        matches!(self, Reading::On | Reading::Off)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Reading::On => "On",
+            Reading::Off => "Off",
+            Reading::PoweringOn => "PoweringOn",
+            Reading::PoweringOff => "PoweringOff",
+            Reading::Unknown => "unknown",
+        }
+    }
+}
+
+/// What the power logic needs from a BMC.
+pub(crate) trait PowerOps: Sync {
+    /// Reads the power state.
+    fn read(&self) -> impl Future<Output = Result<Reading, ProviderError>> + Send;
+    /// Sends `ComputerSystem.Reset` with this `ResetType`.
+    fn reset(&self, reset_type: &str) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Reports progress.
+    fn log(&self, line: &str);
+    /// The BMC's name in messages.
+    fn bmc(&self) -> &str;
+}
+
+/// The timing of power actions.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PowerTiming {
+    pub(crate) poll_interval: Duration,
+    pub(crate) max_poll_interval: Duration,
+    pub(crate) deadline: Duration,
+    pub(crate) reissue_after: Duration,
+    pub(crate) graceful_timeout: Duration,
+    pub(crate) cycle: CycleMethod,
+}
+
+/// The `ResetType`s a system allows: `None` when it does not say (then the standard
+/// values are tried in order of preference).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Allowed(pub(crate) Option<Vec<String>>);
+
+impl Allowed {
+    /// The first of `prefs` the BMC allows.
+    pub(crate) fn pick(&self, prefs: &[&'static str]) -> Option<&'static str> {
+        match &self.0 {
+            None => prefs.first().copied(),
+            Some(allowed) => prefs
+                .iter()
+                .copied()
+                .find(|p| allowed.iter().any(|a| a == p)),
+        }
+    }
+
+    fn has(&self, t: &str) -> bool {
+        self.0.as_ref().is_none_or(|a| a.iter().any(|x| x == t))
+    }
+
+    fn require(&self, bmc: &str, prefs: &[&'static str]) -> Result<&'static str, ProviderError> {
+        self.pick(prefs).ok_or_else(|| {
+            ProviderError::permanent(format!(
+                "BMC {bmc} allows none of the reset types {} (it allows {})",
+                prefs.join(", "),
+                self.0.as_deref().unwrap_or_default().join(", ")
+            ))
+        })
+    }
+}
+
+const ON: &[&str] = &["On", "ForceOn", "PushPowerButton"];
+const OFF: &[&str] = &["ForceOff", "PushPowerButton"];
+const RESTART: &[&str] = &["ForceRestart", "PowerCycle", "GracefulRestart"];
+
+/// How waiting for a state ended.
+enum Outcome {
+    Reached,
+    TimedOut(Reading),
+}
+
+/// Applies `action` and returns once the BMC reports the resulting state.
+pub(crate) async fn apply<P: PowerOps>(
+    ops: &P,
+    cancel: &CancellationToken,
+    timing: &PowerTiming,
+    allowed: &Allowed,
+    action: PowerAction,
+) -> Result<(), ProviderError> {
+    let started = Instant::now();
+    let deadline = started + timing.deadline;
+    let poller = Poller {
+        ops,
+        cancel,
+        timing,
+    };
+    match action {
+        PowerAction::On => {
+            let rt = allowed.require(ops.bmc(), ON)?;
+            poller.ensure(Reading::On, rt, true, deadline).await
+        }
+        PowerAction::Off => poller.power_off(allowed, deadline).await,
+        PowerAction::Cycle => {
+            let state = poller.settle(deadline).await?;
+            if state == Reading::Off {
+                ops.log("PowerState is Off: powering on instead of a cycle");
+                let rt = allowed.require(ops.bmc(), ON)?;
+                return poller.ensure(Reading::On, rt, true, deadline).await;
+            }
+            let off_on = allowed.pick(OFF).is_some() && allowed.pick(ON).is_some();
+            match (timing.cycle, allowed.pick(RESTART)) {
+                (CycleMethod::Restart, Some(rt)) => poller.restart(rt, allowed, deadline).await,
+                (CycleMethod::OffOn, _) if off_on => {
+                    poller.power_off(allowed, deadline).await?;
+                    let rt = allowed.require(ops.bmc(), ON)?;
+                    poller.ensure(Reading::On, rt, true, deadline).await
+                }
+                (_, Some(rt)) => poller.restart(rt, allowed, deadline).await,
+                (_, None) => {
+                    poller.power_off(allowed, deadline).await?;
+                    let rt = allowed.require(ops.bmc(), ON)?;
+                    poller.ensure(Reading::On, rt, true, deadline).await
+                }
+            }
+        }
+    }
+}
+
+/// Reads the state, waiting out transitional values (up to the deadline).
+pub(crate) async fn read_settled<P: PowerOps>(
+    ops: &P,
+    cancel: &CancellationToken,
+    timing: &PowerTiming,
+) -> Result<Reading, ProviderError> {
+    let poller = Poller {
+        ops,
+        cancel,
+        timing,
+    };
+    poller.settle(Instant::now() + timing.deadline).await
+}
+
+struct Poller<'a, P> {
+    ops: &'a P,
+    cancel: &'a CancellationToken,
+    timing: &'a PowerTiming,
+}
+
+impl<P: PowerOps> Poller<'_, P> {
+    async fn wait(&self, d: Duration) -> Result<(), ProviderError> {
+        tokio::select! {
+            () = tokio::time::sleep(d) => Ok(()),
+            () = self.cancel.cancelled() => Err(ProviderError::canceled()),
+        }
+    }
+
+    /// A read during polling: a BMC that is busy or resetting may fail a request, which
+    /// is not the end of the action.
+    async fn read_tolerant(&self) -> Result<Option<Reading>, ProviderError> {
+        match self.ops.read().await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.is_retryable() => {
+                self.ops
+                    .log(&format!("reading PowerState failed, will retry: {e}"));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn timeout_error(&self, what: &str, last: Reading) -> ProviderError {
+        ProviderError::transient(format!(
+            "BMC {} did not reach PowerState {what} within {}s (last reported: {})",
+            self.ops.bmc(),
+            self.timing.deadline.as_secs(),
+            last.name()
+        ))
+    }
+
+    async fn settle(&self, deadline: Instant) -> Result<Reading, ProviderError> {
+        let mut interval = self.timing.poll_interval;
+        let mut state = self.ops.read().await?;
+        while !state.is_stable() {
+            if Instant::now() >= deadline {
+                return Err(ProviderError::transient(format!(
+                    "BMC {} kept reporting PowerState {} for {}s",
+                    self.ops.bmc(),
+                    state.name(),
+                    self.timing.deadline.as_secs()
+                )));
+            }
+            self.wait(interval.min(deadline - Instant::now())).await?;
+            interval = self.grow(interval);
+            if let Some(s) = self.read_tolerant().await? {
+                state = s;
+            }
+        }
+        Ok(state)
+    }
+
+    fn grow(&self, interval: Duration) -> Duration {
+        (interval * 3 / 2).min(self.timing.max_poll_interval.max(self.timing.poll_interval))
+    }
+
+    async fn power_off(&self, allowed: &Allowed, deadline: Instant) -> Result<(), ProviderError> {
+        let graceful = self.timing.graceful_timeout;
+        if !graceful.is_zero() && allowed.has("GracefulShutdown") {
+            let soft_deadline = (Instant::now() + graceful).min(deadline);
+            match self
+                .wait_for(Reading::Off, Some("GracefulShutdown"), true, soft_deadline)
+                .await?
+            {
+                Outcome::Reached => return Ok(()),
+                Outcome::TimedOut(_) => self.ops.log(&format!(
+                    "still on {}s after GracefulShutdown: forcing it off",
+                    graceful.as_secs()
+                )),
+            }
+        }
+        let rt = allowed.require(self.ops.bmc(), OFF)?;
+        self.ensure(Reading::Off, rt, true, deadline).await
+    }
+
+    async fn ensure(
+        &self,
+        target: Reading,
+        reset_type: &str,
+        send_first: bool,
+        deadline: Instant,
+    ) -> Result<(), ProviderError> {
+        match self
+            .wait_for(target, Some(reset_type), send_first, deadline)
+            .await?
+        {
+            Outcome::Reached => Ok(()),
+            Outcome::TimedOut(last) => Err(self.timeout_error(target.name(), last)),
+        }
+    }
+
+    /// Sends `reset_type` (unless the state already is `target`, or `send_first` is
+    /// false) and polls until the state is `target`, sending the reset again when the state
+    /// did not move for `reissue_after`.
+    async fn wait_for(
+        &self,
+        target: Reading,
+        reset_type: Option<&str>,
+        send_first: bool,
+        deadline: Instant,
+    ) -> Result<Outcome, ProviderError> {
+        let start = Instant::now();
+        let mut last = self.settle(deadline).await?;
+        if last == target {
+            if send_first {
+                self.ops
+                    .log(&format!("PowerState is already {}", target.name()));
+            }
+            return Ok(Outcome::Reached);
+        }
+        if send_first && let Some(rt) = reset_type {
+            self.ops.log(&format!("Reset {rt}"));
+            self.ops.reset(rt).await?;
+        }
+        let mut last_event = Instant::now();
+        let mut interval = self.timing.poll_interval;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Outcome::TimedOut(last));
+            }
+            self.wait(interval.min(deadline - now)).await?;
+            interval = self.grow(interval);
+            let Some(state) = self.read_tolerant().await? else {
+                continue;
+            };
+            if state == target {
+                self.ops.log(&format!(
+                    "PowerState {} after {:.1}s",
+                    target.name(),
+                    start.elapsed().as_secs_f32()
+                ));
+                return Ok(Outcome::Reached);
+            }
+            if state != last {
+                self.ops.log(&format!("PowerState {}", state.name()));
+                last = state;
+                last_event = Instant::now();
+            } else if let Some(rt) = reset_type
+                && state.is_stable()
+                && last_event.elapsed() >= self.timing.reissue_after
+            {
+                self.ops.log(&format!(
+                    "PowerState still {} {}s after Reset {rt}: the BMC may have dropped it, sending it again",
+                    state.name(),
+                    last_event.elapsed().as_secs()
+                ));
+                self.ops.reset(rt).await?;
+                last_event = Instant::now();
+                interval = self.timing.poll_interval;
+            }
+        }
+    }
+
+    /// A warm reset: sent once; done when the state left On and came back, or when it never
+    /// visibly left On within `reissue_after` (many BMCs keep reporting On through a
+    /// restart).
+    async fn restart(
+        &self,
+        reset_type: &str,
+        allowed: &Allowed,
+        deadline: Instant,
+    ) -> Result<(), ProviderError> {
+        self.ops.log(&format!("Reset {reset_type}"));
+        self.ops.reset(reset_type).await?;
+        let watch_until = (Instant::now() + self.timing.reissue_after).min(deadline);
+        let mut interval = self.timing.poll_interval;
+        loop {
+            let now = Instant::now();
+            if now >= watch_until {
+                self.ops.log(&format!(
+                    "PowerState stayed On after {reset_type}; the BMC reports no power transition for a warm reset"
+                ));
+                return Ok(());
+            }
+            self.wait(interval.min(watch_until - now)).await?;
+            interval = self.grow(interval);
+            match self.read_tolerant().await? {
+                Some(Reading::On) | None => {}
+                Some(state) => {
+                    self.ops.log(&format!("PowerState {}", state.name()));
+                    break;
+                }
+            }
+        }
+        // It left On; it comes back by itself. Send On only if it stays off for long (and
+        // the BMC allows one).
+        let rt = allowed.pick(ON);
+        match self.wait_for(Reading::On, rt, false, deadline).await? {
+            Outcome::Reached => Ok(()),
+            Outcome::TimedOut(last) => Err(self.timeout_error("On", last)),
+        }
+    }
+}
+
+/// True for the error [`apply`] returns at its deadline.
+#[cfg(test)]
+fn is_deadline(e: &ProviderError) -> bool {
+    e.kind() == bm_provider::ErrorKind::Transient
+        && e.message().contains("did not reach PowerState")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bm_provider::ErrorKind;
+
+    use super::*;
+
+    /// A scripted BMC: a reset lands after `delay` unless it is in `drop` (by call index),
+    /// and is dropped when the target equals the current state, as the emulator does.
+    struct Scripted {
+        state: Mutex<(Reading, Option<(Instant, Reading)>)>,
+        delay: Duration,
+        drop: Vec<usize>,
+        resets: Mutex<Vec<String>>,
+        lines: Mutex<Vec<String>>,
+        /// ForceRestart shows this state at once (None: stays On, like a warm reset).
+        restart_shows: Option<Reading>,
+    }
+
+    impl Scripted {
+        fn new(initial: Reading, delay: Duration) -> Self {
+            Scripted {
+                state: Mutex::new((initial, None)),
+                delay,
+                drop: Vec::new(),
+                resets: Mutex::new(Vec::new()),
+                lines: Mutex::new(Vec::new()),
+                restart_shows: Some(Reading::Off),
+            }
+        }
+        fn resets(&self) -> Vec<String> {
+            self.resets.lock().unwrap().clone()
+        }
+    }
+
+    impl PowerOps for Scripted {
+        async fn read(&self) -> Result<Reading, ProviderError> {
+            let mut s = self.state.lock().unwrap();
+            if let Some((at, to)) = s.1
+                && Instant::now() >= at
+            {
+                *s = (to, None);
+            }
+            Ok(s.0)
+        }
+        async fn reset(&self, reset_type: &str) -> Result<(), ProviderError> {
+            let n = {
+                let mut r = self.resets.lock().unwrap();
+                r.push(reset_type.to_owned());
+                r.len() - 1
+            };
+            let mut s = self.state.lock().unwrap();
+            let to = match reset_type {
+                "On" | "ForceOn" => Reading::On,
+                "ForceOff" | "GracefulShutdown" => Reading::Off,
+                "ForceRestart" => {
+                    if let Some(shown) = self.restart_shows {
+                        *s = (shown, Some((Instant::now() + self.delay, Reading::On)));
+                    }
+                    return Ok(());
+                }
+                other => panic!("unexpected reset {other}"),
+            };
+            if self.drop.contains(&n) || s.0 == to {
+                return Ok(());
+            }
+            s.1 = Some((Instant::now() + self.delay, to));
+            Ok(())
+        }
+        fn log(&self, line: &str) {
+            self.lines.lock().unwrap().push(line.to_owned());
+        }
+        fn bmc(&self) -> &str {
+            "bmc-1"
+        }
+    }
+
+    fn timing() -> PowerTiming {
+        PowerTiming {
+            poll_interval: Duration::from_millis(500),
+            max_poll_interval: Duration::from_secs(2),
+            deadline: Duration::from_secs(60),
+            reissue_after: Duration::from_secs(15),
+            graceful_timeout: Duration::ZERO,
+            cycle: CycleMethod::OffOn,
+        }
+    }
+
+    async fn run(
+        bmc: &Scripted,
+        timing: PowerTiming,
+        allowed: Allowed,
+        action: PowerAction,
+    ) -> Result<(), ProviderError> {
+        apply(bmc, &CancellationToken::new(), &timing, &allowed, action).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_waits_for_the_read_back() {
+        let bmc = Scripted::new(Reading::Off, Duration::from_secs(7));
+        let start = Instant::now();
+        run(&bmc, timing(), Allowed(None), PowerAction::On)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["On"]);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(7) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        assert_eq!(bmc.read().await.unwrap(), Reading::On);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_sent_when_the_state_is_already_right() {
+        let bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        run(&bmc, timing(), Allowed(None), PowerAction::On)
+            .await
+            .unwrap();
+        assert!(bmc.resets().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_reset_is_sent_again() {
+        let mut bmc = Scripted::new(Reading::Off, Duration::from_secs(2));
+        bmc.drop = vec![0];
+        run(&bmc, timing(), Allowed(None), PowerAction::On)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["On", "On"]);
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(
+            lines.iter().any(|l| l.contains("sending it again")),
+            "{lines:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_is_a_transient_error() {
+        let mut bmc = Scripted::new(Reading::Off, Duration::from_secs(2));
+        bmc.drop = (0..100).collect();
+        let e = run(&bmc, timing(), Allowed(None), PowerAction::On)
+            .await
+            .unwrap_err();
+        assert!(is_deadline(&e), "{e}");
+        assert!(e.to_string().contains("last reported: Off"), "{e}");
+        // 60 s deadline, reissued every 15 s.
+        assert_eq!(bmc.resets().len(), 4, "{:?}", bmc.resets());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cycle_is_off_then_on_and_on_when_off() {
+        let bmc = Scripted::new(Reading::On, Duration::from_secs(3));
+        run(&bmc, timing(), Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["ForceOff", "On"]);
+        let bmc = Scripted::new(Reading::Off, Duration::from_secs(3));
+        run(&bmc, timing(), Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["On"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cycle_by_restart() {
+        let t = PowerTiming {
+            cycle: CycleMethod::Restart,
+            ..timing()
+        };
+        let bmc = Scripted::new(Reading::On, Duration::from_secs(5));
+        run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["ForceRestart"]);
+        assert_eq!(bmc.read().await.unwrap(), Reading::On);
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(lines.iter().any(|l| l == "PowerState Off"), "{lines:?}");
+        // A BMC that reports On throughout a warm reset.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(5));
+        bmc.restart_shows = None;
+        run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["ForceRestart"]);
+        // Without Off/On allowed, off-on falls back to a restart.
+        let allowed = Allowed(Some(vec!["ForceRestart".into()]));
+        let bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        run(&bmc, timing(), allowed, PowerAction::Cycle)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["ForceRestart"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn graceful_shutdown_falls_back_to_force_off() {
+        let t = PowerTiming {
+            graceful_timeout: Duration::from_secs(10),
+            ..timing()
+        };
+        // The OS ignores the ACPI request.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.drop = vec![0];
+        run(&bmc, t, Allowed(None), PowerAction::Off).await.unwrap();
+        assert_eq!(bmc.resets(), ["GracefulShutdown", "ForceOff"]);
+        // It obeys.
+        let bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        run(&bmc, t, Allowed(None), PowerAction::Off).await.unwrap();
+        assert_eq!(bmc.resets(), ["GracefulShutdown"]);
+    }
+
+    #[test]
+    fn reset_types_the_bmc_allows() {
+        let allowed = Allowed(Some(vec![
+            "ForceOn".into(),
+            "ForceOff".into(),
+            "Nmi".into(),
+        ]));
+        assert_eq!(allowed.pick(ON), Some("ForceOn"));
+        assert_eq!(allowed.pick(OFF), Some("ForceOff"));
+        assert_eq!(allowed.pick(RESTART), None);
+        assert_eq!(Allowed(None).pick(ON), Some("On"));
+        let e = Allowed(Some(vec!["Nmi".into()]))
+            .require("b", ON)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent);
+        assert!(
+            e.to_string()
+                .contains("allows none of the reset types On, ForceOn"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_polling() {
+        let mut bmc = Scripted::new(Reading::Off, Duration::from_secs(2));
+        bmc.drop = (0..100).collect();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            c.cancel();
+        });
+        let start = Instant::now();
+        let e = apply(&bmc, &cancel, &timing(), &Allowed(None), PowerAction::On)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Canceled);
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+}

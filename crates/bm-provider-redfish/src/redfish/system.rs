@@ -1,0 +1,519 @@
+//! What the provider does on a BMC: find the machine's ComputerSystem, power it, set a
+//! one-time boot override, insert and eject virtual media, list its MAC addresses.
+
+use std::time::Duration;
+
+use bm_domain::MacAddress;
+use bm_provider::{LogSink, ProviderError};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::power::{Allowed, PowerOps, Reading};
+use super::{Bmc, Resource, nic};
+use crate::endpoint::SystemSelector;
+
+/// The log tag of BMC actions.
+pub(crate) const TAG: &str = "bmc";
+
+/// The most pages of a collection that are followed.
+const MAX_PAGES: usize = 32;
+
+/// The `@odata.id`s of a collection's members, following `Members@odata.nextLink`.
+pub(crate) async fn members(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    path: &str,
+) -> Result<Vec<String>, ProviderError> {
+    let mut out = Vec::new();
+    let mut next = Some(path.to_owned());
+    for _ in 0..MAX_PAGES {
+        let Some(page) = next.take() else { break };
+        let res = bmc.get(cancel, &page).await?;
+        out.extend(
+            res.body
+                .get("Members")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.get("@odata.id").and_then(Value::as_str))
+                .map(str::to_owned),
+        );
+        next = res.str("Members@odata.nextLink").map(str::to_owned);
+    }
+    Ok(out)
+}
+
+/// The `@odata.id` of the Systems collection, from the service root.
+async fn systems_collection(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+) -> Result<String, ProviderError> {
+    let root = bmc.get(cancel, "/redfish/v1/").await?;
+    Ok(root
+        .link("Systems")
+        .unwrap_or("/redfish/v1/Systems")
+        .to_owned())
+}
+
+/// Finds the machine's ComputerSystem and returns it (its `path` is the one to use from then
+/// on).
+pub(crate) async fn find_system(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    selector: &SystemSelector,
+) -> Result<Resource, ProviderError> {
+    match selector {
+        SystemSelector::Path(path) => {
+            if let Some(res) = bmc.get_opt(cancel, path).await? {
+                return check_is_system(bmc, res);
+            }
+            // The path may differ from the BMC's own only by a trailing slash.
+            let collection = systems_collection(bmc, cancel).await?;
+            let all = members(bmc, cancel, &collection).await?;
+            let want = path.trim_end_matches('/');
+            if let Some(found) = all.iter().find(|m| m.trim_end_matches('/') == want) {
+                return check_is_system(bmc, bmc.get(cancel, found).await?);
+            }
+            Err(ProviderError::permanent(format!(
+                "wrong system path: BMC {} has no system {path}; its systems are {}",
+                bmc.name(),
+                list(&all)
+            )))
+        }
+        SystemSelector::Uuid(uuid) => {
+            let collection = systems_collection(bmc, cancel).await?;
+            let mut seen = Vec::new();
+            for m in members(bmc, cancel, &collection).await? {
+                let res = bmc.get(cancel, &m).await?;
+                let their = res.str("UUID").unwrap_or_default().to_owned();
+                if their.eq_ignore_ascii_case(uuid) {
+                    return Ok(res);
+                }
+                seen.push(their);
+            }
+            Err(ProviderError::permanent(format!(
+                "BMC {} has no system with UUID {uuid}; its systems have {}",
+                bmc.name(),
+                list(&seen)
+            )))
+        }
+        SystemSelector::Only => {
+            let collection = systems_collection(bmc, cancel).await?;
+            let all = members(bmc, cancel, &collection).await?;
+            match all.as_slice() {
+                [one] => check_is_system(bmc, bmc.get(cancel, one).await?),
+                [] => Err(ProviderError::permanent(format!(
+                    "BMC {} lists no systems",
+                    bmc.name()
+                ))),
+                many => Err(ProviderError::permanent(format!(
+                    "BMC {} has {} systems ({}): name one in the BMC endpoint, by path (redfish+https://{}/redfish/v1/Systems/<id>) or by UUID (?uuid=...)",
+                    bmc.name(),
+                    many.len(),
+                    list(many),
+                    bmc.name()
+                ))),
+            }
+        }
+    }
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn check_is_system(bmc: &Bmc, res: Resource) -> Result<Resource, ProviderError> {
+    let typed = res
+        .str("@odata.type")
+        .is_some_and(|t| t.contains("ComputerSystem"));
+    if typed || res.body.get("PowerState").is_some() {
+        Ok(res)
+    } else {
+        Err(ProviderError::permanent(format!(
+            "wrong system path: {} on BMC {} is not a ComputerSystem",
+            res.path,
+            bmc.name()
+        )))
+    }
+}
+
+/// The reset action of a system: its target and the allowed `ResetType`s (inline, or from
+/// its `@Redfish.ActionInfo`).
+pub(crate) async fn reset_action(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    system: &Resource,
+) -> Result<(String, Allowed), ProviderError> {
+    let action = system
+        .body
+        .get("Actions")
+        .and_then(|a| a.get("#ComputerSystem.Reset"))
+        .ok_or_else(|| {
+            ProviderError::permanent(format!(
+                "BMC {} advertises no ComputerSystem.Reset action for {}",
+                bmc.name(),
+                system.path
+            ))
+        })?;
+    let target = action
+        .get("target")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ProviderError::permanent(format!(
+                "BMC {}: the ComputerSystem.Reset action of {} has no target",
+                bmc.name(),
+                system.path
+            ))
+        })?
+        .to_owned();
+    if let Some(values) = action.get("ResetType@Redfish.AllowableValues") {
+        return Ok((target, Allowed(Some(strings(values)))));
+    }
+    if let Some(info) = action.get("@Redfish.ActionInfo").and_then(Value::as_str) {
+        match bmc.get(cancel, info).await {
+            Ok(res) => {
+                let values = res
+                    .body
+                    .get("Parameters")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p.get("Name").and_then(Value::as_str) == Some("ResetType"))
+                    .and_then(|p| p.get("AllowableValues"));
+                return Ok((target, Allowed(values.map(strings))));
+            }
+            Err(e) if e.kind() == bm_provider::ErrorKind::Canceled => return Err(e),
+            Err(e) => log.line(
+                TAG,
+                format!("cannot read the reset ActionInfo ({e}); trying the standard reset types"),
+            ),
+        }
+    }
+    Ok((target, Allowed(None)))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`PowerOps`] on one system of a BMC.
+pub(crate) struct SystemPower<'a> {
+    pub(crate) bmc: &'a Bmc,
+    pub(crate) cancel: &'a CancellationToken,
+    pub(crate) log: &'a LogSink,
+    pub(crate) system_path: &'a str,
+    pub(crate) reset_target: &'a str,
+}
+
+impl PowerOps for SystemPower<'_> {
+    async fn read(&self) -> Result<Reading, ProviderError> {
+        let res = self.bmc.get(self.cancel, self.system_path).await?;
+        Ok(Reading::parse(res.str("PowerState")))
+    }
+
+    async fn reset(&self, reset_type: &str) -> Result<(), ProviderError> {
+        self.bmc
+            .post(
+                self.cancel,
+                self.reset_target,
+                &json!({ "ResetType": reset_type }),
+                None,
+            )
+            .await
+    }
+
+    fn log(&self, line: &str) {
+        self.log.line(TAG, line);
+    }
+
+    fn bmc(&self) -> &str {
+        self.bmc.name()
+    }
+}
+
+/// Makes the next boot (only the next) boot from `target` (`Pxe` or `Cd`), and checks the
+/// BMC took it.
+pub(crate) async fn boot_once(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    system: &Resource,
+    target: &str,
+) -> Result<(), ProviderError> {
+    let boot = system.body.get("Boot").ok_or_else(|| {
+        ProviderError::permanent(format!(
+            "BMC {} offers no boot override for {} (no Boot property)",
+            bmc.name(),
+            system.path
+        ))
+    })?;
+    if let Some(values) = boot.get("BootSourceOverrideTarget@Redfish.AllowableValues") {
+        let values = strings(values);
+        if !values.iter().any(|v| v == target) {
+            return Err(ProviderError::permanent(format!(
+                "BMC {} does not offer a {target} boot override for {} (it offers {})",
+                bmc.name(),
+                system.path,
+                list(&values)
+            )));
+        }
+    }
+    let current = |b: &Value, k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
+    if current(boot, "BootSourceOverrideTarget").as_deref() == Some(target)
+        && current(boot, "BootSourceOverrideEnabled").as_deref() == Some("Once")
+    {
+        log.line(TAG, format!("boot override is already {target} (once)"));
+        return Ok(());
+    }
+    log.line(TAG, format!("boot override: {target}, once"));
+    bmc.patch(
+        cancel,
+        &system.path,
+        &json!({"Boot": {"BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": "Once"}}),
+        system.etag.as_deref(),
+    )
+    .await?;
+    let after = bmc.get(cancel, &system.path).await?;
+    let boot = after.body.get("Boot").cloned().unwrap_or_default();
+    let got_target = current(&boot, "BootSourceOverrideTarget");
+    if got_target.as_deref() != Some(target) {
+        return Err(ProviderError::transient(format!(
+            "BMC {} accepted the boot override but reports BootSourceOverrideTarget {}",
+            bmc.name(),
+            got_target.as_deref().unwrap_or("missing")
+        )));
+    }
+    match current(&boot, "BootSourceOverrideEnabled").as_deref() {
+        Some("Once") => {}
+        Some("Disabled") => {
+            return Err(ProviderError::transient(format!(
+                "BMC {} accepted the boot override but reports it Disabled",
+                bmc.name()
+            )));
+        }
+        other => log.line(
+            TAG,
+            format!(
+                "warning: BMC reports BootSourceOverrideEnabled {} although Once was asked (some BMCs ignore it); the override may outlive the next boot",
+                other.unwrap_or("missing")
+            ),
+        ),
+    }
+    Ok(())
+}
+
+/// Finds the system's CD/DVD virtual media device: under the system first, then under each
+/// of its managers.
+pub(crate) async fn find_cd(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    system: &Resource,
+) -> Result<Resource, ProviderError> {
+    let mut collections: Vec<String> = Vec::new();
+    if let Some(l) = system.link("VirtualMedia") {
+        collections.push(l.to_owned());
+    }
+    let managers: Vec<String> = system
+        .body
+        .get("Links")
+        .and_then(|l| l.get("ManagedBy"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("@odata.id").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect();
+    let mut looked = Vec::new();
+    let mut next_manager = managers.iter();
+    loop {
+        let Some(collection) = collections.pop() else {
+            // Nothing left: read the next manager's VirtualMedia link.
+            let Some(manager) = next_manager.next() else {
+                break;
+            };
+            if let Some(m) = bmc.get_opt(cancel, manager).await?
+                && let Some(l) = m.link("VirtualMedia")
+                && !looked.iter().any(|x: &String| x == l)
+            {
+                collections.push(l.to_owned());
+            }
+            continue;
+        };
+        if looked.contains(&collection) {
+            continue;
+        }
+        looked.push(collection.clone());
+        let Some(coll) = bmc.get_opt(cancel, &collection).await? else {
+            continue;
+        };
+        let ids: Vec<String> = coll
+            .body
+            .get("Members")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.get("@odata.id").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect();
+        for id in ids {
+            let Some(dev) = bmc.get_opt(cancel, &id).await? else {
+                continue;
+            };
+            let types = dev.body.get("MediaTypes").map(strings).unwrap_or_default();
+            if types.iter().any(|t| t == "CD" || t == "DVD") {
+                return Ok(dev);
+            }
+        }
+    }
+    Err(ProviderError::permanent(format!(
+        "BMC {} offers no CD/DVD virtual media for {} (looked in {})",
+        bmc.name(),
+        system.path,
+        list(&looked)
+    )))
+}
+
+/// The target of the device's action whose name ends with `suffix` (`InsertMedia`,
+/// `EjectMedia`), whatever its prefix.
+fn media_action<'a>(dev: &'a Resource, suffix: &str) -> Option<&'a str> {
+    dev.body
+        .get("Actions")
+        .and_then(Value::as_object)?
+        .iter()
+        .find(|(k, _)| k.ends_with(suffix))
+        .and_then(|(_, v)| v.get("target"))
+        .and_then(Value::as_str)
+}
+
+fn inserted(dev: &Resource) -> bool {
+    dev.body.get("Inserted").and_then(Value::as_bool) == Some(true)
+        || dev.str("Image").is_some_and(|i| !i.is_empty())
+}
+
+/// Inserts `image` into the CD device (ejecting other media first) and checks it took.
+pub(crate) async fn insert_media(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    dev: &Resource,
+    image: &str,
+    timeout: Duration,
+) -> Result<(), ProviderError> {
+    if inserted(dev) && dev.str("Image") == Some(image) {
+        log.line(
+            TAG,
+            format!("virtual media {} already holds {image}", dev.path),
+        );
+        return Ok(());
+    }
+    let dev = if inserted(dev) {
+        eject_media(bmc, cancel, log, dev).await?;
+        bmc.get(cancel, &dev.path).await?
+    } else {
+        dev.clone()
+    };
+    let body = json!({"Image": image, "Inserted": true, "WriteProtected": true});
+    log.line(
+        TAG,
+        format!("virtual media {}: inserting {image}", dev.path),
+    );
+    match media_action(&dev, "InsertMedia") {
+        Some(target) => bmc.post(cancel, target, &body, Some(timeout)).await?,
+        None => {
+            bmc.patch(cancel, &dev.path, &body, dev.etag.as_deref())
+                .await?
+        }
+    }
+    let after = bmc.get(cancel, &dev.path).await?;
+    let shown = after.str("Image").unwrap_or_default();
+    let inserted_flag = after.body.get("Inserted").and_then(Value::as_bool);
+    if inserted_flag == Some(false) || (!shown.is_empty() && shown != image) {
+        return Err(ProviderError::transient(format!(
+            "BMC {} accepted the insert but {} shows Image {shown:?}, Inserted {}",
+            bmc.name(),
+            dev.path,
+            inserted_flag.map_or("missing".to_owned(), |b| b.to_string())
+        )));
+    }
+    log.line(TAG, format!("virtual media {} holds {image}", dev.path));
+    Ok(())
+}
+
+/// Ejects whatever the device holds and checks it is empty.
+pub(crate) async fn eject_media(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    dev: &Resource,
+) -> Result<(), ProviderError> {
+    if !inserted(dev) {
+        log.line(TAG, format!("virtual media {} is empty", dev.path));
+        return Ok(());
+    }
+    log.line(
+        TAG,
+        format!(
+            "virtual media {}: ejecting {}",
+            dev.path,
+            dev.str("Image").unwrap_or("the media")
+        ),
+    );
+    match media_action(dev, "EjectMedia") {
+        Some(target) => bmc.post(cancel, target, &json!({}), None).await?,
+        None => {
+            bmc.patch(
+                cancel,
+                &dev.path,
+                &json!({"Image": null, "Inserted": false}),
+                dev.etag.as_deref(),
+            )
+            .await?;
+        }
+    }
+    let after = bmc.get(cancel, &dev.path).await?;
+    if inserted(&after) {
+        return Err(ProviderError::transient(format!(
+            "BMC {} accepted the eject but {} still shows media",
+            bmc.name(),
+            dev.path
+        )));
+    }
+    Ok(())
+}
+
+/// The normalised MAC addresses of the system's EthernetInterfaces.
+pub(crate) async fn macs(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    system: &Resource,
+) -> Result<Vec<MacAddress>, ProviderError> {
+    let collection = system.link("EthernetInterfaces").ok_or_else(|| {
+        ProviderError::permanent(format!(
+            "BMC {} lists no EthernetInterfaces for {}",
+            bmc.name(),
+            system.path
+        ))
+    })?;
+    let mut out: Vec<MacAddress> = Vec::new();
+    for m in members(bmc, cancel, collection).await? {
+        let Some(res) = bmc.get_opt(cancel, &m).await? else {
+            continue;
+        };
+        for mac in nic::interface_macs(&res.body) {
+            if !out.contains(&mac) {
+                out.push(mac);
+            }
+        }
+    }
+    Ok(out)
+}
