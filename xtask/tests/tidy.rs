@@ -1,0 +1,160 @@
+//! Tidy checks that run under plain `cargo test`: the dependency direction of the
+//! architecture, and conventions every source file follows.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The normal (non-dev) dependencies of a package, by crate name.
+fn dependencies(package: &str) -> Vec<String> {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            package,
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .output()
+        .expect("cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+fn assert_free_of(package: &str, forbidden: &[&str]) {
+    let deps = dependencies(package);
+    for f in forbidden {
+        assert!(
+            !deps.iter().any(|d| d == f),
+            "{package} must not depend on {f} (it does, directly or not)"
+        );
+    }
+}
+
+#[test]
+fn bm_domain_knows_nothing_of_async_io_or_the_wire() {
+    assert_free_of(
+        "bm-domain",
+        &[
+            "tokio",
+            "tonic",
+            "prost",
+            "bm-proto",
+            "rusqlite",
+            "async-trait",
+        ],
+    );
+}
+
+#[test]
+fn the_engine_and_the_providers_know_nothing_of_grpc() {
+    for package in ["bm-store", "bm-workflow", "bm-provider", "bm-provider-fake"] {
+        assert_free_of(package, &["tonic", "prost", "bm-proto"]);
+    }
+    assert_free_of("bm-provider", &["bm-workflow", "bm-store"]);
+    assert_free_of("bm-store", &["bm-workflow", "bm-provider"]);
+}
+
+#[test]
+fn only_the_adapters_use_the_wire_types() {
+    let out = Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args([
+            "tree",
+            "--offline",
+            "--workspace",
+            "-e",
+            "normal",
+            "-i",
+            "bm-proto",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
+        .output()
+        .expect("cargo tree");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let users: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|n| n != "bm-proto")
+        .collect();
+    for user in &users {
+        assert!(
+            ["bm-server", "bm-cli", "bm-bench"].contains(&user.as_str()),
+            "{user} uses bm-proto: only the adapters may"
+        );
+    }
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path.is_dir() {
+            if name != "target" && !name.to_string_lossy().starts_with('.') {
+                rust_files(&path, out);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_rust_file_says_what_it_is_for() {
+    let mut files = Vec::new();
+    rust_files(&root().join("crates"), &mut files);
+    rust_files(&root().join("xtask"), &mut files);
+    assert!(files.len() > 20, "found only {} files", files.len());
+    let missing: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            !text.trim_start().starts_with("//!")
+        })
+        .map(|f| f.strip_prefix(root()).unwrap().display().to_string())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "files without a //! header: {missing:?}"
+    );
+}
+
+#[test]
+fn no_debugging_leftovers() {
+    let mut files = Vec::new();
+    rust_files(&root().join("crates"), &mut files);
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            for bad in ["dbg!(", "todo!(", "unimplemented!(", "#[ignore"] {
+                assert!(!line.contains(bad), "{}:{}: {bad}", f.display(), n + 1);
+            }
+        }
+    }
+}
