@@ -63,6 +63,11 @@ struct Args {
     #[arg(long, env = "BM_MAX_CONCURRENT_OPERATIONS", default_value_t = 512)]
     max_concurrent_operations: usize,
 
+    /// Provider configuration (TOML): a [redfish] section enables the Redfish/SSH provider
+    /// for machines with provider "redfish" (credentials, TLS, command templates, limits).
+    #[arg(long, env = "BM_PROVIDER_CONFIG")]
+    provider_config: Option<PathBuf>,
+
     /// Log level.
     #[arg(long, env = "BM_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
@@ -119,6 +124,37 @@ fn init_tracing(level: LogLevel, format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// The providers a configuration file enables, by their sections.
+const PROVIDER_SECTIONS: [&str; 1] = ["redfish"];
+
+/// Registers the providers configured in `path`.
+fn register_configured(
+    providers: &mut ProviderRegistry,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the provider configuration {}", path.display()))?;
+    let doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", path.display()))?;
+    for section in doc.keys() {
+        anyhow::ensure!(
+            PROVIDER_SECTIONS.contains(&section.as_str()),
+            "{}: unknown section [{section}]; the sections are {}",
+            path.display(),
+            PROVIDER_SECTIONS.map(|s| format!("[{s}]")).join(", ")
+        );
+    }
+    if doc.contains_key("redfish") {
+        let config = bm_provider_redfish::RedfishConfig::from_toml(&text)
+            .with_context(|| format!("{}: in [redfish]", path.display()))?;
+        let provider = bm_provider_redfish::RedfishProvider::new(config)
+            .with_context(|| format!("{}: in [redfish]", path.display()))?;
+        providers.register(Arc::new(provider));
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -181,6 +217,10 @@ async fn main() -> anyhow::Result<()> {
         failure_rate: args.fake_failure_rate,
         seed: args.fake_seed,
     })));
+
+    if let Some(path) = &args.provider_config {
+        register_configured(&mut providers, path)?;
+    }
 
     let config = EngineConfig {
         max_concurrent_operations: args.max_concurrent_operations.max(1),

@@ -5,5 +5,6 @@
 mod field;
 mod notify;
 mod redfish;
+mod server;
 mod ssh;
 mod support;

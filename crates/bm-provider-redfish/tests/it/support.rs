@@ -71,12 +71,16 @@ pub(crate) struct Emulator {
     dir: tempfile::TempDir,
 }
 
+/// The emulator script: `$REDFISH_EMULATOR`, or the team's `shared/tools` beside the
+/// checkout.
 fn emulator_script() -> PathBuf {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/redfish-emulator");
+    let script = std::env::var_os("REDFISH_EMULATOR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/redfish-emulator"),
+        PathBuf::from,
+    );
     assert!(
         script.is_file(),
-        "the Redfish emulator script is missing: expected {} (the shared/ folder beside the checkout)",
+        "the Redfish emulator script is missing: expected {} (the shared/ folder beside the checkout, or set REDFISH_EMULATOR)",
         script.display()
     );
     script

@@ -329,15 +329,11 @@ impl Clients {
             .into_inner();
         let wait = async {
             while let Some(batch) = stream.message().await.expect("watch message") {
-                if batch
-                    .events
-                    .iter()
-                    .any(|e| {
-                        e.r#type == pb::EventType::StageStarted as i32
-                            && e.stage == stage
-                            && attempt.is_none_or(|a| a == e.attempt)
-                    })
-                {
+                if batch.events.iter().any(|e| {
+                    e.r#type == pb::EventType::StageStarted as i32
+                        && e.stage == stage
+                        && attempt.is_none_or(|a| a == e.attempt)
+                }) {
                     return;
                 }
             }
