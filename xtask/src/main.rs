@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks, in Rust so they run wherever cargo does.
 //!
 //! - `demo [--slow]`: plays spec 000's presenter script against a fresh server.
+//! - `bench [--quick] [--scenario NAME]`: builds in release mode and runs `bm-bench`.
 //! - `ci`: runs `.ci/run` (formatting, lints, docs, the tests).
 
 #![allow(
@@ -20,6 +21,8 @@ fn usage() -> &'static str {
 tasks:
   demo [--slow] [--fake-timing normal|slow|instant]
         play spec 000's presenter script (steps 3-10) against a fresh server
+  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory]
+        build in release mode, run the benchmarks against a real server, print one table
   ci    formatting, lints, docs and tests, as .ci/run does"
 }
 
@@ -34,6 +37,7 @@ fn main() -> anyhow::Result<()> {
             let code = demo::run(rest)?;
             std::process::exit(code);
         }
+        "bench" => bench(rest),
         "ci" => ci(),
         "-h" | "--help" | "help" => {
             println!("{}", usage());
@@ -41,6 +45,42 @@ fn main() -> anyhow::Result<()> {
         }
         other => bail!("unknown task {other:?}\n\n{}", usage()),
     }
+}
+
+/// Builds the server and the benchmark client in release mode and runs the benchmarks.
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    println!("Building bm-server and bm-bench in release mode...");
+    let status = std::process::Command::new(proc::cargo())
+        .current_dir(proc::root())
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "bm-server",
+            "-p",
+            "bm-bench",
+            "--bins",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("the release build failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| proc::root().join("target"), std::path::PathBuf::from);
+    let bin = target.join("release");
+    let status = std::process::Command::new(bin.join("bm-bench"))
+        .arg("run")
+        .arg("--server-bin")
+        .arg(bin.join("bm-server"))
+        .arg("--work-dir")
+        .arg(target.join("bm-bench"))
+        .args(args)
+        .status()?;
+    if !status.success() {
+        bail!("the benchmark failed");
+    }
+    Ok(())
 }
 
 /// Runs `.ci/run`, the one definition of what CI checks.

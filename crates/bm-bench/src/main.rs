@@ -1,0 +1,504 @@
+//! `bm-bench`: the benchmark client. It starts a real `bm-server` (instant fake hardware,
+//! SQLite on disk) and a bare tonic echo server, drives them through their public gRPC APIs
+//! from this separate process, checks the invariants each scenario relies on, and prints one
+//! Markdown table of figures, each next to the limit it is measured against.
+//!
+//! `cargo xtask bench` builds everything in release mode and runs it; `--quick` runs small
+//! sizes (CI runs it to catch a broken invariant; timings are never asserted).
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "a benchmark prints its results"
+)]
+
+mod control;
+mod echo;
+mod procs;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use clap::{Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+use control::{Clients, Kind};
+use stats::{Row, fmt_count, fmt_duration};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bm-bench",
+    about = "Benchmarks of the control plane through its public API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the benchmarks.
+    Run(RunArgs),
+    /// Serve the echo baseline (used by `run`).
+    EchoServer,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The bm-server binary to benchmark.
+    #[arg(long)]
+    server_bin: PathBuf,
+    /// Where the server keeps its data (on the disk under test, not tmpfs).
+    #[arg(long, default_value = "target/bm-bench")]
+    work_dir: PathBuf,
+    /// Small sizes: checks the invariants quickly; the figures mean little.
+    #[arg(long)]
+    quick: bool,
+    /// Only this scenario.
+    #[arg(long, value_enum, default_value_t = Scenario::All)]
+    scenario: Scenario,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    All,
+    Baseline,
+    Fleet,
+    Api,
+    Watch,
+    Memory,
+}
+
+struct Sizes {
+    fleet: u32,
+    client_in_flight: usize,
+    get_calls: usize,
+    run_for: Duration,
+    watchers: usize,
+    fan_out_machines: u32,
+    memory_machines: u32,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                fleet: 300,
+                client_in_flight: 64,
+                get_calls: 300,
+                run_for: Duration::from_millis(500),
+                watchers: 20,
+                fan_out_machines: 30,
+                memory_machines: 2_000,
+            }
+        } else {
+            Sizes {
+                fleet: 10_000,
+                client_in_flight: 512,
+                get_calls: 5_000,
+                run_for: Duration::from_secs(3),
+                watchers: 1_000,
+                fan_out_machines: 1_000,
+                memory_machines: 100_000,
+            }
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Cmd::EchoServer => runtime.block_on(echo::serve()),
+        Cmd::Run(args) => runtime.block_on(run(args)),
+    }
+}
+
+fn machine_description() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!("{cores} cores ({model}), {mem_gib:.0} GiB")
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let sizes = Sizes::new(args.quick);
+    let want = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
+    std::fs::create_dir_all(&args.work_dir)?;
+    let work = std::fs::canonicalize(&args.work_dir)?.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let mut rows: Vec<Row> = Vec::new();
+
+    // 1. Baselines: the limits of this machine's loopback gRPC and disk.
+    let echo = if want(Scenario::Baseline) || want(Scenario::Api) {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("echo-server");
+        let server = procs::Proc::start(cmd, "echo listening on")?;
+        let channel = connect(&server.addr).await?;
+        let seq = echo::sequential(channel.clone(), sizes.get_calls).await?;
+        let tput = echo::throughput(channel, 64, sizes.run_for).await?;
+        server.stop(Duration::from_secs(5));
+        rows.push(Row::new(
+            "baseline",
+            "echo: sequential p50 / p99",
+            format!("{} / {}", fmt_duration(seq.p50), fmt_duration(seq.p99)),
+        ));
+        rows.push(Row::new(
+            "baseline",
+            "echo: calls/s, 64 in flight",
+            fmt_count(tput),
+        ));
+        Some((seq, tput))
+    } else {
+        None
+    };
+    let fsync = procs::fsync_rate(
+        &work,
+        if args.quick {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(2)
+        },
+    )?;
+    rows.push(Row::new(
+        "baseline",
+        "disk: 100-byte appends + fdatasync /s",
+        fmt_count(fsync),
+    ));
+
+    // The control plane.
+    let needs_server = [
+        Scenario::Fleet,
+        Scenario::Api,
+        Scenario::Watch,
+        Scenario::Memory,
+    ]
+    .iter()
+    .any(|s| want(*s));
+    if needs_server {
+        let mut cmd = Command::new(&args.server_bin);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--fake-timing",
+            "instant",
+            "--log-level",
+            "warn",
+            "--max-concurrent-operations",
+            "4096",
+        ])
+        .arg("--data-dir")
+        .arg(work.join("data"))
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(work.join("server.log"))?);
+        let server = procs::Proc::start(cmd, "bm-server listening on")?;
+        let pid = server.pid();
+        let endpoint = format!("http://{}", server.addr);
+        let mut c = Clients::new(connect(&server.addr).await?);
+        let (rss_empty, _) = procs::rss(pid)?;
+        let mut registered = 0u32;
+        let mut in_maintenance = 0u32;
+
+        // 2. The fleet: import, maintenance, reimage everything at once.
+        if want(Scenario::Fleet) {
+            let n = sizes.fleet;
+            let took = control::import(&mut c, 0, n).await?;
+            registered = n;
+            rows.push(
+                Row::new(
+                    "fleet",
+                    format!("import {} machines", fmt_count(f64::from(n))),
+                    fmt_duration(took),
+                )
+                .vs(format!(
+                    "{} machines/s",
+                    fmt_count(f64::from(n) / took.as_secs_f64())
+                )),
+            );
+            let enter = control::run_phase(
+                &mut c,
+                pid,
+                n,
+                Kind::EnterMaintenance,
+                sizes.client_in_flight,
+                "enter",
+            )
+            .await?;
+            in_maintenance = n;
+            rows.push(
+                Row::new(
+                    "fleet",
+                    format!("enter maintenance x {}", fmt_count(f64::from(n))),
+                    fmt_duration(enter.wall),
+                )
+                .vs(format!(
+                    "{} ops/s",
+                    fmt_count(f64::from(n) / enter.wall.as_secs_f64())
+                )),
+            );
+            let re = control::run_phase(
+                &mut c,
+                pid,
+                n,
+                Kind::Reimage,
+                sizes.client_in_flight,
+                "reimage",
+            )
+            .await?;
+            control::check_fleet(&mut c, n)
+                .await
+                .context("after the fleet reimage")?;
+            let ops = f64::from(n) / re.wall.as_secs_f64();
+            rows.push(
+                Row::new(
+                    "fleet",
+                    format!("reimage x {}, end to end", fmt_count(f64::from(n))),
+                    fmt_duration(re.wall),
+                )
+                .target("≤ 5 s for 10,000"),
+            );
+            rows.push(
+                Row::new("fleet", "reimages/s", fmt_count(ops))
+                    .vs(format!("{:.0}x Ironic's 8 nodes/s", ops / 8.0))
+                    .target("≥ 2,000"),
+            );
+            rows.push(Row::new(
+                "fleet",
+                "reimage latency p50 / p99 (admission to SUCCEEDED)",
+                format!(
+                    "{} / {}",
+                    fmt_duration(re.latency.p50),
+                    fmt_duration(re.latency.p99)
+                ),
+            ));
+            let changes = re.events as f64 / re.wall.as_secs_f64();
+            rows.push(
+                Row::new(
+                    "fleet",
+                    format!(
+                        "durable state changes/s ({} events, {:.1} per reimage)",
+                        fmt_count(re.events as f64),
+                        re.events as f64 / f64::from(n)
+                    ),
+                    fmt_count(changes),
+                )
+                .vs(format!("{:.1}x the disk's fsync rate", changes / fsync))
+                .target("≥ 25x"),
+            );
+            let (_, peak) = procs::rss(pid)?;
+            rows.push(
+                Row::new(
+                    "fleet",
+                    "server CPU time during the reimages",
+                    format!("{:.2} s", re.cpu.as_secs_f64()),
+                )
+                .vs(format!(
+                    "{:.2} cores busy",
+                    re.cpu.as_secs_f64() / re.wall.as_secs_f64()
+                )),
+            );
+            rows.push(Row::new(
+                "fleet",
+                "server peak RSS",
+                format!("{:.1} MiB", peak as f64 / 1048576.0),
+            ));
+            println!("fleet: done ({n} reimages in {})", fmt_duration(re.wall));
+        }
+
+        // 3. The API under load.
+        if want(Scenario::Api) {
+            if registered < sizes.fleet {
+                control::import(&mut c, registered, sizes.fleet).await?;
+                registered = sizes.fleet;
+            }
+            let seq = control::get_sequential(&mut c, registered, sizes.get_calls).await?;
+            let tput = control::get_throughput(&c, registered, 64, sizes.run_for).await?;
+            let (echo_seq, echo_tput) = echo.context("the API scenario needs the echo baseline")?;
+            rows.push(
+                Row::new(
+                    "api",
+                    format!(
+                        "GetMachine sequential p50 / p99 ({} machines)",
+                        fmt_count(f64::from(registered))
+                    ),
+                    format!("{} / {}", fmt_duration(seq.p50), fmt_duration(seq.p99)),
+                )
+                .vs(format!(
+                    "p99 {:.2}x echo's",
+                    seq.p99.as_secs_f64() / echo_seq.p99.as_secs_f64()
+                ))
+                .target("p99 ≤ 3x echo's"),
+            );
+            rows.push(
+                Row::new("api", "GetMachine calls/s, 64 in flight", fmt_count(tput))
+                    .vs(format!("{:.0}% of echo's", 100.0 * tput / echo_tput))
+                    .target("≥ 50% of echo's"),
+            );
+            println!("api: done");
+        }
+
+        // 4. Watch fan-out during a fleet run.
+        if want(Scenario::Watch) {
+            let n = sizes.fan_out_machines;
+            if registered < n {
+                control::import(&mut c, registered, n).await?;
+                registered = n;
+            }
+            if in_maintenance < n {
+                control::run_phase(
+                    &mut c,
+                    pid,
+                    n,
+                    Kind::EnterMaintenance,
+                    sizes.client_in_flight,
+                    "enter-fan",
+                )
+                .await?;
+            }
+            let f = control::fan_out(&endpoint, &mut c, pid, sizes.watchers, n).await?;
+            rows.push(
+                Row::new(
+                    "watch",
+                    format!(
+                        "{} watchers during {} reimages",
+                        fmt_count(f.watchers as f64),
+                        fmt_count(f64::from(n))
+                    ),
+                    format!(
+                        "each got all {} events in order, 0 lost",
+                        fmt_count(f.events_each as f64)
+                    ),
+                )
+                .vs(format!(
+                    "{} deliveries in {}",
+                    fmt_count((f.watchers * f.events_each) as f64),
+                    fmt_duration(f.wall)
+                ))
+                .target("0 lost"),
+            );
+            rows.push(Row::new(
+                "watch",
+                "delivery latency p50 / p99 (commit to client)",
+                format!(
+                    "{} / {}",
+                    fmt_duration(f.delivery.p50),
+                    fmt_duration(f.delivery.p99)
+                ),
+            ));
+            println!("watch: done");
+        }
+
+        // 5. Memory, and listing a big inventory.
+        if want(Scenario::Memory) {
+            let total = sizes.memory_machines;
+            if registered < total {
+                let took = control::import(&mut c, registered, total).await?;
+                rows.push(
+                    Row::new(
+                        "memory",
+                        format!(
+                            "import {} more machines",
+                            fmt_count(f64::from(total - registered))
+                        ),
+                        fmt_duration(took),
+                    )
+                    .vs(format!(
+                        "{} machines/s",
+                        fmt_count(f64::from(total - registered) / took.as_secs_f64())
+                    )),
+                );
+                registered = total;
+            }
+            let (took, count) = control::list_all(&mut c, 500).await?;
+            ensure!(
+                count == registered as usize,
+                "listed {count} of {registered} machines"
+            );
+            rows.push(
+                Row::new(
+                    "api",
+                    format!(
+                        "ListMachines over {} machines, 500 per page",
+                        fmt_count(count as f64)
+                    ),
+                    fmt_duration(took),
+                )
+                .vs(format!(
+                    "{} machines/s",
+                    fmt_count(count as f64 / took.as_secs_f64())
+                )),
+            );
+            let (rss, _) = procs::rss(pid)?;
+            let per = rss as f64 / f64::from(registered);
+            let per_above_empty = rss.saturating_sub(rss_empty) as f64 / f64::from(registered);
+            rows.push(
+                Row::new(
+                    "memory",
+                    format!(
+                        "server RSS with {} machines",
+                        fmt_count(f64::from(registered))
+                    ),
+                    format!("{:.1} MiB", rss as f64 / 1048576.0),
+                )
+                .vs(format!(
+                    "{:.2} KiB per machine ({:.2} KiB above the empty server's {:.1} MiB)",
+                    per / 1024.0,
+                    per_above_empty / 1024.0,
+                    rss_empty as f64 / 1048576.0
+                ))
+                .target("≤ 2 KiB per machine"),
+            );
+            println!("memory: done");
+        }
+        ensure!(
+            server.stop(Duration::from_secs(15)),
+            "bm-server did not shut down cleanly (log: {})",
+            work.join("server.log").display()
+        );
+    }
+
+    println!(
+        "\nbm-bench {} on {}, {}\n",
+        if args.quick { "--quick" } else { "(full)" },
+        machine_description(),
+        chrono_now()
+    );
+    println!("{}", stats::table(&rows));
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// The date, from `date -u` (no date crate needed for one line).
+fn chrono_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(String::new, |s| s.trim().to_owned())
+}
