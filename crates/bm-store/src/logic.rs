@@ -22,9 +22,17 @@ pub(crate) struct StoredOp {
     pub(crate) lease: Option<Lease>,
 }
 
-impl StoredOp {
+/// Who holds an operation, without its record: what a fenced write needs to know.
+#[derive(Clone, Debug)]
+pub(crate) struct Holding {
+    pub(crate) active: bool,
+    pub(crate) lease: Option<Lease>,
+    pub(crate) cancel_requested: bool,
+}
+
+impl Holding {
     fn held_by(&self, owner: &str) -> bool {
-        self.op.is_active() && self.lease.as_ref().is_some_and(|l| l.owner == owner)
+        self.active && self.lease.as_ref().is_some_and(|l| l.owner == owner)
     }
 }
 
@@ -36,6 +44,8 @@ pub(crate) trait Tx {
     fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()>;
     fn mac_owner(&mut self, mac: &MacAddress) -> Result<Option<MachineId>>;
     fn operation(&mut self, id: OperationId) -> Result<Option<StoredOp>>;
+    /// Who holds an operation (cheaper than reading it).
+    fn holding(&mut self, id: OperationId) -> Result<Option<Holding>>;
     fn operation_by_request(
         &mut self,
         machine: &MachineId,
@@ -242,12 +252,12 @@ pub(crate) fn claim(
     Ok(out)
 }
 
-fn held(tx: &mut impl Tx, owner: &str, id: OperationId) -> Result<StoredOp> {
-    let stored = tx.operation(id)?.ok_or(StoreError::OperationNotFound(id))?;
-    if !stored.held_by(owner) {
+fn held(tx: &mut impl Tx, owner: &str, id: OperationId) -> Result<Holding> {
+    let holding = tx.holding(id)?.ok_or(StoreError::OperationNotFound(id))?;
+    if !holding.held_by(owner) {
         return Err(StoreError::LeaseLost(id));
     }
-    Ok(stored)
+    Ok(holding)
 }
 
 pub(crate) fn save_progress(
@@ -256,10 +266,10 @@ pub(crate) fn save_progress(
     op: &Operation,
     events: Vec<OperationEvent>,
 ) -> Result<bool> {
-    let stored = held(tx, owner, op.id)?;
+    let holding = held(tx, owner, op.id)?;
     let mut op = op.clone();
-    op.cancel_requested |= stored.op.cancel_requested;
-    tx.put_operation(&op, stored.lease.as_ref())?;
+    op.cancel_requested |= holding.cancel_requested;
+    tx.put_operation(&op, holding.lease.as_ref())?;
     for e in events {
         tx.append_event(e)?;
     }
@@ -274,8 +284,8 @@ pub(crate) fn finish(
     events: Vec<OperationEvent>,
     now: Timestamp,
 ) -> Result<(Operation, Machine)> {
-    let stored = held(tx, owner, op.id)?;
-    op.cancel_requested |= stored.op.cancel_requested;
+    let holding = held(tx, owner, op.id)?;
+    op.cancel_requested |= holding.cancel_requested;
     let mut m = tx
         .machine(&op.machine_id)?
         .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;

@@ -11,7 +11,7 @@ use bm_domain::{
 };
 use tokio::sync::broadcast;
 
-use crate::logic::{self, StoredOp, Tx};
+use crate::logic::{self, Holding, StoredOp, Tx};
 use crate::{
     Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
     Page, Result, Store,
@@ -22,6 +22,8 @@ struct State {
     machines: BTreeMap<MachineId, Machine>,
     macs: HashMap<MacAddress, MachineId>,
     operations: BTreeMap<OperationId, StoredOp>,
+    /// The pending and running operations, so that claims never walk the history.
+    active: std::collections::BTreeSet<OperationId>,
     requests: HashMap<(MachineId, RequestId), OperationId>,
     events: Vec<Arc<OperationEvent>>,
     logs: HashMap<OperationId, Vec<LogLine>>,
@@ -81,6 +83,14 @@ impl Tx for MemTx<'_> {
         Ok(self.state.operations.get(&id).cloned())
     }
 
+    fn holding(&mut self, id: OperationId) -> Result<Option<Holding>> {
+        Ok(self.state.operations.get(&id).map(|s| Holding {
+            active: s.op.is_active(),
+            lease: s.lease.clone(),
+            cancel_requested: s.op.cancel_requested,
+        }))
+    }
+
     fn operation_by_request(
         &mut self,
         machine: &MachineId,
@@ -96,6 +106,11 @@ impl Tx for MemTx<'_> {
     }
 
     fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+        if op.is_active() {
+            self.state.active.insert(op.id);
+        } else {
+            self.state.active.remove(&op.id);
+        }
         self.state
             .requests
             .insert((op.machine_id.clone(), op.request_id.clone()), op.id);
@@ -110,11 +125,12 @@ impl Tx for MemTx<'_> {
     }
 
     fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>> {
-        Ok(self
-            .state
-            .operations
-            .values()
-            .filter(|s| s.op.is_active() && s.lease.as_ref().is_none_or(|l| l.expires_at < now))
+        let state = &self.state;
+        Ok(state
+            .active
+            .iter()
+            .filter_map(|id| state.operations.get(id))
+            .filter(|s| s.lease.as_ref().is_none_or(|l| l.expires_at < now))
             .take(limit)
             .cloned()
             .collect())
@@ -122,10 +138,13 @@ impl Tx for MemTx<'_> {
 
     fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>> {
         let mut canceled = Vec::new();
-        for s in self.state.operations.values_mut() {
+        let ids: Vec<OperationId> = self.state.active.iter().copied().collect();
+        for id in ids {
+            let Some(s) = self.state.operations.get_mut(&id) else {
+                continue;
+            };
             if let Some(l) = &mut s.lease
                 && l.owner == lease.owner
-                && s.op.is_active()
             {
                 l.expires_at = lease.expires_at;
                 if s.op.cancel_requested {

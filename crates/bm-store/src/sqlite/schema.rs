@@ -39,7 +39,11 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (machine_id, request_id)
     );
     CREATE INDEX operations_by_machine ON operations (machine_id, id);
-    CREATE INDEX operations_active ON operations (id) WHERE phase IN ('PENDING', 'RUNNING');
+    -- Claiming looks only at what it can take: active and unheld, or held past its expiry.
+    CREATE INDEX operations_unheld ON operations (id)
+        WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NULL;
+    CREATE INDEX operations_lease_expiry ON operations (lease_expires)
+        WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NOT NULL;
     CREATE INDEX operations_by_owner ON operations (lease_owner) WHERE lease_owner IS NOT NULL;
 
     CREATE TABLE events (

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::broadcast;
 
 use super::codec;
-use crate::logic::{StoredOp, Tx};
+use crate::logic::{Holding, StoredOp, Tx};
 use crate::{Lease, Result, StoreError};
 
 /// Called after the batch's commit with its result.
@@ -216,6 +216,28 @@ impl Tx for SqlTx<'_> {
             .transpose()
     }
 
+    fn holding(&mut self, id: OperationId) -> Result<Option<Holding>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT phase IN ('PENDING', 'RUNNING'), cancel_requested, lease_owner, lease_expires
+                 FROM operations WHERE id = ?1",
+            )?
+            .query_row([id.to_string()], |r| {
+                let owner: Option<String> = r.get(2)?;
+                let expires: Option<i64> = r.get(3)?;
+                Ok(Holding {
+                    active: r.get(0)?,
+                    cancel_requested: r.get(1)?,
+                    lease: owner.map(|owner| Lease {
+                        owner,
+                        expires_at: Timestamp::from_unix_micros(expires.unwrap_or(0)),
+                    }),
+                })
+            })
+            .optional()?)
+    }
+
     fn operation_by_request(
         &mut self,
         machine: &MachineId,
@@ -256,18 +278,37 @@ impl Tx for SqlTx<'_> {
     }
 
     fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {OP_COLUMNS} FROM operations
-             WHERE phase IN ('PENDING', 'RUNNING') AND (lease_owner IS NULL OR lease_expires < ?1)
-             ORDER BY id LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(
-            params![now.as_unix_micros(), limit as i64],
-            codec::stored_op,
-        )?;
+        // Two indexed queries, so that the operations this and other executors hold are
+        // never walked: the unheld ones (oldest first), then those whose lease expired.
         let mut out = Vec::new();
-        for row in rows {
-            out.push(row??);
+        let queries = [
+            format!(
+                "SELECT {OP_COLUMNS} FROM operations
+                 WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NULL
+                 ORDER BY id LIMIT ?1"
+            ),
+            format!(
+                "SELECT {OP_COLUMNS} FROM operations
+                 WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NOT NULL AND lease_expires < ?2
+                 ORDER BY lease_expires LIMIT ?1"
+            ),
+        ];
+        for sql in &queries {
+            if out.len() >= limit {
+                break;
+            }
+            let mut stmt = self.conn.prepare_cached(sql)?;
+            let want = (limit - out.len()) as i64;
+            let rows = if sql.contains("?2") {
+                stmt.query_map(params![want, now.as_unix_micros()], codec::stored_op)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            } else {
+                stmt.query_map(params![want], codec::stored_op)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for row in rows {
+                out.push(row?);
+            }
         }
         Ok(out)
     }
