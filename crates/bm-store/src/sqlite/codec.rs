@@ -1,10 +1,13 @@
 //! Rows to domain values and back.
 
-use bm_domain::{LogLine, Machine, Operation, OperationEvent, Timestamp};
+use bm_domain::{
+    EventKind, LogLine, Machine, MachineId, Operation, OperationEvent, OperationPhase,
+    OperationType, Timestamp,
+};
 use rusqlite::Row;
 
 use crate::logic::StoredOp;
-use crate::{Lease, Result};
+use crate::{Lease, Result, StoreError};
 
 pub(super) fn machine(doc: &str) -> Result<Machine> {
     Ok(serde_json::from_str(doc)?)
@@ -33,14 +36,96 @@ pub(super) fn stored_op(row: &Row<'_>) -> rusqlite::Result<Result<StoredOp>> {
     }))
 }
 
-pub(super) fn event(revision: i64, doc: &str) -> Result<OperationEvent> {
-    let mut e: OperationEvent = serde_json::from_str(doc)?;
-    e.revision = revision as u64;
-    Ok(e)
+pub(super) fn event_kind_name(k: EventKind) -> &'static str {
+    match k {
+        EventKind::Created => "CREATED",
+        EventKind::PhaseChanged => "PHASE_CHANGED",
+        EventKind::StageStarted => "STAGE_STARTED",
+        EventKind::StageSucceeded => "STAGE_SUCCEEDED",
+        EventKind::StageFailed => "STAGE_FAILED",
+        EventKind::StageRetrying => "STAGE_RETRYING",
+        EventKind::CancelRequested => "CANCEL_REQUESTED",
+    }
 }
 
-pub(super) fn log_line(doc: &str) -> Result<LogLine> {
-    Ok(serde_json::from_str(doc)?)
+fn event_kind(name: &str) -> Result<EventKind> {
+    use EventKind as K;
+    [
+        K::Created,
+        K::PhaseChanged,
+        K::StageStarted,
+        K::StageSucceeded,
+        K::StageFailed,
+        K::StageRetrying,
+        K::CancelRequested,
+    ]
+    .into_iter()
+    .find(|k| event_kind_name(*k) == name)
+    .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {name:?}")))
+}
+
+fn operation_phase(name: &str) -> Result<OperationPhase> {
+    OperationPhase::ALL
+        .into_iter()
+        .find(|p| p.as_str() == name)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown operation phase {name:?}")))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// The columns of an events row, in the order [`EVENT_COLUMNS`] selects them.
+pub(super) const EVENT_COLUMNS: &str = "revision, operation_id, machine_id, time, operation_type, kind, phase, stage, attempt, message";
+
+/// Reads an events row selected with [`EVENT_COLUMNS`].
+pub(super) fn event(row: &Row<'_>) -> rusqlite::Result<Result<OperationEvent>> {
+    let operation_id: String = row.get(1)?;
+    let machine_id: String = row.get(2)?;
+    let operation_type: String = row.get(4)?;
+    let kind: String = row.get(5)?;
+    let phase: String = row.get(6)?;
+    let revision: i64 = row.get(0)?;
+    let time: i64 = row.get(3)?;
+    let stage: String = row.get(7)?;
+    let attempt: u32 = row.get(8)?;
+    let message: String = row.get(9)?;
+    Ok((|| {
+        Ok(OperationEvent {
+            revision: revision as u64,
+            time: Timestamp::from_unix_micros(time),
+            operation_id: operation_id.parse().map_err(corrupt)?,
+            machine_id: MachineId::new(machine_id).map_err(corrupt)?,
+            operation_type: operation_type.parse::<OperationType>().map_err(corrupt)?,
+            kind: event_kind(&kind)?,
+            phase: operation_phase(&phase)?,
+            stage,
+            attempt,
+            message,
+        })
+    })())
+}
+
+/// The columns of a logs row, in the order [`LOG_COLUMNS`] selects them.
+pub(super) const LOG_COLUMNS: &str = "operation_id, sequence, time, stage, tag, message";
+
+/// Reads a logs row selected with [`LOG_COLUMNS`].
+pub(super) fn log_line(row: &Row<'_>) -> rusqlite::Result<Result<LogLine>> {
+    let operation_id: String = row.get(0)?;
+    let sequence: i64 = row.get(1)?;
+    let time: i64 = row.get(2)?;
+    let (stage, tag, message): (String, String, String) = (row.get(3)?, row.get(4)?, row.get(5)?);
+    Ok(operation_id
+        .parse()
+        .map_err(corrupt)
+        .map(|operation_id| LogLine {
+            operation_id,
+            sequence: sequence as u64,
+            time: Timestamp::from_unix_micros(time),
+            stage,
+            tag,
+            message,
+        }))
 }
 
 pub(super) fn to_json(v: &impl serde::Serialize) -> Result<String> {

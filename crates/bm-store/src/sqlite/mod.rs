@@ -2,8 +2,8 @@
 //!
 //! One data directory holds the database (`baremetal.db`, in WAL mode) and a lock file that
 //! keeps a second process out. Writes go through one writer thread that commits in batches
-//! (see `writer.rs`); reads run on a small pool of read connections on the blocking thread
-//! pool, concurrently with the writer.
+//! (see `writer.rs`); a second thread checkpoints the WAL into the database file; reads run on
+//! a small pool of read connections on the blocking thread pool, concurrently with both.
 //!
 //! Because the lock makes this process the only user of the database, every lease found at
 //! start belongs to a process that is gone: they are released at once, so that interrupted
@@ -63,6 +63,8 @@ impl SqliteConfig {
 pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<Command>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropping it stops the checkpointer.
+    checkpointer: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     readers: Arc<Readers>,
     events: broadcast::Sender<Arc<OperationEvent>>,
     logs: broadcast::Sender<Arc<LogLine>>,
@@ -122,6 +124,10 @@ impl SqliteStore {
         let path = config.dir.join("baremetal.db");
         let mut conn = schema::open(&path, config.cache_kib)?;
         schema::migrate(&mut conn)?;
+        // Checkpoints copy the WAL into the database file; a thread of their own does that
+        // (see `checkpoint_loop`), so that the writer only appends and commits. The writer's
+        // automatic checkpoint stays as a backstop should that thread fall far behind.
+        conn.pragma_update(None, "wal_autocheckpoint", 100_000)?;
         let released = conn.execute(
             "UPDATE operations SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner IS NOT NULL",
             [],
@@ -152,9 +158,16 @@ impl SqliteStore {
             .name("bm-store-writer".into())
             .spawn(move || writer.run())
             .map_err(StoreError::backend)?;
+        let checkpoint_conn = schema::open(&path, 1024)?;
+        let (stop, stopped) = mpsc::channel();
+        let checkpointer = std::thread::Builder::new()
+            .name("bm-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoint_conn, &stopped))
+            .map_err(StoreError::backend)?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
+            checkpointer: Mutex::new(Some((stop, checkpointer))),
             readers: Arc::new(Readers {
                 conns: readers,
                 next: AtomicUsize::new(0),
@@ -190,6 +203,15 @@ impl SqliteStore {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
+            let _ = t.join();
+        }
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((stop, t)) = checkpointer {
+            drop(stop);
             let _ = t.join();
         }
     }
@@ -250,10 +272,29 @@ impl Drop for SqliteStore {
     }
 }
 
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Copies the WAL into the database file every [`CHECKPOINT_EVERY`] until told to stop.
+/// PASSIVE checkpoints never wait for or block the writer or the readers; a commit is
+/// durable when the WAL is synced, so checkpoints only bound the WAL's size.
+fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
+    loop {
+        match stop.recv_timeout(CHECKPOINT_EVERY) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
 /// The commit of a batch failed; every write in it was rolled back.
 #[derive(Debug, thiserror::Error)]
-#[error("commit failed")]
-struct CommitFailed(#[source] Arc<rusqlite::Error>);
+#[error("the write was not committed")]
+struct CommitFailed(#[source] Arc<writer::CommitError>);
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -463,27 +504,28 @@ impl Store for SqliteStore {
         let filter = filter.clone();
         self.read(move |conn| {
             let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let cols = codec::EVENT_COLUMNS;
             let (sql, key) = match (&filter.operation_id, &filter.machine_id) {
                 (Some(op), _) => (
-                    "SELECT revision, doc FROM events WHERE operation_id = ?2 AND revision > ?1 ORDER BY revision LIMIT ?3",
+                    format!("SELECT {cols} FROM events WHERE operation_id = ?2 AND revision > ?1 ORDER BY revision LIMIT ?3"),
                     Some(op.to_string()),
                 ),
                 (None, Some(m)) => (
-                    "SELECT revision, doc FROM events WHERE machine_id = ?2 AND revision > ?1 ORDER BY revision LIMIT ?3",
+                    format!("SELECT {cols} FROM events WHERE machine_id = ?2 AND revision > ?1 ORDER BY revision LIMIT ?3"),
                     Some(m.as_str().to_owned()),
                 ),
                 (None, None) => (
-                    "SELECT revision, doc FROM events WHERE revision > ?1 AND ?2 IS NULL ORDER BY revision LIMIT ?3",
+                    format!("SELECT {cols} FROM events WHERE revision > ?1 AND ?2 IS NULL ORDER BY revision LIMIT ?3"),
                     None,
                 ),
             };
-            let mut stmt = conn.prepare_cached(sql)?;
-            let rows: Vec<(i64, String)> = stmt
-                .query_map(rusqlite::params![after, key, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt
+                .query_map(rusqlite::params![after, key, limit as i64], codec::event)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut out = Vec::with_capacity(rows.len());
-            for (rev, doc) in rows {
-                let e = codec::event(rev, &doc)?;
+            for e in rows {
+                let e = e?;
                 // Both filters apply when both are given.
                 if filter.matches(&e) {
                     out.push(e);
@@ -520,16 +562,17 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<LogLine>> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT doc FROM logs WHERE operation_id = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3",
-            )?;
-            let docs: Vec<String> = stmt
-                .query_map(
-                    rusqlite::params![operation.to_string(), after as i64, limit as i64],
-                    |r| r.get(0),
-                )?
-                .collect::<rusqlite::Result<_>>()?;
-            docs.iter().map(|d| codec::log_line(d)).collect()
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {} FROM logs WHERE operation_id = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3",
+                codec::LOG_COLUMNS
+            ))?;
+            stmt.query_map(
+                rusqlite::params![operation.to_string(), after as i64, limit as i64],
+                codec::log_line,
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .into_iter()
+            .collect()
         })
         .await
     }
@@ -565,6 +608,38 @@ mod tests {
         let _first = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
         let second = SqliteStore::open(SqliteConfig::new(dir.path()));
         assert!(matches!(second, Err(StoreError::Locked(_))), "{second:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_that_fails_after_writing_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+        let m = Machine::register(
+            MachineId::new("m-1").unwrap(),
+            bm_domain::MachineSpec {
+                provider: "fake".into(),
+                ..Default::default()
+            },
+            Labels::default(),
+            Timestamp::EPOCH,
+        )
+        .unwrap();
+        // Breaks the "check, then write" discipline on purpose.
+        let m2 = m.clone();
+        let r = store
+            .write(move |tx| {
+                logic::register(tx, m2)?;
+                Err::<(), _>(StoreError::Corrupt("failed after writing".into()))
+            })
+            .await;
+        assert!(r.is_err());
+        assert!(matches!(
+            store.get_machine(&m.id).await,
+            Err(StoreError::MachineNotFound(_))
+        ));
+        // The store goes on working.
+        store.register_machine(m.clone()).await.unwrap();
+        assert_eq!(store.get_machine(&m.id).await.unwrap(), m);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The SQLite schema, its migrations, and how connections are opened.
 //!
-//! Records are JSON documents of the domain types (readable with the `sqlite3` shell),
-//! next to the columns that queries filter and sort on. Migrations are embedded and applied
+//! Machines and operations are JSON documents of the domain types (readable with the
+//! `sqlite3` shell), next to the columns that queries filter and sort on; events and log
+//! lines, written by the hundred thousand, are plain columns. Migrations are embedded and applied
 //! in order at start; `PRAGMA user_version` records how many ran.
 
 use std::path::Path;
@@ -47,10 +48,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX operations_by_owner ON operations (lease_owner) WHERE lease_owner IS NOT NULL;
 
     CREATE TABLE events (
-        revision     INTEGER PRIMARY KEY,
-        operation_id TEXT NOT NULL,
-        machine_id   TEXT NOT NULL,
-        doc          TEXT NOT NULL
+        revision       INTEGER PRIMARY KEY,
+        operation_id   TEXT NOT NULL,
+        machine_id     TEXT NOT NULL,
+        time           INTEGER NOT NULL,
+        operation_type TEXT NOT NULL,
+        kind           TEXT NOT NULL,
+        phase          TEXT NOT NULL,
+        stage          TEXT NOT NULL,
+        attempt        INTEGER NOT NULL,
+        message        TEXT NOT NULL
     );
     CREATE INDEX events_by_operation ON events (operation_id, revision);
     CREATE INDEX events_by_machine ON events (machine_id, revision);
@@ -58,7 +65,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE logs (
         operation_id TEXT NOT NULL,
         sequence     INTEGER NOT NULL,
-        doc          TEXT NOT NULL,
+        time         INTEGER NOT NULL,
+        stage        TEXT NOT NULL,
+        tag          TEXT NOT NULL,
+        message      TEXT NOT NULL,
         PRIMARY KEY (operation_id, sequence)
     ) WITHOUT ROWID;
     "#,

@@ -1,11 +1,16 @@
 //! The single writer thread: group commit.
 //!
 //! Every write of the store is a job sent to one thread that owns the only writing
-//! connection. The thread takes whatever jobs are queued (up to a batch limit), runs each in
-//! its own savepoint inside one transaction, commits once, and only then publishes the
-//! events and answers the callers. A batch of a thousand writes from a thousand concurrent
-//! operations therefore costs one fsync, not a thousand; a job that fails rolls back its own
-//! savepoint and nothing else.
+//! connection. The thread takes whatever jobs are queued (up to a batch limit), runs them in
+//! one transaction, commits once, and only then publishes the events and answers the
+//! callers. A batch of a thousand writes from a thousand concurrent operations therefore
+//! costs one fsync, not a thousand.
+//!
+//! Jobs run the store's transaction functions, which check everything before they write
+//! (`logic.rs`): a job that fails has written nothing, so the others in its batch commit
+//! as if it had not run, without the cost of a savepoint per job. Should a job ever fail
+//! after writing (a bug), the whole batch is rolled back and every caller gets an error
+//! (the executor retries), rather than committing half a job.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -21,10 +26,21 @@ use super::codec;
 use crate::logic::{Holding, StoredOp, Tx};
 use crate::{Lease, Result, StoreError};
 
-/// Called after the batch's commit with its result.
-pub(super) type Reply = Box<dyn FnOnce(Result<(), Arc<rusqlite::Error>>) + Send>;
+/// Why a batch was not committed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CommitError {
+    /// SQLite failed (a full disk, an IO error).
+    #[error("commit failed")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A job failed after writing (a bug): nothing of the batch was kept.
+    #[error("a store job failed after writing; its batch was rolled back")]
+    Poisoned,
+}
 
-/// A write: runs in a savepoint and says whether to keep it.
+/// Called after the batch's commit with its result.
+pub(super) type Reply = Box<dyn FnOnce(Result<(), Arc<CommitError>>) + Send>;
+
+/// A write: runs in the batch transaction and says whether its writes may be kept.
 pub(super) type Job = Box<dyn FnOnce(&mut SqlTx<'_>) -> (bool, Reply) + Send>;
 
 pub(super) enum Command {
@@ -37,10 +53,12 @@ enum Published {
     Log(LogLine),
 }
 
-/// The writer's view of one savepoint of the batch transaction.
+/// The writer's view of the batch transaction, for one job.
 pub(super) struct SqlTx<'a> {
     conn: &'a Connection,
     events: Vec<OperationEvent>,
+    /// Whether the job has written anything.
+    wrote: bool,
 }
 
 /// Counters of the writer, for benchmarks and logs.
@@ -82,9 +100,10 @@ impl Writer {
         // Published after the commit in the order they were written, so a provider's log
         // line reaches subscribers before the event of the step that logged it ends.
         let mut published = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
+        let mut poisoned = false;
+        let result = (|| -> Result<(), CommitError> {
             let conn = &self.conn;
-            conn.execute_batch("BEGIN IMMEDIATE")?;
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             for cmd in batch {
                 match cmd {
                     Command::Log(line) => match insert_log(conn, &line) {
@@ -95,23 +114,26 @@ impl Writer {
                         }
                     },
                     Command::Write(job) => {
-                        conn.execute_batch("SAVEPOINT job")?;
                         let mut tx = SqlTx {
                             conn,
                             events: Vec::new(),
+                            wrote: false,
                         };
                         let (keep, reply) = job(&mut tx);
                         if keep {
-                            conn.execute_batch("RELEASE job")?;
                             published.extend(tx.events.drain(..).map(Published::Event));
-                        } else {
-                            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                        } else if tx.wrote {
+                            poisoned = true;
                         }
                         replies.push(reply);
                     }
                 }
             }
-            conn.execute_batch("COMMIT")
+            if poisoned {
+                return Err(CommitError::Poisoned);
+            }
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
         })();
         match result {
             Ok(()) => {
@@ -144,12 +166,16 @@ impl Writer {
 fn insert_log(conn: &Connection, line: &LogLine) -> Result<bool> {
     let n = conn
         .prepare_cached(
-            "INSERT OR IGNORE INTO logs (operation_id, sequence, doc) VALUES (?1, ?2, ?3)",
+            "INSERT OR IGNORE INTO logs (operation_id, sequence, time, stage, tag, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![
             line.operation_id.to_string(),
             line.sequence as i64,
-            codec::to_json(line)?
+            line.time.as_unix_micros(),
+            line.stage,
+            line.tag,
+            line.message
         ])?;
     Ok(n == 1)
 }
@@ -167,6 +193,7 @@ impl Tx for SqlTx<'_> {
     }
 
     fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()> {
+        self.wrote = true;
         self.conn
             .prepare_cached(
                 "INSERT INTO machines (id, phase, effective_state, doc) VALUES (?1, ?2, ?3, ?4)
@@ -255,6 +282,7 @@ impl Tx for SqlTx<'_> {
     }
 
     fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+        self.wrote = true;
         self.conn
             .prepare_cached(
                 "INSERT INTO operations
@@ -314,6 +342,7 @@ impl Tx for SqlTx<'_> {
     }
 
     fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>> {
+        self.wrote = true;
         self.conn
             .prepare_cached(
                 "UPDATE operations SET lease_expires = ?2
@@ -336,6 +365,7 @@ impl Tx for SqlTx<'_> {
     }
 
     fn release_leases(&mut self, owner: &str) -> Result<usize> {
+        self.wrote = true;
         Ok(self
             .conn
             .prepare_cached(
@@ -345,14 +375,23 @@ impl Tx for SqlTx<'_> {
     }
 
     fn append_event(&mut self, mut event: OperationEvent) -> Result<()> {
+        self.wrote = true;
         self.conn
             .prepare_cached(
-                "INSERT INTO events (operation_id, machine_id, doc) VALUES (?1, ?2, ?3)",
+                "INSERT INTO events
+                   (operation_id, machine_id, time, operation_type, kind, phase, stage, attempt, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 event.operation_id.to_string(),
                 event.machine_id.as_str(),
-                codec::to_json(&event)?
+                event.time.as_unix_micros(),
+                event.operation_type.as_str(),
+                codec::event_kind_name(event.kind),
+                event.phase.as_str(),
+                event.stage,
+                event.attempt,
+                event.message
             ])?;
         event.revision = self.conn.last_insert_rowid() as u64;
         self.events.push(event);
