@@ -23,9 +23,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .emit_rerun_if_changed(false)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // Written by hand (src/watch.rs): same wire format, plus events encoded once.
+        .extern_path(
+            ".baremetal.v1.WatchOperationsResponse",
+            "crate::watch::WatchOperationsResponse",
+        )
         .compile_fds(fds)?;
     pbjson_build::Builder::new()
         .register_descriptors(&encoded)?
+        .exclude([".baremetal.v1.WatchOperationsResponse"])
         .build(&[".baremetal.v1"])?;
     Ok(())
 }

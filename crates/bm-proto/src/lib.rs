@@ -20,7 +20,10 @@ pub mod v1 {
     #![allow(clippy::all, reason = "generated code")]
     tonic::include_proto!("baremetal.v1");
     include!(concat!(env!("OUT_DIR"), "/baremetal.v1.serde.rs"));
+    pub use crate::watch::WatchOperationsResponse;
 }
+
+mod watch;
 
 /// The well-known protobuf types the API uses (`Timestamp`, `FieldMask`), with their
 /// canonical JSON form.

@@ -12,6 +12,7 @@
 
 mod convert;
 mod error;
+mod fanout;
 mod machines;
 mod operations;
 mod paging;
@@ -83,6 +84,7 @@ pub async fn serve(
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let operations = OperationServiceServer::new(operations::Operations {
         engine: deps.engine.clone(),
+        encoded: std::sync::Arc::new(fanout::EncodedEvents::new(bm_store::BROADCAST_CAPACITY)),
     });
 
     let engine = deps.engine.clone();

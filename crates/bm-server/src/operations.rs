@@ -9,12 +9,17 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
 use crate::convert;
 use crate::error::ApiError;
+use crate::fanout::EncodedEvents;
 use crate::paging;
 
 pub(crate) struct Operations {
     pub(crate) engine: Engine,
+    /// Events encoded once for every watcher.
+    pub(crate) encoded: Arc<EncodedEvents>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -89,12 +94,16 @@ impl Operations {
             },
         };
         let rx = self.engine.watch(filter, req.after_revision).await?;
-        Ok(Box::pin(ReceiverStream::new(rx).map(|batch| match batch {
-            Ok(events) => Ok(pb::WatchOperationsResponse {
-                events: events.iter().map(|e| convert::event(e)).collect(),
-            }),
-            Err(e) => Err(Status::from(ApiError::from(e))),
-        })))
+        let encoded = self.encoded.clone();
+        Ok(Box::pin(ReceiverStream::new(rx).map(
+            move |batch| match batch {
+                Ok(events) => Ok(pb::WatchOperationsResponse {
+                    events: Vec::new(),
+                    encoded_events: events.iter().map(|e| encoded.get(e)).collect(),
+                }),
+                Err(e) => Err(Status::from(ApiError::from(e))),
+            },
+        )))
     }
 
     async fn logs(
