@@ -18,6 +18,11 @@ use bm_store::{MemoryStore, SqliteConfig, SqliteStore, Store};
 use bm_workflow::{Engine, EngineConfig};
 use clap::{Parser, ValueEnum};
 
+/// jemalloc rather than glibc's malloc: the server allocates small objects from many
+/// threads, and jemalloc does that faster (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The gRPC server of the bare-metal provisioning control plane.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -184,11 +189,20 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_level, args.log_format);
+    // One worker per core; a small blocking pool (store scans), since every extra thread
+    // may get an allocator arena of its own and keep its memory.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}
 
+async fn run(args: Args) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = match args.store {
         StoreKind::Sqlite => {
             let store = SqliteStore::open(SqliteConfig::new(&args.data_dir))

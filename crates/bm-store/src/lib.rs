@@ -44,7 +44,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// How many events and log lines a subscriber may fall behind before it is told it lagged
 /// (it then reads the missed ones back from the store).
-pub const BROADCAST_CAPACITY: usize = 1 << 16;
+pub const BROADCAST_CAPACITY: usize = 1 << 14;
 
 /// Which machines to list, and where to start.
 #[derive(Clone, Debug, Default)]

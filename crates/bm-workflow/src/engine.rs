@@ -60,7 +60,7 @@ impl Default for EngineConfig {
             max_interruptions: 3,
             cancel_grace: Duration::from_secs(2),
             cancel_wait: Duration::from_secs(2),
-            stream_buffer: 16,
+            stream_buffer: 4,
         }
     }
 }

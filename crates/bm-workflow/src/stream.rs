@@ -24,7 +24,7 @@ pub type EventBatch = Result<Vec<Arc<OperationEvent>>, WorkflowError>;
 pub type LogBatch = Result<Vec<Arc<LogLine>>, WorkflowError>;
 
 /// The most items in one batch.
-const MAX_BATCH: usize = 512;
+const MAX_BATCH: usize = 128;
 /// Items read from the store per query while catching up.
 const REPLAY_PAGE: usize = 1000;
 
