@@ -201,22 +201,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .iter()
     .any(|s| want(*s));
     if needs_server {
-        let mut cmd = Command::new(&args.server_bin);
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--fake-timing",
-            "instant",
-            "--log-level",
-            "warn",
-            "--max-concurrent-operations",
-            "4096",
-        ])
-        .arg("--data-dir")
-        .arg(work.join("data"))
-        .env("NO_COLOR", "1")
-        .stderr(std::fs::File::create(work.join("server.log"))?);
-        let server = procs::Proc::start(cmd, "bm-server listening on")?;
+        let server = start_server(
+            &args.server_bin,
+            &work,
+            &["--max-concurrent-operations", "4096"],
+        )?;
         let pid = server.pid();
         let endpoint = format!("http://{}", server.addr);
         let mut c = Clients::new(connect(&server.addr).await?);
@@ -480,24 +469,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // What holding the machines costs, without what the load scenarios left in the
         // heap: a server restarted on the same store, after it listed every machine.
         if let Some(registered) = memory_at {
-            let mut cmd = Command::new(&args.server_bin);
-            cmd.args([
-                "--listen",
-                "127.0.0.1:0",
-                "--fake-timing",
-                "instant",
-                "--log-level",
-                "warn",
-            ])
-            .arg("--data-dir")
-            .arg(work.join("data"))
-            .env("NO_COLOR", "1")
-            .stderr(
-                std::fs::File::options()
-                    .append(true)
-                    .open(work.join("server.log"))?,
-            );
-            let server = procs::Proc::start(cmd, "bm-server listening on")?;
+            let server = start_server(&args.server_bin, &work, &[])?;
             let mut c = Clients::new(connect(&server.addr).await?);
             let (_, count) = control::list_all(&mut c, 500).await?;
             ensure!(
@@ -534,6 +506,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("{}", stats::table(&rows));
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Starts the server under test on `work/data` (instant fake hardware), its log appended to
+/// `work/server.log`.
+fn start_server(
+    bin: &std::path::Path,
+    work: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<procs::Proc> {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(work.join("server.log"))?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--fake-timing",
+        "instant",
+        "--log-level",
+        "warn",
+    ])
+    .args(extra)
+    .arg("--data-dir")
+    .arg(work.join("data"))
+    .env("NO_COLOR", "1")
+    .stderr(log);
+    procs::Proc::start(cmd, "bm-server listening on")
 }
 
 /// A row with the server's resident memory after a scenario.

@@ -252,6 +252,40 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a resource as JSON or through its renderer; exit code 0.
+fn show<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<u8> {
+    if json {
+        print_json(value)?;
+    } else {
+        anstream::print!("{}", render(value));
+    }
+    Ok(0)
+}
+
+/// Reads a server stream until it ends (exit code 0) or Ctrl+C (`on_interrupt`), handing
+/// each message to `each`.
+async fn drain<T>(
+    mut stream: tonic::Streaming<T>,
+    on_interrupt: u8,
+    mut each: impl FnMut(T) -> anyhow::Result<()>,
+) -> anyhow::Result<u8> {
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(m) => each(m?)?,
+                None => return Ok(0),
+            },
+            _ = &mut ctrl_c => return Ok(on_interrupt),
+        }
+    }
+}
+
 fn enum_arg<E>(
     value: &str,
     prefix: &str,
@@ -343,12 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 token = page.next_page_token;
             }
-            if json {
-                print_json(&all)?;
-            } else {
-                anstream::print!("{}", render::machines_table(&all, &pal));
-            }
-            Ok(0)
+            show(json, &all, |all| render::machines_table(all, &pal))
         }
         Command::Get { machine } => {
             let m = c
@@ -358,12 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-            if json {
-                print_json(&m)?;
-            } else {
-                anstream::print!("{}", render::machine_detail(&m, &pal));
-            }
-            Ok(0)
+            show(json, &m, |m| render::machine_detail(m, &pal))
         }
         Command::Update(args) => update(&mut c, args, json, &pal).await,
         Command::Ops(args) => {
@@ -387,12 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 token = page.next_page_token;
             }
-            if json {
-                print_json(&all)?;
-            } else {
-                anstream::print!("{}", render::operations_table(&all, &pal));
-            }
-            Ok(0)
+            show(json, &all, |all| render::operations_table(all, &pal))
         }
         Command::Op { operation } => {
             let o = c
@@ -402,12 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-            if json {
-                print_json(&o)?;
-            } else {
-                anstream::print!("{}", render::operation_detail(&o, &pal));
-            }
-            Ok(0)
+            show(json, &o, |o| render::operation_detail(o, &pal))
         }
         Command::EnterMaintenance(a) => {
             operation(&mut c, OpKind::EnterMaintenance, a, json, &pal).await
@@ -433,15 +447,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-            if json {
-                print_json(&o)?;
-            } else {
-                anstream::print!("{}", render::operation_detail(&o, &pal));
-            }
-            Ok(0)
+            show(json, &o, |o| render::operation_detail(o, &pal))
         }
         Command::Watch(args) => {
-            let mut stream = c
+            let stream = c
                 .operations
                 .watch_operations(pb::WatchOperationsRequest {
                     machine_id: args.machine.unwrap_or_default(),
@@ -450,28 +459,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-            let ctrl_c = tokio::signal::ctrl_c();
-            tokio::pin!(ctrl_c);
-            loop {
-                tokio::select! {
-                    batch = stream.next() => match batch {
-                        Some(b) => {
-                            for e in b?.events {
-                                if json {
-                                    println!("{}", serde_json::to_string(&e)?);
-                                } else {
-                                    anstream::println!("{}", render::watch_line(&e, &pal));
-                                }
-                            }
-                        }
-                        None => return Ok(0),
-                    },
-                    _ = &mut ctrl_c => return Ok(0),
+            drain(stream, 0, |batch| {
+                for e in batch.events {
+                    if json {
+                        println!("{}", serde_json::to_string(&e)?);
+                    } else {
+                        anstream::println!("{}", render::watch_line(&e, &pal));
+                    }
                 }
-            }
+                Ok(())
+            })
+            .await
         }
         Command::Logs { operation, after } => {
-            let mut stream = c
+            let stream = c
                 .operations
                 .stream_logs(pb::StreamLogsRequest {
                     operation_id: operation,
@@ -479,29 +480,21 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-            let ctrl_c = tokio::signal::ctrl_c();
-            tokio::pin!(ctrl_c);
-            loop {
-                tokio::select! {
-                    batch = stream.next() => match batch {
-                        Some(b) => {
-                            for l in b?.lines {
-                                if json {
-                                    println!("{}", serde_json::to_string(&l)?);
-                                } else {
-                                    anstream::println!(
-                                        "{} {}",
-                                        render::clock(l.time.as_ref()),
-                                        render::log_line(&l, &pal)
-                                    );
-                                }
-                            }
-                        }
-                        None => return Ok(0),
-                    },
-                    _ = &mut ctrl_c => return Ok(130),
+            drain(stream, 130, |batch| {
+                for l in batch.lines {
+                    if json {
+                        println!("{}", serde_json::to_string(&l)?);
+                    } else {
+                        anstream::println!(
+                            "{} {}",
+                            render::clock(l.time.as_ref()),
+                            render::log_line(&l, &pal)
+                        );
+                    }
                 }
-            }
+                Ok(())
+            })
+            .await
         }
     }
 }
@@ -557,12 +550,7 @@ async fn operation(
         OpKind::Readmit => call!(readmit, ReadmitRequest),
     };
     if a.no_wait {
-        if json {
-            print_json(&op)?;
-        } else {
-            anstream::print!("{}", render::operation_detail(&op, pal));
-        }
-        return Ok(0);
+        return show(json, &op, |op| render::operation_detail(op, pal));
     }
     if json {
         let done = if follow::is_terminal(op.phase) {
@@ -799,10 +787,5 @@ async fn update(c: &mut Clients, a: UpdateArgs, json: bool, pal: &Palette) -> an
         })
         .await?
         .into_inner();
-    if json {
-        print_json(&m)?;
-    } else {
-        anstream::print!("{}", render::machine_detail(&m, pal));
-    }
-    Ok(0)
+    show(json, &m, |m| render::machine_detail(m, pal))
 }

@@ -271,10 +271,9 @@ impl Clients {
             .map(tonic::Response::into_inner)
     }
 
-    /// Every event of an operation until its stream ends (it ends with the operation).
-    pub(crate) async fn events(&mut self, op: &str) -> Vec<pb::OperationEvent> {
-        let mut stream = self
-            .operations
+    /// The events of one operation from the first; the stream ends with the operation.
+    async fn watch_operation(&mut self, op: &str) -> tonic::Streaming<pb::WatchOperationsResponse> {
+        self.operations
             .watch_operations(pb::WatchOperationsRequest {
                 operation_id: op.into(),
                 machine_id: String::new(),
@@ -282,7 +281,12 @@ impl Clients {
             })
             .await
             .expect("watch")
-            .into_inner();
+            .into_inner()
+    }
+
+    /// Every event of an operation until its stream ends (it ends with the operation).
+    pub(crate) async fn events(&mut self, op: &str) -> Vec<pb::OperationEvent> {
+        let mut stream = self.watch_operation(op).await;
         let mut out = Vec::new();
         let collect = async {
             while let Some(batch) = stream.message().await.expect("watch message") {
@@ -317,16 +321,7 @@ impl Clients {
 
     /// Waits until the operation has started `stage`, at `attempt` if given.
     pub(crate) async fn wait_attempt(&mut self, op: &str, stage: &str, attempt: Option<i32>) {
-        let mut stream = self
-            .operations
-            .watch_operations(pb::WatchOperationsRequest {
-                operation_id: op.into(),
-                machine_id: String::new(),
-                after_revision: Some(0),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
+        let mut stream = self.watch_operation(op).await;
         let wait = async {
             while let Some(batch) = stream.message().await.expect("watch message") {
                 if batch.events.iter().any(|e| {
