@@ -175,6 +175,102 @@ fn validate_bmc_endpoint(v: &str) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// A change to a machine's spec and labels, applied to the record as it is when the change is
+/// written (so that two changes of different fields both land). Fields left `None` keep
+/// their value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MachinePatch {
+    /// New provider.
+    pub provider: Option<String>,
+    /// New MAC addresses (the whole list).
+    pub mac_addresses: Option<Vec<MacAddress>>,
+    /// New SSH endpoint.
+    pub ssh_endpoint: Option<String>,
+    /// New BMC endpoint.
+    pub bmc_endpoint: Option<String>,
+    /// New image.
+    pub image: Option<String>,
+    /// New target cluster.
+    pub target_cluster: Option<String>,
+    /// New network configuration.
+    pub network_config: Option<String>,
+    /// Every label replaced by these.
+    pub labels: Option<Labels>,
+    /// Labels set (after `labels`).
+    pub set_labels: std::collections::BTreeMap<String, String>,
+    /// Labels removed (after `set_labels`).
+    pub remove_labels: Vec<String>,
+}
+
+impl MachinePatch {
+    /// Whether the patch changes any spec field.
+    pub fn touches_spec(&self) -> bool {
+        self.provider.is_some()
+            || self.mac_addresses.is_some()
+            || self.ssh_endpoint.is_some()
+            || self.bmc_endpoint.is_some()
+            || self.image.is_some()
+            || self.target_cluster.is_some()
+            || self.network_config.is_some()
+    }
+
+    /// Whether the patch changes the labels.
+    pub fn touches_labels(&self) -> bool {
+        self.labels.is_some() || !self.set_labels.is_empty() || !self.remove_labels.is_empty()
+    }
+
+    /// The spec and labels `current` would have with the patch applied (`None` where the
+    /// patch leaves them alone).
+    ///
+    /// # Errors
+    ///
+    /// [`DomainError::Invalid`] if the result is not a valid spec or label set.
+    pub fn apply(
+        &self,
+        current: &Machine,
+    ) -> Result<(Option<MachineSpec>, Option<Labels>), DomainError> {
+        let spec = if self.touches_spec() {
+            let mut s = current.spec.clone();
+            let set = |field: &mut String, v: &Option<String>| {
+                if let Some(v) = v {
+                    field.clone_from(v);
+                }
+            };
+            set(&mut s.provider, &self.provider);
+            set(&mut s.ssh_endpoint, &self.ssh_endpoint);
+            set(&mut s.bmc_endpoint, &self.bmc_endpoint);
+            set(&mut s.image, &self.image);
+            set(&mut s.target_cluster, &self.target_cluster);
+            set(&mut s.network_config, &self.network_config);
+            if let Some(macs) = &self.mac_addresses {
+                s.mac_addresses.clone_from(macs);
+            }
+            s.validate()?;
+            Some(s)
+        } else {
+            None
+        };
+        let labels = if self.touches_labels() {
+            let mut map = self
+                .labels
+                .as_ref()
+                .unwrap_or(&current.labels)
+                .as_map()
+                .clone();
+            for (k, v) in &self.set_labels {
+                map.insert(k.clone(), v.clone());
+            }
+            for k in &self.remove_labels {
+                map.remove(k);
+            }
+            Some(Labels::new(map)?)
+        } else {
+            None
+        };
+        Ok((spec, labels))
+    }
+}
+
 /// What the control plane knows about a machine. Owned by the backend: clients never write
 /// it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,6 +465,51 @@ mod tests {
         let t = Timestamp::from_unix_micros(9);
         m.update(Some(spec()), Some(labels.clone()), t).unwrap();
         assert_eq!((m.labels.clone(), m.updated_at), (labels, t));
+    }
+
+    #[test]
+    fn patches_change_only_what_they_name() {
+        let m = Machine::register(
+            MachineId::new("machine-1").unwrap(),
+            spec(),
+            Labels::from_pairs([("rack", "r1"), ("gpu", "")]).unwrap(),
+            Timestamp::EPOCH,
+        )
+        .unwrap();
+        let image = MachinePatch {
+            image: Some("ubuntu-26.04".into()),
+            ..MachinePatch::default()
+        };
+        let (s, l) = image.apply(&m).unwrap();
+        assert_eq!(
+            s.unwrap(),
+            MachineSpec {
+                image: "ubuntu-26.04".into(),
+                ..spec()
+            }
+        );
+        assert!(l.is_none());
+        let labels = MachinePatch {
+            set_labels: [("zone".to_owned(), "a".to_owned())].into(),
+            remove_labels: vec!["gpu".into()],
+            ..MachinePatch::default()
+        };
+        let (s, l) = labels.apply(&m).unwrap();
+        assert!(s.is_none());
+        assert_eq!(
+            l.unwrap(),
+            Labels::from_pairs([("rack", "r1"), ("zone", "a")]).unwrap()
+        );
+        let bad = MachinePatch {
+            ssh_endpoint: Some("root@host:0".into()),
+            ..MachinePatch::default()
+        };
+        assert!(bad.apply(&m).is_err());
+        let bad_label = MachinePatch {
+            set_labels: [("-x".to_owned(), String::new())].into(),
+            ..MachinePatch::default()
+        };
+        assert!(bad_label.apply(&m).is_err());
     }
 
     #[test]

@@ -166,8 +166,13 @@ pub struct StageRecord {
     pub outcome: StageOutcome,
     /// How many times it was started (first run, retries and resumptions).
     pub attempts: u32,
-    /// How many of those attempts were cut short by a stop or crash of the server.
+    /// How many of those attempts were cut short by a crash of the server (or a stop that
+    /// could not wait for them).
     pub interruptions: u32,
+    /// The server stopped gracefully while this stage ran; the next start runs it again
+    /// without counting an interruption.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
     /// When it first started.
     pub started_at: Timestamp,
     /// When it ended.
@@ -300,12 +305,14 @@ impl Operation {
                 last.attempts += 1;
                 last.outcome = StageOutcome::Running;
                 last.finished_at = None;
+                last.released = false;
             }
             _ => self.stages.push(StageRecord {
                 name: name.to_owned(),
                 outcome: StageOutcome::Running,
                 attempts: 1,
                 interruptions: 0,
+                released: false,
                 started_at: now,
                 finished_at: None,
                 last_error: None,
@@ -314,14 +321,29 @@ impl Operation {
     }
 
     /// The stage that was running when its executor stopped, if any, after counting the
-    /// interruption on its record.
+    /// interruption on its record: a stage released by a graceful stop is not counted as
+    /// interrupted, one cut off by a crash is.
     pub fn mark_interrupted(&mut self) -> Option<&StageRecord> {
         let last = self.stages.last_mut()?;
         if last.outcome != StageOutcome::Running {
             return None;
         }
-        last.interruptions += 1;
+        if last.released {
+            last.released = false;
+        } else {
+            last.interruptions += 1;
+        }
         Some(last)
+    }
+
+    /// Records that a graceful stop of the server cut the running stage short; the next
+    /// start runs it again without counting an interruption.
+    pub fn release_stage(&mut self) {
+        if let Some(last) = self.stages.last_mut()
+            && last.outcome == StageOutcome::Running
+        {
+            last.released = true;
+        }
     }
 
     /// Records a failed attempt of the current stage that will be retried.

@@ -10,7 +10,9 @@
 //! 4. A machine that **needs intervention** admits only what helps a person find and fix
 //!    the cause: clear-intervention, reboot, enter-maintenance, RMA, retire (and readmit,
 //!    which starts the machine over).
-//! 5. Each type has the **phases** it runs in ([`allowed_phases`]): reimage, upgrade and
+//! 5. Exit from maintenance is refused while `Provisioned` is false (a reimage stopped while
+//!    writing the disk): such a machine must not return to production.
+//! 6. Each type has the **phases** it runs in ([`allowed_phases`]): reimage, upgrade and
 //!    network reconfiguration only in MAINTENANCE; reboot in READY and MAINTENANCE;
 //!    enter-maintenance from FACTORY_READY or READY; exit-maintenance from MAINTENANCE.
 //!
@@ -139,6 +141,32 @@ pub fn admit(machine: &Machine, op: OperationType) -> Result<(), DomainError> {
         return Err(DomainError::NeedsIntervention {
             machine_id: machine_id(),
             op,
+        });
+    }
+    if op == OperationType::ExitMaintenance
+        && machine
+            .status
+            .conditions
+            .get(&ConditionType::Provisioned)
+            .is_some_and(|c| !c.status)
+    {
+        return Err(DomainError::NotApplicable {
+            machine_id: machine_id(),
+            op,
+            reason: "its disk does not hold a complete image (Provisioned=false): reimage it before it returns to production".into(),
+        });
+    }
+    if op == OperationType::ExitMaintenance
+        && machine
+            .status
+            .conditions
+            .get(&ConditionType::Provisioned)
+            .is_some_and(|c| !c.status)
+    {
+        return Err(DomainError::NotApplicable {
+            machine_id: machine_id(),
+            op,
+            reason: "its disk does not hold a complete image (Provisioned=false): reimage it before it returns to production".into(),
         });
     }
     let phase = machine.status.phase;
@@ -287,8 +315,10 @@ fn mark_disk_unknown(
 ) {
     let c = &mut machine.status.conditions;
     let msg = format!("{t} {id} stopped while writing the disk; reimage to provision it again");
-    c.clear(
-        &ConditionType::Provisioned,
+    // Known now, whatever was known before: the disk holds no complete image.
+    c.set(
+        ConditionType::Provisioned,
+        false,
         "ImageIncomplete",
         msg.clone(),
         now,
@@ -555,6 +585,23 @@ mod tests {
         assert!(err.to_string().contains("already in maintenance"), "{err}");
         run(&mut m, OperationType::ExitMaintenance, Outcome::Succeeded);
         assert_eq!(m.status.phase, Phase::Ready);
+    }
+
+    #[test]
+    fn a_half_written_disk_cannot_return_to_production() {
+        let mut m = machine(Phase::Maintenance);
+        // A never-provisioned machine can leave maintenance (it may come pre-imaged)...
+        assert!(admit(&m, OperationType::ExitMaintenance).is_ok());
+        // ...but not once a reimage stopped while writing its disk.
+        run(
+            &mut m,
+            OperationType::Reimage,
+            Outcome::Canceled { disk_touched: true },
+        );
+        let err = admit(&m, OperationType::ExitMaintenance).unwrap_err();
+        assert!(err.to_string().contains("Provisioned=false"), "{err}");
+        run(&mut m, OperationType::Reimage, Outcome::Succeeded);
+        assert!(admit(&m, OperationType::ExitMaintenance).is_ok());
     }
 
     #[test]

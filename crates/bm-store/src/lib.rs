@@ -16,9 +16,9 @@
 //!
 //! An executor works on an operation only while it holds the operation's lease (an owner id
 //! and an expiry). [`Store::claim`] hands out pending operations and operations whose lease
-//! expired; every write of the executor is fenced by the lease, so an executor that lost its
-//! lease (it stalled past the expiry and another took over) can no longer change anything.
-//! This is what will let several servers share one database.
+//! expired; every write of the executor is fenced by the lease's owner, so an executor whose
+//! lease was taken over by another (it stalled past the expiry) can no longer change
+//! anything. This is what will let several servers share one database.
 
 mod error;
 mod logic;
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    EffectiveState, LabelSelector, Labels, LogLine, Machine, MachineId, MachineSpec, Operation,
+    EffectiveState, LabelSelector, LogLine, Machine, MachineId, MachinePatch, Operation,
     OperationEvent, OperationId, OperationPhase, OperationType, Phase, Timestamp,
 };
 use tokio::sync::broadcast;
@@ -164,7 +164,8 @@ pub trait Store: Send + Sync + 'static {
     /// Lists machines ordered by id.
     async fn list_machines(&self, query: &MachineQuery) -> Result<Page<Machine>>;
 
-    /// Replaces the spec and/or the labels of a machine (see [`Machine::update`]).
+    /// Applies a patch to a machine's spec and labels, to the record as it is in the write
+    /// transaction (see [`MachinePatch`] and [`Machine::update`]).
     ///
     /// # Errors
     ///
@@ -172,8 +173,7 @@ pub trait Store: Send + Sync + 'static {
     async fn update_machine(
         &self,
         id: &MachineId,
-        spec: Option<MachineSpec>,
-        labels: Option<Labels>,
+        patch: &MachinePatch,
         now: Timestamp,
     ) -> Result<Machine>;
 
@@ -211,9 +211,10 @@ pub trait Store: Send + Sync + 'static {
     /// active ones whose lease has expired (their executor died). Returns them as stored.
     async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>>;
 
-    /// Extends every lease `lease.owner` holds to `lease.expires_at`. Returns the held
-    /// operations that an operator asked to cancel.
-    async fn renew(&self, lease: &Lease) -> Result<Vec<OperationId>>;
+    /// Extends to `lease.expires_at` the leases `lease.owner` holds on `operations` (those it
+    /// is running; a lease it holds on anything else is left to expire, so that the operation
+    /// is taken up again). Returns those of `operations` an operator asked to cancel.
+    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>>;
 
     /// Gives up every lease `owner` holds (on shutdown), so that the next claim takes the
     /// operations up at once. Returns how many were released.

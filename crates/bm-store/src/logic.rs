@@ -1,15 +1,16 @@
 //! The transactions of the store, written once for every backend.
 //!
 //! Each function runs inside one backend transaction ([`Tx`]) and follows one discipline:
-//! **check everything, then write**. A function that returns an error has written nothing
-//! (the in-memory backend relies on this; SQLite also rolls back a savepoint), and a
-//! backend's writes fail only on IO errors.
+//! **check everything, then write**. A function that returns an error has written nothing,
+//! and a backend's writes fail only on IO errors. Both backends rely on this: neither rolls
+//! back a single function's writes (SQLite runs a batch of them in one transaction without a
+//! savepoint each, and rolls back the whole batch should one fail after writing).
 
 use std::collections::HashMap;
 
 use bm_domain::rules::{self, Outcome};
 use bm_domain::{
-    EventKind, Labels, MacAddress, Machine, MachineId, MachineSpec, Operation, OperationEvent,
+    EventKind, MacAddress, Machine, MachineId, MachinePatch, Operation, OperationEvent,
     OperationId, OperationPhase, RequestId, Timestamp,
 };
 
@@ -56,9 +57,8 @@ pub(crate) trait Tx {
     fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()>;
     /// Active operations with no lease or an expired one, oldest first.
     fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>>;
-    /// Extends every lease of `lease.owner`; returns the held operations with a cancel
-    /// request.
-    fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>>;
+    /// Extends the leases `lease.owner` holds on `ids`; returns those with a cancel request.
+    fn renew_leases(&mut self, lease: &Lease, ids: &[OperationId]) -> Result<Vec<OperationId>>;
     /// Clears every lease of `owner`; returns how many.
     fn release_leases(&mut self, owner: &str) -> Result<usize>;
     /// Appends an event, assigning its revision; it is published after the commit.
@@ -135,13 +135,13 @@ pub(crate) fn import(
 pub(crate) fn update(
     tx: &mut impl Tx,
     id: &MachineId,
-    spec: Option<MachineSpec>,
-    labels: Option<Labels>,
+    patch: &MachinePatch,
     now: Timestamp,
 ) -> Result<Machine> {
     let mut m = tx
         .machine(id)?
         .ok_or_else(|| StoreError::MachineNotFound(id.clone()))?;
+    let (spec, labels) = patch.apply(&m)?;
     let old_macs = m.spec.mac_addresses.clone();
     m.update(spec, labels, now)?;
     let macs_changed = m.spec.mac_addresses != old_macs;
@@ -266,6 +266,13 @@ pub(crate) fn save_progress(
     op: &Operation,
     events: Vec<OperationEvent>,
 ) -> Result<bool> {
+    if !op.is_active() {
+        // Only `finish` ends an operation: it also clears the machine's active operation.
+        return Err(StoreError::Corrupt(format!(
+            "progress of operation {} written with the final phase {}",
+            op.id, op.phase
+        )));
+    }
     let holding = held(tx, owner, op.id)?;
     let mut op = op.clone();
     op.cancel_requested |= holding.cancel_requested;

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    Labels, LogLine, MacAddress, Machine, MachineId, MachineSpec, Operation, OperationEvent,
-    OperationId, RequestId, Timestamp,
+    LogLine, MacAddress, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId,
+    RequestId, Timestamp,
 };
 use tokio::sync::broadcast;
 
@@ -136,15 +136,15 @@ impl Tx for MemTx<'_> {
             .collect())
     }
 
-    fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>> {
+    fn renew_leases(&mut self, lease: &Lease, ids: &[OperationId]) -> Result<Vec<OperationId>> {
         let mut canceled = Vec::new();
-        let ids: Vec<OperationId> = self.state.active.iter().copied().collect();
         for id in ids {
-            let Some(s) = self.state.operations.get_mut(&id) else {
+            let Some(s) = self.state.operations.get_mut(id) else {
                 continue;
             };
             if let Some(l) = &mut s.lease
                 && l.owner == lease.owner
+                && s.op.is_active()
             {
                 l.expires_at = lease.expires_at;
                 if s.op.cancel_requested {
@@ -244,11 +244,10 @@ impl Store for MemoryStore {
     async fn update_machine(
         &self,
         id: &MachineId,
-        spec: Option<MachineSpec>,
-        labels: Option<Labels>,
+        patch: &MachinePatch,
         now: Timestamp,
     ) -> Result<Machine> {
-        self.tx(|tx| logic::update(tx, id, spec, labels, now))
+        self.tx(|tx| logic::update(tx, id, patch, now))
     }
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {
@@ -293,8 +292,8 @@ impl Store for MemoryStore {
         self.tx(|tx| logic::claim(tx, lease, now, limit))
     }
 
-    async fn renew(&self, lease: &Lease) -> Result<Vec<OperationId>> {
-        self.tx(|tx| tx.renew_leases(lease))
+    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>> {
+        self.tx(|tx| tx.renew_leases(lease, operations))
     }
 
     async fn release(&self, owner: &str) -> Result<usize> {

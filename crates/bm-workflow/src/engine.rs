@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bm_domain::{
-    Labels, Machine, MachineId, MachineSpec, Operation, OperationId, OperationType, RequestId,
+    Labels, Machine, MachineId, MachinePatch, MachineSpec, Operation, OperationId, OperationType,
+    RequestId,
 };
 use bm_provider::ProviderRegistry;
 use bm_store::{
@@ -290,7 +291,8 @@ impl Engine {
         Ok(self.inner.store.list_machines(query).await?)
     }
 
-    /// Changes a machine's spec and/or labels.
+    /// Applies a patch to a machine's spec and labels (to the record as it is when written,
+    /// so that concurrent patches of different fields both land).
     ///
     /// # Errors
     ///
@@ -299,20 +301,16 @@ impl Engine {
     pub async fn update_machine(
         &self,
         id: &MachineId,
-        spec: Option<MachineSpec>,
-        labels: Option<Labels>,
+        patch: &MachinePatch,
     ) -> Result<Machine, WorkflowError> {
-        if let Some(spec) = &spec {
+        if patch.touches_spec() {
             let mut probe = self.inner.store.get_machine(id).await?;
-            probe.spec = spec.clone();
-            spec.validate()?;
-            self.check_provider(&probe)?;
+            if let (Some(spec), _) = patch.apply(&probe)? {
+                probe.spec = spec;
+                self.check_provider(&probe)?;
+            }
         }
-        Ok(self
-            .inner
-            .store
-            .update_machine(id, spec, labels, now())
-            .await?)
+        Ok(self.inner.store.update_machine(id, patch, now()).await?)
     }
 
     /// Admits an operation, idempotently on `(machine_id, request_id)`, and wakes the

@@ -29,6 +29,23 @@ pub enum WorkflowError {
     /// The engine is stopping and takes no new work.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A stream ended because the engine is stopping; the client resumes from where it was.
+    #[error("the server is shutting down; resume with {resume}")]
+    StreamInterrupted {
+        /// What to pass to resume, e.g. `after_revision=1234`.
+        resume: String,
+    },
+    /// A watch asked to resume after a revision the store has not reached: it was made
+    /// against another store (restored from a backup, or replaced).
+    #[error(
+        "revision {asked} is beyond the last one ({last}); the store was replaced or restored: watch again from 0 or without a revision"
+    )]
+    RevisionOutOfRange {
+        /// The revision asked for.
+        asked: u64,
+        /// The last revision.
+        last: u64,
+    },
 }
 
 impl WorkflowError {

@@ -6,9 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bm_domain::rules::Outcome;
-use bm_domain::{EventKind, LogLine, Machine, Operation, OperationEvent, OperationPhase};
+use bm_domain::{
+    EventKind, LogLine, Machine, Operation, OperationEvent, OperationId, OperationPhase,
+};
 use bm_provider::{ActionContext, ErrorKind, LogSink, Provider, ProviderError};
 use bm_store::StoreError;
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -35,6 +38,15 @@ pub(crate) async fn dispatch(inner: Arc<Inner>) {
                     backoff = Duration::from_millis(50);
                     more = ops.len() == free;
                     for op in ops {
+                        // A claim during shutdown: the leases are released with the others.
+                        if inner.shutdown.is_cancelled() {
+                            break;
+                        }
+                        // Its lease lapsed while it ran here (renewals failed, or the clock
+                        // jumped): the claim renewed it; it must not run twice.
+                        if inner.running().contains_key(&op.id) {
+                            continue;
+                        }
                         spawn_operation(&inner, op);
                     }
                 }
@@ -60,8 +72,23 @@ pub(crate) async fn dispatch(inner: Arc<Inner>) {
     }
 }
 
+/// Removes a running operation's entry and wakes the dispatcher, however its task ends
+/// (a panic included), so that the slot is never lost.
+struct Slot {
+    inner: Arc<Inner>,
+    id: OperationId,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.inner.running().remove(&self.id);
+        self.inner.wake.notify_one();
+    }
+}
+
 fn spawn_operation(inner: &Arc<Inner>, op: Operation) {
-    let token = inner.shutdown.child_token();
+    // Fires on an operator's cancel only; a shutdown is the engine's own token.
+    let token = CancellationToken::new();
     inner.running().insert(op.id, token.clone());
     let span = tracing::info_span!(
         "operation",
@@ -69,38 +96,85 @@ fn spawn_operation(inner: &Arc<Inner>, op: Operation) {
         machine_id = %op.machine_id,
         r#type = %op.op_type,
     );
-    let inner2 = inner.clone();
+    let slot = Slot {
+        inner: inner.clone(),
+        id: op.id,
+    };
     inner.tasks.spawn(
         async move {
+            let inner = slot.inner.clone();
             let id = op.id;
             let runner = Runner {
-                inner: inner2.clone(),
+                inner: inner.clone(),
                 op,
                 token,
                 events: Vec::new(),
                 log_seq: Arc::new(AtomicU64::new(0)),
+                cut_short: std::sync::atomic::AtomicBool::new(false),
             };
-            match runner.execute().await {
-                Ok(phase) => tracing::info!(phase = %phase, "operation ended"),
-                Err(Stop::Interrupted) => {
+            // A panic (in a provider, say) must not leave the operation RUNNING with nobody
+            // running it: it ends FAILED, for a person to look at.
+            let result = std::panic::AssertUnwindSafe(runner.execute())
+                .catch_unwind()
+                .await;
+            match result {
+                Ok(Ok(phase)) => tracing::info!(phase = %phase, "operation ended"),
+                Ok(Err(Stop::Interrupted)) => {
                     tracing::info!("operation interrupted by shutdown; it resumes at the next start")
                 }
-                Err(Stop::LeaseLost) => {
+                Ok(Err(Stop::LeaseLost)) => {
                     tracing::warn!("lease lost: another executor took the operation over")
                 }
-                Err(Stop::Abandoned(e)) => {
-                    tracing::error!(error = %e, "operation abandoned; it resumes when its lease expires")
+                Ok(Err(Stop::Abandoned(e))) => {
+                    tracing::error!(error = %e, "operation abandoned; it is taken up again when its lease expires")
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(panic = %what, "the operation's executor panicked; failing it");
+                    fail_after_panic(&inner, id, &what).await;
                 }
             }
-            inner2.running().remove(&id);
-            inner2.wake.notify_one();
+            drop(slot);
         }
         .instrument(span),
     );
 }
 
-/// Renews this executor's leases every third of their duration, and stops operations an
-/// operator canceled through another server sharing the store.
+/// Ends an operation whose runner panicked: FAILED with NeedsIntervention.
+async fn fail_after_panic(inner: &Inner, id: OperationId, what: &str) {
+    let store = &inner.store;
+    let result = async {
+        let op = store.get_operation(id).await?;
+        let outcome = Outcome::Failed {
+            error: format!(
+                "internal error in stage {}: the executor panicked ({what}); see the server log",
+                if op.current_stage.is_empty() {
+                    "-"
+                } else {
+                    &op.current_stage
+                }
+            ),
+            disk_touched: disk_touched(&op),
+            unreachable: false,
+        };
+        store
+            .finish(&inner.config.owner, op, outcome, Vec::new(), now())
+            .await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, operation_id = %id, "could not fail the operation; it is taken up again when its lease expires");
+    }
+}
+
+/// Renews the leases of the operations running here every third of their duration, and
+/// stops those an operator canceled through another server sharing the store. A lease this
+/// executor holds on anything else (an operation it gave up on) is left to expire, so that
+/// the operation is taken up again.
 pub(crate) async fn renew_leases(inner: Arc<Inner>) {
     let every = inner.config.lease_duration / 3;
     loop {
@@ -108,10 +182,11 @@ pub(crate) async fn renew_leases(inner: Arc<Inner>) {
             () = inner.shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        if inner.running().is_empty() {
+        let ids: Vec<OperationId> = inner.running().keys().copied().collect();
+        if ids.is_empty() {
             continue;
         }
-        match inner.store.renew(&inner.lease()).await {
+        match inner.store.renew(&inner.lease(), &ids).await {
             Ok(canceled) => {
                 let running = inner.running();
                 for id in canceled {
@@ -140,17 +215,43 @@ enum Flow {
     Ended(OperationPhase),
 }
 
+/// Whether a stage that writes the machine's disk has started.
+fn disk_touched(op: &Operation) -> bool {
+    op.stages
+        .iter()
+        .any(|s| StepKind::from_name(&s.name).is_some_and(StepKind::touches_disk))
+}
+
 struct Runner {
     inner: Arc<Inner>,
     op: Operation,
-    /// Fires on an operator's cancel or on shutdown (it is a child of the shutdown token).
+    /// Fires on an operator's cancel.
     token: CancellationToken,
     /// Events to commit with the next write.
     events: Vec<OperationEvent>,
     log_seq: Arc<AtomicU64>,
+    /// A step that is not safe to run twice was cut short by a shutdown: the next start
+    /// must treat it as a crash, not as a graceful release.
+    cut_short: std::sync::atomic::AtomicBool,
 }
 
 impl Runner {
+    fn shutting_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// An operator's cancel or a shutdown.
+    fn stopping(&self) -> bool {
+        self.token.is_cancelled() || self.shutting_down()
+    }
+
+    async fn stopped(&self) {
+        tokio::select! {
+            () = self.token.cancelled() => {}
+            () = self.inner.shutdown.cancelled() => {}
+        }
+    }
+
     async fn execute(mut self) -> Result<OperationPhase, Stop> {
         let machine = {
             let store = self.inner.store.clone();
@@ -168,22 +269,30 @@ impl Runner {
 
         if self.op.phase == OperationPhase::Running {
             let max = self.inner.config.max_interruptions;
+            // A stage released by a graceful stop ran to a safe point; one without the mark
+            // was cut off by a crash.
+            let crashed = self
+                .op
+                .stages
+                .last()
+                .is_some_and(|s| s.outcome == bm_domain::StageOutcome::Running && !s.released);
             if let Some(stage) = self.op.mark_interrupted() {
                 let (name, n) = (stage.name.clone(), stage.interruptions);
                 tracing::info!(stage = %name, interruptions = n, "resuming an interrupted stage");
                 if n > max {
                     return self
                         .fail(format!(
-                            "stage {name} was interrupted {n} times by server restarts; check the machine before running it again"
+                            "stage {name} was interrupted {n} times by server crashes; check the machine before running it again"
                         ))
                         .await;
                 }
-                if StepKind::from_name(&name).map(StepKind::resume_policy)
-                    == Some(ResumePolicy::FailForIntervention)
+                if crashed
+                    && StepKind::from_name(&name).map(StepKind::resume_policy)
+                        == Some(ResumePolicy::FailForIntervention)
                 {
                     return self
                         .fail(format!(
-                            "stage {name} was interrupted by a server restart and is not safe to run again blindly: check the machine's network and console, then clear the intervention and run the operation again"
+                            "stage {name} was interrupted by a server crash and is not safe to run again blindly: check the machine's network and console, then clear the intervention and run the operation again"
                         ))
                         .await;
                 }
@@ -233,7 +342,13 @@ impl Runner {
         provider: &dyn Provider,
         machine: &Machine,
     ) -> Result<Flow, Stop> {
+        // Failed attempts in this run: the retry budget starts over when an operation
+        // resumes after a restart (crash loops have their own limit).
+        let mut failures = 0u32;
         loop {
+            if self.stopping() {
+                return self.end_stopped().await.map(Flow::Ended);
+            }
             let t = now();
             self.op.begin_stage(step.name(), t);
             self.events.push(OperationEvent::new(
@@ -245,10 +360,9 @@ impl Runner {
             if self.save().await? {
                 self.token.cancel();
             }
-            if self.token.is_cancelled() {
+            if self.stopping() {
                 return self.end_stopped().await.map(Flow::Ended);
             }
-            let attempt = self.op.stages.last().map_or(1, |s| s.attempts);
             let error = match self.attempt(step, provider, machine).await {
                 Ok(()) => {
                     let t = now();
@@ -262,20 +376,21 @@ impl Runner {
                     ));
                     return Ok(Flow::Next);
                 }
-                Err(_) if self.token.is_cancelled() => {
+                Err(_) if self.stopping() => {
                     return self.end_stopped().await.map(Flow::Ended);
                 }
                 Err(e) => e,
             };
+            failures += 1;
             let message = error.to_string();
             match decide(
                 &self.inner.config.retry,
-                attempt,
+                failures,
                 &error,
                 rand::random::<f64>(),
             ) {
                 Decision::Retry { after } => {
-                    tracing::warn!(stage = step.name(), attempt, error = %message, "attempt failed; retrying in {after:?}");
+                    tracing::warn!(stage = step.name(), failures, error = %message, "attempt failed; retrying in {after:?}");
                     self.op.stage_attempt_failed(&message);
                     self.events.push(OperationEvent::new(
                         &self.op,
@@ -288,11 +403,11 @@ impl Runner {
                     }
                     tokio::select! {
                         () = tokio::time::sleep(after) => {}
-                        () = self.token.cancelled() => return self.end_stopped().await.map(Flow::Ended),
+                        () = self.stopped() => return self.end_stopped().await.map(Flow::Ended),
                     }
                 }
                 Decision::GiveUp => {
-                    tracing::warn!(stage = step.name(), attempt, error = %message, "stage failed");
+                    tracing::warn!(stage = step.name(), failures, error = %message, "stage failed");
                     self.events.push(OperationEvent::new(
                         &self.op,
                         EventKind::StageFailed,
@@ -301,7 +416,7 @@ impl Runner {
                     ));
                     let outcome = Outcome::Failed {
                         error: format!("{}: {message}", step.name()),
-                        disk_touched: self.disk_touched(),
+                        disk_touched: disk_touched(&self.op),
                         unreachable: error.kind() == ErrorKind::Unreachable,
                     };
                     return self.finish(outcome).await.map(Flow::Ended);
@@ -310,7 +425,7 @@ impl Runner {
         }
     }
 
-    /// One attempt of a step, bounded by its timeout, stopped by a cancel.
+    /// One attempt of a step, bounded by its timeout, stopped by a cancel or a shutdown.
     async fn attempt(
         &self,
         step: StepKind,
@@ -350,6 +465,24 @@ impl Runner {
                 let _ = tokio::time::timeout(grace, &mut action).await;
                 Err(ProviderError::canceled())
             }
+            () = self.inner.shutdown.cancelled() => {
+                if step.resume_policy() == ResumePolicy::FailForIntervention {
+                    // Cutting this step short is what makes it unsafe to resume: let it
+                    // finish within the grace period.
+                    match tokio::time::timeout(grace, &mut action).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            attempt_token.cancel();
+                            self.cut_short.store(true, Ordering::Relaxed);
+                            Err(ProviderError::canceled())
+                        }
+                    }
+                } else {
+                    attempt_token.cancel();
+                    let _ = tokio::time::timeout(grace, &mut action).await;
+                    Err(ProviderError::canceled())
+                }
+            }
         };
         attempt_token.cancel();
         result
@@ -371,20 +504,25 @@ impl Runner {
         })
     }
 
-    fn disk_touched(&self) -> bool {
-        self.op
-            .stages
-            .iter()
-            .any(|s| StepKind::from_name(&s.name).is_some_and(StepKind::touches_disk))
-    }
-
-    /// The token fired: a shutdown interrupts, an operator's cancel ends the operation.
+    /// Stopping: a shutdown interrupts (and records that the stage was released, so the
+    /// next start does not count it as a crash), an operator's cancel ends the operation.
     async fn end_stopped(&mut self) -> Result<OperationPhase, Stop> {
-        if self.inner.shutdown.is_cancelled() {
+        if self.shutting_down() && !self.token.is_cancelled() && !self.op.cancel_requested {
+            if !self.cut_short.load(Ordering::Relaxed)
+                && self
+                    .op
+                    .stages
+                    .last()
+                    .is_some_and(|s| s.outcome == bm_domain::StageOutcome::Running)
+            {
+                self.op.release_stage();
+                // Best effort: a store that is closing loses only the "released" mark.
+                let _ = self.save().await;
+            }
             return Err(Stop::Interrupted);
         }
         let outcome = Outcome::Canceled {
-            disk_touched: self.disk_touched(),
+            disk_touched: disk_touched(&self.op),
         };
         self.finish(outcome).await
     }
@@ -393,7 +531,7 @@ impl Runner {
         tracing::warn!(error = %error, "failing operation");
         let outcome = Outcome::Failed {
             error,
-            disk_touched: self.disk_touched(),
+            disk_touched: disk_touched(&self.op),
             unreachable: false,
         };
         self.finish(outcome).await

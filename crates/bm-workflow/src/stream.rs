@@ -44,16 +44,24 @@ impl Engine {
     ) -> Result<mpsc::Receiver<EventBatch>, WorkflowError> {
         let store = self.inner.store.clone();
         let live = store.subscribe_events();
+        // The last revision first, then the operation's state: an operation that ended in
+        // between has its last event above `last`, so the live part delivers it.
+        let last_revision = store.last_revision().await?;
+        if let Some(asked) = after
+            && asked > last_revision
+        {
+            return Err(WorkflowError::RevisionOutOfRange {
+                asked,
+                last: last_revision,
+            });
+        }
         // Whether the watched operation had ended before the replay: then the replay holds
         // its last event (or the caller chose to skip past it) and nothing more will come.
         let ended_before = match filter.operation_id {
             Some(id) => !store.get_operation(id).await?.is_active(),
             None => false,
         };
-        let last = match after {
-            Some(a) => a,
-            None => store.last_revision().await?,
-        };
+        let last = after.unwrap_or(last_revision);
         let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
         let shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
@@ -179,7 +187,11 @@ impl Watch<'_> {
             let first = tokio::select! {
                 r = self.live.recv() => r,
                 () = tx.closed() => return Ok(()),
-                () = self.shutdown.cancelled() => return Ok(()),
+                () = self.shutdown.cancelled() => {
+                    return Err(WorkflowError::StreamInterrupted {
+                        resume: format!("after_revision={}", cursor.last),
+                    });
+                }
             };
             let mut batch = Vec::new();
             let mut lagged = false;
@@ -296,7 +308,11 @@ async fn stream_logs(
                 }
             }
             () = tx.closed() => return Ok(()),
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => {
+                return Err(WorkflowError::StreamInterrupted {
+                    resume: format!("after_sequence={last}"),
+                });
+            }
         }
     }
 }

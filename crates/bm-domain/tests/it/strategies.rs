@@ -128,6 +128,7 @@ fn stage() -> impl Strategy<Value = StageRecord> {
                     outcome,
                     attempts,
                     interruptions,
+                    released: interruptions % 2 == 1,
                     started_at,
                     finished_at,
                     last_error,

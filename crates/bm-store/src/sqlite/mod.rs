@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    Labels, LogLine, Machine, MachineId, MachineSpec, Operation, OperationEvent, OperationId,
-    Timestamp,
+    LogLine, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId, Timestamp,
 };
 use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value};
 use tokio::sync::{broadcast, oneshot};
@@ -92,6 +91,18 @@ impl Readers {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         f(&conn)
+    }
+
+    /// Runs `f` on a free connection, or gives it back when none is free (never waits).
+    fn try_with<T, F: FnOnce(&Connection) -> Result<T>>(&self, f: F) -> Result<Result<T>, F> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(conn) = self.conns[(start + i) % n].try_lock() {
+                return Ok(f(&conn));
+            }
+        }
+        Err(f)
     }
 }
 
@@ -256,9 +267,17 @@ impl SqliteStore {
     }
 
     /// Runs a read that touches a handful of rows (a lookup by primary key) on the calling
-    /// thread: it takes tens of microseconds, less than handing it to the blocking pool.
-    fn read_now<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        self.readers.with(f)
+    /// thread when a connection is free: it takes tens of microseconds, less than handing it
+    /// to the blocking pool. When every connection is busy it goes to the pool, so that an
+    /// async worker never waits for a lock.
+    async fn read_point<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        match self.readers.try_with(f) {
+            Ok(r) => r,
+            Err(f) => self.read(f).await,
+        }
     }
 
     async fn read<T: Send + 'static>(
@@ -319,7 +338,7 @@ impl Store for SqliteStore {
 
     async fn get_machine(&self, id: &MachineId) -> Result<Machine> {
         let id = id.clone();
-        self.read_now(move |conn| {
+        self.read_point(move |conn| {
             let doc: Option<String> = conn
                 .prepare_cached("SELECT doc FROM machines WHERE id = ?1")?
                 .query_row([id.as_str()], |r| r.get(0))
@@ -329,6 +348,7 @@ impl Store for SqliteStore {
                 None => Err(StoreError::MachineNotFound(id)),
             }
         })
+        .await
     }
 
     async fn list_machines(&self, q: &MachineQuery) -> Result<Page<Machine>> {
@@ -388,12 +408,11 @@ impl Store for SqliteStore {
     async fn update_machine(
         &self,
         id: &MachineId,
-        spec: Option<MachineSpec>,
-        labels: Option<Labels>,
+        patch: &MachinePatch,
         now: Timestamp,
     ) -> Result<Machine> {
-        let id = id.clone();
-        self.write(move |tx| logic::update(tx, &id, spec, labels, now))
+        let (id, patch) = (id.clone(), patch.clone());
+        self.write(move |tx| logic::update(tx, &id, &patch, now))
             .await
     }
 
@@ -402,7 +421,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_operation(&self, id: OperationId) -> Result<Operation> {
-        self.read_now(move |conn| {
+        self.read_point(move |conn| {
             let row: Option<(String, bool)> = conn
                 .prepare_cached("SELECT doc, cancel_requested FROM operations WHERE id = ?1")?
                 .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -412,6 +431,7 @@ impl Store for SqliteStore {
                 None => Err(StoreError::OperationNotFound(id)),
             }
         })
+        .await
     }
 
     async fn list_operations(&self, q: &OperationQuery) -> Result<Page<Operation>> {
@@ -465,9 +485,9 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn renew(&self, lease: &Lease) -> Result<Vec<OperationId>> {
-        let lease = lease.clone();
-        self.write(move |tx| tx.renew_leases(&lease)).await
+    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>> {
+        let (lease, ids) = (lease.clone(), operations.to_vec());
+        self.write(move |tx| tx.renew_leases(&lease, &ids)).await
     }
 
     async fn release(&self, owner: &str) -> Result<usize> {
@@ -624,7 +644,7 @@ mod tests {
                 provider: "fake".into(),
                 ..Default::default()
             },
-            Labels::default(),
+            bm_domain::Labels::default(),
             Timestamp::EPOCH,
         )
         .unwrap();

@@ -35,6 +35,9 @@ pub(super) enum CommitError {
     /// A job failed after writing (a bug): nothing of the batch was kept.
     #[error("a store job failed after writing; its batch was rolled back")]
     Poisoned,
+    /// SQLite rolled the transaction back by itself (a full disk, an IO error).
+    #[error("the database rolled the batch back")]
+    RolledBack,
 }
 
 /// Called after the batch's commit with its result.
@@ -119,14 +122,30 @@ impl Writer {
                             events: Vec::new(),
                             wrote: false,
                         };
-                        let (keep, reply) = job(&mut tx);
-                        if keep {
-                            published.extend(tx.events.drain(..).map(Published::Event));
-                        } else if tx.wrote {
-                            poisoned = true;
+                        let outcome =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut tx)));
+                        match outcome {
+                            Ok((keep, reply)) => {
+                                if keep {
+                                    published.extend(tx.events.drain(..).map(Published::Event));
+                                } else if tx.wrote {
+                                    poisoned = true;
+                                }
+                                replies.push(reply);
+                            }
+                            // The caller's reply went down with the job (its call ends with
+                            // "closed"); the batch may hold half of the job's writes.
+                            Err(_) => {
+                                tracing::error!("a store job panicked; its batch is rolled back");
+                                poisoned = true;
+                            }
                         }
-                        replies.push(reply);
                     }
+                }
+                // SQLite rolls a transaction back by itself on some errors (a full disk);
+                // what follows would then commit statement by statement.
+                if conn.is_autocommit() {
+                    return Err(CommitError::RolledBack);
                 }
             }
             if poisoned {
@@ -153,7 +172,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; the batch is rolled back");
-                let _ = self.conn.execute_batch("ROLLBACK");
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
                 let e = Arc::new(e);
                 for r in replies {
                     r(Err(e.clone()));
@@ -335,33 +356,43 @@ impl Tx for SqlTx<'_> {
                     .collect::<rusqlite::Result<Vec<_>>>()?
             };
             for row in rows {
-                out.push(row?);
+                match row {
+                    Ok(op) => out.push(op),
+                    // One unreadable record must not stop every other operation from being
+                    // taken up; it stays where it is, for a person to look at.
+                    Err(e) => {
+                        tracing::error!(error = %e, "skipping an operation that cannot be read")
+                    }
+                }
             }
         }
         Ok(out)
     }
 
-    fn renew_leases(&mut self, lease: &Lease) -> Result<Vec<OperationId>> {
+    fn renew_leases(&mut self, lease: &Lease, ids: &[OperationId]) -> Result<Vec<OperationId>> {
         self.wrote = true;
-        self.conn
-            .prepare_cached(
-                "UPDATE operations SET lease_expires = ?2
-                 WHERE lease_owner = ?1 AND phase IN ('PENDING', 'RUNNING')",
-            )?
-            .execute(params![lease.owner, lease.expires_at.as_unix_micros()])?;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id FROM operations
-             WHERE lease_owner = ?1 AND cancel_requested = 1 AND phase IN ('PENDING', 'RUNNING')",
+        let mut renew = self.conn.prepare_cached(
+            "UPDATE operations SET lease_expires = ?3
+             WHERE id = ?1 AND lease_owner = ?2 AND phase IN ('PENDING', 'RUNNING')
+             RETURNING cancel_requested",
         )?;
-        let ids = stmt.query_map([&lease.owner], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
+        let mut canceled = Vec::new();
         for id in ids {
-            out.push(
-                id?.parse()
-                    .map_err(|e: bm_domain::DomainError| StoreError::Corrupt(e.to_string()))?,
-            );
+            let cancel: Option<bool> = renew
+                .query_row(
+                    params![
+                        id.to_string(),
+                        lease.owner,
+                        lease.expires_at.as_unix_micros()
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if cancel == Some(true) {
+                canceled.push(*id);
+            }
         }
-        Ok(out)
+        Ok(canceled)
     }
 
     fn release_leases(&mut self, owner: &str) -> Result<usize> {

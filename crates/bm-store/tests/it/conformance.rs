@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    ConditionType, DomainError, EffectiveState, EventKind, Labels, LogLine, OperationEvent,
-    OperationId, OperationPhase, OperationType, Phase,
+    ConditionType, DomainError, EffectiveState, EventKind, Labels, LogLine, MachinePatch,
+    OperationEvent, OperationId, OperationPhase, OperationType, Phase,
 };
 use bm_store::{
     EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery, Store, StoreError,
@@ -179,52 +179,79 @@ pub(crate) async fn update_spec_labels_and_macs(s: S) {
         .await
         .unwrap();
     s.register_machine(machine("m-2", 2)).await.unwrap();
-    let mut spec = s.get_machine(&mid("m-1")).await.unwrap().spec;
-    spec.mac_addresses = vec!["02:00:00:00:00:09".parse().unwrap()];
+    let macs: Vec<bm_domain::MacAddress> = vec!["02:00:00:00:00:09".parse().unwrap()];
     let labels = Labels::from_pairs([("rack", "r9")]).unwrap();
-    let m = s
-        .update_machine(&mid("m-1"), Some(spec.clone()), Some(labels.clone()), t(5))
-        .await
-        .unwrap();
+    let patch = MachinePatch {
+        mac_addresses: Some(macs.clone()),
+        labels: Some(labels.clone()),
+        ..MachinePatch::default()
+    };
+    let m = s.update_machine(&mid("m-1"), &patch, t(5)).await.unwrap();
     assert_eq!(
-        (m.spec.clone(), m.labels.clone(), m.updated_at),
-        (spec.clone(), labels, t(5))
+        (m.spec.mac_addresses.clone(), m.labels.clone(), m.updated_at),
+        (macs.clone(), labels, t(5))
+    );
+    assert_eq!(
+        m.spec.image, "ubuntu-24.04",
+        "fields the patch does not name are kept"
     );
     // The old MAC is free, the new one taken.
     s.register_machine(machine("m-3", 1)).await.unwrap();
-    let mut clash = s.get_machine(&mid("m-2")).await.unwrap().spec;
-    clash.mac_addresses = spec.mac_addresses.clone();
+    let clash = MachinePatch {
+        mac_addresses: Some(macs),
+        ..MachinePatch::default()
+    };
     let err = s
-        .update_machine(&mid("m-2"), Some(clash), None, t(6))
+        .update_machine(&mid("m-2"), &clash, t(6))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::MacInUse { .. }), "{err}");
+    // Two patches of different fields both land.
+    let image = MachinePatch {
+        image: Some("ubuntu-26.04".into()),
+        ..MachinePatch::default()
+    };
+    let cluster = MachinePatch {
+        target_cluster: Some("east".into()),
+        ..MachinePatch::default()
+    };
+    let m2 = mid("m-2");
+    let (a, b) = tokio::join!(
+        s.update_machine(&m2, &image, t(7)),
+        s.update_machine(&m2, &cluster, t(7))
+    );
+    a.unwrap();
+    b.unwrap();
+    let m2 = s.get_machine(&mid("m-2")).await.unwrap();
+    assert_eq!(
+        (m2.spec.image.as_str(), m2.spec.target_cluster.as_str()),
+        ("ubuntu-26.04", "east")
+    );
     // The spec is locked while an operation is active; labels are not.
     s.admit(op("m-1", OperationType::Reboot, "r-1"))
         .await
         .unwrap();
-    let mut new_spec = spec.clone();
-    new_spec.image = "ubuntu-26.04".into();
     let err = s
-        .update_machine(&mid("m-1"), Some(new_spec), None, t(7))
+        .update_machine(&mid("m-1"), &image, t(8))
         .await
         .unwrap_err();
     assert!(
         matches!(err, StoreError::Domain(DomainError::SpecLocked { .. })),
         "{err}"
     );
-    let labels = Labels::from_pairs([("rack", "r10")]).unwrap();
-    let m = s
-        .update_machine(&mid("m-1"), None, Some(labels.clone()), t(8))
-        .await
-        .unwrap();
-    assert_eq!(m.labels, labels);
+    let set = MachinePatch {
+        set_labels: [("zone".to_owned(), "a".to_owned())].into(),
+        remove_labels: vec!["rack".into()],
+        ..MachinePatch::default()
+    };
+    let m = s.update_machine(&mid("m-1"), &set, t(9)).await.unwrap();
+    assert_eq!(m.labels, Labels::from_pairs([("zone", "a")]).unwrap());
     assert!(
         m.status.active_operation_id.is_some(),
         "an update never touches status"
     );
     let missing = s
-        .update_machine(&mid("nope"), None, None, t(9))
+        .update_machine(&mid("nope"), &set, t(10))
         .await
         .unwrap_err();
     assert!(matches!(missing, StoreError::MachineNotFound(_)));
@@ -363,7 +390,12 @@ pub(crate) async fn leases_fence_writes(s: S) {
             .is_empty()
     );
     // Renewal extends it past the time it would have expired.
-    assert!(s.renew(&lease("exec-a", 300)).await.unwrap().is_empty());
+    assert!(
+        s.renew(&lease("exec-a", 300), &[a.id])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(
         s.claim(&lease("exec-b", 400), t(200), 10)
             .await
@@ -501,7 +533,10 @@ pub(crate) async fn cancel_of_a_held_operation_is_seen_by_its_executor(s: S) {
         "the executor ends it, not the store"
     );
     assert!(requested.cancel_requested);
-    assert_eq!(s.renew(&lease("exec", 2000)).await.unwrap(), [a.id]);
+    assert_eq!(
+        s.renew(&lease("exec", 2000), &[a.id]).await.unwrap(),
+        [a.id]
+    );
     // The executor's copy does not know yet; its write keeps the request and reports it.
     assert!(!running.cancel_requested);
     assert!(s.save_progress("exec", &running, vec![]).await.unwrap());

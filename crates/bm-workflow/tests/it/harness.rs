@@ -169,30 +169,6 @@ impl Harness {
             .unwrap_or_else(|_| panic!("{needle:?} was not logged within 20 s"));
     }
 
-    /// Waits until the operation has started attempt `attempt` of `stage`.
-    pub(crate) async fn wait_attempt(&self, op: OperationId, stage: &str, attempt: u32) {
-        let filter = EventFilter {
-            operation_id: Some(op),
-            machine_id: None,
-        };
-        let mut rx = self.engine.watch(filter, Some(0)).await.unwrap();
-        let wait = async {
-            while let Some(batch) = rx.recv().await {
-                if batch.unwrap().iter().any(|e| {
-                    e.kind == bm_domain::EventKind::StageStarted
-                        && e.stage == stage
-                        && e.attempt == attempt
-                }) {
-                    return;
-                }
-            }
-            panic!("operation ended before attempt {attempt} of {stage} started");
-        };
-        tokio::time::timeout(Duration::from_secs(20), wait)
-            .await
-            .unwrap_or_else(|_| panic!("attempt {attempt} of {stage} did not start within 20 s"));
-    }
-
     /// Waits until the operation has started `stage`.
     pub(crate) async fn wait_stage(&self, op: OperationId, stage: &str) {
         let filter = EventFilter {

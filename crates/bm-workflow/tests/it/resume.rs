@@ -25,7 +25,13 @@ async fn restart(h: Harness, machine: &str) -> Harness {
     h.engine.shutdown(Duration::from_secs(5)).await;
     let m = h.get(machine).await;
     h.engine
-        .update_machine(&m.id, None, Some(Labels::default()))
+        .update_machine(
+            &m.id,
+            &bm_domain::MachinePatch {
+                labels: Some(Labels::default()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     start_with(h.store.clone(), config(), h.fake.clone())
@@ -58,34 +64,88 @@ async fn shutdown_mid_stage_resumes_at_that_stage_on_sqlite() {
         .iter()
         .find(|s| s.name == "repave-image")
         .unwrap();
+    // A graceful stop is not a crash: the stage ran again without counting an interruption.
     assert_eq!(
         (repave.attempts, repave.interruptions, repave.outcome),
-        (2, 1, StageOutcome::Succeeded)
+        (2, 0, StageOutcome::Succeeded)
     );
+    assert!(!repave.released);
     assert_eq!(done.stages.len(), 5);
     let m = h.get("machine-1").await;
     assert_eq!(m.effective_state(), EffectiveState::MaintenanceIdle);
     assert!(m.status.conditions.is_true(&ConditionType::Provisioned));
 }
 
+/// Leaves `op_type` on `machine` as a crash leaves an operation: RUNNING in `stage`, cut off
+/// `crashes` times, its lease released (as the SQLite store does when it opens after one).
+async fn crashed(
+    h: &Harness,
+    machine: &str,
+    op_type: OperationType,
+    stage: &str,
+    crashes: u32,
+) -> bm_domain::OperationId {
+    let now = bm_domain::Timestamp::from_system_time(std::time::SystemTime::now());
+    let mut op = bm_domain::Operation::new(
+        bm_domain::OperationId::from_parts(now.as_unix_millis() as u64, 42),
+        crate::harness::id(machine),
+        op_type,
+        bm_domain::RequestId::new("crashed").unwrap(),
+        String::new(),
+        now,
+    )
+    .unwrap();
+    h.store.admit(op.clone()).await.unwrap();
+    let lease = bm_store::Lease {
+        owner: "dead".into(),
+        expires_at: now.saturating_add(Duration::from_secs(60)),
+    };
+    h.store.claim(&lease, now, 1).await.unwrap();
+    op.start(now).unwrap();
+    op.begin_stage(stage, now);
+    op.stages.last_mut().unwrap().interruptions = crashes;
+    h.store.save_progress("dead", &op, vec![]).await.unwrap();
+    h.store.release("dead").await.unwrap();
+    op.id
+}
+
+/// A store no engine runs on, with one machine.
+async fn idle_store(machine: &str, labels: &[(&str, &str)]) -> Harness {
+    let h = start_with(Arc::new(bm_store::MemoryStore::new()), config(), fake());
+    h.machine(machine, labels).await;
+    h.engine.shutdown(Duration::from_secs(5)).await;
+    h
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_interrupted_too_often_fails_for_intervention() {
-    let store: Arc<dyn Store> = Arc::new(bm_store::MemoryStore::new());
-    let mut h = start_with(store, config(), fake());
-    h.machine("machine-1", &[(LABEL_HANG_ACTION, "drain")])
-        .await;
-    let op = h
-        .submit("machine-1", OperationType::EnterMaintenance, "e")
-        .await
-        .unwrap();
-    // Three restarts while the stage hangs are tolerated (max_interruptions = 3)...
-    for attempt in 1..=4 {
-        h.wait_attempt(op.id, "drain", attempt).await;
-        h.engine.shutdown(Duration::from_secs(5)).await;
-        h = start_with(h.store.clone(), config(), h.fake.clone());
-    }
+    let idle = idle_store("machine-1", &[]).await;
+    // Three crashes in the same stage are tolerated (max_interruptions = 3)...
+    let op = crashed(
+        &idle,
+        "machine-1",
+        OperationType::EnterMaintenance,
+        "drain",
+        2,
+    )
+    .await;
+    let h = start_with(idle.store.clone(), config(), idle.fake.clone());
+    let done = h.wait_end(op).await;
+    assert_eq!(done.phase, OperationPhase::Succeeded, "{:?}", done.error);
+    assert_eq!(done.stages[0].interruptions, 3);
+
     // ...the fourth is not.
-    let done = h.wait_end(op.id).await;
+    let idle = idle_store("machine-2", &[]).await;
+    let op = crashed(
+        &idle,
+        "machine-2",
+        OperationType::EnterMaintenance,
+        "drain",
+        3,
+    )
+    .await;
+    let h = start_with(idle.store.clone(), config(), idle.fake.clone());
+    let done = h.wait_end(op).await;
     assert_eq!(done.phase, OperationPhase::Failed);
     assert!(
         done.error
@@ -96,31 +156,31 @@ async fn a_stage_interrupted_too_often_fails_for_intervention() {
         done.error
     );
     assert_eq!(
-        h.get("machine-1").await.effective_state(),
+        h.get("machine-2").await.effective_state(),
         EffectiveState::Attention
     );
+    assert_eq!(h.fake.calls("machine-2", Action::Drain), 0, "not run again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_network_change_is_not_rerun_blindly() {
-    let store: Arc<dyn Store> = Arc::new(bm_store::MemoryStore::new());
-    let h = start_with(store, config(), fake());
-    h.machine("machine-1", &[]).await;
-    h.run("machine-1", OperationType::EnterMaintenance, "e")
-        .await;
-    let m = h.get("machine-1").await;
-    let labels = Labels::from_pairs([(LABEL_HANG_ACTION, "apply-net-config")]).unwrap();
-    h.engine
-        .update_machine(&m.id, None, Some(labels))
+    let idle = idle_store("machine-1", &[]).await;
+    let op = {
+        let h = start_with(idle.store.clone(), config(), idle.fake.clone());
+        h.run("machine-1", OperationType::EnterMaintenance, "e")
+            .await;
+        h.engine.shutdown(Duration::from_secs(5)).await;
+        crashed(
+            &h,
+            "machine-1",
+            OperationType::NetReconfig,
+            "apply-net-config",
+            0,
+        )
         .await
-        .unwrap();
-    let op = h
-        .submit("machine-1", OperationType::NetReconfig, "n")
-        .await
-        .unwrap();
-    h.wait_log(op.id, "injected hang").await;
-    let h = restart(h, "machine-1").await;
-    let done = h.wait_end(op.id).await;
+    };
+    let h = start_with(idle.store.clone(), config(), idle.fake.clone());
+    let done = h.wait_end(op).await;
     assert_eq!(done.phase, OperationPhase::Failed);
     assert!(
         done.error
@@ -132,7 +192,7 @@ async fn an_interrupted_network_change_is_not_rerun_blindly() {
     );
     assert_eq!(
         h.fake.calls("machine-1", Action::ApplyNetConfig),
-        1,
+        0,
         "not re-run"
     );
 }

@@ -151,3 +151,50 @@ async fn logs_replay_follow_and_end_with_the_operation() {
     let first = tail.recv().await.unwrap().unwrap();
     assert_eq!(first[0].sequence, 4);
 }
+
+#[tokio::test]
+async fn streams_end_with_a_resume_hint_on_shutdown_and_refuse_unknown_revisions() {
+    let h = memory();
+    h.machine("machine-1", &[(LABEL_HANG_ACTION, "drain")])
+        .await;
+    let op = h
+        .submit("machine-1", OperationType::EnterMaintenance, "e")
+        .await
+        .unwrap();
+    h.wait_stage(op.id, "drain").await;
+    let mut watch = h
+        .engine
+        .watch(EventFilter::default(), Some(0))
+        .await
+        .unwrap();
+    let mut logs = h.engine.logs(op.id, 0).await.unwrap();
+    h.engine.shutdown(Duration::from_secs(5)).await;
+    let mut last = None;
+    while let Some(b) = watch.recv().await {
+        last = Some(b);
+    }
+    let e = last.unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains("shutting down; resume with after_revision="),
+        "{e}"
+    );
+    let mut last = None;
+    while let Some(b) = logs.recv().await {
+        last = Some(b);
+    }
+    let e = last.unwrap().unwrap_err().to_string();
+    assert!(e.contains("resume with after_sequence="), "{e}");
+
+    let beyond = h
+        .engine
+        .watch(EventFilter::default(), Some(10_000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            beyond,
+            bm_workflow::WorkflowError::RevisionOutOfRange { asked: 10_000, .. }
+        ),
+        "{beyond}"
+    );
+}
