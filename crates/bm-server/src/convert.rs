@@ -211,17 +211,20 @@ pub(crate) fn spec(s: &MachineSpec) -> pb::MachineSpec {
     }
 }
 
-/// The spec of a request; `field` is its path, e.g. `machine.spec`.
-pub(crate) fn spec_from(field: &str, s: &pb::MachineSpec) -> Result<MachineSpec, ApiError> {
-    let mac_addresses = s
-        .mac_addresses
-        .iter()
+/// The MAC addresses of a request's spec; `field` is the spec's path.
+pub(crate) fn macs_from(field: &str, macs: &[String]) -> Result<Vec<MacAddress>, ApiError> {
+    macs.iter()
         .enumerate()
         .map(|(i, m)| {
             m.parse::<MacAddress>()
                 .map_err(|e| at(&format!("{field}.mac_addresses[{i}]"), e))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+/// The spec of a request; `field` is its path, e.g. `machine.spec`.
+pub(crate) fn spec_from(field: &str, s: &pb::MachineSpec) -> Result<MachineSpec, ApiError> {
+    let mac_addresses = macs_from(field, &s.mac_addresses)?;
     let spec = MachineSpec {
         provider: s.provider.clone(),
         mac_addresses,

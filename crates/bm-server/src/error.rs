@@ -62,7 +62,8 @@ fn workflow_code(e: &WorkflowError) -> Code {
         WorkflowError::UnknownProvider(_) | WorkflowError::ProviderRejected { .. } => {
             Code::InvalidArgument
         }
-        WorkflowError::ShuttingDown => Code::Unavailable,
+        WorkflowError::ShuttingDown | WorkflowError::StreamInterrupted { .. } => Code::Unavailable,
+        WorkflowError::RevisionOutOfRange { .. } => Code::OutOfRange,
         WorkflowError::Store(s) => match s {
             StoreError::Domain(d) => domain_code(d),
             StoreError::MachineNotFound(_) | StoreError::OperationNotFound(_) => Code::NotFound,

@@ -89,11 +89,15 @@ pub async fn serve(
 
     let engine = deps.engine.clone();
     let grace = deps.shutdown_grace;
+    let (stopped, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         tracing::info!(
             "shutting down: no new work, interrupting running operations, ending streams"
         );
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         health
             .set_not_serving::<MachineServiceServer<machines::Machines>>()
             .await;
@@ -101,18 +105,93 @@ pub async fn serve(
             .set_not_serving::<OperationServiceServer<operations::Operations>>()
             .await;
         engine.shutdown(grace).await;
+        let _ = stopped.send(());
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(tower::util::MapResponseLayer::new(
+            decode_errors_are_invalid_arguments,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(machines)
         .add_service(operations)
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    // Once the engine has stopped, every stream has ended; a client that does not read its
+    // last messages would hold its connection open until keepalive gives up (40 s). Give
+    // the others a moment, then close what is left.
+    let stragglers = async {
+        if stopped_rx.await.is_ok() {
+            tokio::time::sleep(STRAGGLER_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = &mut server => r?,
+        () = stragglers => tracing::warn!("closing connections still open {STRAGGLER_GRACE:?} after the shutdown"),
+    }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// How long connections may stay open after the engine stopped.
+const STRAGGLER_GRACE: Duration = Duration::from_secs(2);
+
+/// tonic answers a request whose body does not decode with INTERNAL; it is the client's
+/// error, so it becomes INVALID_ARGUMENT (the message, which names the bad field, is kept).
+/// The status travels in the response headers (trailers-only) or in its trailers.
+fn decode_errors_are_invalid_arguments<B>(
+    mut response: http::Response<B>,
+) -> http::Response<DecodeErrorsAreInvalid<B>> {
+    fix_status(response.headers_mut());
+    response.map(DecodeErrorsAreInvalid)
+}
+
+fn fix_status(headers: &mut http::HeaderMap) {
+    let is_decode_error = headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            m.starts_with(b"failed%20to%20decode") || m.starts_with(b"failed to decode")
+        });
+    if is_decode_error {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+}
+
+/// A response body whose trailers get [`fix_status`].
+struct DecodeErrorsAreInvalid<B>(B);
+
+impl<B: http_body::Body + Unpin> http_body::Body for DecodeErrorsAreInvalid<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx).map(|frame| {
+            frame.map(|frame| {
+                frame.map(|frame| match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        fix_status(&mut trailers);
+                        http_body::Frame::trailers(trailers)
+                    }
+                    Err(frame) => frame,
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
 }

@@ -1,6 +1,6 @@
 //! `MachineService`: the inventory and the lifecycle operations, adapted to the engine.
 
-use bm_domain::OperationType;
+use bm_domain::{MachinePatch, OperationType};
 use bm_proto::v1 as pb;
 use bm_store::{ImportOutcome, MachineQuery};
 use bm_workflow::{Engine, OperationRequest};
@@ -178,25 +178,43 @@ impl Machines {
                 "update_mask: names no field and the machine has no spec or labels to write",
             ));
         }
-        let current = self.engine.get_machine(&id).await?;
-        let mut spec = convert::spec(&current.spec);
+        // The mask becomes a patch that the store applies to the record as it is when it
+        // writes, so that concurrent updates of different fields both land.
         let given = m.spec.clone().unwrap_or_default();
-        let mut spec_touched = false;
-        let mut labels = None;
+        let mut patch = MachinePatch::default();
         for path in &paths {
             let path = path.trim();
             match path {
-                "spec" => spec = given.clone(),
-                "spec.provider" => spec.provider = given.provider.clone(),
-                "spec.mac_addresses" => spec.mac_addresses = given.mac_addresses.clone(),
-                "spec.ssh_endpoint" => spec.ssh_endpoint = given.ssh_endpoint.clone(),
-                "spec.bmc_endpoint" => spec.bmc_endpoint = given.bmc_endpoint.clone(),
-                "spec.image" => spec.image = given.image.clone(),
-                "spec.target_cluster" => spec.target_cluster = given.target_cluster.clone(),
-                "spec.network_config" => spec.network_config = given.network_config.clone(),
-                "labels" => {
-                    labels = Some(convert::labels_from("machine.labels", &m.labels)?);
-                    continue;
+                "spec" => {
+                    let spec = convert::spec_from("machine.spec", &given)?;
+                    patch.provider = Some(spec.provider);
+                    patch.mac_addresses = Some(spec.mac_addresses);
+                    patch.ssh_endpoint = Some(spec.ssh_endpoint);
+                    patch.bmc_endpoint = Some(spec.bmc_endpoint);
+                    patch.image = Some(spec.image);
+                    patch.target_cluster = Some(spec.target_cluster);
+                    patch.network_config = Some(spec.network_config);
+                }
+                "spec.provider" => patch.provider = Some(given.provider.clone()),
+                "spec.mac_addresses" => {
+                    patch.mac_addresses =
+                        Some(convert::macs_from("machine.spec", &given.mac_addresses)?);
+                }
+                "spec.ssh_endpoint" => patch.ssh_endpoint = Some(given.ssh_endpoint.clone()),
+                "spec.bmc_endpoint" => patch.bmc_endpoint = Some(given.bmc_endpoint.clone()),
+                "spec.image" => patch.image = Some(given.image.clone()),
+                "spec.target_cluster" => patch.target_cluster = Some(given.target_cluster.clone()),
+                "spec.network_config" => patch.network_config = Some(given.network_config.clone()),
+                "labels" => patch.labels = Some(convert::labels_from("machine.labels", &m.labels)?),
+                p if p.starts_with("labels.") => {
+                    // AIP-134: one label; present in the request sets it, absent removes it.
+                    let key = &p["labels.".len()..];
+                    match m.labels.get(key) {
+                        Some(v) => {
+                            patch.set_labels.insert(key.to_owned(), v.clone());
+                        }
+                        None => patch.remove_labels.push(key.to_owned()),
+                    }
                 }
                 p if p == "status"
                     || p.starts_with("status.")
@@ -208,18 +226,12 @@ impl Machines {
                 }
                 p => {
                     return Err(ApiError::invalid(format!(
-                        "update_mask: unknown field {p:?}; use spec, spec.<field> or labels"
+                        "update_mask: unknown field {p:?}; use spec, spec.<field>, labels or labels.<key>"
                     )));
                 }
             }
-            spec_touched = true;
         }
-        let spec = if spec_touched {
-            Some(convert::spec_from("machine.spec", &spec)?)
-        } else {
-            None
-        };
-        let m = self.engine.update_machine(&id, spec, labels).await?;
+        let m = self.engine.update_machine(&id, &patch).await?;
         tracing::info!(machine_id = %m.id, fields = ?paths, "machine updated");
         Ok(convert::machine(&m))
     }

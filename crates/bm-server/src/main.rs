@@ -122,9 +122,13 @@ fn init_tracing(level: LogLevel, format: LogFormat) {
             "warn,bm_server={level},bm_workflow={level},bm_store={level},bm_provider_fake={level}"
         ))
     });
+    // Colour only for a person at a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -518,3 +518,63 @@ async fn health_and_reflection() {
         );
     }
 }
+
+/// A message that is not a GetMachineRequest: field 1 as a varint instead of a string.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotARequest {
+    #[prost(uint64, tag = "1")]
+    machine_id: u64,
+}
+
+#[tokio::test]
+async fn a_malformed_request_is_invalid_not_internal() {
+    let server = Server::start();
+    let c = server.clients().await;
+    let mut grpc = tonic::client::Grpc::new(c.channel.clone());
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/baremetal.v1.MachineService/GetMachine",
+    );
+    let codec: tonic_prost::ProstCodec<NotARequest, pb::Machine> =
+        tonic_prost::ProstCodec::default();
+    let r = grpc
+        .unary(
+            tonic::Request::new(NotARequest { machine_id: 7 }),
+            path,
+            codec,
+        )
+        .await;
+    check(r, Code::InvalidArgument, "decode");
+}
+
+#[tokio::test]
+async fn single_labels_can_be_set_and_removed_by_path() {
+    let server = Server::start();
+    let mut c = server.clients().await;
+    c.register(fake_machine("m-1", 1, &[("rack", "r1"), ("gpu", "")]))
+        .await;
+    let m = c
+        .machines
+        .update_machine(pb::UpdateMachineRequest {
+            machine: Some(pb::Machine {
+                id: "m-1".into(),
+                labels: [("zone".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["labels.zone".into(), "labels.gpu".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut labels: Vec<(String, String)> = m.labels.into_iter().collect();
+    labels.sort();
+    assert_eq!(
+        labels,
+        [
+            ("rack".to_owned(), "r1".to_owned()),
+            ("zone".to_owned(), "a".to_owned())
+        ]
+    );
+}

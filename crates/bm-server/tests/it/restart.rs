@@ -25,9 +25,37 @@ async fn graceful_restart_keeps_state_and_resumes_operations() {
     c.wait_end(&done.id).await;
     let running = c.reimage("machine-2", "r2").await.unwrap();
     c.wait_stage(&running.id, "repave-image").await;
+    // A watcher: its stream ends with UNAVAILABLE and where to resume, not as if done.
+    let mut watch = c
+        .operations
+        .watch_operations(pb::WatchOperationsRequest {
+            after_revision: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
 
     // SIGTERM: exit 0 within a few seconds, even with an operation running.
     let (status, took) = server.terminate();
+    let end = loop {
+        match watch.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let status_of_stream = end.expect_err("the stream ends with an error");
+    assert_eq!(
+        status_of_stream.code(),
+        tonic::Code::Unavailable,
+        "{status_of_stream:?}"
+    );
+    assert!(
+        status_of_stream
+            .message()
+            .contains("resume with after_revision="),
+        "{status_of_stream:?}"
+    );
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(server.log().contains("released leases"), "{}", server.log());
@@ -48,7 +76,11 @@ async fn graceful_restart_keeps_state_and_resumes_operations() {
     let op = c.operation(&running.id).await;
     assert_eq!(op.phase(), pb::OperationPhase::Running);
     let repave = op.stages.iter().find(|s| s.name == "repave-image").unwrap();
-    assert_eq!(repave.interruptions, 1, "{op:?}");
+    assert_eq!(
+        repave.interruptions, 0,
+        "a graceful stop is not counted as a crash: {op:?}"
+    );
+    assert_eq!(repave.attempts, 2, "{op:?}");
     let canceled = c
         .operations
         .cancel_operation(pb::CancelOperationRequest {
