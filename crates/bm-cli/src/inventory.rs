@@ -140,7 +140,13 @@ fn parse_csv(text: &str) -> Result<(Vec<Row>, Vec<RowError>), String> {
     // comments before it begin), so count lines from the byte offset, past any comments.
     let line_at = |byte: u64| {
         let mut start = usize::try_from(byte).unwrap_or(usize::MAX).min(text.len());
-        while text[start..].starts_with('#') {
+        loop {
+            // Line ends (a CRLF file puts the offset on the previous line's \n) and comments.
+            let rest = &text[start..];
+            start += rest.len() - rest.trim_start_matches(['\r', '\n']).len();
+            if !text[start..].starts_with('#') {
+                break;
+            }
             match text[start..].find('\n') {
                 Some(i) => start += i + 1,
                 None => break,
@@ -216,6 +222,24 @@ fn parse_csv(text: &str) -> Result<(Vec<Row>, Vec<RowError>), String> {
     Ok((rows, errors))
 }
 
+/// One machine of a JSON inventory: a flat entry (`{"id", "provider", "mac_addresses", ...}`)
+/// or a Machine as `bmctl -o json list` prints it (`{"id", "spec": {...}, "labels", ...}`),
+/// whose status is left out: the server owns it.
+fn machine_from_json(v: serde_json::Value) -> Result<pb::Machine, String> {
+    if v.get("spec").is_some() {
+        let mut m: pb::Machine = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        m.status = None;
+        m.effective_state = 0;
+        m.create_time = None;
+        m.update_time = None;
+        Ok(m)
+    } else {
+        serde_json::from_value::<Entry>(v)
+            .map(Entry::into_machine)
+            .map_err(|e| e.to_string())
+    }
+}
+
 fn parse_json_lines(text: &str) -> (Vec<Row>, Vec<RowError>) {
     let mut rows = Vec::new();
     let mut errors = Vec::new();
@@ -224,14 +248,17 @@ fn parse_json_lines(text: &str) -> (Vec<Row>, Vec<RowError>) {
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
-        match serde_json::from_str::<Entry>(l) {
-            Ok(e) => rows.push(Row {
+        match serde_json::from_str::<serde_json::Value>(l)
+            .map_err(|e| e.to_string())
+            .and_then(machine_from_json)
+        {
+            Ok(machine) => rows.push(Row {
                 line: i + 1,
-                machine: e.into_machine(),
+                machine,
             }),
-            Err(e) => errors.push(RowError {
+            Err(message) => errors.push(RowError {
                 line: i + 1,
-                message: e.to_string(),
+                message,
             }),
         }
     }
@@ -292,11 +319,8 @@ fn parse_json_array(text: &str) -> Result<(Vec<Row>, Vec<RowError>), String> {
     let mut errors = Vec::new();
     for (i, v) in values.into_iter().enumerate() {
         let line = lines.get(i).copied().unwrap_or(0);
-        match serde_json::from_value::<Entry>(v) {
-            Ok(e) => rows.push(Row {
-                line,
-                machine: e.into_machine(),
-            }),
+        match machine_from_json(v) {
+            Ok(machine) => rows.push(Row { line, machine }),
             Err(e) => errors.push(RowError {
                 line,
                 message: format!("entry {}: {e}", i + 1),
@@ -339,6 +363,39 @@ mod tests {
             "{}",
             errors[1].message
         );
+    }
+
+    #[test]
+    fn crlf_files_keep_their_line_numbers() {
+        let text = "id,provider,mac_addresses\r\nf-1,fake,02:00:00:00:00:01\r\nf-2,fake,zz\r\n# note\r\nf-3,fake,02:00:00:00:00:03\r\n";
+        let (rows, errors) = parse("inv.csv", text).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.line, r.machine.id.as_str()))
+                .collect::<Vec<_>>(),
+            [(2, "f-1"), (3, "f-2"), (5, "f-3")]
+        );
+    }
+
+    #[test]
+    fn what_list_prints_can_be_imported() {
+        let listed = serde_json::json!([{
+            "id": "m-1",
+            "spec": {"provider": "fake", "macAddresses": ["02:00:00:00:00:01"], "image": "ubuntu-24.04"},
+            "labels": {"rack": "r1"},
+            "status": {"phase": "PHASE_READY", "conditions": []},
+            "effectiveState": "EFFECTIVE_STATE_IDLE",
+            "createTime": "2026-11-23T12:00:00Z"
+        }]);
+        let (rows, errors) = parse("backup.json", &listed.to_string()).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let m = &rows[0].machine;
+        assert_eq!(
+            m.spec.as_ref().unwrap().mac_addresses,
+            ["02:00:00:00:00:01"]
+        );
+        assert!(m.status.is_none() && m.effective_state == 0 && m.create_time.is_none());
     }
 
     #[test]

@@ -10,11 +10,43 @@
     reason = "a command-line tool prints"
 )]
 
+/// Writes to stdout; exits quietly when the reader went away (`bmctl ... | head`).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::emit(format_args!($($arg)*), false) };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    () => { $crate::emit(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::emit(format_args!($($arg)*), true) };
+}
+
 mod follow;
 mod inventory;
 mod render;
 
-use std::collections::BTreeMap;
+/// Writes to stdout (colour stripped unless it is a terminal). A closed pipe ends the
+/// program with exit code 0: the reader has what it wanted.
+fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut out = anstream::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    if let Err(e) = written
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -102,6 +134,12 @@ enum Command {
     ClearIntervention(OpArgs),
     /// Take back a machine that returned from RMA: clears RMA/Retired, back to FACTORY_READY.
     Readmit(OpArgs),
+    /// Follow an operation live until it ends (after Ctrl+C, or from another terminal).
+    #[command(alias = "wait")]
+    Follow {
+        /// The operation's id.
+        operation: String,
+    },
     /// Cancel a pending or running operation.
     Cancel {
         /// The operation's id.
@@ -120,10 +158,13 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["count", "file"])))]
 struct ImportArgs {
-    /// How many fake machines to import.
+    /// How many fake machines to import (1 to 65535).
+    #[arg(value_parser = clap::value_parser!(u32).range(1..=65_535))]
     count: Option<u32>,
-    /// An inventory file: CSV with a header row, a JSON array, or JSON Lines.
+    /// An inventory file: CSV with a header row, a JSON array, or JSON Lines (also what
+    /// `bmctl -o json list` prints).
     #[arg(long, conflicts_with = "count")]
     file: Option<std::path::PathBuf>,
     /// Check every row and report, without importing anything.
@@ -139,12 +180,12 @@ struct ImportArgs {
 
 #[derive(Args, Debug)]
 struct ListArgs {
-    /// Only this phase (factory-ready, ready, maintenance).
-    #[arg(long)]
-    phase: Option<String>,
-    /// Only this effective state (blocked, attention, busy, maintenance-idle, new, idle).
-    #[arg(long)]
-    state: Option<String>,
+    /// Only this phase.
+    #[arg(long, value_enum)]
+    phase: Option<PhaseArg>,
+    /// Only this effective state.
+    #[arg(long, value_enum)]
+    state: Option<StateArg>,
     /// Only machines whose labels match this selector, e.g. "rack in (r1,r2)".
     #[arg(short = 'l', long)]
     selector: Option<String>,
@@ -158,6 +199,12 @@ struct OpsArgs {
     /// Only this machine's operations.
     #[arg(long, short = 'm')]
     machine: Option<String>,
+    /// Only operations of this type.
+    #[arg(long = "type", value_enum)]
+    op_type: Option<TypeArg>,
+    /// Only operations in this phase.
+    #[arg(long, value_enum)]
+    phase: Option<OpPhaseArg>,
     /// The most operations to show.
     #[arg(long, default_value_t = 50)]
     limit: usize,
@@ -194,12 +241,84 @@ struct UpdateArgs {
     /// New BMC endpoint.
     #[arg(long)]
     bmc: Option<String>,
+    /// New provider.
+    #[arg(long)]
+    provider: Option<String>,
+    /// New MAC addresses (the whole list); repeatable.
+    #[arg(long = "mac", value_name = "MAC")]
+    macs: Vec<String>,
+    /// New network configuration, read from this file ("-" for standard input); applied by
+    /// net-reconfig.
+    #[arg(long, value_name = "FILE")]
+    network_config: Option<std::path::PathBuf>,
     /// Set a label (key=value); repeatable.
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    labels: Vec<String>,
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Remove a label; repeatable.
     #[arg(long = "remove-label", value_name = "KEY")]
     remove_labels: Vec<String>,
+}
+
+/// `key=value`, for clap.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PhaseArg {
+    FactoryReady,
+    Ready,
+    Maintenance,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StateArg {
+    Blocked,
+    Attention,
+    Busy,
+    MaintenanceIdle,
+    New,
+    Idle,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TypeArg {
+    Reimage,
+    Reboot,
+    EnterMaintenance,
+    ExitMaintenance,
+    Rma,
+    Retire,
+    Upgrade,
+    NetReconfig,
+    ClearIntervention,
+    Readmit,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OpPhaseArg {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+/// The API's name of a clap value: `maintenance-idle` with `EFFECTIVE_STATE_` is
+/// `EFFECTIVE_STATE_MAINTENANCE_IDLE`.
+fn api_enum<E: ValueEnum, T>(
+    v: E,
+    prefix: &str,
+    from: impl Fn(&str) -> Option<T>,
+) -> anyhow::Result<T> {
+    let name = v
+        .to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default();
+    let api = format!("{prefix}{}", name.to_uppercase().replace('-', "_"));
+    from(&api).with_context(|| format!("{api} is not in the API"))
 }
 
 #[derive(Args, Debug)]
@@ -228,7 +347,11 @@ async fn connect(server: &str) -> anyhow::Result<Clients> {
     };
     let endpoint = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("--server {server:?} is not a valid address"))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // A follow on a dead network notices within half a minute.
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     let channel = endpoint.connect().await.map_err(|e| {
         let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
         tonic::Status::unavailable(format!(
@@ -248,7 +371,7 @@ fn bm_max_message() -> usize {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -261,44 +384,59 @@ fn show<T: serde::Serialize>(
     if json {
         print_json(value)?;
     } else {
-        anstream::print!("{}", render(value));
+        out!("{}", render(value));
     }
     Ok(0)
 }
 
 /// Reads a server stream until it ends (exit code 0) or Ctrl+C (`on_interrupt`), handing
-/// each message to `each`.
-async fn drain<T>(
-    mut stream: tonic::Streaming<T>,
+/// each message to `each`. When the server goes away (a restart), `open` is called again to
+/// resume where `each` got to; after [`follow::RECONNECT_FOR`] without a server, it gives up.
+async fn drain<T, F, Fut>(
+    mut open: F,
     on_interrupt: u8,
     mut each: impl FnMut(T) -> anyhow::Result<()>,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<u8>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Streaming<T>, tonic::Status>>,
+{
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    let mut lost_since: Option<Instant> = None;
     loop {
-        tokio::select! {
-            message = stream.next() => match message {
-                Some(m) => each(m?)?,
-                None => return Ok(0),
-            },
-            _ = &mut ctrl_c => return Ok(on_interrupt),
+        let mut stream = match open().await {
+            Ok(s) => s,
+            Err(s) if lost_since.is_some() && follow::is_disconnect(&s) => {
+                if lost_since.is_some_and(|t| t.elapsed() > follow::RECONNECT_FOR) {
+                    return Err(s.into());
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = &mut ctrl_c => return Ok(on_interrupt),
+                }
+            }
+            Err(s) => return Err(s.into()),
+        };
+        if lost_since.take().is_some() {
+            anstream::eprintln!("↻ reconnected");
+        }
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(Ok(m)) => each(m)?,
+                    Some(Err(s)) if follow::is_disconnect(&s) => {
+                        anstream::eprintln!("↻ lost the server ({}); reconnecting...", s.message());
+                        lost_since = Some(Instant::now());
+                        break;
+                    }
+                    Some(Err(s)) => return Err(s.into()),
+                    None => return Ok(0),
+                },
+                _ = &mut ctrl_c => return Ok(on_interrupt),
+            }
         }
     }
-}
-
-fn enum_arg<E>(
-    value: &str,
-    prefix: &str,
-    from: impl Fn(&str) -> Option<E>,
-    all: &[&str],
-) -> anyhow::Result<E> {
-    let name = format!("{prefix}{}", value.to_uppercase().replace('-', "_"));
-    from(&name).ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown value {value:?}; expected one of: {}",
-            all.join(", ")
-        )
-    })
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -328,34 +466,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::List(args) => {
             let phase = args
                 .phase
-                .as_deref()
-                .map(|p| {
-                    enum_arg(
-                        p,
-                        "PHASE_",
-                        pb::Phase::from_str_name,
-                        &["factory-ready", "ready", "maintenance"],
-                    )
-                })
+                .map(|p| api_enum(p, "PHASE_", pb::Phase::from_str_name))
                 .transpose()?;
             let state = args
                 .state
-                .as_deref()
-                .map(|s| {
-                    enum_arg(
-                        s,
-                        "EFFECTIVE_STATE_",
-                        pb::EffectiveState::from_str_name,
-                        &[
-                            "blocked",
-                            "attention",
-                            "busy",
-                            "maintenance-idle",
-                            "new",
-                            "idle",
-                        ],
-                    )
-                })
+                .map(|s| api_enum(s, "EFFECTIVE_STATE_", pb::EffectiveState::from_str_name))
                 .transpose()?;
             let mut all = Vec::new();
             let mut token = String::new();
@@ -391,6 +506,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Update(args) => update(&mut c, args, json, &pal).await,
         Command::Ops(args) => {
+            let op_type = args
+                .op_type
+                .map(|t| api_enum(t, "OPERATION_TYPE_", pb::OperationType::from_str_name))
+                .transpose()?;
+            let op_phase = args
+                .phase
+                .map(|p| api_enum(p, "OPERATION_PHASE_", pb::OperationPhase::from_str_name))
+                .transpose()?;
             let mut all = Vec::new();
             let mut token = String::new();
             while all.len() < args.limit {
@@ -401,7 +524,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                             .unwrap_or(1000),
                         page_token: token,
                         machine_id: args.machine.clone().unwrap_or_default(),
-                        ..Default::default()
+                        r#type: op_type.map_or(0, |t| t as i32),
+                        phase: op_phase.map_or(0, |p| p as i32),
                     })
                     .await?
                     .into_inner();
@@ -439,6 +563,29 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             operation(&mut c, OpKind::ClearIntervention, a, json, &pal).await
         }
         Command::Readmit(a) => operation(&mut c, OpKind::Readmit, a, json, &pal).await,
+        Command::Follow { operation } => {
+            let started = Instant::now();
+            let op = c
+                .operations
+                .get_operation(pb::GetOperationRequest {
+                    operation_id: operation,
+                })
+                .await?
+                .into_inner();
+            if json {
+                let done = if follow::is_terminal(op.phase) {
+                    op
+                } else {
+                    match follow::follow(&mut c.operations, &op, &pal, false).await? {
+                        follow::Followed::Ended(done) => *done,
+                        follow::Followed::Interrupted => return Ok(130),
+                    }
+                };
+                print_json(&done)?;
+                return Ok(follow::exit_code(done.phase));
+            }
+            Ok(follow::run(&mut c.operations, op, started, &pal).await?)
+        }
         Command::Cancel { operation } => {
             let o = c
                 .operations
@@ -450,21 +597,32 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             show(json, &o, |o| render::operation_detail(o, &pal))
         }
         Command::Watch(args) => {
-            let stream = c
-                .operations
-                .watch_operations(pb::WatchOperationsRequest {
-                    machine_id: args.machine.unwrap_or_default(),
-                    operation_id: args.operation.unwrap_or_default(),
-                    after_revision: args.since,
-                })
-                .await?
-                .into_inner();
-            drain(stream, 0, |batch| {
+            let last = std::cell::Cell::new(args.since);
+            let (machine_id, operation_id) = (
+                args.machine.unwrap_or_default(),
+                args.operation.unwrap_or_default(),
+            );
+            let ops = c.operations.clone();
+            let open = || {
+                let mut ops = ops.clone();
+                let req = pb::WatchOperationsRequest {
+                    machine_id: machine_id.clone(),
+                    operation_id: operation_id.clone(),
+                    after_revision: last.get(),
+                };
+                async move {
+                    ops.watch_operations(req)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            };
+            drain(open, 0, |batch| {
                 for e in batch.events {
+                    last.set(Some(e.revision));
                     if json {
-                        println!("{}", serde_json::to_string(&e)?);
+                        outln!("{}", serde_json::to_string(&e)?);
                     } else {
-                        anstream::println!("{}", render::watch_line(&e, &pal));
+                        outln!("{}", render::watch_line(&e, &pal));
                     }
                 }
                 Ok(())
@@ -472,20 +630,23 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             .await
         }
         Command::Logs { operation, after } => {
-            let stream = c
-                .operations
-                .stream_logs(pb::StreamLogsRequest {
-                    operation_id: operation,
-                    after_sequence: after,
-                })
-                .await?
-                .into_inner();
-            drain(stream, 130, |batch| {
+            let last = std::cell::Cell::new(after);
+            let ops = c.operations.clone();
+            let open = || {
+                let mut ops = ops.clone();
+                let req = pb::StreamLogsRequest {
+                    operation_id: operation.clone(),
+                    after_sequence: last.get(),
+                };
+                async move { ops.stream_logs(req).await.map(tonic::Response::into_inner) }
+            };
+            drain(open, 130, |batch| {
                 for l in batch.lines {
+                    last.set(l.sequence);
                     if json {
-                        println!("{}", serde_json::to_string(&l)?);
+                        outln!("{}", serde_json::to_string(&l)?);
                     } else {
-                        anstream::println!(
+                        outln!(
                             "{} {}",
                             render::clock(l.time.as_ref()),
                             render::log_line(&l, &pal)
@@ -582,7 +743,9 @@ async fn import(
             if n == 0 || n > 65_535 {
                 bail!("the count must be from 1 to 65535");
             }
-            println!("Importing {n} fake machines...");
+            if !json {
+                outln!("Importing {n} fake machines...");
+            }
             let rows: Vec<inventory::Row> = (1..=n)
                 .map(|i| inventory::Row {
                     line: 0,
@@ -660,10 +823,19 @@ async fn import(
                         .to_owned()
                 },
             );
+            // The server names the row by its index in the batch; the LINE column says where.
+            let message = r
+                .error_message
+                .strip_prefix(&format!("machines[{}].", r.index))
+                .or_else(|| {
+                    r.error_message
+                        .strip_prefix(&format!("machines[{}]", r.index))
+                })
+                .unwrap_or(&r.error_message);
             let error = if r.error_code.is_empty() {
                 String::new()
             } else {
-                format!("{}: {}", r.error_code, r.error_message)
+                format!("{}: {message}", r.error_code)
             };
             report.push((line, r.machine_id, mac, outcome, error));
         }
@@ -711,9 +883,9 @@ async fn import(
         } else {
             &["MACHINE_ID", "MAC", "RESULT", "ERROR"]
         };
-        anstream::print!("{}", render::table(header, &rows));
+        out!("{}", render::table(header, &rows));
         if shown.len() > rows.len() {
-            println!("... and {} more", shown.len() - rows.len());
+            outln!("... and {} more", shown.len() - rows.len());
         }
         let verb = if args.dry_run {
             "Would import"
@@ -723,9 +895,9 @@ async fn import(
         let summary =
             format!("{verb}: {created} created, {unchanged} already present, {failed} failed");
         if failed > 0 {
-            anstream::println!("{}", render_warn(&summary, pal));
+            outln!("{}", render_warn(&summary, pal));
         } else {
-            println!("{summary}");
+            outln!("{summary}");
         }
     }
     Ok(u8::from(failed > 0))
@@ -737,14 +909,10 @@ fn render_warn(s: &str, _pal: &Palette) -> String {
 }
 
 async fn update(c: &mut Clients, a: UpdateArgs, json: bool, pal: &Palette) -> anyhow::Result<u8> {
-    let current = c
-        .machines
-        .get_machine(pb::GetMachineRequest {
-            machine_id: a.machine.clone(),
-        })
-        .await?
-        .into_inner();
-    let mut spec = current.spec.clone().unwrap_or_default();
+    // Only the fields named are sent, each with its own path (one per label), so that the
+    // server applies them to the machine as it is: concurrent updates of other fields and
+    // other labels are kept.
+    let mut spec = pb::MachineSpec::default();
     let mut paths = Vec::new();
     let mut set = |path: &str, field: &mut String, v: Option<String>| {
         if let Some(v) = v {
@@ -756,22 +924,31 @@ async fn update(c: &mut Clients, a: UpdateArgs, json: bool, pal: &Palette) -> an
     set("spec.target_cluster", &mut spec.target_cluster, a.cluster);
     set("spec.ssh_endpoint", &mut spec.ssh_endpoint, a.ssh);
     set("spec.bmc_endpoint", &mut spec.bmc_endpoint, a.bmc);
-    let mut labels: BTreeMap<String, String> = current.labels.clone().into_iter().collect();
-    for l in &a.labels {
-        let (k, v) = l
-            .split_once('=')
-            .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
-        labels.insert(k.to_owned(), v.to_owned());
+    set("spec.provider", &mut spec.provider, a.provider);
+    if let Some(file) = &a.network_config {
+        spec.network_config = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+                .context("reading the network config from standard input")?
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        };
+        paths.push("spec.network_config".into());
     }
-    for k in &a.remove_labels {
-        labels.remove(k);
+    if !a.macs.is_empty() {
+        spec.mac_addresses = a.macs;
+        paths.push("spec.mac_addresses".into());
     }
-    if !a.labels.is_empty() || !a.remove_labels.is_empty() {
-        paths.push("labels".into());
+    let mut labels = std::collections::HashMap::new();
+    for (k, v) in a.labels {
+        paths.push(format!("labels.{k}"));
+        labels.insert(k, v);
+    }
+    for k in a.remove_labels {
+        paths.push(format!("labels.{k}"));
     }
     if paths.is_empty() {
         bail!(
-            "nothing to change: give --image, --cluster, --ssh, --bmc, --label or --remove-label"
+            "nothing to change: give --image, --cluster, --ssh, --bmc, --provider, --mac, --network-config, --label or --remove-label"
         );
     }
     let m = c
@@ -780,7 +957,7 @@ async fn update(c: &mut Clients, a: UpdateArgs, json: bool, pal: &Palette) -> an
             machine: Some(pb::Machine {
                 id: a.machine,
                 spec: Some(spec),
-                labels: labels.into_iter().collect(),
+                labels,
                 ..Default::default()
             }),
             update_mask: Some(FieldMask { paths }),

@@ -284,6 +284,17 @@ pub(crate) fn machine_detail(m: &pb::Machine, pal: &Palette) -> String {
     field("BMC", or_dash(&spec.bmc_endpoint));
     field("Image", or_dash(&spec.image));
     field("Cluster", or_dash(&spec.target_cluster));
+    field(
+        "Network",
+        match spec.network_config.lines().count() {
+            0 => "-".into(),
+            1 => spec.network_config.clone(),
+            n => format!(
+                "{} ... ({n} lines; -o json shows it all)",
+                spec.network_config.lines().next().unwrap_or("")
+            ),
+        },
+    );
     field("Labels", or_dash(&labels.join(", ")));
     field("Registered", date_time(m.create_time.as_ref()));
     field("Updated", date_time(m.update_time.as_ref()));
@@ -480,6 +491,11 @@ pub(crate) fn event_lines(e: &pb::OperationEvent, pal: &Palette) -> Vec<String> 
         Ok(pb::EventType::Created) => vec![format!("{at} Operation created")],
         _ => vec![format!("{at} event {}", e.r#type)],
     }
+}
+
+/// A line about the follow itself (a reconnect), set apart from the operation's lines.
+pub(crate) fn notice(text: &str, pal: &Palette) -> String {
+    paint(pal.warn, format!("↻ {text}"))
 }
 
 /// One provider log line: `│ [repave] Writing image...`.

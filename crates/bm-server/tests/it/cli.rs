@@ -377,3 +377,105 @@ fn errors_are_one_line_with_the_status_name() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn a_follow_survives_a_server_restart() {
+    let mut server = Server::start();
+    ok(&server, &["import", "1"]);
+    ok(&server, &["enter-maintenance", "machine-1"]);
+    // Slow hardware, so that the restart lands mid-reimage.
+    ok(
+        &server,
+        &[
+            "update",
+            "machine-1",
+            "--label",
+            "fake.baremetal.dev/delay-ms=400",
+        ],
+    );
+    let mut follow = Command::new(bin("bm-cli", "bmctl"))
+        .args(["reimage", "machine-1"])
+        .env("BM_SERVER", &server.addr)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let at_repave = line.starts_with("→ repave-image");
+        seen.push(line);
+        if at_repave {
+            break;
+        }
+    }
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    server.spawn();
+    seen.extend(lines.map(Result::unwrap));
+    let code = follow.wait().unwrap().code();
+    let out = seen.join("\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("↻ lost the server"), "{out}");
+    assert!(out.contains("↻ reconnected"), "{out}");
+    assert!(
+        out.contains("│ ✓ SUCCEEDED") && out.contains("✓ verify-in-cluster"),
+        "{out}"
+    );
+    // Every step line appears once: the resumed streams did not replay what was shown.
+    assert_eq!(out.matches("✓ set-netboot").count(), 1, "{out}");
+}
+
+#[test]
+fn follow_reattaches_and_usage_errors_exit_2() {
+    let server = Server::start();
+    ok(&server, &["import", "1"]);
+    let op = json(&server, &["enter-maintenance", "machine-1", "--no-wait"]);
+    let id = op["id"].as_str().unwrap();
+    let out = ok(&server, &["follow", id]);
+    assert!(out.contains("│ ✓ SUCCEEDED"), "{out}");
+    for bad in [
+        &["list", "--phase", "bogus"][..],
+        &["update", "machine-1", "--label", "no-equals"],
+        &["import"],
+        &["import", "0"],
+        &["ops", "--type", "nope"],
+    ] {
+        assert_eq!(server.bmctl(bad).status.code(), Some(2), "{bad:?}");
+    }
+    let out = server.bmctl(&["-o", "json", "import", "2"]);
+    let doc: serde_json::Value = serde_json::from_str(&text(&out)).expect("pure JSON on stdout");
+    assert_eq!(doc["created"], 1);
+    let listed = json(
+        &server,
+        &["ops", "--type", "enter-maintenance", "--phase", "succeeded"],
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_closed_pipe_is_not_a_crash() {
+    let server = Server::start();
+    ok(&server, &["import", "50"]);
+    let mut child = Command::new(bin("bm-cli", "bmctl"))
+        .args(["list"])
+        .env("BM_SERVER", &server.addr)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line, then hang up, as `| head -1` does.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(first.starts_with("MACHINE"), "{first}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

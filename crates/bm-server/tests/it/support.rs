@@ -50,6 +50,7 @@ pub(crate) fn bin(package: &str, name: &str) -> PathBuf {
 /// A running `bm-server` process.
 pub(crate) struct Server {
     child: Option<Child>,
+    /// The address it listens on; a restart keeps it, so that clients can reconnect.
     pub(crate) addr: String,
     pub(crate) dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -84,8 +85,13 @@ impl Server {
             .append(true)
             .open(self.dir.join("server.log"))
             .expect("server log");
+        let listen = if self.addr.is_empty() {
+            "127.0.0.1:0".to_owned()
+        } else {
+            self.addr.clone()
+        };
         let mut child = Command::new(bin("bm-server", "bm-server"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", &listen, "--data-dir"])
             .arg(self.dir.join("data"))
             .args(&self.args)
             .env("BM_LOG_LEVEL", "debug")
