@@ -96,7 +96,8 @@ impl OperationEvent {
 pub struct LogLine {
     /// The operation.
     pub operation_id: OperationId,
-    /// The line's number within its operation, from 1, without gaps.
+    /// The line's number within its operation, from 1, increasing (a line lost to a failure
+    /// of the storage leaves a gap).
     pub sequence: u64,
     /// When it was logged.
     pub time: Timestamp,

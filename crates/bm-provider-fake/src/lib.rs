@@ -441,6 +441,10 @@ impl Provider for FakeProvider {
         let lines = [
             format!("kubeadm join {cluster}-api:6443 --token <redacted>"),
             "Kubelet started, TLS bootstrap complete".to_owned(),
+            format!(
+                "Node {} joined cordoned (schedulable after exit-maintenance)",
+                ctx.machine.id
+            ),
         ];
         self.act(ctx, Action::JoinCluster, &lines).await
     }

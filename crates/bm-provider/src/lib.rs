@@ -143,7 +143,9 @@ pub trait Provider: Send + Sync + 'static {
     /// Mints a token that lets the machine join `spec.target_cluster`.
     async fn mint_join_token(&self, ctx: ActionContext<'_>) -> Result<JoinToken, ProviderError>;
 
-    /// Joins the machine to `spec.target_cluster` with `token`.
+    /// Joins the machine to `spec.target_cluster` with `token`. The node joins cordoned
+    /// (unschedulable): the machine is still in maintenance, and exit-maintenance uncordons
+    /// it.
     async fn join_cluster(
         &self,
         ctx: ActionContext<'_>,
