@@ -572,19 +572,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-            if json {
-                let done = if follow::is_terminal(op.phase) {
-                    op
-                } else {
-                    match follow::follow(&mut c.operations, &op, &pal, false).await? {
-                        follow::Followed::Ended(done) => *done,
-                        follow::Followed::Interrupted => return Ok(130),
-                    }
-                };
-                print_json(&done)?;
-                return Ok(follow::exit_code(done.phase));
-            }
-            Ok(follow::run(&mut c.operations, op, started, &pal).await?)
+            follow_to_end(&mut c, op, started, json, &pal).await
         }
         Command::Cancel { operation } => {
             let o = c
@@ -713,19 +701,31 @@ async fn operation(
     if a.no_wait {
         return show(json, &op, |op| render::operation_detail(op, pal));
     }
-    if json {
-        let done = if follow::is_terminal(op.phase) {
-            op
-        } else {
-            match follow::follow(&mut c.operations, &op, pal, false).await? {
-                follow::Followed::Ended(done) => *done,
-                follow::Followed::Interrupted => return Ok(130),
-            }
-        };
-        print_json(&done)?;
-        return Ok(follow::exit_code(done.phase));
+    follow_to_end(c, op, started, json, pal).await
+}
+
+/// Follows an operation to its end: live with both streams and the boxes, or (with
+/// `-o json`) silently, printing the operation at the end. The exit code says how it ended.
+async fn follow_to_end(
+    c: &mut Clients,
+    op: pb::Operation,
+    started: Instant,
+    json: bool,
+    pal: &Palette,
+) -> anyhow::Result<u8> {
+    if !json {
+        return Ok(follow::run(&mut c.operations, op, started, pal).await?);
     }
-    Ok(follow::run(&mut c.operations, op, started, pal).await?)
+    let done = if follow::is_terminal(op.phase) {
+        op
+    } else {
+        match follow::follow(&mut c.operations, &op, pal, false).await? {
+            follow::Followed::Ended(done) => *done,
+            follow::Followed::Interrupted => return Ok(130),
+        }
+    };
+    print_json(&done)?;
+    Ok(follow::exit_code(done.phase))
 }
 
 /// Rows per import request (the server takes up to 10,000).

@@ -25,6 +25,25 @@ fn json(server: &Server, args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("bmctl {args:?}: {e}\n{}{}", text(&out), err_text(&out)))
 }
 
+/// A bmctl that follows `args` (an operation command), and its stdout lines as they come.
+fn spawn_follow(
+    server: &Server,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut child = Command::new(bin("bm-cli", "bmctl"))
+        .args(args)
+        .env("BM_SERVER", &server.addr)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
 /// The operation id in a follow's header box.
 fn op_id(follow_output: &str) -> String {
     follow_output
@@ -170,14 +189,7 @@ fn cancel_failure_and_blocked_machines() {
             "fake.baremetal.dev/hang-action=repave",
         ],
     );
-    let mut follow = Command::new(bin("bm-cli", "bmctl"))
-        .args(["reimage", "machine-3"])
-        .env("BM_SERVER", &server.addr)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let (mut follow, mut lines) = spawn_follow(&server, &["reimage", "machine-3"]);
     let mut seen = Vec::new();
     let mut op = String::new();
     for line in lines.by_ref() {
@@ -393,14 +405,7 @@ fn a_follow_survives_a_server_restart() {
             "fake.baremetal.dev/delay-ms=400",
         ],
     );
-    let mut follow = Command::new(bin("bm-cli", "bmctl"))
-        .args(["reimage", "machine-1"])
-        .env("BM_SERVER", &server.addr)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let (mut follow, mut lines) = spawn_follow(&server, &["reimage", "machine-1"]);
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
