@@ -216,3 +216,86 @@ async fn messy_nic_lists_are_normalised() {
     assert_eq!(macs, ["aa:bb:cc:00:00:01", "aa:bb:cc:00:00:02"]);
     assert!(check.record_matches());
 }
+
+/// A BMC that answers slowly and counts how many requests it has in flight at once.
+async fn slow_counting_bmc(
+    delay: Duration,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let max2 = max.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (in_flight, max) = (in_flight.clone(), max2.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                // One request per connection; its head fits the buffer.
+                let Ok(n) = sock.read(&mut buf).await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                let body = json!({"@odata.id": path, "Id": "1", "PowerState": "On"}).to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(response.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (port, max, task)
+}
+
+/// BMCs are small computers: requests to one are limited to `max_concurrent_requests`, however
+/// many machines it serves and however many operations run.
+#[tokio::test]
+async fn requests_to_one_bmc_are_limited() {
+    let (port, max, task) = slow_counting_bmc(Duration::from_millis(150)).await;
+    let p = std::sync::Arc::new(
+        RedfishProvider::new(RedfishConfig {
+            max_concurrent_requests: 2,
+            ..RedfishConfig::default()
+        })
+        .unwrap(),
+    );
+    let calls: Vec<_> = (1..=6)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let h = Harness::new(machine(
+                    &format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/{i}"),
+                    "",
+                    &[],
+                ));
+                p.power_state(h.ctx()).await
+            })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap(), bm_provider::PowerState::On);
+    }
+    task.abort();
+    let seen = max.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        seen, 2,
+        "at most 2 requests in flight to the BMC at once, and the limit was reached"
+    );
+}
