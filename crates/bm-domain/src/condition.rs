@@ -47,6 +47,10 @@ impl ConditionType {
         ConditionType::Degraded,
     ];
 
+    /// The types that block a machine: while one is true, only re-admission may start on it
+    /// (spec 000: the machine is `BLOCKED`).
+    pub const BLOCKING: [ConditionType; 2] = [ConditionType::Rma, ConditionType::Retired];
+
     /// The type's name, e.g. `NeedsIntervention`.
     pub fn as_str(&self) -> &str {
         match self {

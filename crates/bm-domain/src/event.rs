@@ -1,9 +1,14 @@
 //! What observers see of operations: events (with a global revision) and provider log
 //! lines (with a sequence number per operation).
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::{Deserialize, Serialize};
 
-use crate::{MachineId, Operation, OperationId, OperationPhase, OperationType, Timestamp};
+use crate::{
+    DomainError, MachineId, Operation, OperationId, OperationPhase, OperationType, Timestamp,
+};
 
 /// What an [`OperationEvent`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -23,6 +28,48 @@ pub enum EventKind {
     StageRetrying,
     /// An operator asked to cancel the operation.
     CancelRequested,
+}
+
+impl EventKind {
+    /// Every kind.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Created,
+        EventKind::PhaseChanged,
+        EventKind::StageStarted,
+        EventKind::StageSucceeded,
+        EventKind::StageFailed,
+        EventKind::StageRetrying,
+        EventKind::CancelRequested,
+    ];
+
+    /// The name as the API and the store write it, e.g. `STAGE_STARTED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "CREATED",
+            EventKind::PhaseChanged => "PHASE_CHANGED",
+            EventKind::StageStarted => "STAGE_STARTED",
+            EventKind::StageSucceeded => "STAGE_SUCCEEDED",
+            EventKind::StageFailed => "STAGE_FAILED",
+            EventKind::StageRetrying => "STAGE_RETRYING",
+            EventKind::CancelRequested => "CANCEL_REQUESTED",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| DomainError::invalid("event kind", s, "unknown event kind"))
+    }
 }
 
 /// One event in the life of an operation.

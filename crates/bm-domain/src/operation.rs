@@ -131,6 +131,16 @@ impl fmt::Display for OperationPhase {
     }
 }
 
+impl FromStr for OperationPhase {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        OperationPhase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| DomainError::invalid("operation phase", s, "unknown operation phase"))
+    }
+}
+
 /// How a stage went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -30,8 +30,8 @@
 //! `docs/lifecycle.md`.
 
 use crate::{
-    ConditionType, DomainError, EffectiveState, Machine, Operation, OperationPhase, OperationType,
-    Phase, StageOutcome, Timestamp,
+    ConditionType, DomainError, Machine, Operation, OperationPhase, OperationType, Phase,
+    StageOutcome, Timestamp,
 };
 
 /// How an operation ended, as the executor saw it.
@@ -79,19 +79,13 @@ pub fn allowed_on_attention(op: OperationType) -> bool {
 }
 
 fn blocking_cause(machine: &Machine) -> Option<String> {
-    let c = &machine.status.conditions;
-    let causes: Vec<&str> = [ConditionType::Rma, ConditionType::Retired]
+    let cause = ConditionType::BLOCKING
         .iter()
-        .filter(|t| c.is_true(t))
-        .map(|t| t.as_str())
-        .collect();
-    (!causes.is_empty()).then(|| {
-        causes
-            .iter()
-            .map(|t| format!("{t}=true"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    })
+        .filter(|t| machine.status.conditions.is_true(t))
+        .map(|t| format!("{t}=true"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (!cause.is_empty()).then_some(cause)
 }
 
 /// Whether `op` may start on `machine` now.
@@ -150,24 +144,9 @@ pub fn admit(machine: &Machine, op: OperationType) -> Result<(), DomainError> {
             .get(&ConditionType::Provisioned)
             .is_some_and(|c| !c.status)
     {
-        return Err(DomainError::NotApplicable {
-            machine_id: machine_id(),
-            op,
-            reason: "its disk does not hold a complete image (Provisioned=false): reimage it before it returns to production".into(),
-        });
-    }
-    if op == OperationType::ExitMaintenance
-        && machine
-            .status
-            .conditions
-            .get(&ConditionType::Provisioned)
-            .is_some_and(|c| !c.status)
-    {
-        return Err(DomainError::NotApplicable {
-            machine_id: machine_id(),
-            op,
-            reason: "its disk does not hold a complete image (Provisioned=false): reimage it before it returns to production".into(),
-        });
+        return Err(not_applicable(
+            "its disk does not hold a complete image (Provisioned=false): reimage it before it returns to production",
+        ));
     }
     let phase = machine.status.phase;
     if !allowed_phases(op).contains(&phase) {
@@ -417,15 +396,10 @@ fn apply_success(machine: &mut Machine, op: &Operation, now: Timestamp) {
     );
 }
 
-/// Whether the machine is blocked: only [`OperationType::Readmit`] can start on it.
-pub fn is_blocked(machine: &Machine) -> bool {
-    machine.effective_state() == EffectiveState::Blocked
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Labels, MachineId, MachineSpec, OperationId, RequestId};
+    use crate::{EffectiveState, Labels, MachineId, MachineSpec, OperationId, RequestId};
 
     fn machine(phase: Phase) -> Machine {
         let mut m = Machine::register(

@@ -99,7 +99,10 @@ pub fn effective_state(
     conditions: &Conditions,
     has_active_operation: bool,
 ) -> EffectiveState {
-    if conditions.is_true(&ConditionType::Retired) || conditions.is_true(&ConditionType::Rma) {
+    if ConditionType::BLOCKING
+        .iter()
+        .any(|t| conditions.is_true(t))
+    {
         EffectiveState::Blocked
     } else if conditions.is_true(&ConditionType::NeedsIntervention) {
         EffectiveState::Attention

@@ -28,3 +28,27 @@ fn invalid_stored_values_are_refused_not_trusted() {
                   {"type":"RMA","status":false,"reason":"","message":"","last_transition_time":0}]"#;
     assert!(serde_json::from_str::<bm_domain::Conditions>(dup).is_err());
 }
+
+/// The names the store's columns use (`as_str`, parsed back with `FromStr`) are the names of
+/// the JSON documents, for every value.
+#[test]
+fn enum_names_agree_with_their_json_and_parse_back() {
+    use bm_domain::{EventKind, OperationPhase, OperationType};
+    fn check<T>(all: &[T], name: fn(&T) -> &'static str)
+    where
+        T: serde::Serialize + std::str::FromStr + PartialEq + std::fmt::Debug,
+        T::Err: std::fmt::Debug,
+    {
+        for v in all {
+            assert_eq!(
+                serde_json::to_string(v).unwrap(),
+                format!("\"{}\"", name(v))
+            );
+            assert_eq!(&name(v).parse::<T>().unwrap(), v);
+        }
+        assert!("NOT_A_NAME".parse::<T>().is_err());
+    }
+    check(&EventKind::ALL, |k| k.as_str());
+    check(&OperationPhase::ALL, |p| p.as_str());
+    check(&OperationType::ALL, |t| t.as_str());
+}
