@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use bm_domain::rules::{self, Outcome};
 use bm_domain::{
-    EventKind, MacAddress, Machine, MachineId, MachinePatch, Operation, OperationEvent,
-    OperationId, OperationPhase, RequestId, Timestamp,
+    DomainError, EventKind, MacAddress, Machine, MachineId, MachinePatch, Operation,
+    OperationEvent, OperationId, OperationPhase, RequestId, Timestamp,
 };
 
 use crate::{Admission, ImportOutcome, Lease, Result, StoreError};
@@ -266,14 +266,15 @@ pub(crate) fn save_progress(
     op: &Operation,
     events: Vec<OperationEvent>,
 ) -> Result<bool> {
+    let holding = held(tx, owner, op.id)?;
     if !op.is_active() {
         // Only `finish` ends an operation: it also clears the machine's active operation.
-        return Err(StoreError::Corrupt(format!(
-            "progress of operation {} written with the final phase {}",
-            op.id, op.phase
-        )));
+        return Err(DomainError::AlreadyEnded {
+            operation_id: op.id,
+            phase: op.phase,
+        }
+        .into());
     }
-    let holding = held(tx, owner, op.id)?;
     let mut op = op.clone();
     op.cancel_requested |= holding.cancel_requested;
     tx.put_operation(&op, holding.lease.as_ref())?;

@@ -1,9 +1,6 @@
 //! Rows to domain values and back.
 
-use bm_domain::{
-    EventKind, LogLine, Machine, MachineId, Operation, OperationEvent, OperationPhase,
-    OperationType, Timestamp,
-};
+use bm_domain::{LogLine, Machine, MachineId, Operation, OperationEvent, OperationType, Timestamp};
 use rusqlite::Row;
 
 use crate::logic::StoredOp;
@@ -36,41 +33,6 @@ pub(super) fn stored_op(row: &Row<'_>) -> rusqlite::Result<Result<StoredOp>> {
     }))
 }
 
-pub(super) fn event_kind_name(k: EventKind) -> &'static str {
-    match k {
-        EventKind::Created => "CREATED",
-        EventKind::PhaseChanged => "PHASE_CHANGED",
-        EventKind::StageStarted => "STAGE_STARTED",
-        EventKind::StageSucceeded => "STAGE_SUCCEEDED",
-        EventKind::StageFailed => "STAGE_FAILED",
-        EventKind::StageRetrying => "STAGE_RETRYING",
-        EventKind::CancelRequested => "CANCEL_REQUESTED",
-    }
-}
-
-fn event_kind(name: &str) -> Result<EventKind> {
-    use EventKind as K;
-    [
-        K::Created,
-        K::PhaseChanged,
-        K::StageStarted,
-        K::StageSucceeded,
-        K::StageFailed,
-        K::StageRetrying,
-        K::CancelRequested,
-    ]
-    .into_iter()
-    .find(|k| event_kind_name(*k) == name)
-    .ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {name:?}")))
-}
-
-fn operation_phase(name: &str) -> Result<OperationPhase> {
-    OperationPhase::ALL
-        .into_iter()
-        .find(|p| p.as_str() == name)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown operation phase {name:?}")))
-}
-
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
@@ -97,8 +59,8 @@ pub(super) fn event(row: &Row<'_>) -> rusqlite::Result<Result<OperationEvent>> {
             operation_id: operation_id.parse().map_err(corrupt)?,
             machine_id: MachineId::new(machine_id).map_err(corrupt)?,
             operation_type: operation_type.parse::<OperationType>().map_err(corrupt)?,
-            kind: event_kind(&kind)?,
-            phase: operation_phase(&phase)?,
+            kind: kind.parse().map_err(corrupt)?,
+            phase: phase.parse().map_err(corrupt)?,
             stage,
             attempt,
             message,

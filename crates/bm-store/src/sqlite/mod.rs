@@ -31,7 +31,7 @@ use crate::{
     Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
     Page, Result, Store, StoreError,
 };
-use writer::{Command, Job, SqlTx, Stats, Writer};
+use writer::{Command, Job, SqlTx, Writer};
 
 /// Settings of a [`SqliteStore`].
 #[derive(Clone, Debug)]
@@ -67,7 +67,6 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     events: broadcast::Sender<Arc<OperationEvent>>,
     logs: broadcast::Sender<Arc<LogLine>>,
-    stats: Arc<Stats>,
     path: PathBuf,
     _lock: File,
 }
@@ -155,7 +154,6 @@ impl SqliteStore {
 
         let events = broadcast::channel(BROADCAST_CAPACITY).0;
         let logs = broadcast::channel(BROADCAST_CAPACITY).0;
-        let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             conn,
@@ -163,7 +161,6 @@ impl SqliteStore {
             max_batch: config.max_batch.max(1),
             events: events.clone(),
             logs: logs.clone(),
-            stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("bm-store-writer".into())
@@ -185,7 +182,6 @@ impl SqliteStore {
             }),
             events,
             logs,
-            stats,
             path,
             _lock: lock,
         })
@@ -194,14 +190,6 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Batches committed and writes in them since the store opened.
-    pub fn commit_stats(&self) -> (u64, u64) {
-        (
-            self.stats.batches.load(Ordering::Relaxed),
-            self.stats.jobs.load(Ordering::Relaxed),
-        )
     }
 
     /// Commits what is queued, stops the writer thread and waits for it. Later calls fail
@@ -591,7 +579,11 @@ impl Store for SqliteStore {
                 codec::LOG_COLUMNS
             ))?;
             stmt.query_map(
-                rusqlite::params![operation.to_string(), after as i64, limit as i64],
+                rusqlite::params![
+                    operation.to_string(),
+                    i64::try_from(after).unwrap_or(i64::MAX),
+                    limit as i64
+                ],
                 codec::log_line,
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?

@@ -64,20 +64,12 @@ pub(super) struct SqlTx<'a> {
     wrote: bool,
 }
 
-/// Counters of the writer, for benchmarks and logs.
-#[derive(Debug, Default)]
-pub(super) struct Stats {
-    pub(super) batches: std::sync::atomic::AtomicU64,
-    pub(super) jobs: std::sync::atomic::AtomicU64,
-}
-
 pub(super) struct Writer {
     pub(super) conn: Connection,
     pub(super) rx: Receiver<Command>,
     pub(super) max_batch: usize,
     pub(super) events: broadcast::Sender<Arc<OperationEvent>>,
     pub(super) logs: broadcast::Sender<Arc<LogLine>>,
-    pub(super) stats: Arc<Stats>,
 }
 
 impl Writer {
@@ -96,9 +88,6 @@ impl Writer {
     }
 
     fn run_batch(&mut self, batch: Vec<Command>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.stats.batches.fetch_add(1, Relaxed);
-        self.stats.jobs.fetch_add(batch.len() as u64, Relaxed);
         let mut replies = Vec::with_capacity(batch.len());
         // Published after the commit in the order they were written, so a provider's log
         // line reaches subscribers before the event of the step that logged it ends.
@@ -328,43 +317,24 @@ impl Tx for SqlTx<'_> {
 
     fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>> {
         // Two indexed queries, so that the operations this and other executors hold are
-        // never walked: the unheld ones (oldest first), then those whose lease expired.
+        // never walked: the unheld ones (oldest first), then those whose lease expired. Rows
+        // are stepped through until `limit` readable ones are found, so an unreadable record
+        // never takes the place of a good one.
         let mut out = Vec::new();
-        let queries = [
-            format!(
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {OP_COLUMNS} FROM operations
+             WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NULL
+             ORDER BY id"
+        ))?;
+        take_readable(stmt.query_map([], codec::stored_op)?, limit, &mut out)?;
+        if out.len() < limit {
+            let mut stmt = self.conn.prepare_cached(&format!(
                 "SELECT {OP_COLUMNS} FROM operations
-                 WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NULL
-                 ORDER BY id LIMIT ?1"
-            ),
-            format!(
-                "SELECT {OP_COLUMNS} FROM operations
-                 WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NOT NULL AND lease_expires < ?2
-                 ORDER BY lease_expires LIMIT ?1"
-            ),
-        ];
-        for sql in &queries {
-            if out.len() >= limit {
-                break;
-            }
-            let mut stmt = self.conn.prepare_cached(sql)?;
-            let want = (limit - out.len()) as i64;
-            let rows = if sql.contains("?2") {
-                stmt.query_map(params![want, now.as_unix_micros()], codec::stored_op)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?
-            } else {
-                stmt.query_map(params![want], codec::stored_op)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?
-            };
-            for row in rows {
-                match row {
-                    Ok(op) => out.push(op),
-                    // One unreadable record must not stop every other operation from being
-                    // taken up; it stays where it is, for a person to look at.
-                    Err(e) => {
-                        tracing::error!(error = %e, "skipping an operation that cannot be read")
-                    }
-                }
-            }
+                 WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NOT NULL AND lease_expires < ?1
+                 ORDER BY lease_expires"
+            ))?;
+            let rows = stmt.query_map(params![now.as_unix_micros()], codec::stored_op)?;
+            take_readable(rows, limit, &mut out)?;
         }
         Ok(out)
     }
@@ -418,7 +388,7 @@ impl Tx for SqlTx<'_> {
                 event.machine_id.as_str(),
                 event.time.as_unix_micros(),
                 event.operation_type.as_str(),
-                codec::event_kind_name(event.kind),
+                event.kind.as_str(),
                 event.phase.as_str(),
                 event.stage,
                 event.attempt,
@@ -428,4 +398,24 @@ impl Tx for SqlTx<'_> {
         self.events.push(event);
         Ok(())
     }
+}
+
+/// Moves readable operations from `rows` into `out` until it holds `limit`. One unreadable
+/// record must not stop every other operation from being taken up: it is skipped and stays
+/// where it is, for a person to look at.
+fn take_readable(
+    rows: impl Iterator<Item = rusqlite::Result<Result<StoredOp>>>,
+    limit: usize,
+    out: &mut Vec<StoredOp>,
+) -> Result<()> {
+    for row in rows {
+        if out.len() >= limit {
+            break;
+        }
+        match row? {
+            Ok(op) => out.push(op),
+            Err(e) => tracing::error!(error = %e, "skipping an operation that cannot be read"),
+        }
+    }
+    Ok(())
 }

@@ -60,3 +60,48 @@ async fn state_survives_a_reopen_and_leases_are_released() {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, op_id);
 }
+
+/// An operation record that cannot be read back is skipped by claims without taking the place
+/// of a readable one, so it never holds the rest of the work up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_operation_does_not_hold_up_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+    let mut ids = Vec::new();
+    for m in ["m-1", "m-2"] {
+        s.register_machine(maintenance_machine(m, ids.len() as u8 + 1))
+            .await
+            .unwrap();
+        let admitted = s.admit(op(m, OperationType::Reimage, "r")).await.unwrap();
+        ids.push(admitted.operation.id);
+    }
+    s.append_log(LogLine {
+        operation_id: ids[1],
+        sequence: 1,
+        time: t(1),
+        stage: "set-netboot".into(),
+        tag: "bmc".into(),
+        message: "PXE next".into(),
+    });
+    let path = s.path().to_owned();
+    drop(s);
+    // The oldest pending operation, the first a claim looks at, is damaged on disk.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE operations SET doc = '{' WHERE id = ?1",
+            [ids[0].to_string()],
+        )
+        .unwrap();
+
+    let s = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+    let lease = Lease {
+        owner: "x".into(),
+        expires_at: t(1_000_000_000),
+    };
+    let claimed = s.claim(&lease, t(0), 1).await.unwrap();
+    assert_eq!(claimed.iter().map(|o| o.id).collect::<Vec<_>>(), [ids[1]]);
+    assert_eq!(s.logs_after(ids[1], 0, 10).await.unwrap().len(), 1);
+    // A resume point past every sequence (a client's u64) reads nothing, not everything.
+    assert!(s.logs_after(ids[1], u64::MAX, 10).await.unwrap().is_empty());
+}
