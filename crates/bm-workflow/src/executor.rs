@@ -508,17 +508,13 @@ impl Runner {
     /// next start does not count it as a crash), an operator's cancel ends the operation.
     async fn end_stopped(&mut self) -> Result<OperationPhase, Stop> {
         if self.shutting_down() && !self.token.is_cancelled() && !self.op.cancel_requested {
-            if !self.cut_short.load(Ordering::Relaxed)
-                && self
-                    .op
-                    .stages
-                    .last()
-                    .is_some_and(|s| s.outcome == bm_domain::StageOutcome::Running)
-            {
+            if !self.cut_short.load(Ordering::Relaxed) {
                 self.op.release_stage();
-                // Best effort: a store that is closing loses only the "released" mark.
-                let _ = self.save().await;
             }
+            // Also commits a stage that succeeded just before the stop (its success waits
+            // for the next stage's start otherwise), so it never runs again. Best effort: a
+            // store that is closing loses only this, and the stage counts as cut off.
+            let _ = self.save().await;
             return Err(Stop::Interrupted);
         }
         let outcome = Outcome::Canceled {

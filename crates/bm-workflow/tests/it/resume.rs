@@ -7,7 +7,9 @@ use std::time::Duration;
 use bm_domain::{
     ConditionType, EffectiveState, Labels, OperationPhase, OperationType, StageOutcome,
 };
-use bm_provider_fake::{Action, FakeConfig, FakeProvider, LABEL_HANG_ACTION, Timing};
+use bm_provider_fake::{
+    Action, FakeConfig, FakeProvider, LABEL_DELAY_MS, LABEL_HANG_ACTION, Timing,
+};
 use bm_store::{SqliteConfig, SqliteStore, Store};
 
 use crate::harness::{Harness, config, start_with};
@@ -74,6 +76,35 @@ async fn shutdown_mid_stage_resumes_at_that_stage_on_sqlite() {
     let m = h.get("machine-1").await;
     assert_eq!(m.effective_state(), EffectiveState::MaintenanceIdle);
     assert!(m.status.conditions.is_true(&ConditionType::Provisioned));
+}
+
+/// A stop that lets a stage finish (the grace period of `apply-net-config`) commits that
+/// stage's success: after the restart the operation goes on with the next stage instead of
+/// finding the network change cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_finishes_during_a_stop_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(dir.path())).unwrap());
+    let h = start_with(store, config(), fake());
+    // Shorter than the stop's grace period for a stage that is not safe to run twice.
+    h.machine("machine-1", &[(LABEL_DELAY_MS, "1000")]).await;
+    h.run("machine-1", OperationType::EnterMaintenance, "e")
+        .await;
+    let op = h
+        .submit("machine-1", OperationType::NetReconfig, "n")
+        .await
+        .unwrap();
+    h.wait_stage(op.id, "apply-net-config").await;
+
+    let h = restart(h, "machine-1").await;
+    let done = h.wait_end(op.id).await;
+    assert_eq!(done.phase, OperationPhase::Succeeded, "{:?}", done.error);
+    assert_eq!(h.fake.calls("machine-1", Action::ApplyNetConfig), 1);
+    let apply = &done.stages[0];
+    assert_eq!(
+        (apply.name.as_str(), apply.attempts, apply.interruptions),
+        ("apply-net-config", 1, 0)
+    );
 }
 
 /// Leaves `op_type` on `machine` as a crash leaves an operation: RUNNING in `stage`, cut off
