@@ -50,7 +50,6 @@ struct Demo {
     pause: Duration,
     color: bool,
     interrupted: Arc<AtomicBool>,
-    step: usize,
 }
 
 /// Plays the demo; returns the exit code.
@@ -63,7 +62,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<i32> {
             .context("installing the Ctrl+C handler")?;
     }
     println!("Building bm-server and bmctl...");
-    let bin = proc::build_binaries(false)?;
+    let bin = proc::build(&["bm-server", "bm-cli"], false)?;
     let dir = std::env::temp_dir().join(format!("bm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (mut server, addr) = start_server(&bin, &dir, &options)?;
@@ -83,7 +82,6 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<i32> {
         },
         color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
         interrupted: interrupted.clone(),
-        step: 0,
     };
     let result = demo.script();
     // Stop the server cleanly whatever happened (on Ctrl+C it got the signal too).
@@ -139,13 +137,26 @@ fn start_server(bin: &Path, dir: &Path, o: &Options) -> anyhow::Result<(Child, S
         .stderr(log);
     let mut child = cmd.spawn().context("starting bm-server")?;
     let mut line = String::new();
-    BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("bm-server listening on ")
-        .with_context(|| format!("unexpected server output {line:?}"))?
-        .to_owned();
-    Ok((child, addr))
+    let read = child
+        .stdout
+        .take()
+        .context("server stdout")
+        .and_then(|out| Ok(BufReader::new(out).read_line(&mut line)?));
+    let addr = read.and_then(|_| {
+        line.trim()
+            .strip_prefix("bm-server listening on ")
+            .map(str::to_owned)
+            .with_context(|| format!("unexpected server output {line:?}"))
+    });
+    match addr {
+        Ok(addr) => Ok((child, addr)),
+        Err(e) => {
+            // Not left running behind a failed demo.
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
 }
 
 fn wait_for(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -190,7 +201,6 @@ impl Demo {
     fn caption(&mut self, number: &str, text: &str) -> anyhow::Result<()> {
         self.check_interrupt()?;
         std::thread::sleep(self.pause);
-        self.step += 1;
         let line = format!("━━ Step {number}: {text}");
         println!(
             "\n{}",

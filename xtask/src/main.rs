@@ -50,31 +50,13 @@ fn main() -> anyhow::Result<()> {
 /// Builds the server and the benchmark client in release mode and runs the benchmarks.
 fn bench(args: &[String]) -> anyhow::Result<()> {
     println!("Building bm-server and bm-bench in release mode...");
-    let status = std::process::Command::new(proc::cargo())
-        .current_dir(proc::root())
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "bm-server",
-            "-p",
-            "bm-bench",
-            "--bins",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("the release build failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| proc::root().join("target"), std::path::PathBuf::from);
-    let bin = target.join("release");
+    let bin = proc::build(&["bm-server", "bm-bench"], true)?;
     let status = std::process::Command::new(bin.join("bm-bench"))
         .arg("run")
         .arg("--server-bin")
         .arg(bin.join("bm-server"))
         .arg("--work-dir")
-        .arg(target.join("bm-bench"))
+        .arg(proc::target_dir().join("bm-bench"))
         .args(args)
         .status()?;
     if !status.success() {

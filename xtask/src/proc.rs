@@ -18,28 +18,27 @@ pub(crate) fn root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// Builds the binaries and returns the directory they are in.
-pub(crate) fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
+/// Builds the binaries of `packages` and returns the directory they are in.
+pub(crate) fn build(packages: &[&str], release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = Command::new(cargo());
-    cmd.current_dir(root()).args([
-        "build",
-        "--quiet",
-        "-p",
-        "bm-server",
-        "-p",
-        "bm-cli",
-        "--bins",
-    ]);
+    cmd.current_dir(root()).args(["build", "--quiet", "--bins"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
     if release {
         cmd.arg("--release");
     }
     let status = cmd.status().context("running cargo build")?;
     if !status.success() {
-        bail!("building the binaries failed");
+        bail!("building {} failed", packages.join(", "));
     }
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    Ok(target.join(if release { "release" } else { "debug" }))
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace root, where cargo
+/// runs) or `target/`.
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |d| root().join(d))
 }
 
 /// Sends SIGTERM to a process.

@@ -67,10 +67,18 @@ fn bm_domain_knows_nothing_of_async_io_or_the_wire() {
 
 #[test]
 fn the_engine_and_the_providers_know_nothing_of_grpc() {
-    for package in ["bm-store", "bm-workflow", "bm-provider", "bm-provider-fake"] {
+    for package in [
+        "bm-store",
+        "bm-workflow",
+        "bm-provider",
+        "bm-provider-fake",
+        "bm-provider-redfish",
+    ] {
         assert_free_of(package, &["tonic", "prost", "bm-proto"]);
     }
-    assert_free_of("bm-provider", &["bm-workflow", "bm-store"]);
+    for provider in ["bm-provider", "bm-provider-fake", "bm-provider-redfish"] {
+        assert_free_of(provider, &["bm-workflow", "bm-store"]);
+    }
     assert_free_of("bm-store", &["bm-workflow", "bm-provider"]);
 }
 
