@@ -331,19 +331,20 @@ impl Operation {
     }
 
     /// The stage that was running when its executor stopped, if any, after counting the
-    /// interruption on its record: a stage released by a graceful stop is not counted as
-    /// interrupted, one cut off by a crash is.
-    pub fn mark_interrupted(&mut self) -> Option<&StageRecord> {
+    /// interruption on its record, and whether a crash cut it off: a stage released by a
+    /// graceful stop is not counted as interrupted, one cut off by a crash is.
+    pub fn mark_interrupted(&mut self) -> Option<(&StageRecord, bool)> {
         let last = self.stages.last_mut()?;
         if last.outcome != StageOutcome::Running {
             return None;
         }
-        if last.released {
-            last.released = false;
-        } else {
+        let crashed = !last.released;
+        if crashed {
             last.interruptions += 1;
+        } else {
+            last.released = false;
         }
-        Some(last)
+        Some((last, crashed))
     }
 
     /// Records that a graceful stop of the server cut the running stage short; the next
@@ -411,7 +412,11 @@ mod tests {
         o.begin_stage("repave-image", t(3));
         o.stage_attempt_failed("disk busy");
         o.begin_stage("repave-image", t(4));
-        assert_eq!(o.mark_interrupted().map(|s| s.interruptions), Some(1));
+        assert_eq!(
+            o.mark_interrupted()
+                .map(|(s, crashed)| (s.interruptions, crashed)),
+            Some((1, true))
+        );
         o.begin_stage("repave-image", t(5));
         o.end_stage(StageOutcome::Succeeded, None, t(6));
         assert_eq!(o.stages.len(), 2);

@@ -271,12 +271,7 @@ impl Runner {
             let max = self.inner.config.max_interruptions;
             // A stage released by a graceful stop ran to a safe point; one without the mark
             // was cut off by a crash.
-            let crashed = self
-                .op
-                .stages
-                .last()
-                .is_some_and(|s| s.outcome == bm_domain::StageOutcome::Running && !s.released);
-            if let Some(stage) = self.op.mark_interrupted() {
+            if let Some((stage, crashed)) = self.op.mark_interrupted() {
                 let (name, n) = (stage.name.clone(), stage.interruptions);
                 tracing::info!(stage = %name, interruptions = n, "resuming an interrupted stage");
                 if n > max {
@@ -357,9 +352,7 @@ impl Runner {
                 "",
                 t,
             ));
-            if self.save().await? {
-                self.token.cancel();
-            }
+            self.save().await?;
             if self.stopping() {
                 return self.end_stopped().await.map(Flow::Ended);
             }
@@ -398,9 +391,7 @@ impl Runner {
                         format!("{message} (retrying in {} ms)", after.as_millis()),
                         now(),
                     ));
-                    if self.save().await? {
-                        self.token.cancel();
-                    }
+                    self.save().await?;
                     tokio::select! {
                         () = tokio::time::sleep(after) => {}
                         () = self.stopped() => return self.end_stopped().await.map(Flow::Ended),
@@ -533,16 +524,18 @@ impl Runner {
         self.finish(outcome).await
     }
 
-    /// Commits progress with the pending events; returns whether a cancel was requested.
-    async fn save(&mut self) -> Result<bool, Stop> {
+    /// Commits progress with the pending events; a cancel requested meanwhile fires the
+    /// operation's token.
+    async fn save(&mut self) -> Result<(), Stop> {
         let events = std::mem::take(&mut self.events);
-        let (store, owner, op) = (
-            self.inner.store.clone(),
-            self.inner.config.owner.clone(),
-            self.op.clone(),
-        );
-        self.retry_store(|| store.save_progress(&owner, &op, events.clone()))
-            .await
+        let (store, owner, op) = (&self.inner.store, &self.inner.config.owner, &self.op);
+        let canceled = self
+            .retry_store(|| store.save_progress(owner, op, events.clone()))
+            .await?;
+        if canceled {
+            self.token.cancel();
+        }
+        Ok(())
     }
 
     async fn finish(&mut self, outcome: Outcome) -> Result<OperationPhase, Stop> {
