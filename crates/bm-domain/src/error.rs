@@ -55,13 +55,15 @@ pub enum DomainError {
     },
     /// The machine needs intervention and the operation is not one that helps with that.
     #[error(
-        "machine {machine_id} needs intervention: {op} is refused until the cause is fixed and the condition cleared with clear-intervention (allowed meanwhile: reboot, enter-maintenance, rma, retire)"
+        "machine {machine_id} needs intervention: {op} is refused until the cause is fixed and the condition cleared with CLEAR_INTERVENTION (allowed meanwhile: {allowed})"
     )]
     NeedsIntervention {
         /// The machine.
         machine_id: MachineId,
         /// The refused operation.
         op: OperationType,
+        /// The operation types that may still start, from the rules.
+        allowed: String,
     },
     /// The spec cannot change while an operation is active: every operation works from one
     /// spec from start to end.

@@ -41,11 +41,6 @@ impl MacAddress {
         }
         Ok(mac)
     }
-
-    /// The six octets.
-    pub fn octets(self) -> [u8; 6] {
-        self.0
-    }
 }
 
 impl fmt::Display for MacAddress {

@@ -155,18 +155,6 @@ pub enum StageOutcome {
     Canceled,
 }
 
-impl StageOutcome {
-    /// The name as the API writes it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageOutcome::Running => "RUNNING",
-            StageOutcome::Succeeded => "SUCCEEDED",
-            StageOutcome::Failed => "FAILED",
-            StageOutcome::Canceled => "CANCELED",
-        }
-    }
-}
-
 /// The audit record of one stage of an operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageRecord {
@@ -376,14 +364,6 @@ impl Operation {
             }
         }
     }
-
-    /// The names of the stages that succeeded, in order.
-    pub fn succeeded_stages(&self) -> impl Iterator<Item = &str> {
-        self.stages
-            .iter()
-            .filter(|s| s.outcome == StageOutcome::Succeeded)
-            .map(|s| s.name.as_str())
-    }
 }
 
 #[cfg(test)]
@@ -425,7 +405,11 @@ mod tests {
         assert_eq!(r.started_at, t(3));
         assert_eq!(r.last_error.as_deref(), Some("disk busy"));
         assert_eq!(
-            o.succeeded_stages().collect::<Vec<_>>(),
+            o.stages
+                .iter()
+                .filter(|s| s.outcome == StageOutcome::Succeeded)
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
             ["set-netboot", "repave-image"]
         );
         assert!(o.mark_interrupted().is_none());

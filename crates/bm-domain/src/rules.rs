@@ -135,6 +135,17 @@ pub fn admit(machine: &Machine, op: OperationType) -> Result<(), DomainError> {
         return Err(DomainError::NeedsIntervention {
             machine_id: machine_id(),
             op,
+            // The clearing is named on its own; readmission needs a blocked machine, and a
+            // blocked one was refused above.
+            allowed: OperationType::ALL
+                .into_iter()
+                .filter(|t| {
+                    allowed_on_attention(*t)
+                        && !matches!(t, OperationType::ClearIntervention | OperationType::Readmit)
+                })
+                .map(OperationType::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     if op == OperationType::ExitMaintenance
@@ -494,10 +505,13 @@ mod tests {
             .unwrap();
         assert!(cond.message.contains("disk on fire"), "{}", cond.message);
         // Only remedies are admitted now, and reimage is not one of them.
-        assert!(matches!(
-            admit(&m, OperationType::Reimage),
-            Err(DomainError::NeedsIntervention { .. })
-        ));
+        match admit(&m, OperationType::Reimage) {
+            Err(DomainError::NeedsIntervention { allowed, .. }) => assert_eq!(
+                allowed, "REBOOT, ENTER_MAINTENANCE, RMA, RETIRE",
+                "the remedies the rules admit"
+            ),
+            other => panic!("{other:?}"),
+        }
         assert!(admit(&m, OperationType::Reboot).is_ok());
         run(&mut m, OperationType::ClearIntervention, Outcome::Succeeded);
         assert_eq!(m.effective_state(), EffectiveState::MaintenanceIdle);
