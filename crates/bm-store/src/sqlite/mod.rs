@@ -356,8 +356,13 @@ impl Store for SqliteStore {
             sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
             let limit_arg = args.len() - 1;
             // The label selector is applied here, so a sparse selector reads in chunks
-            // until the page (plus one, to know whether there is more) is full.
-            let chunk = (q.limit + 1).max(256);
+            // until the page (plus one, to know whether there is more) is full; without
+            // one, the page plus one is all there is to read.
+            let chunk = if q.selector.is_empty() {
+                q.limit + 1
+            } else {
+                (q.limit + 1).max(256)
+            };
             args[limit_arg] = Value::Integer(chunk as i64);
             let mut cursor = q
                 .after
@@ -549,7 +554,7 @@ impl Store for SqliteStore {
     }
 
     async fn last_revision(&self) -> Result<u64> {
-        self.read(|conn| {
+        self.read_point(|conn| {
             let rev: Option<i64> =
                 conn.query_row("SELECT MAX(revision) FROM events", [], |r| r.get(0))?;
             Ok(rev.unwrap_or(0) as u64)
@@ -594,7 +599,7 @@ impl Store for SqliteStore {
     }
 
     async fn last_log_sequence(&self, operation: OperationId) -> Result<u64> {
-        self.read(move |conn| {
+        self.read_point(move |conn| {
             let seq: Option<i64> = conn.query_row(
                 "SELECT MAX(sequence) FROM logs WHERE operation_id = ?1",
                 [operation.to_string()],
