@@ -63,14 +63,34 @@ pub(crate) fn phase(p: Phase) -> pb::Phase {
     }
 }
 
+/// A filter on an enum field: UNSPECIFIED (0) means any; any other value must be one that
+/// the API defines and the domain knows, or the filter would silently match everything.
+fn enum_filter<P, D>(
+    field: &str,
+    what: &str,
+    v: i32,
+    all: &[D],
+    to_pb: fn(D) -> P,
+) -> Result<Option<D>, ApiError>
+where
+    P: TryFrom<i32> + PartialEq,
+    D: Copy,
+{
+    if v == 0 {
+        return Ok(None);
+    }
+    let unknown = || at(field, format!("unknown {what} {v}"));
+    let p = P::try_from(v).map_err(|_| unknown())?;
+    all.iter()
+        .copied()
+        .find(|d| to_pb(*d) == p)
+        .map(Some)
+        .ok_or_else(unknown)
+}
+
 /// A phase filter: UNSPECIFIED means any.
 pub(crate) fn phase_filter(field: &str, v: i32) -> Result<Option<Phase>, ApiError> {
-    match pb::Phase::try_from(v).map_err(|_| at(field, format!("unknown phase {v}")))? {
-        pb::Phase::Unspecified => Ok(None),
-        pb::Phase::FactoryReady => Ok(Some(Phase::FactoryReady)),
-        pb::Phase::Ready => Ok(Some(Phase::Ready)),
-        pb::Phase::Maintenance => Ok(Some(Phase::Maintenance)),
-    }
+    enum_filter(field, "phase", v, &Phase::ALL, phase)
 }
 
 pub(crate) fn effective_state(s: EffectiveState) -> pb::EffectiveState {
@@ -88,11 +108,13 @@ pub(crate) fn effective_state_filter(
     field: &str,
     v: i32,
 ) -> Result<Option<EffectiveState>, ApiError> {
-    let s = pb::EffectiveState::try_from(v)
-        .map_err(|_| at(field, format!("unknown effective state {v}")))?;
-    Ok(EffectiveState::ALL
-        .into_iter()
-        .find(|d| effective_state(*d) == s))
+    enum_filter(
+        field,
+        "effective state",
+        v,
+        &EffectiveState::ALL,
+        effective_state,
+    )
 }
 
 pub(crate) fn operation_type(t: OperationType) -> pb::OperationType {
@@ -114,11 +136,13 @@ pub(crate) fn operation_type_filter(
     field: &str,
     v: i32,
 ) -> Result<Option<OperationType>, ApiError> {
-    let t = pb::OperationType::try_from(v)
-        .map_err(|_| at(field, format!("unknown operation type {v}")))?;
-    Ok(OperationType::ALL
-        .into_iter()
-        .find(|d| operation_type(*d) == t))
+    enum_filter(
+        field,
+        "operation type",
+        v,
+        &OperationType::ALL,
+        operation_type,
+    )
 }
 
 pub(crate) fn operation_phase(p: OperationPhase) -> pb::OperationPhase {
@@ -135,11 +159,13 @@ pub(crate) fn operation_phase_filter(
     field: &str,
     v: i32,
 ) -> Result<Option<OperationPhase>, ApiError> {
-    let p = pb::OperationPhase::try_from(v)
-        .map_err(|_| at(field, format!("unknown operation phase {v}")))?;
-    Ok(OperationPhase::ALL
-        .into_iter()
-        .find(|d| operation_phase(*d) == p))
+    enum_filter(
+        field,
+        "operation phase",
+        v,
+        &OperationPhase::ALL,
+        operation_phase,
+    )
 }
 
 fn stage_outcome(o: StageOutcome) -> pb::StageOutcome {
@@ -165,49 +191,51 @@ fn event_type(k: EventKind) -> pb::EventType {
 
 // ---- machines -------------------------------------------------------------------------
 
-fn condition(c: &Condition) -> pb::Condition {
+fn condition(c: Condition) -> pb::Condition {
     pb::Condition {
         r#type: c.type_.to_string(),
         status: c.status,
-        reason: c.reason.clone(),
-        message: c.message.clone(),
+        reason: c.reason,
+        message: c.message,
         last_transition_time: Some(timestamp(c.last_transition_time)),
     }
 }
 
-pub(crate) fn machine(m: &Machine) -> pb::Machine {
+/// A machine for the wire. It takes the record, whose strings move into the message (a page
+/// of machines may carry megabytes of network configuration).
+pub(crate) fn machine(m: Machine) -> pb::Machine {
+    let effective = effective_state(m.effective_state());
     pb::Machine {
         id: m.id.to_string(),
-        spec: Some(spec(&m.spec)),
-        labels: m
-            .labels
-            .iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
+        spec: Some(spec(m.spec)),
+        labels: BTreeMap::from(m.labels).into_iter().collect(),
         status: Some(pb::MachineStatus {
             phase: phase(m.status.phase).into(),
-            conditions: m.status.conditions.iter().map(condition).collect(),
+            conditions: Vec::from(m.status.conditions)
+                .into_iter()
+                .map(condition)
+                .collect(),
             active_operation_id: m
                 .status
                 .active_operation_id
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
         }),
-        effective_state: effective_state(m.effective_state()).into(),
+        effective_state: effective.into(),
         create_time: Some(timestamp(m.created_at)),
         update_time: Some(timestamp(m.updated_at)),
     }
 }
 
-pub(crate) fn spec(s: &MachineSpec) -> pb::MachineSpec {
+fn spec(s: MachineSpec) -> pb::MachineSpec {
     pb::MachineSpec {
-        provider: s.provider.clone(),
+        provider: s.provider,
         mac_addresses: s.mac_addresses.iter().map(ToString::to_string).collect(),
-        ssh_endpoint: s.ssh_endpoint.clone(),
-        bmc_endpoint: s.bmc_endpoint.clone(),
-        image: s.image.clone(),
-        target_cluster: s.target_cluster.clone(),
-        network_config: s.network_config.clone(),
+        ssh_endpoint: s.ssh_endpoint,
+        bmc_endpoint: s.bmc_endpoint,
+        image: s.image,
+        target_cluster: s.target_cluster,
+        network_config: s.network_config,
     }
 }
 
@@ -270,32 +298,33 @@ pub(crate) fn new_machine(
 
 // ---- operations -----------------------------------------------------------------------
 
-fn stage(s: &StageRecord) -> pb::Stage {
+fn stage(s: StageRecord) -> pb::Stage {
     pb::Stage {
-        name: s.name.clone(),
+        name: s.name,
         outcome: stage_outcome(s.outcome).into(),
         attempts: i32::try_from(s.attempts).unwrap_or(i32::MAX),
         interruptions: i32::try_from(s.interruptions).unwrap_or(i32::MAX),
         start_time: Some(timestamp(s.started_at)),
         end_time: opt_timestamp(s.finished_at),
-        last_error: s.last_error.clone().unwrap_or_default(),
+        last_error: s.last_error.unwrap_or_default(),
     }
 }
 
-pub(crate) fn operation(o: &Operation) -> pb::Operation {
+/// An operation for the wire; like [`machine`], it takes the record.
+pub(crate) fn operation(o: Operation) -> pb::Operation {
     pb::Operation {
         id: o.id.to_string(),
         machine_id: o.machine_id.to_string(),
         r#type: operation_type(o.op_type).into(),
         phase: operation_phase(o.phase).into(),
         request_id: o.request_id.to_string(),
-        current_stage: o.current_stage.clone(),
-        stages: o.stages.iter().map(stage).collect(),
+        current_stage: o.current_stage,
+        stages: o.stages.into_iter().map(stage).collect(),
         create_time: Some(timestamp(o.created_at)),
         start_time: opt_timestamp(o.started_at),
         end_time: opt_timestamp(o.finished_at),
-        error: o.error.clone().unwrap_or_default(),
-        note: o.note.clone(),
+        error: o.error.unwrap_or_default(),
+        note: o.note,
         cancel_requested: o.cancel_requested,
     }
 }

@@ -7,7 +7,7 @@
 use bm_domain::DomainError;
 pub(crate) use bm_proto::code_name;
 use bm_store::StoreError;
-use bm_workflow::WorkflowError;
+use bm_workflow::{ResumePoint, WorkflowError};
 use tonic::{Code, Status};
 
 /// An error of a request, before it becomes a [`Status`].
@@ -81,6 +81,26 @@ fn workflow_code(e: &WorkflowError) -> Code {
     }
 }
 
+/// The message of an UNAVAILABLE status: a stream cut off by a shutdown names the request
+/// field that resumes it.
+fn unavailable_message(e: &ApiError) -> String {
+    match e {
+        ApiError::Workflow(WorkflowError::StreamInterrupted { after }) => {
+            let resume = match after {
+                ResumePoint::Revision(r) => format!("after_revision={r}"),
+                ResumePoint::Sequence(s) => format!("after_sequence={s}"),
+            };
+            format!("the server is shutting down; resume with {resume}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// A handler's result as tonic wants it.
+pub(crate) fn respond<T>(r: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
+    r.map(tonic::Response::new).map_err(Status::from)
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let code = e.code();
@@ -99,7 +119,7 @@ impl From<ApiError> for Status {
             }
             Code::Unavailable => {
                 tracing::warn!(error = %e, "request refused");
-                Status::unavailable(e.to_string())
+                Status::unavailable(unavailable_message(&e))
             }
             _ => {
                 tracing::debug!(code = ?code, error = %e, "request refused");
@@ -165,6 +185,14 @@ mod tests {
             ApiError::invalid("page_token is invalid"),
             Code::InvalidArgument,
             "page_token",
+        );
+        check(
+            WorkflowError::StreamInterrupted {
+                after: ResumePoint::Sequence(7),
+            }
+            .into(),
+            Code::Unavailable,
+            "resume with after_sequence=7",
         );
     }
 

@@ -2,12 +2,12 @@
 
 use bm_domain::{MachinePatch, OperationType};
 use bm_proto::v1 as pb;
-use bm_store::{ImportOutcome, MachineQuery};
+use bm_store::{ImportOutcome, MachineQuery, StoreError};
 use bm_workflow::{Engine, OperationRequest};
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::error::{ApiError, code_name};
+use crate::error::{ApiError, code_name, respond};
 use crate::paging;
 
 /// The most rows one import request may carry; larger inventories are sent in batches.
@@ -26,7 +26,7 @@ impl Machines {
         let (id, spec, labels) = convert::new_machine("machine", m)?;
         let m = self.engine.register_machine(id, spec, labels).await?;
         tracing::info!(machine_id = %m.id, provider = %m.spec.provider, "machine registered");
-        Ok(convert::machine(&m))
+        Ok(convert::machine(m))
     }
 
     async fn import(
@@ -62,7 +62,11 @@ impl Machines {
                 Some(e) => Err(e),
                 None => engine_results
                     .next()
-                    .ok_or_else(|| ApiError::invalid("import: missing result"))?
+                    .ok_or_else(|| {
+                        ApiError::from(StoreError::Corrupt(
+                            "the engine returned fewer results than rows".into(),
+                        ))
+                    })?
                     .map_err(ApiError::from),
             };
             let mut row = pb::ImportResult {
@@ -106,7 +110,7 @@ impl Machines {
 
     async fn get(&self, req: pb::GetMachineRequest) -> Result<pb::Machine, ApiError> {
         let id = convert::machine_id("machine_id", &req.machine_id)?;
-        Ok(convert::machine(&self.engine.get_machine(&id).await?))
+        Ok(convert::machine(self.engine.get_machine(&id).await?))
     }
 
     async fn list(
@@ -145,7 +149,7 @@ impl Machines {
             _ => String::new(),
         };
         Ok(pb::ListMachinesResponse {
-            machines: page.items.iter().map(convert::machine).collect(),
+            machines: page.items.into_iter().map(convert::machine).collect(),
             next_page_token,
         })
     }
@@ -233,7 +237,7 @@ impl Machines {
         }
         let m = self.engine.update_machine(&id, &patch).await?;
         tracing::info!(machine_id = %m.id, fields = ?paths, "machine updated");
-        Ok(convert::machine(&m))
+        Ok(convert::machine(m))
     }
 
     async fn start(
@@ -259,14 +263,10 @@ impl Machines {
                     "operation admitted"
                 );
             }
-            Ok::<_, ApiError>(convert::operation(&admission.operation))
+            Ok::<_, ApiError>(convert::operation(admission.operation))
         };
-        run.await.map(Response::new).map_err(Status::from)
+        respond(run.await)
     }
-}
-
-fn respond<T>(r: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
 }
 
 #[tonic::async_trait]

@@ -57,7 +57,7 @@ struct Args {
     fake_timing: FakeTiming,
 
     /// Chance (0 to 1) that any fake action fails with a transient error.
-    #[arg(long, env = "BM_FAKE_FAILURE_RATE", default_value_t = 0.0)]
+    #[arg(long, env = "BM_FAKE_FAILURE_RATE", default_value_t = 0.0, value_parser = probability)]
     fake_failure_rate: f64,
 
     /// Seed of the fake provider's random failures.
@@ -65,7 +65,12 @@ struct Args {
     fake_seed: u64,
 
     /// Operations running at once, over all machines.
-    #[arg(long, env = "BM_MAX_CONCURRENT_OPERATIONS", default_value_t = 512)]
+    #[arg(
+        long,
+        env = "BM_MAX_CONCURRENT_OPERATIONS",
+        default_value_t = 512,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
     max_concurrent_operations: usize,
 
     /// Provider configuration (TOML): a [redfish] section enables the Redfish/SSH provider
@@ -193,6 +198,14 @@ async fn shutdown_signal() {
     }
 }
 
+/// A chance, from 0 to 1.
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a number from 0 to 1")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_level, args.log_format);
@@ -225,10 +238,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (false, FakeTiming::Normal) => Timing::Normal,
         (false, FakeTiming::Instant) => Timing::Instant,
     };
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.fake_failure_rate),
-        "--fake-failure-rate must be between 0 and 1"
-    );
     let mut providers = ProviderRegistry::new();
     providers.register(Arc::new(FakeProvider::new(FakeConfig {
         timing,
@@ -241,7 +250,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let config = EngineConfig {
-        max_concurrent_operations: args.max_concurrent_operations.max(1),
+        max_concurrent_operations: args.max_concurrent_operations,
         ..EngineConfig::default()
     };
     tracing::info!(owner = %config.owner, providers = ?providers, "starting engine");
@@ -267,4 +276,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("serving")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("bm-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn out_of_range_flags_are_refused_before_anything_starts() {
+        assert!(parse(&["--max-concurrent-operations", "0"]).is_err());
+        assert!(parse(&["--fake-failure-rate", "1.5"]).is_err());
+        assert!(parse(&["--fake-failure-rate", "NaN"]).is_err());
+        let ok = parse(&[
+            "--max-concurrent-operations",
+            "1",
+            "--fake-failure-rate",
+            "0.25",
+        ])
+        .unwrap();
+        assert_eq!(
+            (ok.max_concurrent_operations, ok.fake_failure_rate),
+            (1, 0.25)
+        );
+    }
 }

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use std::sync::Arc;
 
 use crate::convert;
-use crate::error::ApiError;
+use crate::error::{ApiError, respond};
 use crate::fanout::EncodedEvents;
 use crate::paging;
 
@@ -24,14 +24,10 @@ pub(crate) struct Operations {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn respond<T>(r: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
-}
-
 impl Operations {
     async fn get(&self, req: pb::GetOperationRequest) -> Result<pb::Operation, ApiError> {
         let id = convert::operation_id("operation_id", &req.operation_id)?;
-        Ok(convert::operation(&self.engine.get_operation(id).await?))
+        Ok(convert::operation(self.engine.get_operation(id).await?))
     }
 
     async fn list(
@@ -65,7 +61,7 @@ impl Operations {
             _ => String::new(),
         };
         Ok(pb::ListOperationsResponse {
-            operations: page.items.iter().map(convert::operation).collect(),
+            operations: page.items.into_iter().map(convert::operation).collect(),
             next_page_token,
         })
     }
@@ -74,7 +70,7 @@ impl Operations {
         let id = convert::operation_id("operation_id", &req.operation_id)?;
         let op = self.engine.cancel(id).await?;
         tracing::info!(operation_id = %id, phase = %op.phase, "cancel requested");
-        Ok(convert::operation(&op))
+        Ok(convert::operation(op))
     }
 
     async fn watch(

@@ -30,10 +30,10 @@ pub enum WorkflowError {
     #[error("the server is shutting down")]
     ShuttingDown,
     /// A stream ended because the engine is stopping; the client resumes from where it was.
-    #[error("the server is shutting down; resume with {resume}")]
+    #[error("the server is shutting down; resume after {after}")]
     StreamInterrupted {
-        /// What to pass to resume, e.g. `after_revision=1234`.
-        resume: String,
+        /// The last item the stream delivered.
+        after: ResumePoint,
     },
     /// A watch asked to resume after a revision the store has not reached: it was made
     /// against another store (restored from a backup, or replaced).
@@ -54,6 +54,24 @@ impl WorkflowError {
         match self {
             WorkflowError::Domain(d) | WorkflowError::Store(StoreError::Domain(d)) => Some(d),
             _ => None,
+        }
+    }
+}
+
+/// Where a stream that ended early resumes: after the last item it delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumePoint {
+    /// After this event revision (a watch).
+    Revision(u64),
+    /// After this log line sequence number (a log stream).
+    Sequence(u64),
+}
+
+impl std::fmt::Display for ResumePoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResumePoint::Revision(r) => write!(f, "revision {r}"),
+            ResumePoint::Sequence(s) => write!(f, "log line {s}"),
         }
     }
 }

@@ -43,7 +43,7 @@ mod policy;
 mod stream;
 
 pub use engine::{Engine, EngineConfig, OperationRequest};
-pub use error::WorkflowError;
+pub use error::{ResumePoint, WorkflowError};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{EventBatch, LogBatch};
 

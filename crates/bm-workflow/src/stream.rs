@@ -15,7 +15,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Engine, WorkflowError};
+use crate::{Engine, ResumePoint, WorkflowError};
 
 /// One delivery of a watch stream: events in revision order, or the error that ended it.
 pub type EventBatch = Result<Vec<Arc<OperationEvent>>, WorkflowError>;
@@ -189,7 +189,7 @@ impl Watch<'_> {
                 () = tx.closed() => return Ok(()),
                 () = self.shutdown.cancelled() => {
                     return Err(WorkflowError::StreamInterrupted {
-                        resume: format!("after_revision={}", cursor.last),
+                        after: ResumePoint::Revision(cursor.last),
                     });
                 }
             };
@@ -310,7 +310,7 @@ async fn stream_logs(
             () = tx.closed() => return Ok(()),
             () = shutdown.cancelled() => {
                 return Err(WorkflowError::StreamInterrupted {
-                    resume: format!("after_sequence={last}"),
+                    after: ResumePoint::Sequence(last),
                 });
             }
         }

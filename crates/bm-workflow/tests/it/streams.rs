@@ -5,6 +5,7 @@ use std::time::Duration;
 use bm_domain::{EventKind, OperationType};
 use bm_provider_fake::LABEL_HANG_ACTION;
 use bm_store::EventFilter;
+use bm_workflow::{ResumePoint, WorkflowError};
 
 use crate::harness::memory;
 
@@ -173,17 +174,30 @@ async fn streams_end_with_a_resume_hint_on_shutdown_and_refuse_unknown_revisions
     while let Some(b) = watch.recv().await {
         last = Some(b);
     }
-    let e = last.unwrap().unwrap_err().to_string();
+    let e = last.unwrap().unwrap_err();
     assert!(
-        e.contains("shutting down; resume with after_revision="),
+        matches!(
+            e,
+            WorkflowError::StreamInterrupted {
+                after: ResumePoint::Revision(r)
+            } if r > 0
+        ),
         "{e}"
     );
     let mut last = None;
     while let Some(b) = logs.recv().await {
         last = Some(b);
     }
-    let e = last.unwrap().unwrap_err().to_string();
-    assert!(e.contains("resume with after_sequence="), "{e}");
+    let e = last.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            WorkflowError::StreamInterrupted {
+                after: ResumePoint::Sequence(_)
+            }
+        ),
+        "{e}"
+    );
 
     let beyond = h
         .engine
@@ -193,7 +207,7 @@ async fn streams_end_with_a_resume_hint_on_shutdown_and_refuse_unknown_revisions
     assert!(
         matches!(
             beyond,
-            bm_workflow::WorkflowError::RevisionOutOfRange { asked: 10_000, .. }
+            WorkflowError::RevisionOutOfRange { asked: 10_000, .. }
         ),
         "{beyond}"
     );
