@@ -23,7 +23,7 @@ use bm_domain::rules::Outcome;
 use bm_domain::{
     LogLine, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId, Timestamp,
 };
-use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value};
+use rusqlite::{Connection, params_from_iter, types::Value};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::logic::{self, Tx};
@@ -327,14 +327,7 @@ impl Store for SqliteStore {
     async fn get_machine(&self, id: &MachineId) -> Result<Machine> {
         let id = id.clone();
         self.read_point(move |conn| {
-            let doc: Option<String> = conn
-                .prepare_cached("SELECT doc FROM machines WHERE id = ?1")?
-                .query_row([id.as_str()], |r| r.get(0))
-                .optional()?;
-            match doc {
-                Some(d) => codec::machine(&d),
-                None => Err(StoreError::MachineNotFound(id)),
-            }
+            writer::read_machine(conn, &id)?.ok_or(StoreError::MachineNotFound(id))
         })
         .await
     }
@@ -415,14 +408,9 @@ impl Store for SqliteStore {
 
     async fn get_operation(&self, id: OperationId) -> Result<Operation> {
         self.read_point(move |conn| {
-            let row: Option<(String, bool)> = conn
-                .prepare_cached("SELECT doc, cancel_requested FROM operations WHERE id = ?1")?
-                .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            match row {
-                Some((doc, cancel)) => codec::operation(&doc, cancel),
-                None => Err(StoreError::OperationNotFound(id)),
-            }
+            writer::read_operation(conn, id)?
+                .map(|s| s.op)
+                .ok_or(StoreError::OperationNotFound(id))
         })
         .await
     }

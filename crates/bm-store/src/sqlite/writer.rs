@@ -192,14 +192,28 @@ fn insert_log(conn: &Connection, line: &LogLine) -> Result<bool> {
 
 const OP_COLUMNS: &str = "doc, cancel_requested, lease_owner, lease_expires";
 
+/// A machine by id, on any connection (the writer's, or a reader's).
+pub(super) fn read_machine(conn: &Connection, id: &MachineId) -> Result<Option<Machine>> {
+    let doc: Option<String> = conn
+        .prepare_cached("SELECT doc FROM machines WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?;
+    doc.map(|d| codec::machine(&d)).transpose()
+}
+
+/// An operation with its lease by id, on any connection.
+pub(super) fn read_operation(conn: &Connection, id: OperationId) -> Result<Option<StoredOp>> {
+    conn.prepare_cached(&format!(
+        "SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"
+    ))?
+    .query_row([id.to_string()], codec::stored_op)
+    .optional()?
+    .transpose()
+}
+
 impl Tx for SqlTx<'_> {
     fn machine(&mut self, id: &MachineId) -> Result<Option<Machine>> {
-        let doc: Option<String> = self
-            .conn
-            .prepare_cached("SELECT doc FROM machines WHERE id = ?1")?
-            .query_row([id.as_str()], |r| r.get(0))
-            .optional()?;
-        doc.map(|d| codec::machine(&d)).transpose()
+        read_machine(self.conn, id)
     }
 
     fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()> {
@@ -244,13 +258,7 @@ impl Tx for SqlTx<'_> {
     }
 
     fn operation(&mut self, id: OperationId) -> Result<Option<StoredOp>> {
-        self.conn
-            .prepare_cached(&format!(
-                "SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"
-            ))?
-            .query_row([id.to_string()], codec::stored_op)
-            .optional()?
-            .transpose()
+        read_operation(self.conn, id)
     }
 
     fn holding(&mut self, id: OperationId) -> Result<Option<Holding>> {
