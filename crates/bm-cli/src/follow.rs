@@ -1,6 +1,8 @@
 //! Following an operation live: `WatchOperations` and `StreamLogs` at once, rendered
 //! interleaved as they arrive, then the final box.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bm_proto::v1 as pb;
@@ -37,21 +39,39 @@ pub(crate) fn is_disconnect(s: &tonic::Status) -> bool {
     )
 }
 
+/// Ctrl+C, listened to from the call on: the handler is installed at once rather than at
+/// the first `select!` that polls it, so that no Ctrl+C after the first output is lost (to
+/// the default action, which kills the process).
+pub(crate) async fn interrupt_listener() -> Pin<Box<dyn Future<Output = ()>>> {
+    let mut ctrl_c = Box::pin(async {
+        // Without a handler (an error installing it), Ctrl+C keeps its default action.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    });
+    // The first poll installs the handler; a Ctrl+C that came already stays ready.
+    if futures::poll!(ctrl_c.as_mut()).is_ready() {
+        return Box::pin(std::future::ready(()));
+    }
+    ctrl_c
+}
+
 /// How long a follow keeps trying to reconnect to a server that went away.
 pub(crate) const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
-/// Follows `op` until it ends, printing events and log lines if `print` is set. When the
-/// server goes away (a restart), it reconnects and resumes both streams where they were.
+/// Follows `op` until it ends, printing events and log lines if `print` is set (otherwise
+/// the provider log is not read at all). When the server goes away (a restart), it
+/// reconnects and resumes both streams where they were.
 pub(crate) async fn follow(
     ops: &mut OperationServiceClient<Channel>,
     op: &pb::Operation,
     pal: &Palette,
     print: bool,
 ) -> Result<Followed, tonic::Status> {
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let mut ctrl_c = interrupt_listener().await;
     let (mut last_revision, mut last_sequence) = (0u64, 0u64);
-    let (mut events_done, mut logs_done) = (false, false);
+    // Only the events say when the operation ends; the log is read only to be shown.
+    let (mut events_done, mut logs_done) = (false, !print);
     let mut lost_since: Option<Instant> = None;
     while !(events_done && logs_done) {
         let connected = async {
@@ -92,7 +112,7 @@ pub(crate) async fn follow(
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = &mut ctrl_c => return Ok(Followed::Interrupted),
+                    () = &mut ctrl_c => return Ok(Followed::Interrupted),
                 }
             }
             Err(s) => return Err(s),
@@ -153,7 +173,7 @@ pub(crate) async fn follow(
                 () = tail => {
                     logs_done = true;
                 }
-                _ = &mut ctrl_c => return Ok(Followed::Interrupted),
+                () = &mut ctrl_c => return Ok(Followed::Interrupted),
             }
         };
         if let Some(s) = disconnected {
@@ -178,38 +198,41 @@ pub(crate) async fn follow(
     Ok(Followed::Ended(Box::new(op)))
 }
 
-/// Runs an operation command's follow and prints the boxes; returns the exit code.
+/// Runs a follow and prints the boxes; returns the exit code. `if_ended` is what the final
+/// box says when `op` had already ended (a replayed request, or a follow that came late).
 pub(crate) async fn run(
     ops: &mut OperationServiceClient<Channel>,
     op: pb::Operation,
     started: Instant,
+    if_ended: render::Ended,
     pal: &Palette,
 ) -> Result<u8, tonic::Status> {
     out!("{}", render::header_box(&op, pal));
-    let already_ended = is_terminal(op.phase);
-    let done = if already_ended {
-        op
+    let (done, ended) = if is_terminal(op.phase) {
+        (op, if_ended)
     } else {
         outln!();
         match follow(ops, &op, pal, true).await? {
-            Followed::Ended(done) => *done,
+            Followed::Ended(done) => (*done, render::Ended::Live),
             Followed::Interrupted => {
-                anstream::eprintln!(
-                    "\nStopped following. Operation {} goes on on the server; `bmctl logs {}` follows it again, `bmctl cancel {}` stops it.",
-                    op.id,
-                    op.id,
-                    op.id
-                );
-                return Ok(130);
+                anstream::eprintln!("\n{}", interrupted_message(&op.id));
+                return Ok(crate::INTERRUPTED);
             }
         }
     };
     outln!();
     out!(
         "{}",
-        render::final_box(&done, started.elapsed().as_secs_f64(), already_ended, pal)
+        render::final_box(&done, started.elapsed().as_secs_f64(), ended, pal)
     );
     Ok(exit_code(done.phase))
+}
+
+/// What Ctrl+C during a follow leaves behind, and the commands to go on.
+pub(crate) fn interrupted_message(op: &str) -> String {
+    format!(
+        "Stopped following. Operation {op} goes on on the server; `bmctl follow {op}` follows it again, `bmctl cancel {op}` stops it."
+    )
 }
 
 /// 0 for SUCCEEDED, 1 for FAILED, 3 for CANCELED (and anything else).
@@ -218,5 +241,127 @@ pub(crate) fn exit_code(phase: i32) -> u8 {
         Ok(pb::OperationPhase::Succeeded) => 0,
         Ok(pb::OperationPhase::Failed) => 1,
         _ => 3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bm_proto::v1::operation_service_server::{OperationService, OperationServiceServer};
+    use futures::Stream;
+    use tonic::transport::Server;
+    use tonic::transport::server::TcpIncoming;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+    /// An operation service whose one operation ends with the first event batch; it notes
+    /// whether the provider log was asked for (and never ends that stream).
+    struct Fake {
+        logs_opened: Arc<AtomicBool>,
+    }
+
+    fn operation(phase: pb::OperationPhase) -> pb::Operation {
+        pb::Operation {
+            id: "op-1".into(),
+            machine_id: "machine-1".into(),
+            phase: phase.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl OperationService for Fake {
+        async fn get_operation(
+            &self,
+            _: Request<pb::GetOperationRequest>,
+        ) -> Result<Response<pb::Operation>, Status> {
+            Ok(Response::new(operation(pb::OperationPhase::Succeeded)))
+        }
+
+        async fn list_operations(
+            &self,
+            _: Request<pb::ListOperationsRequest>,
+        ) -> Result<Response<pb::ListOperationsResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        async fn cancel_operation(
+            &self,
+            _: Request<pb::CancelOperationRequest>,
+        ) -> Result<Response<pb::Operation>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        type WatchOperationsStream = Stream_<pb::WatchOperationsResponse>;
+
+        async fn watch_operations(
+            &self,
+            _: Request<pb::WatchOperationsRequest>,
+        ) -> Result<Response<Self::WatchOperationsStream>, Status> {
+            let ended = pb::OperationEvent {
+                revision: 7,
+                operation_id: "op-1".into(),
+                r#type: pb::EventType::PhaseChanged.into(),
+                phase: pb::OperationPhase::Succeeded.into(),
+                ..Default::default()
+            };
+            let batch = pb::WatchOperationsResponse {
+                events: vec![ended],
+                ..Default::default()
+            };
+            Ok(Response::new(Box::pin(futures::stream::iter([Ok(batch)]))))
+        }
+
+        type StreamLogsStream = Stream_<pb::StreamLogsResponse>;
+
+        async fn stream_logs(
+            &self,
+            _: Request<pb::StreamLogsRequest>,
+        ) -> Result<Response<Self::StreamLogsStream>, Status> {
+            self.logs_opened.store(true, Ordering::SeqCst);
+            Ok(Response::new(Box::pin(futures::stream::pending())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_follow_does_not_read_the_log() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let logs_opened = Arc::new(AtomicBool::new(false));
+        let service = OperationServiceServer::new(Fake {
+            logs_opened: logs_opened.clone(),
+        });
+        tokio::spawn(
+            Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        let mut ops = OperationServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let running = operation(pb::OperationPhase::Running);
+        let followed = follow(&mut ops, &running, &Palette::plain(), false)
+            .await
+            .unwrap();
+        let Followed::Ended(done) = followed else {
+            panic!("the follow was not interrupted");
+        };
+        assert_eq!(done.phase, pb::OperationPhase::Succeeded as i32);
+        assert!(
+            !logs_opened.load(Ordering::SeqCst),
+            "a follow that prints nothing opened StreamLogs"
+        );
+    }
+
+    #[test]
+    fn ctrl_c_points_at_the_command_that_follows_again() {
+        let m = interrupted_message("op-1");
+        assert!(m.contains("`bmctl follow op-1` follows it again"), "{m}");
+        assert!(m.contains("`bmctl cancel op-1` stops it"), "{m}");
     }
 }

@@ -138,7 +138,9 @@ fn parse_csv(text: &str) -> Result<(Vec<Row>, Vec<RowError>), String> {
     }
     // The reader's positions ignore comment lines (a record's position is where the
     // comments before it begin), so count lines from the byte offset, past any comments.
-    let line_at = |byte: u64| {
+    // Records come in file order: the count goes on from the previous record's start.
+    let mut cursor = (0usize, 1usize); // (byte, line)
+    let mut line_at = |byte: u64| {
         let mut start = usize::try_from(byte).unwrap_or(usize::MAX).min(text.len());
         loop {
             // Line ends (a CRLF file puts the offset on the previous line's \n) and comments.
@@ -152,11 +154,15 @@ fn parse_csv(text: &str) -> Result<(Vec<Row>, Vec<RowError>), String> {
                 None => break,
             }
         }
-        text.as_bytes()[..start]
+        if start < cursor.0 {
+            cursor = (0, 1);
+        }
+        cursor.1 += text.as_bytes()[cursor.0..start]
             .iter()
             .filter(|b| **b == b'\n')
-            .count()
-            + 1
+            .count();
+        cursor.0 = start;
+        cursor.1
     };
     let mut rows = Vec::new();
     let mut errors = Vec::new();
@@ -376,6 +382,25 @@ mod tests {
                 .collect::<Vec<_>>(),
             [(2, "f-1"), (3, "f-2"), (5, "f-3")]
         );
+    }
+
+    #[test]
+    fn csv_line_numbers_of_a_long_file() {
+        let (mut text, mut line) = (String::from("id,provider\n"), 1);
+        let mut want = Vec::new();
+        for i in 1..=5000 {
+            if i % 7 == 0 {
+                text.push_str("# a comment\n\n");
+                line += 2;
+            }
+            line += 1;
+            want.push((line, format!("m-{i}")));
+            text.push_str(&format!("m-{i},fake\n"));
+        }
+        let (rows, errors) = parse("inv.csv", &text).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let got: Vec<(usize, String)> = rows.into_iter().map(|r| (r.line, r.machine.id)).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

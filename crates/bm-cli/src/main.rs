@@ -26,7 +26,8 @@ mod inventory;
 mod render;
 
 /// Writes to stdout (colour stripped unless it is a terminal). A closed pipe ends the
-/// program with exit code 0: the reader has what it wanted.
+/// program with exit code 0: the reader has what it wanted. Any other write error (a full
+/// disk) ends it with exit code 1, so that cut output is not taken for the whole.
 fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
     use std::io::Write;
     let mut out = anstream::stdout().lock();
@@ -40,10 +41,13 @@ fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
             }
         })
         .and_then(|()| out.flush());
-    if let Err(e) = written
-        && e.kind() == std::io::ErrorKind::BrokenPipe
-    {
-        std::process::exit(0);
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            anstream::eprintln!("error: writing output: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -201,7 +205,7 @@ struct OpsArgs {
     machine: Option<String>,
     /// Only operations of this type.
     #[arg(long = "type", value_enum)]
-    op_type: Option<TypeArg>,
+    op_type: Option<OpType>,
     /// Only operations in this phase.
     #[arg(long, value_enum)]
     phase: Option<OpPhaseArg>,
@@ -283,8 +287,9 @@ enum StateArg {
     Idle,
 }
 
+/// The operation types: the operation commands, and `ops --type`.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum TypeArg {
+enum OpType {
     Reimage,
     Reboot,
     EnterMaintenance,
@@ -370,6 +375,10 @@ fn bm_max_message() -> usize {
     64 * 1024 * 1024
 }
 
+/// The exit code after Ctrl+C (128 + SIGINT), as the README says: the command stopped, an
+/// operation it followed goes on.
+const INTERRUPTED: u8 = 130;
+
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -389,20 +398,18 @@ fn show<T: serde::Serialize>(
     Ok(0)
 }
 
-/// Reads a server stream until it ends (exit code 0) or Ctrl+C (`on_interrupt`), handing
+/// Reads a server stream until it ends (exit code 0) or Ctrl+C ([`INTERRUPTED`]), handing
 /// each message to `each`. When the server goes away (a restart), `open` is called again to
 /// resume where `each` got to; after [`follow::RECONNECT_FOR`] without a server, it gives up.
 async fn drain<T, F, Fut>(
     mut open: F,
-    on_interrupt: u8,
     mut each: impl FnMut(T) -> anyhow::Result<()>,
 ) -> anyhow::Result<u8>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Streaming<T>, tonic::Status>>,
 {
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let mut ctrl_c = follow::interrupt_listener().await;
     let mut lost_since: Option<Instant> = None;
     loop {
         let mut stream = match open().await {
@@ -413,7 +420,7 @@ where
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = &mut ctrl_c => return Ok(on_interrupt),
+                    () = &mut ctrl_c => return Ok(INTERRUPTED),
                 }
             }
             Err(s) => return Err(s.into()),
@@ -433,7 +440,7 @@ where
                     Some(Err(s)) => return Err(s.into()),
                     None => return Ok(0),
                 },
-                _ = &mut ctrl_c => return Ok(on_interrupt),
+                () = &mut ctrl_c => return Ok(INTERRUPTED),
             }
         }
     }
@@ -548,21 +555,21 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             show(json, &o, |o| render::operation_detail(o, &pal))
         }
         Command::EnterMaintenance(a) => {
-            operation(&mut c, OpKind::EnterMaintenance, a, json, &pal).await
+            operation(&mut c, OpType::EnterMaintenance, a, json, &pal).await
         }
         Command::ExitMaintenance(a) => {
-            operation(&mut c, OpKind::ExitMaintenance, a, json, &pal).await
+            operation(&mut c, OpType::ExitMaintenance, a, json, &pal).await
         }
-        Command::Reimage(a) => operation(&mut c, OpKind::Reimage, a, json, &pal).await,
-        Command::Reboot(a) => operation(&mut c, OpKind::Reboot, a, json, &pal).await,
-        Command::Rma(a) => operation(&mut c, OpKind::Rma, a, json, &pal).await,
-        Command::Retire(a) => operation(&mut c, OpKind::Retire, a, json, &pal).await,
-        Command::Upgrade(a) => operation(&mut c, OpKind::Upgrade, a, json, &pal).await,
-        Command::NetReconfig(a) => operation(&mut c, OpKind::NetReconfig, a, json, &pal).await,
+        Command::Reimage(a) => operation(&mut c, OpType::Reimage, a, json, &pal).await,
+        Command::Reboot(a) => operation(&mut c, OpType::Reboot, a, json, &pal).await,
+        Command::Rma(a) => operation(&mut c, OpType::Rma, a, json, &pal).await,
+        Command::Retire(a) => operation(&mut c, OpType::Retire, a, json, &pal).await,
+        Command::Upgrade(a) => operation(&mut c, OpType::Upgrade, a, json, &pal).await,
+        Command::NetReconfig(a) => operation(&mut c, OpType::NetReconfig, a, json, &pal).await,
         Command::ClearIntervention(a) => {
-            operation(&mut c, OpKind::ClearIntervention, a, json, &pal).await
+            operation(&mut c, OpType::ClearIntervention, a, json, &pal).await
         }
-        Command::Readmit(a) => operation(&mut c, OpKind::Readmit, a, json, &pal).await,
+        Command::Readmit(a) => operation(&mut c, OpType::Readmit, a, json, &pal).await,
         Command::Follow { operation } => {
             let started = Instant::now();
             let op = c
@@ -572,7 +579,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-            follow_to_end(&mut c, op, started, json, &pal).await
+            follow_to_end(&mut c, op, started, render::Ended::BeforeFollow, json, &pal).await
         }
         Command::Cancel { operation } => {
             let o = c
@@ -604,7 +611,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                         .map(tonic::Response::into_inner)
                 }
             };
-            drain(open, 0, |batch| {
+            drain(open, |batch| {
                 for e in batch.events {
                     last.set(Some(e.revision));
                     if json {
@@ -628,7 +635,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 };
                 async move { ops.stream_logs(req).await.map(tonic::Response::into_inner) }
             };
-            drain(open, 130, |batch| {
+            drain(open, |batch| {
                 for l in batch.lines {
                     last.set(l.sequence);
                     if json {
@@ -648,23 +655,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum OpKind {
-    EnterMaintenance,
-    ExitMaintenance,
-    Reimage,
-    Reboot,
-    Rma,
-    Retire,
-    Upgrade,
-    NetReconfig,
-    ClearIntervention,
-    Readmit,
-}
-
 async fn operation(
     c: &mut Clients,
-    kind: OpKind,
+    kind: OpType,
     a: OpArgs,
     json: bool,
     pal: &Palette,
@@ -687,45 +680,64 @@ async fn operation(
         };
     }
     let op = match kind {
-        OpKind::EnterMaintenance => call!(enter_maintenance, EnterMaintenanceRequest),
-        OpKind::ExitMaintenance => call!(exit_maintenance, ExitMaintenanceRequest),
-        OpKind::Reimage => call!(reimage, ReimageRequest),
-        OpKind::Reboot => call!(reboot, RebootRequest),
-        OpKind::Rma => call!(rma, RmaRequest),
-        OpKind::Retire => call!(retire, RetireRequest),
-        OpKind::Upgrade => call!(upgrade, UpgradeRequest),
-        OpKind::NetReconfig => call!(reconfigure_network, ReconfigureNetworkRequest),
-        OpKind::ClearIntervention => call!(clear_intervention, ClearInterventionRequest),
-        OpKind::Readmit => call!(readmit, ReadmitRequest),
+        OpType::EnterMaintenance => call!(enter_maintenance, EnterMaintenanceRequest),
+        OpType::ExitMaintenance => call!(exit_maintenance, ExitMaintenanceRequest),
+        OpType::Reimage => call!(reimage, ReimageRequest),
+        OpType::Reboot => call!(reboot, RebootRequest),
+        OpType::Rma => call!(rma, RmaRequest),
+        OpType::Retire => call!(retire, RetireRequest),
+        OpType::Upgrade => call!(upgrade, UpgradeRequest),
+        OpType::NetReconfig => call!(reconfigure_network, ReconfigureNetworkRequest),
+        OpType::ClearIntervention => call!(clear_intervention, ClearInterventionRequest),
+        OpType::Readmit => call!(readmit, ReadmitRequest),
     };
     if a.no_wait {
         return show(json, &op, |op| render::operation_detail(op, pal));
     }
-    follow_to_end(c, op, started, json, pal).await
+    follow_to_end(c, op, started, render::Ended::BeforeRequest, json, pal).await
 }
 
 /// Follows an operation to its end: live with both streams and the boxes, or (with
 /// `-o json`) silently, printing the operation at the end. The exit code says how it ended.
+/// `if_ended` is what the final box says of an operation that had already ended.
 async fn follow_to_end(
     c: &mut Clients,
     op: pb::Operation,
     started: Instant,
+    if_ended: render::Ended,
     json: bool,
     pal: &Palette,
 ) -> anyhow::Result<u8> {
     if !json {
-        return Ok(follow::run(&mut c.operations, op, started, pal).await?);
+        return Ok(follow::run(&mut c.operations, op, started, if_ended, pal).await?);
     }
     let done = if follow::is_terminal(op.phase) {
         op
     } else {
         match follow::follow(&mut c.operations, &op, pal, false).await? {
             follow::Followed::Ended(done) => *done,
-            follow::Followed::Interrupted => return Ok(130),
+            follow::Followed::Interrupted => {
+                anstream::eprintln!("{}", follow::interrupted_message(&op.id));
+                return Ok(INTERRUPTED);
+            }
         }
     };
     print_json(&done)?;
     Ok(follow::exit_code(done.phase))
+}
+
+/// One row of an import's report.
+struct ImportResult {
+    /// The line of the inventory file; 0 for generated machines.
+    line: usize,
+    machine_id: String,
+    /// The row's MAC addresses, space-separated.
+    mac: String,
+    /// CREATED, UNCHANGED or FAILED.
+    outcome: String,
+    failed: bool,
+    /// `CODE: message`, or empty.
+    error: String,
 }
 
 /// Rows per import request (the server takes up to 10,000).
@@ -738,11 +750,11 @@ async fn import(
     pal: &Palette,
 ) -> anyhow::Result<u8> {
     // (line, machine) rows; line 0 means generated.
-    let (rows, local_errors, source) = match (args.count, &args.file) {
-        (Some(n), None) => {
-            if n == 0 || n > 65_535 {
-                bail!("the count must be from 1 to 65535");
-            }
+    let (rows, local_errors, source) = match &args.file {
+        None => {
+            let n = args
+                .count
+                .expect("clap requires a count (1 to 65535) when there is no file");
             if !json {
                 outln!("Importing {n} fake machines...");
             }
@@ -769,7 +781,7 @@ async fn import(
                 .collect();
             (rows, Vec::new(), format!("bmctl import {n}"))
         }
-        (None, Some(path)) => {
+        Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let name = path.to_string_lossy().into_owned();
@@ -777,20 +789,17 @@ async fn import(
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             (rows, errors, name)
         }
-        _ => bail!("give a count (bmctl import 5) or a file (bmctl import --file inventory.csv)"),
     };
 
-    // (line, id, mac, outcome, error)
-    let mut report: Vec<(usize, String, String, String, String)> = local_errors
+    let mut report: Vec<ImportResult> = local_errors
         .iter()
-        .map(|e| {
-            (
-                e.line,
-                "-".to_owned(),
-                "-".to_owned(),
-                "FAILED".to_owned(),
-                e.message.clone(),
-            )
+        .map(|e| ImportResult {
+            line: e.line,
+            machine_id: "-".to_owned(),
+            mac: "-".to_owned(),
+            outcome: "FAILED".to_owned(),
+            failed: true,
+            error: e.message.clone(),
         })
         .collect();
     let mut failed = local_errors.len();
@@ -837,15 +846,22 @@ async fn import(
             } else {
                 format!("{}: {message}", r.error_code)
             };
-            report.push((line, r.machine_id, mac, outcome, error));
+            report.push(ImportResult {
+                line,
+                machine_id: r.machine_id,
+                mac,
+                outcome,
+                failed: r.outcome == pb::ImportOutcome::Failed as i32,
+                error,
+            });
         }
     }
-    report.sort_by_key(|r| r.0);
+    report.sort_by_key(|r| r.line);
     if json {
         let rows: Vec<serde_json::Value> = report
             .iter()
-            .map(|(line, id, mac, outcome, error)| {
-                serde_json::json!({"line": line, "machineId": id, "macAddresses": mac, "outcome": outcome, "error": error})
+            .map(|r| {
+                serde_json::json!({"line": r.line, "machineId": r.machine_id, "macAddresses": r.mac, "outcome": r.outcome, "error": r.error})
             })
             .collect();
         print_json(&serde_json::json!({
@@ -855,25 +871,24 @@ async fn import(
         const SHOWN: usize = 20;
         let from_file = args.file.is_some();
         // Show failures first, then the first rows.
-        let mut shown: Vec<&(usize, String, String, String, String)> =
-            report.iter().filter(|r| r.3 == "FAILED").collect();
-        shown.extend(report.iter().filter(|r| r.3 != "FAILED"));
+        let mut shown: Vec<&ImportResult> = report.iter().filter(|r| r.failed).collect();
+        shown.extend(report.iter().filter(|r| !r.failed));
         let rows: Vec<Vec<String>> = shown
             .iter()
             .take(SHOWN.max(failed))
-            .map(|(line, id, mac, outcome, error)| {
+            .map(|r| {
                 let mut row = vec![
-                    id.clone(),
-                    mac.clone(),
-                    outcome.clone(),
-                    if error.is_empty() {
+                    r.machine_id.clone(),
+                    r.mac.clone(),
+                    r.outcome.clone(),
+                    if r.error.is_empty() {
                         "-".into()
                     } else {
-                        error.clone()
+                        r.error.clone()
                     },
                 ];
                 if from_file {
-                    row.insert(0, line.to_string());
+                    row.insert(0, r.line.to_string());
                 }
                 row
             })
@@ -895,17 +910,12 @@ async fn import(
         let summary =
             format!("{verb}: {created} created, {unchanged} already present, {failed} failed");
         if failed > 0 {
-            outln!("{}", render_warn(&summary, pal));
+            outln!("{}", render::warn(&summary, pal));
         } else {
             outln!("{summary}");
         }
     }
     Ok(u8::from(failed > 0))
-}
-
-fn render_warn(s: &str, _pal: &Palette) -> String {
-    let style = anstyle::AnsiColor::Yellow.on_default().bold();
-    format!("{style}{s}{style:#}")
 }
 
 async fn update(c: &mut Clients, a: UpdateArgs, json: bool, pal: &Palette) -> anyhow::Result<u8> {
@@ -965,4 +975,48 @@ async fn update(c: &mut Clients, a: UpdateArgs, json: bool, pal: &Palette) -> an
         .await?
         .into_inner();
     show(json, &m, |m| render::machine_detail(m, pal))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every value of `E` names a value of the API's enum.
+    fn all_in_the_api<E: ValueEnum + std::fmt::Debug, T>(
+        prefix: &str,
+        from: impl Fn(&str) -> Option<T>,
+    ) -> usize {
+        for v in E::value_variants() {
+            if let Err(e) = api_enum(v.clone(), prefix, &from) {
+                panic!("{v:?}: {e}");
+            }
+        }
+        E::value_variants().len()
+    }
+
+    #[test]
+    fn arg_enums_name_api_values() {
+        assert_eq!(
+            all_in_the_api::<PhaseArg, _>("PHASE_", pb::Phase::from_str_name),
+            3
+        );
+        assert_eq!(
+            all_in_the_api::<StateArg, _>("EFFECTIVE_STATE_", pb::EffectiveState::from_str_name),
+            6
+        );
+        assert_eq!(
+            all_in_the_api::<OpPhaseArg, _>("OPERATION_PHASE_", pb::OperationPhase::from_str_name),
+            5
+        );
+        assert_eq!(
+            all_in_the_api::<OpType, _>("OPERATION_TYPE_", pb::OperationType::from_str_name),
+            10
+        );
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

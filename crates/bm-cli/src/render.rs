@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use anstream::adapter::strip_str;
 use anstyle::{AnsiColor, Style};
 use bm_proto::pbjson_types::Timestamp;
 use bm_proto::v1 as pb;
@@ -140,7 +141,7 @@ pub(crate) fn conditions(m: &pb::Machine) -> String {
 /// A table with a header row; columns are padded to their widest cell (by display width,
 /// so ⚠ and ✓ line up).
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let visible = |s: &str| strip_ansi(s).width();
+    let visible = |s: &str| strip_str(s).to_string().width();
     let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -168,38 +169,23 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ ... final byte in @..~
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 pub(crate) fn machines_table(ms: &[pb::Machine], pal: &Palette) -> String {
     let rows: Vec<Vec<String>> = ms
         .iter()
         .map(|m| {
-            let status = m.status.clone().unwrap_or_default();
+            let (phase_, active) = m
+                .status
+                .as_ref()
+                .map_or((0, ""), |s| (s.phase, s.active_operation_id.as_str()));
             vec![
                 m.id.clone(),
-                phase(status.phase),
+                phase(phase_),
                 effective(m.effective_state, pal),
                 conditions(m),
-                if status.active_operation_id.is_empty() {
+                if active.is_empty() {
                     "-".into()
                 } else {
-                    status.active_operation_id
+                    active.to_owned()
                 },
             ]
         })
@@ -405,40 +391,53 @@ pub(crate) fn header_box(o: &pb::Operation, pal: &Palette) -> String {
     )
 }
 
+/// Whether the operation had ended before the follow began, and why that is worth saying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// It ended while this call followed it.
+    Live,
+    /// An operation command's request id returned an operation that had already ended:
+    /// the request was a replay and nothing ran again.
+    BeforeRequest,
+    /// `bmctl follow` of an operation that had already ended.
+    BeforeFollow,
+}
+
 /// The box that closes a follow: the outcome, how long this call took, and the stages.
 pub(crate) fn final_box(
     o: &pb::Operation,
     waited_secs: f64,
-    already_ended: bool,
+    ended: Ended,
     pal: &Palette,
 ) -> String {
-    let outcome = match pb::OperationPhase::try_from(o.phase) {
-        Ok(pb::OperationPhase::Succeeded) => paint(pal.ok, "✓ SUCCEEDED"),
-        Ok(pb::OperationPhase::Failed) => paint(pal.bad, "✗ FAILED"),
-        Ok(pb::OperationPhase::Canceled) => paint(pal.warn, "⊘ CANCELED"),
-        _ => paint(pal.accent, op_phase(o.phase)),
-    };
     let done = o
         .stages
         .iter()
         .filter(|s| s.outcome == pb::StageOutcome::Succeeded as i32)
         .count();
-    let mut out = format!("┌{RULE}\n│ {outcome}\n");
+    let mut out = format!("┌{RULE}\n│ {}\n", phase_marker(o.phase, pal));
     if !o.error.is_empty() {
         let _ = writeln!(out, "│ Error: {}", o.error);
     }
     let _ = writeln!(out, "│ Duration: {}", duration(waited_secs));
+    // A replay took no time of the operation's: its run time would read as this request's.
     if let Some(took) = seconds_between(o.start_time.as_ref(), o.end_time.as_ref())
-        && !already_ended
+        && ended != Ended::BeforeRequest
     {
         let _ = writeln!(out, "│ Operation time: {}", duration(took));
     }
     let _ = writeln!(out, "│ Stages: {done} completed");
-    if already_ended {
-        let _ = writeln!(
-            out,
-            "│ Already ended before this request: nothing ran again"
-        );
+    match ended {
+        Ended::Live => {}
+        Ended::BeforeRequest => {
+            let _ = writeln!(
+                out,
+                "│ Already ended before this request: nothing ran again"
+            );
+        }
+        Ended::BeforeFollow => {
+            let _ = writeln!(out, "│ Already ended before this follow");
+        }
     }
     let _ = writeln!(out, "└{RULE}");
     out
@@ -491,6 +490,11 @@ pub(crate) fn event_lines(e: &pb::OperationEvent, pal: &Palette) -> Vec<String> 
         Ok(pb::EventType::Created) => vec![format!("{at} Operation created")],
         _ => vec![format!("{at} event {}", e.r#type)],
     }
+}
+
+/// A warning line (a summary with failures in it).
+pub(crate) fn warn(text: &str, pal: &Palette) -> String {
+    paint(pal.warn, text)
 }
 
 /// A line about the follow itself (a reconnect), set apart from the operation's lines.
@@ -623,7 +627,7 @@ mod tests {
             machine("a", pb::Phase::Ready, pb::EffectiveState::Idle, &[], ""),
             machine("b", pb::Phase::Ready, pb::EffectiveState::Blocked, &[], ""),
         ];
-        let coloured = strip_ansi(&machines_table(&ms, &Palette::color()));
+        let coloured = strip_str(&machines_table(&ms, &Palette::color())).to_string();
         assert_eq!(coloured, machines_table(&ms, &Palette::plain()));
     }
 
@@ -670,7 +674,7 @@ mod tests {
         │ Request ID: demo-idempotent-123
         └─────────────────────────────────────────────────────────────
         ");
-        insta::assert_snapshot!(final_box(&o, 2.53, false, &pal), @r"
+        insta::assert_snapshot!(final_box(&o, 2.53, Ended::Live, &pal), @r"
         ┌─────────────────────────────────────────────────────────────
         │ ✓ SUCCEEDED
         │ Duration: 2.530s
@@ -678,12 +682,21 @@ mod tests {
         │ Stages: 5 completed
         └─────────────────────────────────────────────────────────────
         ");
-        insta::assert_snapshot!(final_box(&o, 0.001, true, &pal), @r"
+        insta::assert_snapshot!(final_box(&o, 0.001, Ended::BeforeRequest, &pal), @r"
         ┌─────────────────────────────────────────────────────────────
         │ ✓ SUCCEEDED
         │ Duration: 0.001s
         │ Stages: 5 completed
         │ Already ended before this request: nothing ran again
+        └─────────────────────────────────────────────────────────────
+        ");
+        insta::assert_snapshot!(final_box(&o, 0.004, Ended::BeforeFollow, &pal), @r"
+        ┌─────────────────────────────────────────────────────────────
+        │ ✓ SUCCEEDED
+        │ Duration: 0.004s
+        │ Operation time: 2.512s
+        │ Stages: 5 completed
+        │ Already ended before this follow
         └─────────────────────────────────────────────────────────────
         ");
         let mut failed = op(
@@ -694,7 +707,7 @@ mod tests {
             ],
         );
         failed.error = "repave-image: injected failure of repave (call 3)".into();
-        insta::assert_snapshot!(final_box(&failed, 1.0, false, &pal), @r"
+        insta::assert_snapshot!(final_box(&failed, 1.0, Ended::Live, &pal), @r"
         ┌─────────────────────────────────────────────────────────────
         │ ✗ FAILED
         │ Error: repave-image: injected failure of repave (call 3)

@@ -44,6 +44,45 @@ fn spawn_follow(
     (child, lines)
 }
 
+/// A bmctl running `args` with both outputs piped, and its stdout lines as they come.
+fn spawn_bmctl(
+    server: &Server,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut child = Command::new(bin("bm-cli", "bmctl"))
+        .args(args)
+        .env("BM_SERVER", &server.addr)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// Presses Ctrl+C on `child` (SIGINT), reads its stdout to the end, and returns its exit
+/// code and stderr. bmctl listens for Ctrl+C before it opens its streams, so a signal sent
+/// after a line from them is caught.
+fn interrupt(
+    mut child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+) -> (Option<i32>, String) {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Read on to the end, so that bmctl never sees its reader go away.
+    lines.for_each(drop);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (child.wait().unwrap().code(), stderr)
+}
+
 /// The operation id in a follow's header box.
 fn op_id(follow_output: &str) -> String {
     follow_output
@@ -440,6 +479,13 @@ fn follow_reattaches_and_usage_errors_exit_2() {
     let id = op["id"].as_str().unwrap();
     let out = ok(&server, &["follow", id]);
     assert!(out.contains("│ ✓ SUCCEEDED"), "{out}");
+    // Following it again, once it has ended: no claim of a replayed request.
+    let again = ok(&server, &["follow", id]);
+    assert!(
+        again.contains("│ ✓ SUCCEEDED") && again.contains("│ Already ended before this follow"),
+        "{again}"
+    );
+    assert!(!again.contains("nothing ran again"), "{again}");
     for bad in [
         &["list", "--phase", "bogus"][..],
         &["update", "machine-1", "--label", "no-equals"],
@@ -462,9 +508,12 @@ fn follow_reattaches_and_usage_errors_exit_2() {
 #[test]
 fn a_closed_pipe_is_not_a_crash() {
     let server = Server::start();
-    ok(&server, &["import", "50"]);
+    ok(&server, &["import", "1000"]);
+    // Far more than a pipe holds (64 KiB), so that most is written after the hang-up.
+    let whole = ok(&server, &["-o", "json", "list"]);
+    assert!(whole.len() > 256 * 1024, "only {} bytes", whole.len());
     let mut child = Command::new(bin("bm-cli", "bmctl"))
-        .args(["list"])
+        .args(["-o", "json", "list"])
         .env("BM_SERVER", &server.addr)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -476,11 +525,85 @@ fn a_closed_pipe_is_not_a_crash() {
         .read_line(&mut first)
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(first.starts_with("MACHINE"), "{first}");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(first, "[\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "", "a closed pipe is not an error");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_is_an_error() {
+    let server = Server::start();
+    ok(&server, &["import", "3"]);
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(bin("bm-cli", "bmctl"))
+        .args(["list"])
+        .env("BM_SERVER", &server.addr)
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: writing output: "), "{stderr}");
+}
+
+#[test]
+fn ctrl_c_exits_130_and_the_operation_goes_on() {
+    let server = Server::start();
+    ok(&server, &["import", "1"]);
+    ok(&server, &["enter-maintenance", "machine-1"]);
+    ok(
+        &server,
+        &[
+            "update",
+            "machine-1",
+            "--label",
+            "fake.baremetal.dev/hang-action=repave",
+        ],
     );
+    // An operation command's follow.
+    let (child, mut lines) = spawn_bmctl(&server, &["reimage", "machine-1"]);
+    let mut op = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(id) = line.strip_prefix("│ Operation: ") {
+            op = id.trim().to_owned();
+        }
+        if line.contains("injected hang") {
+            break;
+        }
+    }
+    assert!(!op.is_empty(), "no header");
+    let (code, stderr) = interrupt(child, lines);
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!("`bmctl follow {op}` follows it again")),
+        "{stderr}"
+    );
+    assert_eq!(
+        json(&server, &["op", &op])["phase"],
+        "OPERATION_PHASE_RUNNING"
+    );
+    // `follow`, `logs` and `watch` of it: Ctrl+C is 130 for each. Each is interrupted
+    // after a line from its streams (the header box of `follow` comes before them).
+    for (args, after) in [
+        (&["follow", &op][..], "injected hang"),
+        (&["logs", &op], "injected hang"),
+        (&["watch", "--operation", &op, "--since", "0"], ""),
+        (&["watch", "--since", "0"], ""),
+    ] {
+        let (child, mut lines) = spawn_bmctl(&server, args);
+        let seen = lines
+            .by_ref()
+            .map(Result::unwrap)
+            .any(|l| l.contains(after));
+        assert!(seen, "{args:?}: no {after:?}");
+        let (code, stderr) = interrupt(child, lines);
+        assert_eq!(code, Some(130), "{args:?}: {stderr}");
+    }
 }
