@@ -105,12 +105,13 @@ impl Server {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("reading the address");
-        let addr = line
-            .trim()
-            .strip_prefix("bm-server listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}; log:\n{}", self.log()))
-            .to_owned();
-        self.addr = addr;
+        let Some(addr) = line.trim().strip_prefix("bm-server listening on ") else {
+            // Not left running behind the failed test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("unexpected first line {line:?}; log:\n{}", self.log());
+        };
+        self.addr = addr.to_owned();
         self.child = Some(child);
     }
 
