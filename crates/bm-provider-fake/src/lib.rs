@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | `fake.baremetal.dev/fail-action` | an [`Action`] name, e.g. `repave` | that action fails |
 //! | `fake.baremetal.dev/fail-times` | `N` or `always` (default) | only its first N calls fail |
-//! | `fake.baremetal.dev/fail-kind` | `transient` (default), `unreachable`, `permanent` | the kind of error |
+//! | `fake.baremetal.dev/fail-kind` | `transient` (default), `unreachable`, `permanent`, or `panic` (a provider bug) | the kind of error |
 //! | `fake.baremetal.dev/hang-action` | an [`Action`] name | that action runs until canceled |
 //! | `fake.baremetal.dev/delay-ms` | `N` | every action takes N ms longer |
 //!
@@ -307,6 +307,8 @@ impl FakeProvider {
             let fails = times == "always" || times.parse::<u64>().is_ok_and(|n| call <= n);
             if fails {
                 let kind = match labels.get(LABEL_FAIL_KIND) {
+                    // What a bug in a provider crate does; the executor must survive it.
+                    Some("panic") => panic!("injected panic of {} (call {call})", action.name()),
                     Some("permanent") => ErrorKind::Permanent,
                     Some("unreachable") => ErrorKind::Unreachable,
                     _ => ErrorKind::Transient,

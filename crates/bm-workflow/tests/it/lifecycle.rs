@@ -580,159 +580,39 @@ async fn unknown_provider_is_refused() {
     );
 }
 
-/// A provider that panics in every action (a bug in a provider crate).
-struct Panicking;
-
-#[async_trait::async_trait]
-impl bm_provider::Provider for Panicking {
-    fn name(&self) -> &str {
-        "panicking"
-    }
-    async fn power(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-        _: bm_provider::PowerAction,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("BMC reply could not be parsed")
-    }
-    async fn power_state(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<bm_provider::PowerState, bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn set_netboot(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn repave(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn mint_join_token(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<bm_provider::JoinToken, bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn join_cluster(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-        _: &bm_provider::JoinToken,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn verify_in_cluster(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn drain(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("drain exploded")
-    }
-    async fn uncordon(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn wipe_disks(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn notify(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-        _: &bm_provider::Notice,
-    ) -> Result<String, bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn apply_network_config(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-    async fn verify_connectivity(
-        &self,
-        _: bm_provider::ActionContext<'_>,
-    ) -> Result<(), bm_provider::ProviderError> {
-        panic!("unused")
-    }
-}
-
-/// A panic in a provider fails the operation for a person to look at; it never leaves it
-/// RUNNING with nobody running it, and the executor's slot is freed.
+/// A panic in a provider (a bug in a provider crate) fails the operation for a person to
+/// look at; it never leaves it RUNNING with nobody running it, and the executor's slot is
+/// freed: with one slot, a second operation still runs.
 #[tokio::test]
 async fn a_panicking_provider_fails_its_operation() {
-    let mut providers = bm_provider::ProviderRegistry::new();
-    providers.register(std::sync::Arc::new(Panicking));
-    let engine = bm_workflow::Engine::new(
+    let h = start(
         std::sync::Arc::new(bm_store::MemoryStore::new()),
-        providers,
         bm_workflow::EngineConfig {
             max_concurrent_operations: 1,
             ..config()
         },
     );
-    engine.start();
-    engine
-        .register_machine(
-            crate::harness::id("m-1"),
-            bm_domain::MachineSpec {
-                provider: "panicking".into(),
-                ..Default::default()
-            },
-            bm_domain::Labels::default(),
-        )
-        .await
-        .unwrap();
+    h.machine(
+        "m-1",
+        &[(LABEL_FAIL_ACTION, "drain"), (LABEL_FAIL_KIND, "panic")],
+    )
+    .await;
+    // Retire is allowed on a machine that needs intervention, so the second one is admitted.
     for request in ["a", "b"] {
-        let op = engine
-            .submit(bm_workflow::OperationRequest {
-                machine_id: crate::harness::id("m-1"),
-                op_type: OperationType::Retire,
-                request_id: bm_domain::RequestId::new(request).unwrap(),
-                note: String::new(),
-            })
-            .await;
-        let Ok(admission) = op else {
-            // The second request meets the machine needing intervention: fine, the point is
-            // that the first one ended.
-            break;
-        };
-        let filter = bm_store::EventFilter {
-            operation_id: Some(admission.operation.id),
-            machine_id: None,
-        };
-        let mut rx = engine.watch(filter, Some(0)).await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while rx.recv().await.is_some() {}
-        })
-        .await
-        .expect("the operation ended");
-        let done = engine.get_operation(admission.operation.id).await.unwrap();
+        let done = h.run("m-1", OperationType::Retire, request).await;
         assert_eq!(done.phase, OperationPhase::Failed);
         assert!(
-            done.error.as_deref().unwrap().contains("drain exploded"),
+            done.error
+                .as_deref()
+                .unwrap()
+                .contains("injected panic of drain"),
             "{:?}",
             done.error
         );
     }
-    assert_eq!(engine.running_operations(), 0, "the slot was freed");
-    let m = engine
-        .get_machine(&crate::harness::id("m-1"))
-        .await
-        .unwrap();
-    assert_eq!(m.effective_state(), EffectiveState::Attention);
+    assert_eq!(h.engine.running_operations(), 0, "the slot was freed");
+    assert_eq!(
+        h.get("m-1").await.effective_state(),
+        EffectiveState::Attention
+    );
 }
