@@ -31,7 +31,7 @@ pub use event::{EventKind, LogLine, OperationEvent};
 pub use ids::{MachineId, OperationId, RequestId};
 pub use labels::{LabelSelector, Labels};
 pub use mac::MacAddress;
-pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus};
+pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus, SshEndpoint};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
 pub use state::{EffectiveState, Phase, effective_state};
 pub use time::Timestamp;

@@ -114,37 +114,118 @@ fn validate_token(field: &'static str, v: &str, max: usize) -> Result<(), Domain
 }
 
 fn validate_ssh_endpoint(v: &str) -> Result<(), DomainError> {
-    validate_token("SSH endpoint", v, 300)?;
+    // Empty means "no SSH endpoint", which only providers that need one refuse.
     if v.is_empty() {
         return Ok(());
     }
-    let bad = |reason: &str| Err(DomainError::invalid("SSH endpoint", v, reason));
-    let host_port = match v.rsplit_once('@') {
-        Some((user, hp)) if !user.is_empty() && !user.contains(':') => hp,
-        Some(_) => return bad("the user before '@' must be a plain user name (no password)"),
-        None => v,
-    };
-    let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
-        // [IPv6]:port
-        match rest.split_once(']') {
-            Some((h, tail)) if !h.is_empty() => (h, tail.strip_prefix(':')),
-            _ => return bad("an IPv6 address must be written as [addr]:port"),
+    v.parse::<SshEndpoint>().map(drop)
+}
+
+/// A parsed [`MachineSpec::ssh_endpoint`]: `[user@]host[:port]`, an IPv6 address written
+/// `[addr]` or `[addr]:port`.
+///
+/// This is the one parser of the field: the spec is validated with it and providers read the
+/// endpoint with it, so that a machine that registers is one a provider can reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshEndpoint {
+    /// The user, if the endpoint names one.
+    pub user: Option<String>,
+    /// The host name or address (an IPv6 address without its brackets).
+    pub host: String,
+    /// The port, if the endpoint names one (providers apply their default, usually 22).
+    pub port: Option<u16>,
+}
+
+impl SshEndpoint {
+    /// The longest accepted endpoint, in bytes.
+    pub const MAX_LEN: usize = 300;
+}
+
+impl std::str::FromStr for SshEndpoint {
+    type Err = DomainError;
+
+    /// Parses `[user@]host[:port]`.
+    ///
+    /// # Errors
+    ///
+    /// [`DomainError::Invalid`] saying what is wrong: an empty endpoint, whitespace or
+    /// control characters, a user with a password, a host with '/', anything after an IPv6
+    /// address but `:port`, a port that is not a number from 1 to 65535.
+    fn from_str(s: &str) -> Result<Self, DomainError> {
+        validate_token("SSH endpoint", s, Self::MAX_LEN)?;
+        let bad = |reason: &str| DomainError::invalid("SSH endpoint", s, reason);
+        if s.is_empty() {
+            return Err(bad("is empty: expected [user@]host[:port]"));
         }
-    } else {
-        match host_port.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (host_port, None),
+        let (user, host_port) = split_ssh_user(s).map_err(bad)?;
+        let (host, port) = split_ssh_host_port(host_port).map_err(bad)?;
+        if host.is_empty() || host.contains('/') {
+            return Err(bad("expected [user@]host[:port]"));
         }
+        let port = port.map(parse_ssh_port).transpose().map_err(bad)?;
+        Ok(SshEndpoint {
+            user: user.map(str::to_owned),
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for SshEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(user) = &self.user {
+            write!(f, "{user}@")?;
+        }
+        // Brackets keep the port apart from an IPv6 address's own colons.
+        if self.host.contains(':') {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
+        match self.port {
+            Some(p) => write!(f, ":{p}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `user@rest` into the user (if any) and the rest. The last '@' splits, so a host never
+/// holds one.
+fn split_ssh_user(s: &str) -> Result<(Option<&str>, &str), &'static str> {
+    match s.rsplit_once('@') {
+        Some((user, rest)) if !user.is_empty() && !user.contains(':') => Ok((Some(user), rest)),
+        Some(_) => Err("the user before '@' must be a plain user name (no password)"),
+        None => Ok((None, s)),
+    }
+}
+
+/// `host[:port]` or `[address][:port]` into the host and the port text (if any).
+fn split_ssh_host_port(s: &str) -> Result<(&str, Option<&str>), &'static str> {
+    const BRACKETS: &str = "an IPv6 address must be written as [addr] or [addr]:port";
+    let Some(rest) = s.strip_prefix('[') else {
+        return Ok(match s.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (s, None),
+        });
     };
-    if host.is_empty() {
-        return bad("expected [user@]host[:port]");
+    match rest.split_once(']') {
+        Some((host, "")) if !host.is_empty() => Ok((host, None)),
+        // Anything after the ']' but ":port" is a typo, not something to ignore.
+        Some((host, tail)) if !host.is_empty() => match tail.strip_prefix(':') {
+            Some(port) => Ok((host, Some(port))),
+            None => Err(BRACKETS),
+        },
+        _ => Err(BRACKETS),
     }
-    if let Some(p) = port
-        && !matches!(p.parse::<u16>(), Ok(1..))
-    {
-        return bad("the port must be a number from 1 to 65535");
+}
+
+fn parse_ssh_port(p: &str) -> Result<u16, &'static str> {
+    // Digits only: `u16::from_str` would also take "+22".
+    let digits = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    match p.parse::<u16>() {
+        Ok(port @ 1..) if digits => Ok(port),
+        _ => Err("the port must be a number from 1 to 65535"),
     }
-    Ok(())
 }
 
 fn validate_bmc_endpoint(v: &str) -> Result<(), DomainError> {
@@ -427,6 +508,13 @@ mod tests {
             Err("no password"),
         );
         check(|s| s.ssh_endpoint = "a b".into(), Err("whitespace"));
+        // What a provider could not use is refused at registration, not at action time.
+        check(
+            |s| s.ssh_endpoint = "[fe80::1]junk".into(),
+            Err("[addr]:port"),
+        );
+        check(|s| s.ssh_endpoint = "[fe80::1]:22x".into(), Err("port"));
+        check(|s| s.ssh_endpoint = "root@host/x:22".into(), Err("host"));
         check(
             |s| s.bmc_endpoint = "10.0.1.1".into(),
             Err("expected a URL"),
@@ -441,6 +529,71 @@ mod tests {
             |s| s.network_config = "x".repeat(70_000),
             Err("network config"),
         );
+    }
+
+    fn endpoint(user: Option<&str>, host: &str, port: Option<u16>) -> SshEndpoint {
+        SshEndpoint {
+            user: user.map(str::to_owned),
+            host: host.to_owned(),
+            port,
+        }
+    }
+
+    #[test]
+    fn ssh_endpoints_parse_strictly() {
+        let ok = [
+            ("10.0.0.1", endpoint(None, "10.0.0.1", None)),
+            (
+                "root@10.0.0.1:2222",
+                endpoint(Some("root"), "10.0.0.1", Some(2222)),
+            ),
+            (
+                "deploy@node-1.lab",
+                endpoint(Some("deploy"), "node-1.lab", None),
+            ),
+            ("[fe80::1]:2222", endpoint(None, "fe80::1", Some(2222))),
+            ("u@[fe80::1]", endpoint(Some("u"), "fe80::1", None)),
+        ];
+        for (text, want) in ok {
+            let got: SshEndpoint = text.parse().unwrap();
+            assert_eq!(got, want, "{text}");
+            assert_eq!(got.to_string(), text, "the display round-trips");
+        }
+        let bad = [
+            ("", "is empty"),
+            ("@h", "plain user name"),
+            ("u:p@h", "no password"),
+            ("h:0", "port"),
+            ("h:", "port"),
+            ("h:+22", "port"),
+            ("h:ssh", "port"),
+            ("h:65536", "port"),
+            ("[::1", "[addr]:port"),
+            ("[]:22", "[addr]:port"),
+            ("[::1]x", "[addr]:port"),
+            ("[fe80::1]junk", "[addr]:port"),
+            ("h/x", "expected [user@]host[:port]"),
+            ("[fe80::1/64]:22", "expected [user@]host[:port]"),
+            ("u@:22", "expected [user@]host[:port]"),
+            ("a b", "whitespace"),
+            ("a\tb", "whitespace"),
+        ];
+        for (text, want) in bad {
+            let e = text.parse::<SshEndpoint>().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DomainError::Invalid {
+                        field: "SSH endpoint",
+                        ..
+                    }
+                ),
+                "{text}: {e:?}"
+            );
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+        let long = format!("{}.lab", "h".repeat(SshEndpoint::MAX_LEN));
+        assert!(long.parse::<SshEndpoint>().is_err());
     }
 
     #[test]

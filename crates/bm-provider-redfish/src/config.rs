@@ -24,7 +24,8 @@ pub struct RedfishConfig {
     pub tls: TlsConfig,
     /// Per-BMC settings, keyed by the host of the BMC URL as written in the machine's
     /// `bmc_endpoint` (`10.0.1.5`, `bmc-r1.lab`, `[fd00::5]`), optionally with `:port`.
-    /// `host:port` is looked up first, then `host`.
+    /// Each setting is taken from `host:port` if that section sets it, else from `host`,
+    /// else from the defaults of this section.
     pub bmc: BTreeMap<String, BmcConfig>,
     /// How long one HTTP request to a BMC may take.
     #[serde(with = "duration")]
@@ -127,7 +128,8 @@ pub struct TlsConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-/// Settings of one BMC host; each unset field falls back to the section's default.
+/// Settings of one BMC host; each unset field falls back to the `host` section (for a
+/// `host:port` key), then to the section's default.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BmcConfig {
@@ -140,8 +142,9 @@ pub struct BmcConfig {
     /// The CA file for this BMC.
     pub ca_file: Option<PathBuf>,
     /// Skip TLS certificate verification for this BMC (labs only: anyone on the path can
-    /// then read the BMC password).
-    pub insecure_skip_verify: bool,
+    /// then read the BMC password). Unset, it is inherited like the other fields; a section
+    /// that sets `ca_file` verifies with it.
+    pub insecure_skip_verify: Option<bool>,
     /// The request timeout for this BMC.
     #[serde(with = "duration::option")]
     pub request_timeout: Option<Duration>,
@@ -163,7 +166,7 @@ pub struct PowerConfig {
     #[serde(with = "duration")]
     pub deadline: Duration,
     /// After how long without any change of the power state a reset is taken as lost by the
-    /// BMC and sent again.
+    /// BMC and sent again (never a `PushPowerButton`: a second press could undo the first).
     #[serde(with = "duration")]
     pub reissue_after: Duration,
     /// Power off tries `GracefulShutdown` first for this long, then `ForceOff`; `0s` (the
@@ -497,7 +500,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.request_timeout, Duration::from_secs(10));
         let bmc = &c.bmc["10.0.0.5:8443"];
-        assert!(bmc.insecure_skip_verify);
+        assert_eq!(bmc.insecure_skip_verify, Some(true));
         assert_eq!(bmc.request_timeout, Some(Duration::from_secs(5)));
         assert_eq!(c.power.poll_interval, Duration::from_millis(250));
         assert_eq!(c.boot.method, BootMethod::VirtualMedia);

@@ -1,6 +1,7 @@
 //! The two addresses in a machine's spec: its BMC endpoint (`redfish+https://...`) and its
 //! SSH endpoint (`[user@]host[:port]`).
 
+use bm_domain::{DomainError, SshEndpoint};
 use reqwest::Url;
 
 /// How the machine's ComputerSystem is found on its BMC.
@@ -122,46 +123,17 @@ impl std::fmt::Display for SshTarget {
     }
 }
 
-/// Parses `[user@]host[:port]`, with an IPv6 address written `[addr]` or `[addr]:port`.
+/// The SSH port when the endpoint names none.
+const DEFAULT_SSH_PORT: u16 = 22;
+
+/// Parses `[user@]host[:port]` with the domain's parser (the one that validated the machine
+/// record) and applies the default port.
 pub(crate) fn parse_ssh_endpoint(s: &str) -> Result<SshTarget, String> {
-    let bad = |why: &str| Err(format!("SSH endpoint {s:?}: {why}"));
-    if s.is_empty() {
-        return bad("is empty");
-    }
-    let (user, host_port) = match s.rsplit_once('@') {
-        Some((u, hp)) if !u.is_empty() && !u.contains(':') => (Some(u.to_owned()), hp),
-        Some(_) => return bad("the user before '@' must be a plain user name"),
-        None => (None, s),
-    };
-    let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((h, "")) if !h.is_empty() => (h, None),
-            Some((h, tail)) if !h.is_empty() => match tail.strip_prefix(':') {
-                Some(p) => (h, Some(p)),
-                None => return bad("expected [address]:port"),
-            },
-            _ => return bad("expected [address]:port"),
-        }
-    } else {
-        match host_port.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (host_port, None),
-        }
-    };
-    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
-        return bad("expected [user@]host[:port]");
-    }
-    let port = match port {
-        None => 22,
-        Some(p) => match p.parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => return bad("the port must be a number from 1 to 65535"),
-        },
-    };
+    let ep: SshEndpoint = s.parse().map_err(|e: DomainError| e.to_string())?;
     Ok(SshTarget {
-        user,
-        host: host.to_owned(),
-        port,
+        user: ep.user,
+        host: ep.host,
+        port: ep.port.unwrap_or(DEFAULT_SSH_PORT),
     })
 }
 
@@ -239,7 +211,18 @@ mod tests {
         ok("deploy@node-1.lab", Some("deploy"), "node-1.lab", 22);
         ok("[fe80::1]:2222", None, "fe80::1", 2222);
         ok("u@[fe80::1]", Some("u"), "fe80::1", 22);
-        for bad in ["", "@h", "u:p@h", "h:0", "h:ssh", "[::1", "[::1]x", "a b"] {
+        for bad in [
+            "",
+            "@h",
+            "u:p@h",
+            "h:0",
+            "h:ssh",
+            "[::1",
+            "[::1]x",
+            "a b",
+            "[fe80::1]junk",
+            "h/x",
+        ] {
             assert!(parse_ssh_endpoint(bad).is_err(), "{bad}");
         }
         assert_eq!(

@@ -35,9 +35,12 @@
 //! 4. else no `Authorization` header is sent.
 //!
 //! The password is `password` or, better, the content of `password_file` (read once at
-//! start, trailing newline removed). The same lookup applies to the TLS settings (`ca_file`,
-//! `insecure_skip_verify`), the request timeout and the concurrency limit, each falling back
-//! field by field to the section's default. Passwords are never logged nor shown by `Debug`.
+//! start, trailing newline removed). The same lookup, field by field, applies to the TLS
+//! settings (`ca_file`, `insecure_skip_verify`), the request timeout and the concurrency
+//! limit: each comes from `"H:P"` if it sets it, else from `"H"`, else from the defaults
+//! (`tls.ca_file`, certificates verified, `request_timeout`, `max_concurrent_requests`). A
+//! section that sets `ca_file` counts as `insecure_skip_verify = false`. Passwords are never
+//! logged nor shown by `Debug`.
 //!
 //! The SSH user is the one in `ssh_endpoint`, else `ssh.user`; the key is `ssh.private_key_file`.
 //!
@@ -45,10 +48,10 @@
 //!
 //! Those of [`Provider`]: power actions are idempotent (nothing is sent when the state is
 //! already right), every wait and request stops at cancellation, remote commands are sent
-//! `SIGTERM` when canceled or timed out, and errors say whether a retry helps (401/404 and
-//! refused host keys are permanent; timeouts, 5xx and 429 are transient; connection
-//! failures are unreachable). At most `max_concurrent_requests` requests go to one BMC host
-//! at a time, whatever the number of machines behind it.
+//! `SIGTERM` when canceled or timed out, and errors say whether a retry helps (401/404,
+//! refused host keys and a system without `PowerState` are permanent; timeouts, 5xx and 429
+//! are transient; connection failures are unreachable). At most `max_concurrent_requests`
+//! requests go to one BMC host at a time, whatever the number of machines behind it.
 
 mod config;
 mod endpoint;
@@ -78,7 +81,7 @@ use crate::endpoint::{BmcEndpoint, parse_bmc_endpoint, parse_ssh_endpoint};
 use crate::notify::Notifier;
 use crate::redfish::power::{self, PowerTiming, Reading};
 use crate::redfish::system::{self, SystemPower, TAG};
-use crate::redfish::{Bmc, BmcSettings, Resource};
+use crate::redfish::{Bmc, BmcOverrides, BmcSettings, Resource};
 use crate::ssh::{SshRunner, SshSettings};
 use crate::template::{Template, Values, Var};
 
@@ -173,7 +176,8 @@ enum Boot {
 #[derive(Debug)]
 pub struct RedfishProvider {
     default_bmc: BmcSettings,
-    per_bmc: BTreeMap<String, BmcSettings>,
+    /// What each `[redfish.bmc."..."]` section sets, by its key.
+    per_bmc: BTreeMap<String, BmcOverrides>,
     /// One client and concurrency limit per BMC origin (`https://host:port`).
     bmcs: Mutex<HashMap<String, Arc<Bmc>>>,
     /// The system path found for each BMC endpoint, so that discovery runs once.
@@ -250,6 +254,52 @@ fn resolve_auth(
     Ok(Some((user.to_owned(), secret)))
 }
 
+/// What one `[redfish.bmc."<key>"]` section sets, checked and with its files read.
+fn bmc_overrides(key: &str, b: &BmcConfig) -> Result<BmcOverrides, ConfigError> {
+    let prefix = format!("bmc.{key:?}.");
+    if key.is_empty() || key.contains('/') || key.contains("://") {
+        return Err(ConfigError::invalid(
+            format!("bmc.{key:?}"),
+            "the key must be a BMC host or host:port as written in bmc_endpoint, e.g. \"10.0.1.5\"",
+        ));
+    }
+    let auth = resolve_auth(
+        &prefix,
+        b.username.as_deref(),
+        b.password.as_ref(),
+        b.password_file.as_deref(),
+    )?;
+    if b.insecure_skip_verify == Some(true) && b.ca_file.is_some() {
+        return Err(ConfigError::invalid(
+            format!("{prefix}insecure_skip_verify"),
+            "set ca_file or insecure_skip_verify, not both",
+        ));
+    }
+    let ca_pem = match &b.ca_file {
+        Some(p) => Some(read_file(&format!("{prefix}ca_file"), p)?),
+        None => None,
+    };
+    let timeout = match b.request_timeout {
+        Some(t) => Some(positive(&format!("{prefix}request_timeout"), t)?),
+        None => None,
+    };
+    if b.max_concurrent_requests == Some(0) {
+        return Err(ConfigError::invalid(
+            format!("{prefix}max_concurrent_requests"),
+            "must be at least 1",
+        ));
+    }
+    Ok(BmcOverrides {
+        auth,
+        ca_pem,
+        // A section that names a CA wants certificates checked with it, whatever a less
+        // specific section says.
+        insecure: b.insecure_skip_verify.or(b.ca_file.as_ref().map(|_| false)),
+        timeout,
+        concurrency: b.max_concurrent_requests,
+    })
+}
+
 fn positive(field: &str, d: Duration) -> Result<Duration, ConfigError> {
     if d.is_zero() {
         Err(ConfigError::invalid(field, "must be more than 0s"))
@@ -295,57 +345,8 @@ impl RedfishProvider {
             concurrency: c.max_concurrent_requests,
         };
         let mut per_bmc = BTreeMap::new();
-        for (host, b) in &c.bmc {
-            let prefix = format!("bmc.{host:?}.");
-            if host.is_empty() || host.contains('/') || host.contains("://") {
-                return Err(ConfigError::invalid(
-                    format!("bmc.{host:?}"),
-                    "the key must be a BMC host or host:port as written in bmc_endpoint, e.g. \"10.0.1.5\"",
-                ));
-            }
-            let auth = match resolve_auth(
-                &prefix,
-                b.username.as_deref(),
-                b.password.as_ref(),
-                b.password_file.as_deref(),
-            )? {
-                Some(a) => Some(a),
-                None => default_bmc.auth.clone(),
-            };
-            if b.insecure_skip_verify && b.ca_file.is_some() {
-                return Err(ConfigError::invalid(
-                    format!("{prefix}insecure_skip_verify"),
-                    "set ca_file or insecure_skip_verify, not both",
-                ));
-            }
-            let ca_pem = match &b.ca_file {
-                Some(p) => Some(read_file(&format!("{prefix}ca_file"), p)?),
-                None => default_bmc.ca_pem.clone(),
-            };
-            let timeout = match b.request_timeout {
-                Some(t) => positive(&format!("{prefix}request_timeout"), t)?,
-                None => request_timeout,
-            };
-            let concurrency = match b.max_concurrent_requests {
-                Some(0) => {
-                    return Err(ConfigError::invalid(
-                        format!("{prefix}max_concurrent_requests"),
-                        "must be at least 1",
-                    ));
-                }
-                Some(n) => n,
-                None => c.max_concurrent_requests,
-            };
-            per_bmc.insert(
-                host.clone(),
-                BmcSettings {
-                    auth,
-                    ca_pem,
-                    insecure: b.insecure_skip_verify,
-                    timeout,
-                    concurrency,
-                },
-            );
+        for (key, b) in &c.bmc {
+            per_bmc.insert(key.clone(), bmc_overrides(key, b)?);
         }
 
         let p = &c.power;
@@ -466,12 +467,13 @@ impl RedfishProvider {
             .map_err(|e| ProviderError::permanent(format!("machine {}: {e}", machine.id)))
     }
 
+    /// The settings of a BMC, field by field from `[bmc."host:port"]`, `[bmc."host"]` and
+    /// the defaults, in that order.
     fn settings_for(&self, ep: &BmcEndpoint) -> BmcSettings {
-        self.per_bmc
-            .get(&ep.host_port)
-            .or_else(|| self.per_bmc.get(&ep.host))
-            .unwrap_or(&self.default_bmc)
-            .clone()
+        let none = BmcOverrides::default();
+        let with_port = self.per_bmc.get(&ep.host_port).unwrap_or(&none);
+        let host = self.per_bmc.get(&ep.host).unwrap_or(&none);
+        with_port.clone().or(host).resolve(&self.default_bmc)
     }
 
     /// The client of the machine's BMC, built on first use.
@@ -572,9 +574,7 @@ impl RedfishProvider {
             stdin,
             capture_stdout: step == Step::MintJoinToken,
         };
-        runner
-            .run(ctx, &target, cmd, runner.command_timeout())
-            .await
+        runner.run(ctx, &target, cmd).await
     }
 
     /// The normalised MAC addresses of the machine's NICs, as its BMC reports them.
@@ -656,7 +656,9 @@ impl RedfishProvider {
     pub async fn eject_virtual_media(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
         let (bmc, sys) = self.system(&ctx).await?;
         let dev = system::find_cd(&bmc, ctx.cancel, &sys).await?;
-        system::eject_media(&bmc, ctx.cancel, ctx.log, &dev).await
+        system::eject_media(&bmc, ctx.cancel, ctx.log, &dev)
+            .await
+            .map(drop)
     }
 
     fn iso_url(&self, ctx: &ActionContext<'_>, t: &Template) -> Result<String, ProviderError> {
@@ -679,7 +681,8 @@ impl Provider for RedfishProvider {
 
     fn validate(&self, machine: &Machine) -> Result<(), ProviderError> {
         Self::endpoint(machine)?;
-        let in_band = self.steps.values().any(|p| matches!(p, StepPlan::Run(_)));
+        // SSH is configured exactly when some in-band step runs a command.
+        let in_band = self.ssh.is_some();
         let ssh = &machine.spec.ssh_endpoint;
         if in_band && ssh.is_empty() {
             return Err(ProviderError::permanent(format!(
@@ -712,22 +715,22 @@ impl Provider for RedfishProvider {
             system_path: &sys.path,
             reset_target: &target,
         };
-        power::apply(&ops, ctx.cancel, &self.power, &allowed, action).await
+        // The system was just read: its PowerState is the first reading.
+        let current = Reading::parse(sys.str("PowerState"));
+        power::apply(&ops, ctx.cancel, &self.power, &allowed, action, current).await
     }
 
     async fn power_state(&self, ctx: ActionContext<'_>) -> Result<PowerState, ProviderError> {
         let (bmc, sys) = self.system(&ctx).await?;
-        let mut reading = Reading::parse(sys.str("PowerState"));
-        if !matches!(reading, Reading::On | Reading::Off) {
-            let ops = SystemPower {
-                bmc: &bmc,
-                cancel: ctx.cancel,
-                log: ctx.log,
-                system_path: &sys.path,
-                reset_target: "",
-            };
-            reading = power::read_settled(&ops, ctx.cancel, &self.power).await?;
-        }
+        let ops = SystemPower {
+            bmc: &bmc,
+            cancel: ctx.cancel,
+            log: ctx.log,
+            system_path: &sys.path,
+            reset_target: "",
+        };
+        let first = Reading::parse(sys.str("PowerState"));
+        let reading = power::read_settled(&ops, ctx.cancel, &self.power, first).await?;
         Ok(if reading == Reading::On {
             PowerState::On
         } else {
@@ -1003,8 +1006,9 @@ mod tests {
         let get = |url: &str| p.settings_for(&parse_bmc_endpoint(url).unwrap());
         let s = get("redfish+https://10.0.0.5:8443/");
         assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("special"));
-        assert!(!s.insecure);
-        assert_eq!(s.timeout, Duration::from_secs(20));
+        // What "10.0.0.5:8443" leaves unset comes from "10.0.0.5", not from the default.
+        assert!(s.insecure);
+        assert_eq!(s.timeout, Duration::from_secs(3));
         let s = get("redfish+https://10.0.0.5/");
         assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("admin"));
         assert!(s.insecure);
@@ -1012,6 +1016,58 @@ mod tests {
         let s = get("redfish+https://10.0.0.6/");
         assert_eq!(s.auth.as_ref().map(|a| a.1.expose()), Some("default-pw"));
         assert!(!format!("{p:?}").contains("default-pw"));
+    }
+
+    #[test]
+    fn a_host_port_section_inherits_what_it_leaves_unset_from_the_host_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "rack CA").unwrap();
+        let p = RedfishProvider::new(config(&format!(
+            r#"
+            [redfish]
+            max_concurrent_requests = 4
+            [redfish.credentials]
+            username = "admin"
+            password = "default-pw"
+            [redfish.bmc."10.0.1.5"]
+            username = "root"
+            password = "host-pw"
+            insecure_skip_verify = true
+            [redfish.bmc."10.0.1.5:8443"]
+            request_timeout = "7s"
+            [redfish.bmc."10.0.1.5:9443"]
+            ca_file = {ca:?}
+            max_concurrent_requests = 1
+            [redfish.bmc."10.0.1.5:10443"]
+            insecure_skip_verify = false
+            "#
+        )))
+        .unwrap();
+        let get = |url: &str| p.settings_for(&parse_bmc_endpoint(url).unwrap());
+        // Only a timeout for the port: the credentials and TLS choice of the host still hold.
+        let s = get("redfish+https://10.0.1.5:8443/");
+        assert_eq!(
+            s.auth.as_ref().map(|(u, pw)| (u.as_str(), pw.expose())),
+            Some(("root", "host-pw"))
+        );
+        assert!(s.insecure);
+        assert_eq!(s.timeout, Duration::from_secs(7));
+        assert_eq!(s.concurrency, 4);
+        // A CA for the port means checking certificates with it.
+        let s = get("redfish+https://10.0.1.5:9443/");
+        assert!(!s.insecure);
+        assert_eq!(s.ca_pem.as_deref(), Some(b"rack CA".as_slice()));
+        assert_eq!(s.concurrency, 1);
+        assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("root"));
+        let s = get("redfish+https://10.0.1.5:10443/");
+        assert!(!s.insecure);
+        assert_eq!(s.timeout, Duration::from_secs(30));
+        // Another host: the defaults.
+        let s = get("redfish+https://10.0.1.6:8443/");
+        assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("admin"));
+        assert!(!s.insecure);
+        assert_eq!(s.ca_pem, None);
     }
 
     #[test]

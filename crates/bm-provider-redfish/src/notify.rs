@@ -92,15 +92,7 @@ impl Notifier {
             Ok::<_, reqwest::Error>((status, bytes))
         };
         let (status, bytes) = tokio::select! {
-            r = exchange => r.map_err(|e| {
-                let what = if e.is_timeout() {
-                    format!("did not answer within {}s", self.timeout.as_secs())
-                } else {
-                    format!("failed: {}", chain_detail(&e))
-                };
-                ProviderError::transient(format!("the ticket webhook {} {what}", origin(url)))
-                    .with_source(e)
-            })?,
+            r = exchange => r.map_err(|e| self.transport_error(url, e))?,
             () = ctx.cancel.cancelled() => return Err(ProviderError::canceled()),
         };
         if !status.is_success() {
@@ -120,6 +112,20 @@ impl Notifier {
         let reference = reference_from(&bytes).unwrap_or(fallback);
         ctx.log.line(TAG, format!("ticket {reference}"));
         Ok(reference)
+    }
+
+    /// The error for a webhook request that got no answer. reqwest errors carry the whole
+    /// URL, whose path may be a secret: it is cut from the error before the error is shown
+    /// or kept as the source.
+    fn transport_error(&self, url: &Url, e: reqwest::Error) -> ProviderError {
+        let e = e.without_url();
+        let what = if e.is_timeout() {
+            format!("did not answer within {}s", self.timeout.as_secs())
+        } else {
+            format!("failed: {}", chain_detail(&e))
+        };
+        ProviderError::transient(format!("the ticket webhook {} {what}", origin(url)))
+            .with_source(e)
     }
 }
 

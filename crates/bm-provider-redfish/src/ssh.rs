@@ -13,8 +13,13 @@
 //! then `kill -KILL -<pgid>` if the command has not ended two seconds later. The action
 //! returns as soon as the stop is under way; the clean-up finishes in the background. This
 //! needs a POSIX login shell on the machine (sh, bash, dash, busybox ash, zsh).
+//!
+//! Once the command is sent, everything (writing its standard input included) happens under
+//! the command timeout and the cancellation token, and every way out but a normal end goes
+//! through that stop.
 
 use std::collections::VecDeque;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +29,7 @@ use russh::client::{self, Handle};
 use russh::keys::known_hosts::{known_host_keys_path, learn_known_hosts_path};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{Channel, ChannelMsg, Disconnect, Sig};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 
 use crate::endpoint::SshTarget;
@@ -32,7 +38,7 @@ use crate::endpoint::SshTarget;
 const MAX_LINE: usize = 4096;
 /// How many lines of output an error message quotes.
 const TAIL_LINES: usize = 5;
-/// The most standard output kept for a command whose output is its result.
+/// The most standard output kept (its last lines) for a command whose output is its result.
 const MAX_CAPTURE: usize = 64 * 1024;
 /// How long a stopped command has to exit after `SIGTERM` before `SIGKILL`.
 const KILL_AFTER: Duration = Duration::from_secs(2);
@@ -98,24 +104,19 @@ impl SshRunner {
         }
     }
 
-    /// The command timeout.
-    pub(crate) fn command_timeout(&self) -> Duration {
-        self.settings.command_timeout
-    }
-
     /// Runs `cmd` on `target` and returns when it exited with status 0.
     ///
     /// # Errors
     ///
     /// Unreachable when no SSH session could be opened; Permanent for a refused host key or
     /// key; for a non-zero exit status Transient (Permanent for 126 and 127, a command that
-    /// cannot run), with its last lines of output; Transient on timeout; Canceled.
+    /// cannot run), with its last lines of output; Transient on timeout (the command
+    /// timeout); Canceled.
     pub(crate) async fn run(
         &self,
         ctx: &ActionContext<'_>,
         target: &SshTarget,
         cmd: Command,
-        timeout: Duration,
     ) -> Result<Output, ProviderError> {
         let user = target
             .user
@@ -139,7 +140,7 @@ impl SshRunner {
             () = ctx.cancel.cancelled() => return Err(ProviderError::canceled()),
         };
         let opened = tokio::select! {
-            r = open(&handle, &cmd, &endpoint) => Some(r),
+            r = open_session(&handle, &endpoint) => Some(r),
             () = ctx.cancel.cancelled() => None,
         };
         let channel = match opened {
@@ -161,11 +162,12 @@ impl SshRunner {
             stdout: Lines::default(),
             stderr: Lines::default(),
             tail: VecDeque::new(),
-            captured: String::new(),
+            captured: Capture::default(),
             pgid: None,
         };
-        let (result, channel) = run.drive(channel, ctx, timeout).await;
-        close_in_background(handle, channel);
+        let timeout = self.settings.command_timeout;
+        let (result, stopped) = run.drive(channel, &cmd, ctx, timeout).await;
+        close_in_background(handle, stopped);
         result
     }
 
@@ -214,37 +216,44 @@ impl SshRunner {
     }
 }
 
-/// Opens a session channel, starts the command and writes its standard input.
-async fn open(
+/// The failure of a step of the SSH session (the connection is gone).
+fn session_failed(endpoint: &str, what: &str, e: impl std::fmt::Display) -> ProviderError {
+    ProviderError::unreachable(format!("SSH session with {endpoint}: {what} failed: {e}"))
+}
+
+/// Opens a session channel (nothing runs yet).
+async fn open_session(
     handle: &Handle<HostKeyCheck>,
-    cmd: &Command,
     endpoint: &str,
 ) -> Result<Channel<client::Msg>, ProviderError> {
-    let failed = |what: &str, e: russh::Error| {
-        ProviderError::unreachable(format!("SSH session with {endpoint}: {what} failed: {e}"))
-    };
-    let channel = handle
+    handle
         .channel_open_session()
         .await
-        .map_err(|e| failed("opening a channel", e))?;
-    // The PID report comes first, on a line of its own, so that no command text can
-    // change how it is parsed.
-    let wrapped = format!("printf '{PGID_MARKER}%s\\n' \"$$\" >&2\n{}", cmd.command);
-    channel
-        .exec(true, wrapped.into_bytes())
-        .await
-        .map_err(|e| failed("starting the command", e))?;
-    if let Some(input) = &cmd.stdin {
-        channel
-            .data_bytes(input.clone().into_bytes())
-            .await
-            .map_err(|e| failed("writing standard input", e))?;
+        .map_err(|e| session_failed(endpoint, "opening a channel", e))
+}
+
+/// The command line sent: the PID report comes first, on a line of its own, so that no
+/// command text can change how it is parsed.
+fn wrapped(command: &str) -> String {
+    format!("printf '{PGID_MARKER}%s\\n' \"$$\" >&2\n{command}")
+}
+
+/// Writes `input` to the command's standard input, then end of file. `writer` is apart from
+/// the channel, so that the output is read while this waits for the remote side to take the
+/// input.
+async fn feed_stdin(mut writer: impl AsyncWrite + Unpin, input: Option<String>) -> io::Result<()> {
+    if let Some(input) = input {
+        writer.write_all(input.as_bytes()).await?;
     }
-    channel
-        .eof()
-        .await
-        .map_err(|e| failed("closing standard input", e))?;
-    Ok(channel)
+    // The channel's writer sends end of file on shutdown.
+    writer.shutdown().await
+}
+
+/// Why a started command is being stopped.
+enum Stop {
+    Canceled,
+    TimedOut,
+    Failed(ProviderError),
 }
 
 /// A command that was stopped: its channel and, if it reported it, its process group.
@@ -309,7 +318,7 @@ struct Running<'a> {
     stdout: Lines,
     stderr: Lines,
     tail: VecDeque<String>,
-    captured: String,
+    captured: Capture,
     /// The remote shell's process group, once reported.
     pgid: Option<u32>,
 }
@@ -324,10 +333,7 @@ impl Running<'_> {
             return;
         }
         if is_stdout && self.capture {
-            if self.captured.len() + line.len() < MAX_CAPTURE {
-                self.captured.push_str(&line);
-                self.captured.push('\n');
-            }
+            self.captured.push(line);
             return;
         }
         self.log.line(self.tag, &line);
@@ -348,56 +354,71 @@ impl Running<'_> {
         }
     }
 
-    /// Pumps the channel until the command ends, times out or is canceled. A stopped
-    /// command is handed back for the clean-up.
+    /// Starts the command, feeds its standard input and pumps its output until it ends,
+    /// times out or is canceled. A stopped command is handed back for the clean-up.
     async fn drive(
         &mut self,
         mut channel: Channel<client::Msg>,
+        cmd: &Command,
         ctx: &ActionContext<'_>,
         timeout: Duration,
     ) -> (Result<Output, ProviderError>, Option<Stopped>) {
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        // From exec on, the command may run: every way out below but its end stops it.
+        let started = tokio::select! {
+            biased;
+            () = ctx.cancel.cancelled() => Err(Stop::Canceled),
+            () = &mut deadline => Err(Stop::TimedOut),
+            r = channel.exec(true, wrapped(&cmd.command)) => r.map_err(|e| {
+                Stop::Failed(session_failed(self.endpoint, "starting the command", e))
+            }),
+        };
+        if let Err(why) = started {
+            return self.stop(channel, why, timeout).await;
+        }
+        let feed = feed_stdin(channel.make_writer(), cmd.stdin.clone());
+        tokio::pin!(feed);
+        let mut fed = false;
         let mut status: Option<u32> = None;
         let mut signal: Option<String> = None;
         loop {
-            tokio::select! {
+            let why = tokio::select! {
                 biased;
-                () = ctx.cancel.cancelled() => {
-                    let _ = channel.signal(Sig::TERM).await;
-                    self.log.line(self.tag, "canceled: stopping the remote command");
-                    let stopped = Stopped { channel, pgid: self.pgid };
-                    return (Err(ProviderError::canceled()), Some(stopped));
-                }
-                () = &mut deadline => {
-                    let _ = channel.signal(Sig::TERM).await;
-                    self.flush();
-                    let e = ProviderError::transient(format!(
-                        "{} on {} timed out after {}s and was stopped{}",
-                        self.tag, self.endpoint, timeout.as_secs(), self.last_output()
-                    ));
-                    let stopped = Stopped { channel, pgid: self.pgid };
-                    return (Err(e), Some(stopped));
-                }
+                () = ctx.cancel.cancelled() => Stop::Canceled,
+                () = &mut deadline => Stop::TimedOut,
+                r = &mut feed, if !fed => match r {
+                    Ok(()) => {
+                        fed = true;
+                        continue;
+                    }
+                    Err(e) => Stop::Failed(session_failed(self.endpoint, "writing standard input", e)),
+                },
                 msg = channel.wait() => match msg {
                     None | Some(ChannelMsg::Close) => break,
                     Some(ChannelMsg::Data { data }) => {
                         for l in self.stdout.push(&data) {
                             self.line(l, true);
                         }
+                        continue;
                     }
                     Some(ChannelMsg::ExtendedData { data, .. }) => {
                         for l in self.stderr.push(&data) {
                             self.line(l, false);
                         }
+                        continue;
                     }
-                    Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                    Some(ChannelMsg::ExitStatus { exit_status }) => {
+                        status = Some(exit_status);
+                        continue;
+                    }
                     Some(ChannelMsg::ExitSignal { signal_name, error_message, .. }) => {
                         let mut s = sig_name(&signal_name);
                         if !error_message.is_empty() {
                             s = format!("{s} ({error_message})");
                         }
                         signal = Some(s);
+                        continue;
                     }
                     Some(ChannelMsg::Failure) => {
                         let e = ProviderError::permanent(format!(
@@ -406,14 +427,15 @@ impl Running<'_> {
                         ));
                         return (Err(e), None);
                     }
-                    Some(_) => {}
-                }
-            }
+                    Some(_) => continue,
+                },
+            };
+            return self.stop(channel, why, timeout).await;
         }
         self.flush();
         let result = match (status, signal) {
             (Some(0), _) => Ok(Output {
-                stdout: std::mem::take(&mut self.captured),
+                stdout: self.captured.take(),
             }),
             (Some(code), _) => {
                 let kind = if matches!(code, 126 | 127) {
@@ -447,6 +469,40 @@ impl Running<'_> {
         (result, None)
     }
 
+    /// Stops a started command: `SIGTERM` on its channel now, the rest (its process group
+    /// killed) in the background once the action has returned.
+    async fn stop(
+        &mut self,
+        channel: Channel<client::Msg>,
+        why: Stop,
+        timeout: Duration,
+    ) -> (Result<Output, ProviderError>, Option<Stopped>) {
+        let _ = channel.signal(Sig::TERM).await;
+        let e = match why {
+            Stop::Canceled => {
+                self.log
+                    .line(self.tag, "canceled: stopping the remote command");
+                ProviderError::canceled()
+            }
+            Stop::TimedOut => {
+                self.flush();
+                ProviderError::transient(format!(
+                    "{} on {} timed out after {}s and was stopped{}",
+                    self.tag,
+                    self.endpoint,
+                    timeout.as_secs(),
+                    self.last_output()
+                ))
+            }
+            Stop::Failed(e) => e,
+        };
+        let stopped = Stopped {
+            channel,
+            pgid: self.pgid,
+        };
+        (Err(e), Some(stopped))
+    }
+
     fn flush(&mut self) {
         if let Some(l) = self.stdout.finish() {
             self.line(l, true);
@@ -461,6 +517,40 @@ fn sig_name(sig: &Sig) -> String {
     match sig {
         Sig::Custom(s) => s.clone(),
         other => format!("SIG{other:?}"),
+    }
+}
+
+/// The last lines of a command's standard output, at most [`MAX_CAPTURE`] bytes: when a
+/// command prints more, its result (a token) is what it printed last, so the oldest lines
+/// go.
+#[derive(Debug, Default)]
+pub(crate) struct Capture {
+    lines: VecDeque<String>,
+    /// The bytes of `lines`, a newline each included.
+    bytes: usize,
+}
+
+impl Capture {
+    /// Adds a line, dropping the oldest ones beyond the limit (never the newest).
+    pub(crate) fn push(&mut self, line: String) {
+        self.bytes += line.len() + 1;
+        self.lines.push_back(line);
+        while self.bytes > MAX_CAPTURE && self.lines.len() > 1 {
+            if let Some(old) = self.lines.pop_front() {
+                self.bytes -= old.len() + 1;
+            }
+        }
+    }
+
+    /// The lines kept, each ended by a newline; empties the capture.
+    pub(crate) fn take(&mut self) -> String {
+        let mut out = String::with_capacity(self.bytes);
+        for line in self.lines.drain(..) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        self.bytes = 0;
+        out
     }
 }
 
@@ -666,6 +756,25 @@ mod tests {
         assert_eq!(l.finish().map(|s| s.len()), Some(10));
         // Invalid UTF-8 does not fail.
         assert_eq!(l.push(b"\xff ok\n"), ["\u{fffd} ok"]);
+    }
+
+    #[test]
+    fn the_capture_keeps_the_last_lines() {
+        let mut c = Capture::default();
+        let filler = "x".repeat(1000);
+        for _ in 0..200 {
+            c.push(filler.clone());
+        }
+        c.push("the-token".to_owned());
+        let out = c.take();
+        assert!(out.len() <= MAX_CAPTURE, "{}", out.len());
+        assert!(out.len() > MAX_CAPTURE - 1002, "{}", out.len());
+        assert_eq!(out.lines().last(), Some("the-token"));
+        assert!(out.lines().rev().skip(1).all(|l| l == filler));
+        assert_eq!(c.take(), "");
+        c.push("a".to_owned());
+        c.push(String::new());
+        assert_eq!(c.take(), "a\n\n");
     }
 
     fn key(seed: u8) -> PublicKey {

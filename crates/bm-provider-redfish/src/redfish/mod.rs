@@ -36,6 +36,41 @@ pub(crate) struct BmcSettings {
     pub(crate) concurrency: usize,
 }
 
+/// What one `[redfish.bmc."..."]` section sets; `None` is inherited from a less specific
+/// section (`host` for `host:port`), then from the defaults.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BmcOverrides {
+    pub(crate) auth: Option<(String, Secret)>,
+    pub(crate) ca_pem: Option<Vec<u8>>,
+    pub(crate) insecure: Option<bool>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) concurrency: Option<usize>,
+}
+
+impl BmcOverrides {
+    /// These settings, each unset one taken from `fallback`.
+    pub(crate) fn or(self, fallback: &BmcOverrides) -> BmcOverrides {
+        BmcOverrides {
+            auth: self.auth.or_else(|| fallback.auth.clone()),
+            ca_pem: self.ca_pem.or_else(|| fallback.ca_pem.clone()),
+            insecure: self.insecure.or(fallback.insecure),
+            timeout: self.timeout.or(fallback.timeout),
+            concurrency: self.concurrency.or(fallback.concurrency),
+        }
+    }
+
+    /// The settings of a BMC: these, each unset one taken from `default`.
+    pub(crate) fn resolve(self, default: &BmcSettings) -> BmcSettings {
+        BmcSettings {
+            auth: self.auth.or_else(|| default.auth.clone()),
+            ca_pem: self.ca_pem.or_else(|| default.ca_pem.clone()),
+            insecure: self.insecure.unwrap_or(default.insecure),
+            timeout: self.timeout.unwrap_or(default.timeout),
+            concurrency: self.concurrency.unwrap_or(default.concurrency),
+        }
+    }
+}
+
 /// A resource read from the BMC.
 #[derive(Clone, Debug)]
 pub(crate) struct Resource {
@@ -186,53 +221,32 @@ impl Bmc {
         }))
     }
 
-    /// POSTs a JSON body to an action target, with its own timeout.
-    pub(crate) async fn post(
+    /// Sends a JSON body (a POST to an action target, a PATCH of a resource) and checks the
+    /// answer is a success. `etag` goes in `If-Match`; `timeout` replaces the BMC's request
+    /// timeout (a media insert may take minutes).
+    pub(crate) async fn write(
         &self,
         cancel: &CancellationToken,
+        method: Method,
         path: &str,
         body: &Value,
+        etag: Option<&str>,
         timeout: Option<Duration>,
     ) -> Result<(), ProviderError> {
         let timeout = timeout.unwrap_or(self.timeout);
         let (status, _, resp) = self
-            .send(cancel, Method::POST, path, Some(body), None, timeout)
+            .send(cancel, method.clone(), path, Some(body), etag, timeout)
             .await?;
         if status.is_success() {
-            Ok(())
-        } else {
-            Err(error::status_error(
-                &self.name,
-                "POST",
-                path,
-                status.as_u16(),
-                &resp,
-            ))
+            return Ok(());
         }
-    }
-
-    /// PATCHes a resource, with `If-Match` when its ETag is known.
-    pub(crate) async fn patch(
-        &self,
-        cancel: &CancellationToken,
-        path: &str,
-        body: &Value,
-        etag: Option<&str>,
-    ) -> Result<(), ProviderError> {
-        let (status, _, resp) = self
-            .send(cancel, Method::PATCH, path, Some(body), etag, self.timeout)
-            .await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(error::status_error(
-                &self.name,
-                "PATCH",
-                path,
-                status.as_u16(),
-                &resp,
-            ))
-        }
+        Err(error::status_error(
+            &self.name,
+            method.as_str(),
+            path,
+            status.as_u16(),
+            &resp,
+        ))
     }
 
     /// The URL of a path the BMC gave; refuses links to another host (the credentials go

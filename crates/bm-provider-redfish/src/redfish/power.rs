@@ -4,8 +4,10 @@
 //! power state, the change may land seconds later, and a reset may be dropped (the
 //! emulator drops one whose target equals the state at the time it arrives). So every
 //! action polls `PowerState` with a growing interval until it shows the target, sends the
-//! reset again when nothing changed for a while, and fails with a transient error at its
-//! deadline.
+//! reset again when nothing changed for a while (except `PushPowerButton`: a press toggles,
+//! so a second one could undo the first), and fails with a transient error at its deadline.
+//! A BMC that reports no `PowerState` at all cannot confirm anything: that is a permanent
+//! error at once.
 //!
 //! The logic is written against [`PowerOps`] so that it can be tested with a scripted BMC
 //! and paused time.
@@ -26,7 +28,7 @@ pub(crate) enum Reading {
     Off,
     PoweringOn,
     PoweringOff,
-    /// Missing, null or a value this client does not know.
+    /// Missing, null or a value this client does not know: nothing can be confirmed.
     Unknown,
 }
 
@@ -113,8 +115,34 @@ impl Allowed {
 }
 
 const ON: &[&str] = &["On", "ForceOn", "PushPowerButton"];
-const OFF: &[&str] = &["ForceOff", "PushPowerButton"];
+/// Off is a hard off: a button press is an ACPI request the OS may ignore or take its time
+/// over, and a toggle besides.
+const OFF: &[&str] = &["ForceOff"];
 const RESTART: &[&str] = &["ForceRestart", "PowerCycle", "GracefulRestart"];
+
+/// True for a reset that toggles the power (a press of the button) rather than naming the
+/// state it leads to.
+fn is_toggle(reset_type: &str) -> bool {
+    reset_type == "PushPowerButton"
+}
+
+/// Whether `reset_type` may be sent when the state has not moved, `sent` telling whether it
+/// was sent already. A lost `On` can be sent again; a second press of the button could turn
+/// the machine back off (or on) if the first one landed late.
+fn may_send(reset_type: &str, sent: bool) -> bool {
+    !sent || !is_toggle(reset_type)
+}
+
+/// The reading, or a permanent error if the BMC gave no usable `PowerState`: polling longer
+/// would not make one appear.
+fn known(bmc: &str, reading: Reading) -> Result<Reading, ProviderError> {
+    if reading == Reading::Unknown {
+        return Err(ProviderError::permanent(format!(
+            "BMC {bmc} reports no PowerState (missing, null or not a Redfish value) for the system: power actions cannot be confirmed on it"
+        )));
+    }
+    Ok(reading)
+}
 
 /// How waiting for a state ended.
 enum Outcome {
@@ -122,13 +150,15 @@ enum Outcome {
     TimedOut(Reading),
 }
 
-/// Applies `action` and returns once the BMC reports the resulting state.
+/// Applies `action` and returns once the BMC reports the resulting state. `current` is the
+/// state the caller just read (so that it is not read again at once).
 pub(crate) async fn apply<P: PowerOps>(
     ops: &P,
     cancel: &CancellationToken,
     timing: &PowerTiming,
     allowed: &Allowed,
     action: PowerAction,
+    current: Reading,
 ) -> Result<(), ProviderError> {
     let started = Instant::now();
     let deadline = started + timing.deadline;
@@ -140,47 +170,47 @@ pub(crate) async fn apply<P: PowerOps>(
     match action {
         PowerAction::On => {
             let rt = allowed.require(ops.bmc(), ON)?;
-            poller.ensure(Reading::On, rt, true, deadline).await
+            poller
+                .ensure(Reading::On, rt, true, deadline, Some(current))
+                .await
         }
-        PowerAction::Off => poller.power_off(allowed, deadline).await,
+        PowerAction::Off => poller.power_off(allowed, deadline, Some(current)).await,
         PowerAction::Cycle => {
-            let state = poller.settle(deadline).await?;
+            let state = poller.settle(deadline, Some(current)).await?;
             if state == Reading::Off {
                 ops.log("PowerState is Off: powering on instead of a cycle");
                 let rt = allowed.require(ops.bmc(), ON)?;
-                return poller.ensure(Reading::On, rt, true, deadline).await;
+                return poller
+                    .ensure(Reading::On, rt, true, deadline, Some(state))
+                    .await;
             }
             let off_on = allowed.pick(OFF).is_some() && allowed.pick(ON).is_some();
             match (timing.cycle, allowed.pick(RESTART)) {
                 (CycleMethod::Restart, Some(rt)) => poller.restart(rt, allowed, deadline).await,
-                (CycleMethod::OffOn, _) if off_on => {
-                    poller.power_off(allowed, deadline).await?;
-                    let rt = allowed.require(ops.bmc(), ON)?;
-                    poller.ensure(Reading::On, rt, true, deadline).await
-                }
+                (CycleMethod::OffOn, _) if off_on => poller.off_on(allowed, deadline, state).await,
                 (_, Some(rt)) => poller.restart(rt, allowed, deadline).await,
-                (_, None) => {
-                    poller.power_off(allowed, deadline).await?;
-                    let rt = allowed.require(ops.bmc(), ON)?;
-                    poller.ensure(Reading::On, rt, true, deadline).await
-                }
+                (_, None) => poller.off_on(allowed, deadline, state).await,
             }
         }
     }
 }
 
-/// Reads the state, waiting out transitional values (up to the deadline).
+/// The state, waiting out transitional values (up to the deadline); `first` is the state the
+/// caller just read.
 pub(crate) async fn read_settled<P: PowerOps>(
     ops: &P,
     cancel: &CancellationToken,
     timing: &PowerTiming,
+    first: Reading,
 ) -> Result<Reading, ProviderError> {
     let poller = Poller {
         ops,
         cancel,
         timing,
     };
-    poller.settle(Instant::now() + timing.deadline).await
+    poller
+        .settle(Instant::now() + timing.deadline, Some(first))
+        .await
 }
 
 struct Poller<'a, P> {
@@ -201,7 +231,7 @@ impl<P: PowerOps> Poller<'_, P> {
     /// is not the end of the action.
     async fn read_tolerant(&self) -> Result<Option<Reading>, ProviderError> {
         match self.ops.read().await {
-            Ok(r) => Ok(Some(r)),
+            Ok(r) => known(self.ops.bmc(), r).map(Some),
             Err(e) if e.is_retryable() => {
                 self.ops
                     .log(&format!("reading PowerState failed, will retry: {e}"));
@@ -220,9 +250,19 @@ impl<P: PowerOps> Poller<'_, P> {
         ))
     }
 
-    async fn settle(&self, deadline: Instant) -> Result<Reading, ProviderError> {
+    /// The state once it is On or Off (waiting out PoweringOn/PoweringOff); `first` is a
+    /// reading in hand, if any.
+    async fn settle(
+        &self,
+        deadline: Instant,
+        first: Option<Reading>,
+    ) -> Result<Reading, ProviderError> {
         let mut interval = self.timing.poll_interval;
-        let mut state = self.ops.read().await?;
+        let first = match first {
+            Some(r) => r,
+            None => self.ops.read().await?,
+        };
+        let mut state = known(self.ops.bmc(), first)?;
         while !state.is_stable() {
             if Instant::now() >= deadline {
                 return Err(ProviderError::transient(format!(
@@ -245,12 +285,35 @@ impl<P: PowerOps> Poller<'_, P> {
         (interval * 3 / 2).min(self.timing.max_poll_interval.max(self.timing.poll_interval))
     }
 
-    async fn power_off(&self, allowed: &Allowed, deadline: Instant) -> Result<(), ProviderError> {
+    /// Off then On, each confirmed; `state` is the settled state in hand.
+    async fn off_on(
+        &self,
+        allowed: &Allowed,
+        deadline: Instant,
+        state: Reading,
+    ) -> Result<(), ProviderError> {
+        self.power_off(allowed, deadline, Some(state)).await?;
+        let rt = allowed.require(self.ops.bmc(), ON)?;
+        self.ensure(Reading::On, rt, true, deadline, None).await
+    }
+
+    async fn power_off(
+        &self,
+        allowed: &Allowed,
+        deadline: Instant,
+        mut first: Option<Reading>,
+    ) -> Result<(), ProviderError> {
         let graceful = self.timing.graceful_timeout;
         if !graceful.is_zero() && allowed.has("GracefulShutdown") {
             let soft_deadline = (Instant::now() + graceful).min(deadline);
             match self
-                .wait_for(Reading::Off, Some("GracefulShutdown"), true, soft_deadline)
+                .wait_for(
+                    Reading::Off,
+                    Some("GracefulShutdown"),
+                    true,
+                    soft_deadline,
+                    first.take(),
+                )
                 .await?
             {
                 Outcome::Reached => return Ok(()),
@@ -261,7 +324,7 @@ impl<P: PowerOps> Poller<'_, P> {
             }
         }
         let rt = allowed.require(self.ops.bmc(), OFF)?;
-        self.ensure(Reading::Off, rt, true, deadline).await
+        self.ensure(Reading::Off, rt, true, deadline, first).await
     }
 
     async fn ensure(
@@ -270,9 +333,10 @@ impl<P: PowerOps> Poller<'_, P> {
         reset_type: &str,
         send_first: bool,
         deadline: Instant,
+        first: Option<Reading>,
     ) -> Result<(), ProviderError> {
         match self
-            .wait_for(target, Some(reset_type), send_first, deadline)
+            .wait_for(target, Some(reset_type), send_first, deadline, first)
             .await?
         {
             Outcome::Reached => Ok(()),
@@ -282,16 +346,18 @@ impl<P: PowerOps> Poller<'_, P> {
 
     /// Sends `reset_type` (unless the state already is `target`, or `send_first` is
     /// false) and polls until the state is `target`, sending the reset again when the state
-    /// did not move for `reissue_after`.
+    /// did not move for `reissue_after` (a toggle only if it was not sent yet). `first` is
+    /// a reading in hand, if any.
     async fn wait_for(
         &self,
         target: Reading,
         reset_type: Option<&str>,
         send_first: bool,
         deadline: Instant,
+        first: Option<Reading>,
     ) -> Result<Outcome, ProviderError> {
         let start = Instant::now();
-        let mut last = self.settle(deadline).await?;
+        let mut last = self.settle(deadline, first).await?;
         if last == target {
             if send_first {
                 self.ops
@@ -299,9 +365,11 @@ impl<P: PowerOps> Poller<'_, P> {
             }
             return Ok(Outcome::Reached);
         }
+        let mut sent = false;
         if send_first && let Some(rt) = reset_type {
             self.ops.log(&format!("Reset {rt}"));
             self.ops.reset(rt).await?;
+            sent = true;
         }
         let mut last_event = Instant::now();
         let mut interval = self.timing.poll_interval;
@@ -328,6 +396,7 @@ impl<P: PowerOps> Poller<'_, P> {
                 last = state;
                 last_event = Instant::now();
             } else if let Some(rt) = reset_type
+                && may_send(rt, sent)
                 && state.is_stable()
                 && last_event.elapsed() >= self.timing.reissue_after
             {
@@ -337,6 +406,7 @@ impl<P: PowerOps> Poller<'_, P> {
                     last_event.elapsed().as_secs()
                 ));
                 self.ops.reset(rt).await?;
+                sent = true;
                 last_event = Instant::now();
                 interval = self.timing.poll_interval;
             }
@@ -377,7 +447,10 @@ impl<P: PowerOps> Poller<'_, P> {
         // It left On; it comes back by itself. Send On only if it stays off for long (and
         // the BMC allows one).
         let rt = allowed.pick(ON);
-        match self.wait_for(Reading::On, rt, false, deadline).await? {
+        match self
+            .wait_for(Reading::On, rt, false, deadline, None)
+            .await?
+        {
             Outcome::Reached => Ok(()),
             Outcome::TimedOut(last) => Err(self.timeout_error("On", last)),
         }
@@ -409,6 +482,8 @@ mod tests {
         lines: Mutex<Vec<String>>,
         /// ForceRestart shows this state at once (None: stays On, like a warm reset).
         restart_shows: Option<Reading>,
+        /// How many times PowerState was read.
+        reads: Mutex<usize>,
     }
 
     impl Scripted {
@@ -420,6 +495,7 @@ mod tests {
                 resets: Mutex::new(Vec::new()),
                 lines: Mutex::new(Vec::new()),
                 restart_shows: Some(Reading::Off),
+                reads: Mutex::new(0),
             }
         }
         fn resets(&self) -> Vec<String> {
@@ -429,6 +505,7 @@ mod tests {
 
     impl PowerOps for Scripted {
         async fn read(&self) -> Result<Reading, ProviderError> {
+            *self.reads.lock().unwrap() += 1;
             let mut s = self.state.lock().unwrap();
             if let Some((at, to)) = s.1
                 && Instant::now() >= at
@@ -447,6 +524,8 @@ mod tests {
             let to = match reset_type {
                 "On" | "ForceOn" => Reading::On,
                 "ForceOff" | "GracefulShutdown" => Reading::Off,
+                "PushPowerButton" if s.0 == Reading::On => Reading::Off,
+                "PushPowerButton" => Reading::On,
                 "ForceRestart" => {
                     if let Some(shown) = self.restart_shows {
                         *s = (shown, Some((Instant::now() + self.delay, Reading::On)));
@@ -486,7 +565,17 @@ mod tests {
         allowed: Allowed,
         action: PowerAction,
     ) -> Result<(), ProviderError> {
-        apply(bmc, &CancellationToken::new(), &timing, &allowed, action).await
+        // As the provider does: the system is read, then the action starts from that reading.
+        let current = bmc.read().await?;
+        apply(
+            bmc,
+            &CancellationToken::new(),
+            &timing,
+            &allowed,
+            action,
+            current,
+        )
+        .await
     }
 
     #[tokio::test(start_paused = true)]
@@ -636,10 +725,135 @@ mod tests {
             c.cancel();
         });
         let start = Instant::now();
-        let e = apply(&bmc, &cancel, &timing(), &Allowed(None), PowerAction::On)
-            .await
-            .unwrap_err();
+        let e = apply(
+            &bmc,
+            &cancel,
+            &timing(),
+            &Allowed(None),
+            PowerAction::On,
+            Reading::Off,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Canceled);
         assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reading_in_hand_is_not_read_again() {
+        let bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        let cancel = CancellationToken::new();
+        let allowed = Allowed(None);
+        apply(
+            &bmc,
+            &cancel,
+            &timing(),
+            &allowed,
+            PowerAction::On,
+            Reading::On,
+        )
+        .await
+        .unwrap();
+        assert_eq!(*bmc.reads.lock().unwrap(), 0);
+        assert!(bmc.resets().is_empty());
+        let got = read_settled(&bmc, &cancel, &timing(), Reading::On).await;
+        assert_eq!(got.unwrap(), Reading::On);
+        assert_eq!(*bmc.reads.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_toggle_is_never_sent_twice_nor_used_to_power_off() {
+        assert!(may_send("On", false) && may_send("On", true));
+        assert!(may_send("ForceOff", true));
+        assert!(may_send("PushPowerButton", false));
+        assert!(!may_send("PushPowerButton", true));
+        assert!(!OFF.iter().any(|t| is_toggle(t)), "{OFF:?}");
+        let button = Allowed(Some(vec![
+            "GracefulShutdown".into(),
+            "PushPowerButton".into(),
+        ]));
+        assert_eq!(button.pick(OFF), None);
+        assert_eq!(button.pick(ON), Some("PushPowerButton"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_button_press_is_not_repeated() {
+        // The press lands late (after reissue_after): a second press would turn it back off.
+        let bmc = Scripted::new(Reading::Off, Duration::from_secs(25));
+        let button = Allowed(Some(vec!["PushPowerButton".into()]));
+        run(&bmc, timing(), button.clone(), PowerAction::On)
+            .await
+            .unwrap();
+        assert_eq!(bmc.resets(), ["PushPowerButton"]);
+        assert_eq!(bmc.read().await.unwrap(), Reading::On);
+        // A press that is lost for good: one press, then the deadline.
+        let mut bmc = Scripted::new(Reading::Off, Duration::from_secs(2));
+        bmc.drop = (0..100).collect();
+        let e = run(&bmc, timing(), button.clone(), PowerAction::On)
+            .await
+            .unwrap_err();
+        assert!(is_deadline(&e), "{e}");
+        assert_eq!(bmc.resets(), ["PushPowerButton"]);
+        // Off is a hard off: a BMC that offers only the button cannot do it.
+        let bmc = Scripted::new(Reading::On, Duration::from_secs(2));
+        let e = run(&bmc, timing(), button, PowerAction::Off)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert!(bmc.resets().is_empty());
+    }
+
+    #[test]
+    fn no_power_state_is_a_permanent_error() {
+        let e = known("bmc-1", Reading::Unknown).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent);
+        assert!(e.to_string().contains("reports no PowerState"), "{e}");
+        for r in [
+            Reading::On,
+            Reading::Off,
+            Reading::PoweringOn,
+            Reading::PoweringOff,
+        ] {
+            assert_eq!(known("bmc-1", r).unwrap(), r);
+        }
+        assert_eq!(Reading::parse(None), Reading::Unknown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bmc_without_power_state_fails_at_once() {
+        let start = Instant::now();
+        for action in [PowerAction::On, PowerAction::Off, PowerAction::Cycle] {
+            let bmc = Scripted::new(Reading::Unknown, Duration::from_secs(1));
+            let e = run(&bmc, timing(), Allowed(None), action)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Permanent, "{action:?}: {e}");
+            assert!(bmc.resets().is_empty(), "{action:?}");
+        }
+        let bmc = Scripted::new(Reading::Unknown, Duration::from_secs(1));
+        let e = read_settled(&bmc, &CancellationToken::new(), &timing(), Reading::Unknown)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert_eq!(start.elapsed(), Duration::ZERO, "no waiting");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn power_state_lost_while_polling_is_a_permanent_error() {
+        // The BMC stops reporting PowerState after the reset: no use waiting for the deadline.
+        let mut bmc = Scripted::new(Reading::Off, Duration::from_secs(1));
+        bmc.drop = vec![0];
+        let soon = Instant::now() + Duration::from_secs(1);
+        bmc.state.lock().unwrap().1 = Some((soon, Reading::Unknown));
+        let start = Instant::now();
+        let e = run(&bmc, timing(), Allowed(None), PowerAction::On)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

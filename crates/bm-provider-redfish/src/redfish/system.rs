@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bm_domain::MacAddress;
 use bm_provider::{LogSink, ProviderError};
+use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -223,10 +224,12 @@ impl PowerOps for SystemPower<'_> {
 
     async fn reset(&self, reset_type: &str) -> Result<(), ProviderError> {
         self.bmc
-            .post(
+            .write(
                 self.cancel,
+                Method::POST,
                 self.reset_target,
                 &json!({ "ResetType": reset_type }),
+                None,
                 None,
             )
             .await
@@ -276,11 +279,13 @@ pub(crate) async fn boot_once(
         return Ok(());
     }
     log.line(TAG, format!("boot override: {target}, once"));
-    bmc.patch(
+    bmc.write(
         cancel,
+        Method::PATCH,
         &system.path,
         &json!({"Boot": {"BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": "Once"}}),
         system.etag.as_deref(),
+        None,
     )
     .await?;
     let after = bmc.get(cancel, &system.path).await?;
@@ -395,6 +400,15 @@ fn media_action<'a>(dev: &'a Resource, suffix: &str) -> Option<&'a str> {
         .and_then(Value::as_str)
 }
 
+/// How a media change is sent: a POST to the device's action whose name ends with
+/// `suffix` if it has one, else a PATCH of the device itself (with its ETag).
+fn media_request<'a>(dev: &'a Resource, suffix: &str) -> (Method, &'a str, Option<&'a str>) {
+    match media_action(dev, suffix) {
+        Some(target) => (Method::POST, target, None),
+        None => (Method::PATCH, dev.path.as_str(), dev.etag.as_deref()),
+    }
+}
+
 fn inserted(dev: &Resource) -> bool {
     dev.body.get("Inserted").and_then(Value::as_bool) == Some(true)
         || dev.str("Image").is_some_and(|i| !i.is_empty())
@@ -416,24 +430,17 @@ pub(crate) async fn insert_media(
         );
         return Ok(());
     }
-    let dev = if inserted(dev) {
-        eject_media(bmc, cancel, log, dev).await?;
-        bmc.get(cancel, &dev.path).await?
-    } else {
-        dev.clone()
-    };
+    // Ejecting reads the device back: that reading has the current ETag.
+    let dev = eject_media(bmc, cancel, log, dev).await?;
     let body = json!({"Image": image, "Inserted": true, "WriteProtected": true});
     log.line(
         TAG,
         format!("virtual media {}: inserting {image}", dev.path),
     );
-    match media_action(&dev, "InsertMedia") {
-        Some(target) => bmc.post(cancel, target, &body, Some(timeout)).await?,
-        None => {
-            bmc.patch(cancel, &dev.path, &body, dev.etag.as_deref())
-                .await?
-        }
-    }
+    // Either way the BMC may fetch the image before it answers: the insert timeout.
+    let (method, path, etag) = media_request(&dev, "InsertMedia");
+    bmc.write(cancel, method, path, &body, etag, Some(timeout))
+        .await?;
     let after = bmc.get(cancel, &dev.path).await?;
     let shown = after.str("Image").unwrap_or_default();
     let inserted_flag = after.body.get("Inserted").and_then(Value::as_bool);
@@ -449,16 +456,17 @@ pub(crate) async fn insert_media(
     Ok(())
 }
 
-/// Ejects whatever the device holds and checks it is empty.
+/// Ejects whatever the device holds, checks it is empty and returns the device as read
+/// back.
 pub(crate) async fn eject_media(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     dev: &Resource,
-) -> Result<(), ProviderError> {
+) -> Result<Resource, ProviderError> {
     if !inserted(dev) {
         log.line(TAG, format!("virtual media {} is empty", dev.path));
-        return Ok(());
+        return Ok(dev.clone());
     }
     log.line(
         TAG,
@@ -468,18 +476,13 @@ pub(crate) async fn eject_media(
             dev.str("Image").unwrap_or("the media")
         ),
     );
-    match media_action(dev, "EjectMedia") {
-        Some(target) => bmc.post(cancel, target, &json!({}), None).await?,
-        None => {
-            bmc.patch(
-                cancel,
-                &dev.path,
-                &json!({"Image": null, "Inserted": false}),
-                dev.etag.as_deref(),
-            )
-            .await?;
-        }
-    }
+    let (method, path, etag) = media_request(dev, "EjectMedia");
+    let body = if method == Method::POST {
+        json!({})
+    } else {
+        json!({"Image": null, "Inserted": false})
+    };
+    bmc.write(cancel, method, path, &body, etag, None).await?;
     let after = bmc.get(cancel, &dev.path).await?;
     if inserted(&after) {
         return Err(ProviderError::transient(format!(
@@ -488,7 +491,7 @@ pub(crate) async fn eject_media(
             dev.path
         )));
     }
-    Ok(())
+    Ok(after)
 }
 
 /// The normalised MAC addresses of the system's EthernetInterfaces.

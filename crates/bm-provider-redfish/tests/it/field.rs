@@ -202,6 +202,44 @@ async fn virtual_media_under_the_manager_with_vendor_actions() {
     assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
 }
 
+/// A PATCH of the CD device sets its image.
+fn patch_media(method: &str, path: &str, body: &Value, res: &mut HashMap<String, Value>) {
+    if method == "PATCH" && path == CD {
+        let cd = res.get_mut(CD).unwrap();
+        cd["Image"] = body["Image"].clone();
+        cd["Inserted"] = body["Inserted"].clone();
+    }
+}
+
+#[tokio::test]
+async fn a_virtual_media_insert_by_patch_gets_the_insert_timeout() {
+    // An empty CD without actions: the insert is a PATCH of the device, which this BMC
+    // answers only once it has the image, after more than the request timeout.
+    let mut res = resources();
+    res.insert(
+        CD.to_owned(),
+        json!({"MediaTypes": ["CD", "DVD"], "Image": null, "Inserted": false}),
+    );
+    let bmc = ScriptedBmc::start_slow(res, Box::new(patch_media), Duration::from_secs(2)).await;
+    let p = RedfishProvider::new(RedfishConfig {
+        request_timeout: Duration::from_secs(1),
+        insert_media_timeout: Duration::from_secs(30),
+        ..RedfishConfig::default()
+    })
+    .unwrap();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.insert_virtual_media(h.ctx(), "http://images/deploy.iso")
+        .await
+        .unwrap();
+    let writes: Vec<String> = bmc
+        .writes()
+        .into_iter()
+        .map(|(m, p, _)| format!("{m} {p}"))
+        .collect();
+    assert_eq!(writes, [format!("PATCH {CD}")]);
+    assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
+}
+
 #[tokio::test]
 async fn messy_nic_lists_are_normalised() {
     let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;

@@ -73,3 +73,40 @@ async fn without_a_webhook_the_notice_is_logged() {
     assert_eq!(reference, format!("notice-{}", h.operation_id));
     assert!(h.logged("disk /dev/sdb failed SMART"), "{:#?}", h.lines());
 }
+
+/// The error and its whole source chain, as a log would show them.
+fn full_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = format!("{e} / {e:?}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(&format!(" / {s} / {s:?}"));
+        src = s.source();
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_webhook_error_does_not_show_the_secret_in_its_path() {
+    // A port nobody listens on: the request fails before any answer.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = "T0KEN-s3cr3t-path";
+    let url = format!("http://127.0.0.1:{port}/hooks/{secret}?key={secret}");
+    let h = Harness::new(machine(BMC, "", &[]));
+    let e = provider(Some(url))
+        .notify(h.ctx(), &notice())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+    let shown = full_error(&e);
+    assert!(
+        shown.contains(&format!(
+            "the ticket webhook http://127.0.0.1:{port} failed"
+        )),
+        "{shown}"
+    );
+    assert!(!shown.contains(secret), "{shown}");
+}

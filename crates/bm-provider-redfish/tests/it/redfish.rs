@@ -386,7 +386,7 @@ async fn tls_is_verified_with_the_ca_file_and_refused_without() {
     insecure.bmc.insert(
         format!("127.0.0.1:{}", emu.port),
         BmcConfig {
-            insecure_skip_verify: true,
+            insecure_skip_verify: Some(true),
             ..BmcConfig::default()
         },
     );

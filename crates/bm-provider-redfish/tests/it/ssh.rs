@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bm_domain::Machine;
 use bm_provider::{ErrorKind, JoinToken, Provider};
 use bm_provider_redfish::{CommandsConfig, RedfishConfig, RedfishProvider, SshConfig, StepCommand};
+
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::support::{Harness, Sshd, machine, temp_dir, write_key};
 
@@ -383,4 +386,110 @@ async fn an_ssh_endpoint_nobody_answers_is_unreachable() {
             .contains("cannot connect to SSH at root@127.0.0.1"),
         "{e}"
     );
+}
+
+/// True once the log line `want` arrives; false if it does not within 20 s.
+async fn line_comes(lines: &mut UnboundedReceiver<(String, String)>, want: &str) -> bool {
+    let wait = async {
+        while let Some((_, line)) = lines.recv().await {
+            if line == want {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .unwrap_or(false)
+}
+
+/// Fails unless the process whose command line contains `pattern` ends within 5 s.
+async fn assert_ends(pattern: &str, sshd: &Sshd) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running(pattern) {
+        assert!(
+            Instant::now() < deadline,
+            "{pattern} survived; sshd log:\n{}",
+            sshd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A command that never reads its standard input, given far more than the SSH window and a
+/// pipe hold: writing the input blocks until the command is stopped.
+fn deaf_to_stdin(sshd: &Sshd, marker: &str, timeout: Duration) -> (RedfishProvider, Machine) {
+    let p = provider(
+        sshd,
+        CommandsConfig {
+            apply_network_config: run(&format!("echo started >&2; sleep {marker}")),
+            ..CommandsConfig::default()
+        },
+        timeout,
+    );
+    let mut m = machine(BMC, &sshd.endpoint(), &[]);
+    m.spec.network_config = "x".repeat(16 << 20);
+    (p, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_while_standard_input_is_written_ends_the_remote_command() {
+    let sshd = Sshd::start();
+    let marker = format!("{}.{}", 6000 + sshd.port % 1000, std::process::id());
+    let (p, m) = deaf_to_stdin(&sshd, &marker, Duration::from_secs(60));
+    let (p, (h, mut lines)) = (Arc::new(p), Harness::with_stream(m));
+    let h = Arc::new(h);
+    let task = {
+        let (p, h) = (p.clone(), h.clone());
+        tokio::spawn(async move { p.apply_network_config(h.ctx()).await })
+    };
+    assert!(
+        line_comes(&mut lines, "started").await,
+        "the output is not read while the standard input is written: {:#?}",
+        h.lines()
+    );
+    assert!(running(&format!("sleep {marker}")));
+    let canceled_at = Instant::now();
+    h.cancel.cancel();
+    let e = task.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Canceled, "{e}");
+    assert!(
+        canceled_at.elapsed() < Duration::from_millis(100),
+        "cancel took {:?}",
+        canceled_at.elapsed()
+    );
+    assert_ends(&format!("sleep {marker}"), &sshd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_timeout_covers_writing_standard_input() {
+    let sshd = Sshd::start();
+    let marker = format!("{}.{}", 7000 + sshd.port % 1000, std::process::id());
+    let (p, m) = deaf_to_stdin(&sshd, &marker, Duration::from_secs(2));
+    let h = Harness::new(m);
+    let e = tokio::time::timeout(Duration::from_secs(20), p.apply_network_config(h.ctx()))
+        .await
+        .expect("writing the standard input is not under the command timeout")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+    assert!(e.to_string().contains("timed out after 2s"), "{e}");
+    assert!(e.to_string().contains("last output: started"), "{e}");
+    assert_ends(&format!("sleep {marker}"), &sshd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_the_last_line_however_much_comes_before() {
+    let sshd = Sshd::start();
+    let p = provider(
+        &sshd,
+        CommandsConfig {
+            // About 110 KB of output before the token.
+            mint_join_token: run("seq 1 20000; echo abc.fresh"),
+            ..CommandsConfig::default()
+        },
+        Duration::from_secs(30),
+    );
+    let h = Harness::new(machine(BMC, &sshd.endpoint(), &[]));
+    let token = p.mint_join_token(h.ctx()).await.unwrap();
+    assert_eq!(token, JoinToken("abc.fresh".into()));
 }

@@ -635,6 +635,16 @@ impl ScriptedBmc {
         resources: HashMap<String, Value>,
         on_write: Box<OnWrite>,
     ) -> ScriptedBmc {
+        Self::start_slow(resources, on_write, Duration::ZERO).await
+    }
+
+    /// A BMC that takes `write_delay` to answer each POST and PATCH (as many do for a
+    /// virtual media insert, which downloads the image first).
+    pub(crate) async fn start_slow(
+        resources: HashMap<String, Value>,
+        on_write: Box<OnWrite>,
+        write_delay: Duration,
+    ) -> ScriptedBmc {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let resources = Arc::new(Mutex::new(resources));
@@ -661,6 +671,7 @@ impl ScriptedBmc {
                         }
                     } else {
                         let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+                        tokio::time::sleep(write_delay).await;
                         on_write(&req.method, &req.path, &body, &mut lock(&res));
                         lock(&wr).push((req.method.clone(), req.path.clone(), body));
                         (204, String::new())
