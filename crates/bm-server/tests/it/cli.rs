@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use crate::support::{Server, bin, err_text, text};
+use crate::support::{Server, bmctl_command, err_text, text};
 
 fn ok(server: &Server, args: &[&str]) -> String {
     let out = server.bmctl(args);
@@ -25,39 +25,19 @@ fn json(server: &Server, args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("bmctl {args:?}: {e}\n{}{}", text(&out), err_text(&out)))
 }
 
-/// A bmctl that follows `args` (an operation command), and its stdout lines as they come.
-fn spawn_follow(
-    server: &Server,
-    args: &[&str],
-) -> (
-    std::process::Child,
-    std::io::Lines<BufReader<std::process::ChildStdout>>,
-) {
-    let mut child = Command::new(bin("bm-cli", "bmctl"))
-        .args(args)
-        .env("BM_SERVER", &server.addr)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    (child, lines)
-}
-
-/// A bmctl running `args` with both outputs piped, and its stdout lines as they come.
+/// A bmctl running `args` (an operation command that follows, say), and its stdout lines as
+/// they come.
 fn spawn_bmctl(
     server: &Server,
     args: &[&str],
+    stderr: Stdio,
 ) -> (
     std::process::Child,
     std::io::Lines<BufReader<std::process::ChildStdout>>,
 ) {
-    let mut child = Command::new(bin("bm-cli", "bmctl"))
-        .args(args)
-        .env("BM_SERVER", &server.addr)
-        .env("NO_COLOR", "1")
+    let mut child = bmctl_command(&server.addr, args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -228,7 +208,7 @@ fn cancel_failure_and_blocked_machines() {
             "fake.baremetal.dev/hang-action=repave",
         ],
     );
-    let (mut follow, mut lines) = spawn_follow(&server, &["reimage", "machine-3"]);
+    let (mut follow, mut lines) = spawn_bmctl(&server, &["reimage", "machine-3"], Stdio::inherit());
     let mut seen = Vec::new();
     let mut op = String::new();
     for line in lines.by_ref() {
@@ -444,7 +424,7 @@ fn a_follow_survives_a_server_restart() {
             "fake.baremetal.dev/delay-ms=400",
         ],
     );
-    let (mut follow, mut lines) = spawn_follow(&server, &["reimage", "machine-1"]);
+    let (mut follow, mut lines) = spawn_bmctl(&server, &["reimage", "machine-1"], Stdio::inherit());
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -512,9 +492,7 @@ fn a_closed_pipe_is_not_a_crash() {
     // Far more than a pipe holds (64 KiB), so that most is written after the hang-up.
     let whole = ok(&server, &["-o", "json", "list"]);
     assert!(whole.len() > 256 * 1024, "only {} bytes", whole.len());
-    let mut child = Command::new(bin("bm-cli", "bmctl"))
-        .args(["-o", "json", "list"])
-        .env("BM_SERVER", &server.addr)
+    let mut child = bmctl_command(&server.addr, &["-o", "json", "list"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -540,9 +518,7 @@ fn a_full_disk_is_an_error() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let out = Command::new(bin("bm-cli", "bmctl"))
-        .args(["list"])
-        .env("BM_SERVER", &server.addr)
+    let out = bmctl_command(&server.addr, &["list"])
         .stdout(full)
         .stderr(Stdio::piped())
         .output()
@@ -567,7 +543,7 @@ fn ctrl_c_exits_130_and_the_operation_goes_on() {
         ],
     );
     // An operation command's follow.
-    let (child, mut lines) = spawn_bmctl(&server, &["reimage", "machine-1"]);
+    let (child, mut lines) = spawn_bmctl(&server, &["reimage", "machine-1"], Stdio::piped());
     let mut op = String::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -597,7 +573,7 @@ fn ctrl_c_exits_130_and_the_operation_goes_on() {
         (&["watch", "--operation", &op, "--since", "0"], ""),
         (&["watch", "--since", "0"], ""),
     ] {
-        let (child, mut lines) = spawn_bmctl(&server, args);
+        let (child, mut lines) = spawn_bmctl(&server, args, Stdio::piped());
         let seen = lines
             .by_ref()
             .map(Result::unwrap)

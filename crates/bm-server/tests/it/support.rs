@@ -188,14 +188,18 @@ impl Drop for Server {
     }
 }
 
-pub(crate) fn bmctl(addr: &str, args: &[&str]) -> Output {
-    Command::new(bin("bm-cli", "bmctl"))
-        .args(args)
+/// A bmctl command for `args` against the server at `addr`, without colour or input.
+pub(crate) fn bmctl_command(addr: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("bm-cli", "bmctl"));
+    cmd.args(args)
         .env("BM_SERVER", addr)
         .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running bmctl")
+        .stdin(Stdio::null());
+    cmd
+}
+
+pub(crate) fn bmctl(addr: &str, args: &[&str]) -> Output {
+    bmctl_command(addr, args).output().expect("running bmctl")
 }
 
 pub(crate) fn text(out: &Output) -> String {
