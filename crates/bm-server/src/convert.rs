@@ -1,17 +1,29 @@
-//! Conversions between the wire types of bm-proto and the domain types of bm-domain: the
-//! only place that knows both. A request field that does not convert is INVALID_ARGUMENT,
-//! with the field's path in the message.
+//! Conversions between the wire types of bm-proto and the types of bm-domain and of the
+//! engine's API: the only module that knows both sides. A request becomes the engine's
+//! request here (field masks, filters, page tokens, the operation an RPC starts), and an
+//! engine result becomes the response. A request field that does not convert is
+//! INVALID_ARGUMENT, with the field's path in the message.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bm_domain::{
     Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachineId,
-    MachineSpec, Operation, OperationEvent, OperationId, OperationPhase, OperationType, Phase,
-    RequestId, StageOutcome, StageRecord, Timestamp,
+    MachinePatch, MachineSpec, Operation, OperationEvent, OperationId, OperationPhase,
+    OperationType, Phase, RequestId, StageOutcome, StageRecord, Timestamp,
 };
+use bm_proto::code_name;
 use bm_proto::v1 as pb;
+use bm_workflow::{
+    CancelRequest, EventFilter, ImportOutcome, ImportRequest, MachineQuery, MachineUpdate,
+    NewMachine, OperationQuery, OperationRequest, Page, WorkflowError,
+};
+use prost::Message;
+use prost::bytes::Bytes;
 
 use crate::error::ApiError;
+use crate::fanout::EncodedEvents;
+use crate::paging;
 
 /// Prefixes a conversion error with the path of the field.
 fn at(field: &str, e: impl std::fmt::Display) -> ApiError {
@@ -276,10 +288,7 @@ pub(crate) fn labels_from(
 
 /// The id, spec and labels of a machine to register; its status must be empty, since the
 /// server owns it.
-pub(crate) fn new_machine(
-    field: &str,
-    m: &pb::Machine,
-) -> Result<(MachineId, MachineSpec, Labels), ApiError> {
+pub(crate) fn new_machine(field: &str, m: &pb::Machine) -> Result<NewMachine, ApiError> {
     let id = machine_id(&format!("{field}.id"), &m.id)?;
     if m.status.is_some() || m.effective_state != 0 {
         return Err(at(
@@ -293,7 +302,214 @@ pub(crate) fn new_machine(
         .ok_or_else(|| at(&format!("{field}.spec"), "is required"))?;
     let spec = spec_from(&format!("{field}.spec"), spec)?;
     let labels = labels_from(&format!("{field}.labels"), &m.labels)?;
-    Ok((id, spec, labels))
+    Ok(NewMachine { id, spec, labels })
+}
+
+/// The machines of an import that convert, for the engine, and for each row of the request
+/// the error of one that does not (it fails on its own; the others still go in).
+pub(crate) fn import_request(
+    req: &pb::ImportMachinesRequest,
+) -> (ImportRequest, Vec<Option<ApiError>>) {
+    let mut machines = Vec::with_capacity(req.machines.len());
+    let mut early: Vec<Option<ApiError>> = Vec::with_capacity(req.machines.len());
+    for (i, m) in req.machines.iter().enumerate() {
+        match new_machine(&format!("machines[{i}]"), m) {
+            Ok(row) => {
+                machines.push(row);
+                early.push(None);
+            }
+            Err(e) => early.push(Some(e)),
+        }
+    }
+    let import = ImportRequest {
+        machines,
+        dry_run: req.validate_only,
+    };
+    (import, early)
+}
+
+/// The answer to an import: one result per row of the request, from the conversion errors
+/// of [`import_request`] and the engine's results for the other rows, in order.
+///
+/// # Errors
+///
+/// An internal failure of any row fails the whole call: a storage failure is not a bad row.
+pub(crate) fn import_response(
+    machines: &[pb::Machine],
+    early: Vec<Option<ApiError>>,
+    results: Vec<Result<ImportOutcome, WorkflowError>>,
+) -> Result<pb::ImportMachinesResponse, ApiError> {
+    let mut engine_results = results.into_iter();
+    let mut out = pb::ImportMachinesResponse::default();
+    for (i, (m, early)) in machines.iter().zip(early).enumerate() {
+        let result = match early {
+            Some(e) => Err(e),
+            None => engine_results
+                .next()
+                .ok_or_else(|| {
+                    ApiError::Internal("the engine returned fewer results than rows".into())
+                })?
+                .map_err(ApiError::from),
+        };
+        let mut row = pb::ImportResult {
+            index: i32::try_from(i).unwrap_or(i32::MAX),
+            machine_id: m.id.clone(),
+            ..Default::default()
+        };
+        match result {
+            Ok(ImportOutcome::Created) => {
+                row.outcome = pb::ImportOutcome::Created.into();
+                out.created_count += 1;
+            }
+            Ok(ImportOutcome::Unchanged) => {
+                row.outcome = pb::ImportOutcome::Unchanged.into();
+                out.unchanged_count += 1;
+            }
+            Err(e) => {
+                let code = e.code();
+                if code == tonic::Code::Internal {
+                    // A storage failure is not a bad row: fail the whole call.
+                    return Err(e);
+                }
+                row.outcome = pb::ImportOutcome::Failed.into();
+                row.error_code = code_name(code).to_owned();
+                row.error_message = e.to_string();
+                out.failed_count += 1;
+            }
+        }
+        out.results.push(row);
+    }
+    Ok(out)
+}
+
+/// The change an UpdateMachine asks for, with the field paths it names (for the log).
+///
+/// The mask becomes a patch that the store applies to the record as it is when it writes,
+/// so that concurrent updates of different fields both land.
+pub(crate) fn machine_update(
+    req: &pb::UpdateMachineRequest,
+) -> Result<(MachineUpdate, Vec<String>), ApiError> {
+    let m = req
+        .machine
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("machine: is required"))?;
+    let id = machine_id("machine.id", &m.id)?;
+    let paths: Vec<String> = match &req.update_mask {
+        Some(mask) if !mask.paths.is_empty() => mask.paths.clone(),
+        // AIP-134: no mask means every populated field.
+        _ => {
+            let mut implied = Vec::new();
+            if m.spec.is_some() {
+                implied.push("spec".to_owned());
+            }
+            if !m.labels.is_empty() {
+                implied.push("labels".to_owned());
+            }
+            if m.status.is_some() {
+                implied.push("status".to_owned());
+            }
+            implied
+        }
+    };
+    if paths.is_empty() {
+        return Err(ApiError::invalid(
+            "update_mask: names no field and the machine has no spec or labels to write",
+        ));
+    }
+    let given = m.spec.clone().unwrap_or_default();
+    let mut patch = MachinePatch::default();
+    for path in &paths {
+        let path = path.trim();
+        match path {
+            "spec" => {
+                let spec = spec_from("machine.spec", &given)?;
+                patch.provider = Some(spec.provider);
+                patch.mac_addresses = Some(spec.mac_addresses);
+                patch.ssh_endpoint = Some(spec.ssh_endpoint);
+                patch.bmc_endpoint = Some(spec.bmc_endpoint);
+                patch.image = Some(spec.image);
+                patch.target_cluster = Some(spec.target_cluster);
+                patch.network_config = Some(spec.network_config);
+            }
+            "spec.provider" => patch.provider = Some(given.provider.clone()),
+            "spec.mac_addresses" => {
+                patch.mac_addresses = Some(macs_from("machine.spec", &given.mac_addresses)?);
+            }
+            "spec.ssh_endpoint" => patch.ssh_endpoint = Some(given.ssh_endpoint.clone()),
+            "spec.bmc_endpoint" => patch.bmc_endpoint = Some(given.bmc_endpoint.clone()),
+            "spec.image" => patch.image = Some(given.image.clone()),
+            "spec.target_cluster" => patch.target_cluster = Some(given.target_cluster.clone()),
+            "spec.network_config" => patch.network_config = Some(given.network_config.clone()),
+            "labels" => patch.labels = Some(labels_from("machine.labels", &m.labels)?),
+            p if p.starts_with("labels.") => {
+                // AIP-134: one label; present in the request sets it, absent removes it.
+                let key = &p["labels.".len()..];
+                match m.labels.get(key) {
+                    Some(v) => {
+                        patch.set_labels.insert(key.to_owned(), v.clone());
+                    }
+                    None => patch.remove_labels.push(key.to_owned()),
+                }
+            }
+            p if p == "status"
+                || p.starts_with("status.")
+                || matches!(p, "effective_state" | "create_time" | "update_time" | "id") =>
+            {
+                return Err(ApiError::invalid(format!(
+                    "update_mask: {p} is owned by the server; only spec and labels can be updated (status changes only through operations)"
+                )));
+            }
+            p => {
+                return Err(ApiError::invalid(format!(
+                    "update_mask: unknown field {p:?}; use spec, spec.<field>, labels or labels.<key>"
+                )));
+            }
+        }
+    }
+    Ok((MachineUpdate { id, patch }, paths))
+}
+
+/// The query of a ListMachines, and the fingerprint of its filters that its page tokens
+/// carry.
+pub(crate) fn machine_query(
+    req: &pb::ListMachinesRequest,
+) -> Result<(MachineQuery, String), ApiError> {
+    let limit = paging::page_size(req.page_size)?;
+    let phase = phase_filter("phase", req.phase)?;
+    let effective_state = effective_state_filter("effective_state", req.effective_state)?;
+    let selector = req
+        .label_selector
+        .parse()
+        .map_err(|e| at("label_selector", e))?;
+    let filters = format!(
+        "{:?}|{:?}|{}",
+        phase,
+        effective_state,
+        req.label_selector.trim()
+    );
+    let after = paging::decode(&req.page_token, "machines", &filters)?
+        .map(|k| machine_id("page_token", &k))
+        .transpose()?;
+    let query = MachineQuery {
+        after,
+        limit,
+        phase,
+        effective_state,
+        selector,
+    };
+    Ok((query, filters))
+}
+
+/// A page of machines for the wire, with the token of the next page if there is one.
+pub(crate) fn machine_page(page: Page<Machine>, filters: &str) -> pb::ListMachinesResponse {
+    let next_page_token = match page.items.last() {
+        Some(last) if page.more => paging::encode("machines", last.id.as_str(), filters),
+        _ => String::new(),
+    };
+    pb::ListMachinesResponse {
+        machines: page.items.into_iter().map(machine).collect(),
+        next_page_token,
+    }
 }
 
 // ---- operations -----------------------------------------------------------------------
@@ -326,6 +542,141 @@ pub(crate) fn operation(o: Operation) -> pb::Operation {
         error: o.error.unwrap_or_default(),
         note: o.note,
         cancel_requested: o.cancel_requested,
+    }
+}
+
+/// The operation an RPC of `MachineService` starts: every operation RPC carries a machine,
+/// a request id and a note, and the RPC says the type.
+pub(crate) trait StartOperation {
+    /// The engine's request.
+    fn into_operation_request(self) -> Result<OperationRequest, ApiError>;
+}
+
+fn operation_request(
+    op_type: OperationType,
+    machine: &str,
+    request: &str,
+    note: String,
+) -> Result<OperationRequest, ApiError> {
+    Ok(OperationRequest {
+        machine_id: machine_id("machine_id", machine)?,
+        op_type,
+        request_id: request_id(request)?,
+        note,
+    })
+}
+
+macro_rules! start_operation {
+    ($($request:ident => $op_type:ident),* $(,)?) => {$(
+        impl StartOperation for pb::$request {
+            fn into_operation_request(self) -> Result<OperationRequest, ApiError> {
+                operation_request(
+                    OperationType::$op_type,
+                    &self.machine_id,
+                    &self.request_id,
+                    self.note,
+                )
+            }
+        }
+    )*};
+}
+
+start_operation! {
+    EnterMaintenanceRequest => EnterMaintenance,
+    ExitMaintenanceRequest => ExitMaintenance,
+    ReimageRequest => Reimage,
+    RebootRequest => Reboot,
+    RmaRequest => Rma,
+    RetireRequest => Retire,
+    UpgradeRequest => Upgrade,
+    ReconfigureNetworkRequest => NetReconfig,
+    ClearInterventionRequest => ClearIntervention,
+    ReadmitRequest => Readmit,
+}
+
+pub(crate) fn cancel_request(req: &pb::CancelOperationRequest) -> Result<CancelRequest, ApiError> {
+    Ok(CancelRequest {
+        operation_id: operation_id("operation_id", &req.operation_id)?,
+    })
+}
+
+/// An optional machine id: empty means any.
+fn opt_machine_id(field: &str, s: &str) -> Result<Option<MachineId>, ApiError> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        machine_id(field, s).map(Some)
+    }
+}
+
+/// The query of a ListOperations, and the fingerprint of its filters that its page tokens
+/// carry.
+pub(crate) fn operation_query(
+    req: &pb::ListOperationsRequest,
+) -> Result<(OperationQuery, String), ApiError> {
+    let limit = paging::page_size(req.page_size)?;
+    let machine_id = opt_machine_id("machine_id", &req.machine_id)?;
+    let op_type = operation_type_filter("type", req.r#type)?;
+    let phase = operation_phase_filter("phase", req.phase)?;
+    let filters = format!("{machine_id:?}|{op_type:?}|{phase:?}");
+    let before = paging::decode(&req.page_token, "operations", &filters)?
+        .map(|k| operation_id("page_token", &k))
+        .transpose()?;
+    let query = OperationQuery {
+        before,
+        limit,
+        machine_id,
+        op_type,
+        phase,
+    };
+    Ok((query, filters))
+}
+
+/// A page of operations for the wire, with the token of the next page if there is one.
+pub(crate) fn operation_page(page: Page<Operation>, filters: &str) -> pb::ListOperationsResponse {
+    let next_page_token = match page.items.last() {
+        Some(last) if page.more => paging::encode("operations", &last.id.to_string(), filters),
+        _ => String::new(),
+    };
+    pb::ListOperationsResponse {
+        operations: page.items.into_iter().map(operation).collect(),
+        next_page_token,
+    }
+}
+
+/// Which events a WatchOperations follows, and the revision it resumes after.
+pub(crate) fn watch_request(
+    req: &pb::WatchOperationsRequest,
+) -> Result<(EventFilter, Option<u64>), ApiError> {
+    let filter = EventFilter {
+        machine_id: opt_machine_id("machine_id", &req.machine_id)?,
+        operation_id: if req.operation_id.is_empty() {
+            None
+        } else {
+            Some(operation_id("operation_id", &req.operation_id)?)
+        },
+    };
+    Ok((filter, req.after_revision))
+}
+
+/// A batch of a watch for the wire: each event encoded once for every watcher, in `cache`.
+pub(crate) fn watch_response(
+    events: &[Arc<OperationEvent>],
+    cache: &EncodedEvents,
+) -> pb::WatchOperationsResponse {
+    pb::WatchOperationsResponse {
+        events: Vec::new(),
+        encoded_events: events
+            .iter()
+            .map(|e| cache.get(e.revision, || Bytes::from(event(e).encode_to_vec())))
+            .collect(),
+    }
+}
+
+/// A batch of a log stream for the wire.
+pub(crate) fn logs_response(lines: &[Arc<LogLine>]) -> pb::StreamLogsResponse {
+    pb::StreamLogsResponse {
+        lines: lines.iter().map(|l| log_line(l)).collect(),
     }
 }
 
@@ -400,6 +751,53 @@ mod tests {
         assert_eq!(phase_filter("f", 0).unwrap(), None);
         let e = phase_filter("phase", 99).unwrap_err().to_string();
         assert!(e.starts_with("phase: unknown phase 99"), "{e}");
+    }
+
+    #[test]
+    fn each_operation_rpc_starts_its_own_type() {
+        fn check(req: impl StartOperation, want: OperationType) {
+            let r = req.into_operation_request().unwrap();
+            assert_eq!(
+                (r.op_type, r.machine_id.as_str(), r.request_id.as_str()),
+                (want, "m-1", "r-1")
+            );
+            assert_eq!(r.note, "why");
+        }
+        macro_rules! case {
+            ($request:ident, $want:ident) => {
+                check(
+                    pb::$request {
+                        machine_id: "m-1".into(),
+                        request_id: "r-1".into(),
+                        note: "why".into(),
+                    },
+                    OperationType::$want,
+                )
+            };
+        }
+        case!(EnterMaintenanceRequest, EnterMaintenance);
+        case!(ExitMaintenanceRequest, ExitMaintenance);
+        case!(ReimageRequest, Reimage);
+        case!(RebootRequest, Reboot);
+        case!(RmaRequest, Rma);
+        case!(RetireRequest, Retire);
+        case!(UpgradeRequest, Upgrade);
+        case!(ReconfigureNetworkRequest, NetReconfig);
+        case!(ClearInterventionRequest, ClearIntervention);
+        case!(ReadmitRequest, Readmit);
+        // Without a request id the server makes one up (no idempotency then).
+        let r = pb::RebootRequest {
+            machine_id: "m-1".into(),
+            ..Default::default()
+        }
+        .into_operation_request()
+        .unwrap();
+        assert!(r.request_id.as_str().starts_with("auto-"), "{r:?}");
+        let e = pb::RebootRequest::default()
+            .into_operation_request()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "machine_id: is required");
     }
 
     #[test]

@@ -1,13 +1,11 @@
 //! The one place where errors become gRPC statuses.
 //!
 //! Handlers return `Result<_, ApiError>` and use `?`; `From<ApiError> for Status` picks
-//! the code and the log level. Internal failures are logged here with their cause and reach
+//! the code (from the engine's [`ErrorKind`], never from the store's or the domain's error
+//! variants) and the log level. Internal failures are logged here with their cause and reach
 //! the client only as "internal error": storage paths and SQL never leak.
 
-use bm_domain::DomainError;
-pub(crate) use bm_proto::code_name;
-use bm_store::StoreError;
-use bm_workflow::{ResumePoint, WorkflowError};
+use bm_workflow::{ErrorKind, ResumePoint, WorkflowError};
 use tonic::{Code, Status};
 
 /// An error of a request, before it becomes a [`Status`].
@@ -20,6 +18,9 @@ pub(crate) enum ApiError {
     /// The engine refused or failed.
     #[error(transparent)]
     Workflow(#[from] WorkflowError),
+    /// An invariant of the server broke (a bug); the message is for the log.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -31,53 +32,23 @@ impl ApiError {
     pub(crate) fn code(&self) -> Code {
         match self {
             ApiError::Invalid(_) => Code::InvalidArgument,
-            ApiError::Workflow(w) => workflow_code(w),
+            ApiError::Workflow(w) => kind_code(w.kind()),
+            ApiError::Internal(_) => Code::Internal,
         }
     }
 }
 
-impl From<DomainError> for ApiError {
-    fn from(e: DomainError) -> Self {
-        ApiError::Workflow(WorkflowError::Domain(e))
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        ApiError::Workflow(WorkflowError::Store(e))
-    }
-}
-
-fn domain_code(e: &DomainError) -> Code {
-    if e.is_invalid_input() {
-        Code::InvalidArgument
-    } else {
-        Code::FailedPrecondition
-    }
-}
-
-fn workflow_code(e: &WorkflowError) -> Code {
-    match e {
-        WorkflowError::Domain(d) => domain_code(d),
-        WorkflowError::UnknownProvider(_) | WorkflowError::ProviderRejected { .. } => {
-            Code::InvalidArgument
-        }
-        WorkflowError::ShuttingDown | WorkflowError::StreamInterrupted { .. } => Code::Unavailable,
-        WorkflowError::RevisionOutOfRange { .. } => Code::OutOfRange,
-        WorkflowError::Store(s) => match s {
-            StoreError::Domain(d) => domain_code(d),
-            StoreError::MachineNotFound(_) | StoreError::OperationNotFound(_) => Code::NotFound,
-            StoreError::MachineExists(_)
-            | StoreError::MacInUse { .. }
-            | StoreError::ImportConflict(_)
-            | StoreError::RequestIdReused { .. } => Code::AlreadyExists,
-            StoreError::Closed => Code::Unavailable,
-            StoreError::LeaseLost(_)
-            | StoreError::Locked(_)
-            | StoreError::SchemaTooNew { .. }
-            | StoreError::Corrupt(_)
-            | StoreError::Backend(_) => Code::Internal,
-        },
+/// The status code of each kind of engine error.
+fn kind_code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidInput => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::WrongState => Code::FailedPrecondition,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::LimitExceeded => Code::ResourceExhausted,
+        ErrorKind::OutOfRange => Code::OutOfRange,
+        ErrorKind::Internal => Code::Internal,
     }
 }
 
@@ -132,7 +103,6 @@ impl From<ApiError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bm_domain::{MachineId, OperationId, OperationPhase};
 
     fn check(e: ApiError, code: Code, contains: &str) {
         let s = Status::from(e);
@@ -145,46 +115,45 @@ mod tests {
     }
 
     #[test]
+    fn each_kind_has_its_own_code() {
+        let kinds = [
+            ErrorKind::InvalidInput,
+            ErrorKind::NotFound,
+            ErrorKind::AlreadyExists,
+            ErrorKind::WrongState,
+            ErrorKind::Unavailable,
+            ErrorKind::LimitExceeded,
+            ErrorKind::OutOfRange,
+            ErrorKind::Internal,
+        ];
+        let codes: std::collections::HashSet<Code> = kinds.into_iter().map(kind_code).collect();
+        assert_eq!(codes.len(), kinds.len(), "two kinds share a code");
+        assert!(!codes.contains(&Code::Ok) && !codes.contains(&Code::Unknown));
+    }
+
+    /// The store's and the domain's errors reach a client through their kind; the API tests
+    /// (`tests/it/api.rs`) show each of them with its code. These are the server's own.
+    #[test]
     fn codes() {
-        let m = MachineId::new("m-1").unwrap();
-        let op = OperationId::from_parts(1, 1);
         check(
-            StoreError::MachineNotFound(m.clone()).into(),
-            Code::NotFound,
-            "machine m-1 not found",
-        );
-        check(
-            DomainError::Busy {
-                machine_id: m.clone(),
-                active: op,
+            WorkflowError::ProviderRejected {
+                machine_id: "m-1".into(),
+                provider: "redfish".into(),
+                message: "bmc_endpoint is required".into(),
             }
             .into(),
-            Code::FailedPrecondition,
-            &op.to_string(),
-        );
-        check(
-            StoreError::Domain(DomainError::AlreadyEnded {
-                operation_id: op,
-                phase: OperationPhase::Succeeded,
-            })
-            .into(),
-            Code::FailedPrecondition,
-            "already ended",
-        );
-        check(
-            DomainError::invalid("MAC address", "x", "bad").into(),
             Code::InvalidArgument,
-            "MAC",
-        );
-        check(
-            StoreError::MachineExists(m).into(),
-            Code::AlreadyExists,
-            "already exists",
+            "provider redfish cannot drive machine m-1: bmc_endpoint is required",
         );
         check(
             ApiError::invalid("page_token is invalid"),
             Code::InvalidArgument,
             "page_token",
+        );
+        check(
+            WorkflowError::RevisionOutOfRange { asked: 9, last: 3 }.into(),
+            Code::OutOfRange,
+            "revision 9 is beyond the last one (3)",
         );
         check(
             WorkflowError::StreamInterrupted {
@@ -194,14 +163,22 @@ mod tests {
             Code::Unavailable,
             "resume with after_sequence=7",
         );
+        check(
+            WorkflowError::ShuttingDown.into(),
+            Code::Unavailable,
+            "shutting down",
+        );
     }
 
     #[test]
     fn internal_details_never_reach_the_client() {
-        let e: ApiError =
-            StoreError::backend(std::io::Error::other("disk /var/lib/secret is full")).into();
-        let s = Status::from(e);
-        assert_eq!(s.code(), Code::Internal);
-        assert!(!s.message().contains("secret"), "{}", s.message());
+        for e in [
+            ApiError::Internal("disk /var/lib/secret is full".into()),
+            WorkflowError::Internal("disk /var/lib/secret is full".into()).into(),
+        ] {
+            let s = Status::from(e);
+            assert_eq!(s.code(), Code::Internal);
+            assert!(!s.message().contains("secret"), "{}", s.message());
+        }
     }
 }

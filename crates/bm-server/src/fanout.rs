@@ -2,16 +2,13 @@
 //!
 //! Every watch stream sends the events it gets from the engine; without this table, a
 //! thousand watchers would convert and encode each event a thousand times. The first stream
-//! to send an event encodes it and leaves the bytes in the slot of its revision; the others
-//! copy a reference to them.
+//! to send an event encodes it (`convert::watch_response`) and leaves the bytes in the slot
+//! of its revision; the others copy a reference to them. The table knows revisions and
+//! bytes only, neither the wire nor the domain types.
 
 use std::sync::Mutex;
 
-use bm_domain::OperationEvent;
-use prost::Message;
 use prost::bytes::Bytes;
-
-use crate::convert;
 
 /// One slot: the revision it holds and that event's bytes.
 type Slot = Mutex<Option<(u64, Bytes)>>;
@@ -29,58 +26,49 @@ impl EncodedEvents {
         }
     }
 
-    /// The event encoded as an `OperationEvent` message.
-    pub(crate) fn get(&self, e: &OperationEvent) -> Bytes {
-        let slot = &self.slots[(e.revision % self.slots.len() as u64) as usize];
+    /// The bytes of the event of `revision`: from the table, or from `encode` (which the
+    /// table then keeps).
+    pub(crate) fn get(&self, revision: u64, encode: impl FnOnce() -> Bytes) -> Bytes {
+        let slot = &self.slots[(revision % self.slots.len() as u64) as usize];
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((revision, bytes)) = &*slot
-            && *revision == e.revision
+        if let Some((held, bytes)) = &*slot
+            && *held == revision
         {
             return bytes.clone();
         }
-        let bytes = Bytes::from(convert::event(e).encode_to_vec());
-        *slot = Some((e.revision, bytes.clone()));
+        let bytes = encode();
+        *slot = Some((revision, bytes.clone()));
         bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use bm_domain::{EventKind, MachineId, OperationId, OperationPhase, OperationType, Timestamp};
+    use std::cell::Cell;
 
-    fn event(revision: u64, stage: &str) -> OperationEvent {
-        OperationEvent {
-            revision,
-            time: Timestamp::EPOCH,
-            operation_id: OperationId::from_parts(1, 1),
-            machine_id: MachineId::new("m-1").unwrap(),
-            operation_type: OperationType::Reimage,
-            kind: EventKind::StageStarted,
-            phase: OperationPhase::Running,
-            stage: stage.into(),
-            attempt: 1,
-            message: String::new(),
-        }
-    }
+    use super::*;
 
     #[test]
     fn encodes_once_and_never_mixes_revisions() {
         let table = EncodedEvents::new(4);
-        let a = table.get(&event(1, "a"));
-        let again = table.get(&event(1, "a"));
+        let encodings = &Cell::new(0);
+        let encode = |what: &'static str| {
+            move || {
+                encodings.set(encodings.get() + 1);
+                Bytes::from(what)
+            }
+        };
+        let a = table.get(1, encode("a"));
+        let again = table.get(1, encode("not used"));
         assert_eq!(
             a.as_ptr(),
             again.as_ptr(),
             "the second watcher gets the same bytes"
         );
+        assert_eq!(encodings.get(), 1);
         // Revision 5 shares revision 1's slot: it is encoded anew, and so is 1 afterwards.
-        let e5 = table.get(&event(5, "e"));
-        assert_eq!(
-            bm_proto::v1::OperationEvent::decode(e5).unwrap().revision,
-            5
-        );
-        let a2 = table.get(&event(1, "a"));
-        assert_eq!(bm_proto::v1::OperationEvent::decode(a2).unwrap().stage, "a");
+        assert_eq!(table.get(5, encode("e")), "e");
+        assert_eq!(table.get(1, encode("a")), "a");
+        assert_eq!(encodings.get(), 3);
     }
 }

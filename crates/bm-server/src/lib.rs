@@ -6,9 +6,11 @@
 //!
 //! # Architecture invariant
 //!
-//! This crate only adapts: it converts wire types to domain types (in `convert.rs`, the one
-//! module that knows both), calls the [`Engine`], and maps errors to status codes (in
-//! `error.rs`, the one place that does). No rule of the lifecycle lives here.
+//! This crate only adapts: it converts wire types to domain types and the engine's requests
+//! (in `convert.rs`, the one module that knows both), calls the [`Engine`], and maps the
+//! engine's error kinds to status codes (in `error.rs`, the one place that does). No rule of
+//! the lifecycle lives here. The library knows nothing of the store: the binary (`main.rs`)
+//! opens one and hands it to the engine, and tests do the same with theirs.
 
 mod convert;
 mod error;
@@ -84,7 +86,7 @@ pub async fn serve(
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let operations = OperationServiceServer::new(operations::Operations {
         engine: deps.engine.clone(),
-        encoded: std::sync::Arc::new(fanout::EncodedEvents::new(bm_store::BROADCAST_CAPACITY)),
+        encoded: std::sync::Arc::new(fanout::EncodedEvents::new(deps.engine.live_event_window())),
     });
 
     let engine = deps.engine.clone();

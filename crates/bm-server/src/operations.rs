@@ -3,7 +3,6 @@
 use std::pin::Pin;
 
 use bm_proto::v1 as pb;
-use bm_store::{EventFilter, OperationQuery};
 use bm_workflow::Engine;
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,7 +13,6 @@ use std::sync::Arc;
 use crate::convert;
 use crate::error::{ApiError, respond};
 use crate::fanout::EncodedEvents;
-use crate::paging;
 
 pub(crate) struct Operations {
     pub(crate) engine: Engine,
@@ -34,42 +32,15 @@ impl Operations {
         &self,
         req: pb::ListOperationsRequest,
     ) -> Result<pb::ListOperationsResponse, ApiError> {
-        let limit = paging::page_size(req.page_size)?;
-        let machine_id = if req.machine_id.is_empty() {
-            None
-        } else {
-            Some(convert::machine_id("machine_id", &req.machine_id)?)
-        };
-        let op_type = convert::operation_type_filter("type", req.r#type)?;
-        let phase = convert::operation_phase_filter("phase", req.phase)?;
-        let filters = format!("{machine_id:?}|{op_type:?}|{phase:?}");
-        let before = paging::decode(&req.page_token, "operations", &filters)?
-            .map(|k| convert::operation_id("page_token", &k))
-            .transpose()?;
-        let page = self
-            .engine
-            .list_operations(&OperationQuery {
-                before,
-                limit,
-                machine_id,
-                op_type,
-                phase,
-            })
-            .await?;
-        let next_page_token = match page.items.last() {
-            Some(last) if page.more => paging::encode("operations", &last.id.to_string(), &filters),
-            _ => String::new(),
-        };
-        Ok(pb::ListOperationsResponse {
-            operations: page.items.into_iter().map(convert::operation).collect(),
-            next_page_token,
-        })
+        let (query, filters) = convert::operation_query(&req)?;
+        let page = self.engine.list_operations(&query).await?;
+        Ok(convert::operation_page(page, &filters))
     }
 
     async fn cancel(&self, req: pb::CancelOperationRequest) -> Result<pb::Operation, ApiError> {
-        let id = convert::operation_id("operation_id", &req.operation_id)?;
-        let op = self.engine.cancel(id).await?;
-        tracing::info!(operation_id = %id, phase = %op.phase, "cancel requested");
+        let cancel = convert::cancel_request(&req)?;
+        let op = self.engine.cancel(cancel).await?;
+        tracing::info!(operation_id = %op.id, phase = %op.phase, "cancel requested");
         Ok(convert::operation(op))
     }
 
@@ -77,26 +48,12 @@ impl Operations {
         &self,
         req: pb::WatchOperationsRequest,
     ) -> Result<BoxStream<pb::WatchOperationsResponse>, ApiError> {
-        let filter = EventFilter {
-            machine_id: if req.machine_id.is_empty() {
-                None
-            } else {
-                Some(convert::machine_id("machine_id", &req.machine_id)?)
-            },
-            operation_id: if req.operation_id.is_empty() {
-                None
-            } else {
-                Some(convert::operation_id("operation_id", &req.operation_id)?)
-            },
-        };
-        let rx = self.engine.watch(filter, req.after_revision).await?;
+        let (filter, after) = convert::watch_request(&req)?;
+        let rx = self.engine.watch(filter, after).await?;
         let encoded = self.encoded.clone();
         Ok(Box::pin(ReceiverStream::new(rx).map(
             move |batch| match batch {
-                Ok(events) => Ok(pb::WatchOperationsResponse {
-                    events: Vec::new(),
-                    encoded_events: events.iter().map(|e| encoded.get(e)).collect(),
-                }),
+                Ok(events) => Ok(convert::watch_response(&events, &encoded)),
                 Err(e) => Err(Status::from(ApiError::from(e))),
             },
         )))
@@ -109,9 +66,7 @@ impl Operations {
         let id = convert::operation_id("operation_id", &req.operation_id)?;
         let rx = self.engine.logs(id, req.after_sequence).await?;
         Ok(Box::pin(ReceiverStream::new(rx).map(|batch| match batch {
-            Ok(lines) => Ok(pb::StreamLogsResponse {
-                lines: lines.iter().map(|l| convert::log_line(l)).collect(),
-            }),
+            Ok(lines) => Ok(convert::logs_response(&lines)),
             Err(e) => Err(Status::from(ApiError::from(e))),
         })))
     }

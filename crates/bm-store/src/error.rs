@@ -63,6 +63,10 @@ pub enum StoreError {
     /// A stored record could not be read back.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The disk of the data directory is full: writes fail until space is freed, reads
+    /// work.
+    #[error("the data directory's disk is full")]
+    DiskFull,
     /// The database or the filesystem failed.
     #[error("storage failure")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

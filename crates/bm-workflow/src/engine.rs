@@ -1,23 +1,20 @@
-//! The engine's front: what the adapters call.
+//! The engine's front: what the adapters call. It admits and answers; the executor
+//! (`executor.rs`) runs what was admitted; they share only `shared.rs`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bm_domain::{
-    Labels, Machine, MachineId, MachinePatch, MachineSpec, Operation, OperationId, OperationType,
-    RequestId,
-};
+use bm_domain::{Machine, MachineId, Operation, OperationId};
 use bm_provider::ProviderRegistry;
-use bm_store::{
-    Admission, ImportOutcome, Lease, MachineQuery, OperationQuery, Page, Store, StoreError,
-};
-use tokio::sync::Notify;
+use bm_store::Store;
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::api::{
+    Admission, CancelRequest, ImportOutcome, ImportRequest, MachineQuery, MachineUpdate,
+    NewMachine, OperationQuery, OperationRequest, Page,
+};
 use crate::policy::RetryPolicy;
+use crate::shared::Inner;
 use crate::{WorkflowError, executor, now};
 
 /// Settings of an [`Engine`].
@@ -66,50 +63,10 @@ impl Default for EngineConfig {
     }
 }
 
-/// A request to start an operation.
-#[derive(Clone, Debug)]
-pub struct OperationRequest {
-    /// The machine.
-    pub machine_id: MachineId,
-    /// What to do.
-    pub op_type: OperationType,
-    /// The client's idempotency key.
-    pub request_id: RequestId,
-    /// A note for the audit trail.
-    pub note: String,
-}
-
 /// The workflow engine. Cheap to clone; clones share one engine.
 #[derive(Clone)]
 pub struct Engine {
     pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) providers: ProviderRegistry,
-    pub(crate) config: EngineConfig,
-    /// Wakes the dispatcher: new work was admitted or capacity freed.
-    pub(crate) wake: Notify,
-    /// The operations running here, with the token that cancels each.
-    pub(crate) running: Mutex<HashMap<OperationId, CancellationToken>>,
-    /// Fires on shutdown; every operation's token is a child of it.
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tasks: TaskTracker,
-    ids: Mutex<ulid::Generator>,
-}
-
-impl Inner {
-    pub(crate) fn running(&self) -> MutexGuard<'_, HashMap<OperationId, CancellationToken>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn lease(&self) -> Lease {
-        Lease {
-            owner: self.config.owner.clone(),
-            expires_at: now().saturating_add(self.config.lease_duration),
-        }
-    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -126,25 +83,14 @@ impl Engine {
     /// once [`Engine::start`] was called.
     pub fn new(store: Arc<dyn Store>, providers: ProviderRegistry, config: EngineConfig) -> Self {
         Engine {
-            inner: Arc::new(Inner {
-                store,
-                providers,
-                config,
-                wake: Notify::new(),
-                running: Mutex::new(HashMap::new()),
-                shutdown: CancellationToken::new(),
-                tasks: TaskTracker::new(),
-                ids: Mutex::new(ulid::Generator::new()),
-            }),
+            inner: Arc::new(Inner::new(store, providers, config)),
         }
     }
 
     /// Starts the executor: it claims pending operations (and those a stopped executor left
     /// behind) and runs them. Must be called within a Tokio runtime.
     pub fn start(&self) {
-        let inner = self.inner.clone();
-        self.inner.tasks.spawn(executor::dispatch(inner.clone()));
-        self.inner.tasks.spawn(executor::renew_leases(inner));
+        executor::start(&self.inner);
     }
 
     /// Stops the engine: no new work is claimed, running operations are interrupted at
@@ -180,14 +126,15 @@ impl Engine {
         self.inner.shutdown.is_cancelled()
     }
 
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
-
     /// The providers.
     pub fn providers(&self) -> &ProviderRegistry {
         &self.inner.providers
+    }
+
+    /// How many events a watcher may fall behind the live ones before it reads the missed
+    /// ones back from the store: a cache of recently sent events needs no more entries.
+    pub fn live_event_window(&self) -> usize {
+        bm_store::BROADCAST_CAPACITY
     }
 
     /// How many operations this executor runs now.
@@ -212,33 +159,29 @@ impl Engine {
     ///
     /// An invalid spec, an unknown provider or one that refuses the spec, an id or MAC
     /// address already taken.
-    pub async fn register_machine(
-        &self,
-        id: MachineId,
-        spec: MachineSpec,
-        labels: Labels,
-    ) -> Result<Machine, WorkflowError> {
-        let m = Machine::register(id, spec, labels, now())?;
+    pub async fn register_machine(&self, new: NewMachine) -> Result<Machine, WorkflowError> {
+        let m = Machine::register(new.id, new.spec, new.labels, now())?;
         self.check_provider(&m)?;
         Ok(self.inner.store.register_machine(m).await?)
     }
 
-    /// Imports machines, each row on its own (see [`Store::import_machines`]); rows that
-    /// fail validation are reported and the others still go in.
+    /// Imports machines, each on its own: a machine that exists with the same spec and
+    /// labels is [`ImportOutcome::Unchanged`]; one that fails validation or conflicts is
+    /// reported and the others still go in. The results come in the order of the request,
+    /// one per machine.
     ///
     /// # Errors
     ///
     /// Only a failure of the store as a whole; row errors are in the results.
     pub async fn import_machines(
         &self,
-        rows: Vec<(MachineId, MachineSpec, Labels)>,
-        dry_run: bool,
+        req: ImportRequest,
     ) -> Result<Vec<Result<ImportOutcome, WorkflowError>>, WorkflowError> {
         let t = now();
         let mut results: Vec<Option<Result<ImportOutcome, WorkflowError>>> =
-            Vec::with_capacity(rows.len());
+            Vec::with_capacity(req.machines.len());
         let mut valid = Vec::new();
-        for (id, spec, labels) in rows {
+        for NewMachine { id, spec, labels } in req.machines {
             match Machine::register(id, spec, labels, t)
                 .map_err(WorkflowError::from)
                 .and_then(|m| self.check_provider(&m).map(|()| m))
@@ -253,7 +196,7 @@ impl Engine {
         let mut stored = self
             .inner
             .store
-            .import_machines(valid, dry_run)
+            .import_machines(valid, req.dry_run)
             .await?
             .into_iter();
         Ok(results
@@ -262,10 +205,15 @@ impl Engine {
                 Some(err) => err,
                 None => stored
                     .next()
-                    .map(|r| r.map_err(WorkflowError::from))
-                    .unwrap_or(Err(WorkflowError::Store(StoreError::Corrupt(
-                        "import returned fewer results than rows".into(),
-                    )))),
+                    .map(|r| {
+                        r.map(ImportOutcome::from_store)
+                            .map_err(WorkflowError::from)
+                    })
+                    .unwrap_or_else(|| {
+                        Err(WorkflowError::Internal(
+                            "the store returned fewer import results than rows".into(),
+                        ))
+                    }),
             })
             .collect())
     }
@@ -288,7 +236,8 @@ impl Engine {
         &self,
         query: &MachineQuery,
     ) -> Result<Page<Machine>, WorkflowError> {
-        Ok(self.inner.store.list_machines(query).await?)
+        let page = self.inner.store.list_machines(&query.to_store()).await?;
+        Ok(Page::from_store(page))
     }
 
     /// Applies a patch to a machine's spec and labels (to the record as it is when written,
@@ -298,19 +247,16 @@ impl Engine {
     ///
     /// Not found, an invalid spec, a provider that refuses it, a spec change during an
     /// operation, a MAC address already taken.
-    pub async fn update_machine(
-        &self,
-        id: &MachineId,
-        patch: &MachinePatch,
-    ) -> Result<Machine, WorkflowError> {
+    pub async fn update_machine(&self, update: MachineUpdate) -> Result<Machine, WorkflowError> {
+        let MachineUpdate { id, patch } = update;
         if patch.touches_spec() {
-            let mut probe = self.inner.store.get_machine(id).await?;
+            let mut probe = self.inner.store.get_machine(&id).await?;
             if let (Some(spec), _) = patch.apply(&probe)? {
                 probe.spec = spec;
                 self.check_provider(&probe)?;
             }
         }
-        Ok(self.inner.store.update_machine(id, patch, now()).await?)
+        Ok(self.inner.store.update_machine(&id, &patch, now()).await?)
     }
 
     /// Admits an operation, idempotently on `(machine_id, request_id)`, and wakes the
@@ -340,7 +286,7 @@ impl Engine {
             req.note,
             t,
         )?;
-        let admission = self.inner.store.admit(op).await?;
+        let admission = Admission::from_store(self.inner.store.admit(op).await?);
         if admission.created {
             self.inner.wake.notify_one();
         }
@@ -354,7 +300,8 @@ impl Engine {
     /// # Errors
     ///
     /// Not found, or already ended.
-    pub async fn cancel(&self, id: OperationId) -> Result<Operation, WorkflowError> {
+    pub async fn cancel(&self, req: CancelRequest) -> Result<Operation, WorkflowError> {
+        let id = req.operation_id;
         let store = &self.inner.store;
         let mut events = store.subscribe_events();
         let op = store.request_cancel(id, now()).await?;
@@ -402,6 +349,7 @@ impl Engine {
         &self,
         query: &OperationQuery,
     ) -> Result<Page<Operation>, WorkflowError> {
-        Ok(self.inner.store.list_operations(query).await?)
+        let page = self.inner.store.list_operations(&query.to_store()).await?;
+        Ok(Page::from_store(page))
     }
 }

@@ -1,4 +1,8 @@
-//! The error type of the engine.
+//! The error type of the engine, and the kinds its errors fall into.
+//!
+//! Adapters decide how to answer an error from its [`ErrorKind`] alone, so they never look
+//! inside the store's or the domain's errors: a new store error is one arm of
+//! [`WorkflowError::kind`], and no adapter changes.
 
 use bm_domain::DomainError;
 use bm_provider::UnknownProvider;
@@ -46,6 +50,87 @@ pub enum WorkflowError {
         /// The last revision.
         last: u64,
     },
+    /// An invariant of the engine broke (a bug); the message is for the log.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What kind of failure an error is, by what the caller can do about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request is wrong (a malformed value, an unknown or refusing provider); the caller
+    /// fixes the request.
+    InvalidInput,
+    /// What the request names does not exist.
+    NotFound,
+    /// The request would create what already exists: a taken machine id or MAC address, an
+    /// imported machine that differs, a request id used for another operation.
+    AlreadyExists,
+    /// The state model's rules refuse it in the current state (wrong phase, busy, blocked,
+    /// needs intervention, already ended); the caller changes the state first.
+    WrongState,
+    /// The server cannot do it now and the same request may work later: it is shutting
+    /// down, or its disk is full.
+    Unavailable,
+    /// The request asks for more than a limit allows.
+    LimitExceeded,
+    /// The request points past what exists, e.g. a revision the store has not reached.
+    OutOfRange,
+    /// A fault of the server (corrupt data, a storage failure, a bug); the details are for
+    /// the log, not for the caller.
+    Internal,
+}
+
+impl WorkflowError {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            WorkflowError::Store(s) => store_kind(s),
+            WorkflowError::Domain(d) => domain_kind(d),
+            WorkflowError::UnknownProvider(_) | WorkflowError::ProviderRejected { .. } => {
+                ErrorKind::InvalidInput
+            }
+            WorkflowError::ShuttingDown | WorkflowError::StreamInterrupted { .. } => {
+                ErrorKind::Unavailable
+            }
+            WorkflowError::RevisionOutOfRange { .. } => ErrorKind::OutOfRange,
+            WorkflowError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+fn domain_kind(e: &DomainError) -> ErrorKind {
+    if e.is_invalid_input() {
+        ErrorKind::InvalidInput
+    } else {
+        ErrorKind::WrongState
+    }
+}
+
+/// Every store error, by kind. No wildcard: a new variant does not compile until it has its
+/// arm here. Patterns are written `{ .. }` so that a variant gaining fields keeps its arm.
+#[allow(
+    clippy::unneeded_struct_pattern,
+    reason = "`{ .. }` matches a variant whatever its fields, now or later"
+)]
+fn store_kind(e: &StoreError) -> ErrorKind {
+    match e {
+        StoreError::Domain(d) => domain_kind(d),
+        StoreError::MachineNotFound { .. } | StoreError::OperationNotFound { .. } => {
+            ErrorKind::NotFound
+        }
+        StoreError::MachineExists { .. }
+        | StoreError::MacInUse { .. }
+        | StoreError::ImportConflict { .. }
+        | StoreError::RequestIdReused { .. } => ErrorKind::AlreadyExists,
+        StoreError::Closed { .. } | StoreError::DiskFull { .. } => ErrorKind::Unavailable,
+        // The engine handles a lost lease itself; one that reached a caller is a bug.
+        StoreError::LeaseLost { .. }
+        | StoreError::Locked { .. }
+        | StoreError::SchemaTooNew { .. }
+        | StoreError::Corrupt { .. }
+        | StoreError::Backend { .. } => ErrorKind::Internal,
+    }
 }
 
 impl WorkflowError {
@@ -73,5 +158,96 @@ impl std::fmt::Display for ResumePoint {
             ResumePoint::Revision(r) => write!(f, "revision {r}"),
             ResumePoint::Sequence(s) => write!(f, "log line {s}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bm_domain::{MachineId, OperationId, OperationPhase};
+
+    #[test]
+    fn every_error_has_the_kind_its_caller_can_act_on() {
+        let m = MachineId::new("m-1").unwrap();
+        let op = OperationId::from_parts(1, 1);
+        let busy = DomainError::Busy {
+            machine_id: m.clone(),
+            active: op,
+        };
+        let cases: Vec<(WorkflowError, ErrorKind)> = vec![
+            (
+                DomainError::invalid("MAC address", "x", "bad").into(),
+                ErrorKind::InvalidInput,
+            ),
+            (busy.into(), ErrorKind::WrongState),
+            (
+                StoreError::Domain(DomainError::AlreadyEnded {
+                    operation_id: op,
+                    phase: OperationPhase::Succeeded,
+                })
+                .into(),
+                ErrorKind::WrongState,
+            ),
+            (
+                StoreError::Domain(DomainError::invalid("note", "", "too long")).into(),
+                ErrorKind::InvalidInput,
+            ),
+            (
+                StoreError::MachineNotFound(m.clone()).into(),
+                ErrorKind::NotFound,
+            ),
+            (
+                StoreError::OperationNotFound(op).into(),
+                ErrorKind::NotFound,
+            ),
+            (
+                StoreError::MachineExists(m.clone()).into(),
+                ErrorKind::AlreadyExists,
+            ),
+            (
+                StoreError::ImportConflict(m.clone()).into(),
+                ErrorKind::AlreadyExists,
+            ),
+            (StoreError::DiskFull.into(), ErrorKind::Unavailable),
+            (StoreError::Closed.into(), ErrorKind::Unavailable),
+            (WorkflowError::ShuttingDown, ErrorKind::Unavailable),
+            (
+                WorkflowError::StreamInterrupted {
+                    after: ResumePoint::Revision(3),
+                },
+                ErrorKind::Unavailable,
+            ),
+            (
+                WorkflowError::RevisionOutOfRange { asked: 9, last: 3 },
+                ErrorKind::OutOfRange,
+            ),
+            (
+                WorkflowError::ProviderRejected {
+                    machine_id: "m-1".into(),
+                    provider: "redfish".into(),
+                    message: "no BMC".into(),
+                },
+                ErrorKind::InvalidInput,
+            ),
+            (StoreError::LeaseLost(op).into(), ErrorKind::Internal),
+            (
+                StoreError::Corrupt("row m-1".into()).into(),
+                ErrorKind::Internal,
+            ),
+            (
+                StoreError::backend(std::io::Error::other("EIO")).into(),
+                ErrorKind::Internal,
+            ),
+            (WorkflowError::Internal("x".into()), ErrorKind::Internal),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+        }
+    }
+
+    #[test]
+    fn a_full_disk_says_so() {
+        let e = WorkflowError::from(StoreError::DiskFull);
+        assert_eq!(e.to_string(), "the data directory's disk is full");
     }
 }

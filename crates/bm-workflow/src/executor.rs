@@ -15,13 +15,20 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::engine::Inner;
 use crate::now;
 use crate::plan::{ResumePolicy, StepKind, completed_prefix, plan};
 use crate::policy::{Decision, decide};
+use crate::shared::Inner;
+use crate::steps;
+
+/// Starts the executor's tasks: the dispatcher and the lease renewal.
+pub(crate) fn start(inner: &Arc<Inner>) {
+    inner.tasks.spawn(dispatch(inner.clone()));
+    inner.tasks.spawn(renew_leases(inner.clone()));
+}
 
 /// Claims work whenever woken (new operation, freed capacity) or every poll interval.
-pub(crate) async fn dispatch(inner: Arc<Inner>) {
+async fn dispatch(inner: Arc<Inner>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         if inner.shutdown.is_cancelled() {
@@ -175,7 +182,7 @@ async fn fail_after_panic(inner: &Inner, id: OperationId, what: &str) {
 /// stops those an operator canceled through another server sharing the store. A lease this
 /// executor holds on anything else (an operation it gave up on) is left to expire, so that
 /// the operation is taken up again.
-pub(crate) async fn renew_leases(inner: Arc<Inner>) {
+async fn renew_leases(inner: Arc<Inner>) {
     let every = inner.config.lease_duration / 3;
     loop {
         tokio::select! {
@@ -437,7 +444,7 @@ impl Runner {
             .step_timeout
             .unwrap_or_else(|| step.default_timeout());
         let grace = self.inner.config.cancel_grace;
-        let action = step.run(provider, ctx, &self.op);
+        let action = steps::run(step, provider, ctx, &self.op);
         tokio::pin!(action);
         let result = tokio::select! {
             r = &mut action => r,
@@ -556,6 +563,10 @@ impl Runner {
     /// Runs a store call, retrying failures of the storage itself (a full disk, a locked
     /// file) with backoff until it works or the engine stops; the write was atomic, so a
     /// retry is safe.
+    #[allow(
+        clippy::unneeded_struct_pattern,
+        reason = "`DiskFull { .. }` matches the variant whatever fields it gets"
+    )]
     async fn retry_store<T, F, Fut>(&self, mut call: F) -> Result<T, Stop>
     where
         F: FnMut() -> Fut,
@@ -567,7 +578,7 @@ impl Runner {
                 Ok(v) => return Ok(v),
                 Err(StoreError::LeaseLost(_)) => return Err(Stop::LeaseLost),
                 Err(StoreError::Closed) => return Err(Stop::Interrupted),
-                Err(e @ StoreError::Backend(_)) => {
+                Err(e @ (StoreError::Backend(_) | StoreError::DiskFull { .. })) => {
                     tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store write failed; retrying");
                     tokio::select! {
                         () = self.inner.shutdown.cancelled() => return Err(Stop::Interrupted),

@@ -7,8 +7,10 @@
 //!
 //! # Architecture invariant
 //!
-//! The engine knows nothing of gRPC: it speaks bm-domain types and its own errors. Plans and
-//! step kinds are private: the outside sees operation types, phases and stage names only.
+//! The engine knows nothing of gRPC: it speaks bm-domain types, its own request and outcome
+//! types, and its own errors, each with an [`ErrorKind`]; an adapter needs nothing of the
+//! store but the `Arc<dyn Store>` it wires in. Plans and step kinds are private: the outside
+//! sees operation types, phases and stage names only.
 //! Providers are reached through the [`bm_provider::Provider`] trait alone, looked up by the
 //! name in a machine's spec.
 //!
@@ -35,15 +37,22 @@
 //!   cancellable, non-blocking actions).
 //! - Clocks of the replicas sharing a store agree to well within a lease duration.
 
+mod api;
 mod engine;
 mod error;
 mod executor;
 mod plan;
 mod policy;
+mod shared;
+mod steps;
 mod stream;
 
-pub use engine::{Engine, EngineConfig, OperationRequest};
-pub use error::{ResumePoint, WorkflowError};
+pub use api::{
+    Admission, CancelRequest, EventFilter, ImportOutcome, ImportRequest, MachineQuery,
+    MachineUpdate, NewMachine, OperationQuery, OperationRequest, Page,
+};
+pub use engine::{Engine, EngineConfig};
+pub use error::{ErrorKind, ResumePoint, WorkflowError};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{EventBatch, LogBatch};
 

@@ -1,10 +1,11 @@
-//! Plans: the steps each operation type runs, in order. Internal: clients see only the
-//! operation's type, phase and the names of its stages.
+//! Plans: the steps each operation type runs, in order, with each step's name, timeout and
+//! resume policy. Pure: no IO, no async, no provider (`steps.rs` maps a step to provider
+//! calls). Internal: clients see only the operation's type, phase and the names of its
+//! stages.
 
 use bm_domain::{Operation, OperationType};
-use bm_provider::{ActionContext, Notice, NoticeKind, PowerAction, Provider, ProviderError};
 
-/// One step of a plan, mapped to provider actions.
+/// One step of a plan (what it does to the hardware is in `steps.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum StepKind {
     SetNetboot,
@@ -100,47 +101,6 @@ impl StepKind {
             StepKind::Wipe => 360,
         };
         std::time::Duration::from_secs(minutes * 60)
-    }
-
-    /// Runs the step's provider actions once.
-    pub(crate) async fn run(
-        self,
-        provider: &dyn Provider,
-        ctx: ActionContext<'_>,
-        op: &Operation,
-    ) -> Result<(), ProviderError> {
-        match self {
-            StepKind::SetNetboot => provider.set_netboot(ctx).await,
-            StepKind::RebootToNetboot | StepKind::Reboot => {
-                provider.power(ctx, PowerAction::Cycle).await
-            }
-            StepKind::RepaveImage => provider.repave(ctx).await,
-            StepKind::JoinCluster => {
-                let token = provider.mint_join_token(ctx).await?;
-                provider.join_cluster(ctx, &token).await
-            }
-            StepKind::VerifyInCluster => provider.verify_in_cluster(ctx).await,
-            StepKind::Drain => provider.drain(ctx).await,
-            StepKind::Uncordon => provider.uncordon(ctx).await,
-            StepKind::Wipe => provider.wipe_disks(ctx).await,
-            StepKind::Notify => {
-                let note = if op.note.is_empty() {
-                    "no note given"
-                } else {
-                    &op.note
-                };
-                let notice = Notice {
-                    kind: NoticeKind::RmaTicket,
-                    summary: format!("RMA of machine {} ({}): {note}", op.machine_id, op.id),
-                };
-                let ticket = provider.notify(ctx, &notice).await?;
-                ctx.log.line("notify", format!("ticket {ticket} opened"));
-                Ok(())
-            }
-            StepKind::PowerOff => provider.power(ctx, PowerAction::Off).await,
-            StepKind::ApplyNetConfig => provider.apply_network_config(ctx).await,
-            StepKind::VerifyConnectivity => provider.verify_connectivity(ctx).await,
-        }
     }
 }
 

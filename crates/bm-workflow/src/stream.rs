@@ -39,9 +39,10 @@ impl Engine {
     /// The filtered operation does not exist, or a store failure.
     pub async fn watch(
         &self,
-        filter: EventFilter,
+        filter: crate::EventFilter,
         after: Option<u64>,
     ) -> Result<mpsc::Receiver<EventBatch>, WorkflowError> {
+        let filter: EventFilter = filter.to_store();
         let store = self.inner.store.clone();
         let live = store.subscribe_events();
         // The last revision first, then the operation's state: an operation that ended in

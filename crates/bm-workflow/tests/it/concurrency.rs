@@ -79,7 +79,7 @@ async fn different_requests_on_one_machine_admit_one() {
         );
     }
     assert_eq!(
-        h.engine.cancel(admitted[0]).await.unwrap().phase,
+        h.cancel(admitted[0]).await.unwrap().phase,
         OperationPhase::Canceled
     );
 }
@@ -118,7 +118,7 @@ async fn a_slow_machine_holds_up_no_one_and_the_limit_holds() {
         h.engine.get_operation(stuck.id).await.unwrap().phase,
         OperationPhase::Running
     );
-    h.engine.cancel(stuck.id).await.unwrap();
+    h.cancel(stuck.id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,13 +150,13 @@ async fn never_more_than_the_limit_run_at_once() {
         "the other two wait for a slot"
     );
     // Freeing a slot lets the next one run.
-    h.engine.cancel(ops[0]).await.unwrap();
+    h.cancel(ops[0]).await.unwrap();
     h.wait_stage(ops[2], "drain").await;
     assert_eq!(
         h.engine.get_operation(ops[3]).await.unwrap().phase,
         OperationPhase::Pending
     );
     for id in &ops[1..] {
-        h.engine.cancel(*id).await.unwrap();
+        h.cancel(*id).await.unwrap();
     }
 }

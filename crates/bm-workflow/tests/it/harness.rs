@@ -10,8 +10,11 @@ use bm_domain::{
 };
 use bm_provider::ProviderRegistry;
 use bm_provider_fake::{FakeConfig, FakeProvider, Timing};
-use bm_store::{EventFilter, MemoryStore, Store};
-use bm_workflow::{Engine, EngineConfig, OperationRequest, RetryPolicy, WorkflowError};
+use bm_store::{MemoryStore, Store};
+use bm_workflow::{
+    CancelRequest, Engine, EngineConfig, EventFilter, MachineQuery, NewMachine, OperationRequest,
+    RetryPolicy, WorkflowError,
+};
 
 pub(crate) struct Harness {
     pub(crate) engine: Engine,
@@ -66,8 +69,8 @@ pub(crate) fn id(s: &str) -> MachineId {
 impl Harness {
     pub(crate) async fn machine(&self, name: &str, labels: &[(&str, &str)]) -> Machine {
         let n = self
-            .store
-            .list_machines(&bm_store::MachineQuery {
+            .engine
+            .list_machines(&MachineQuery {
                 limit: 10_000,
                 ..Default::default()
             })
@@ -77,9 +80,9 @@ impl Harness {
             .len() as u32
             + 1;
         self.engine
-            .register_machine(
-                id(name),
-                MachineSpec {
+            .register_machine(NewMachine {
+                id: id(name),
+                spec: MachineSpec {
                     provider: "fake".into(),
                     mac_addresses: vec![
                         format!("02:00:00:00:{:02x}:{:02x}", n >> 8, n & 0xff)
@@ -91,8 +94,8 @@ impl Harness {
                     target_cluster: "prod".into(),
                     ..MachineSpec::default()
                 },
-                Labels::from_pairs(labels.iter().copied()).unwrap(),
-            )
+                labels: Labels::from_pairs(labels.iter().copied()).unwrap(),
+            })
             .await
             .unwrap()
     }
@@ -112,6 +115,10 @@ impl Harness {
             })
             .await
             .map(|a| a.operation)
+    }
+
+    pub(crate) async fn cancel(&self, op: OperationId) -> Result<Operation, WorkflowError> {
+        self.engine.cancel(CancelRequest { operation_id: op }).await
     }
 
     /// Submits and waits for the end.

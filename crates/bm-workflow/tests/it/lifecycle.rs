@@ -7,8 +7,7 @@ use bm_domain::{
 use bm_provider_fake::{
     Action, LABEL_FAIL_ACTION, LABEL_FAIL_KIND, LABEL_FAIL_TIMES, LABEL_HANG_ACTION,
 };
-use bm_store::OperationQuery;
-use bm_workflow::WorkflowError;
+use bm_workflow::{MachineUpdate, NewMachine, OperationQuery, WorkflowError};
 
 use crate::harness::{config, memory, start};
 
@@ -242,7 +241,7 @@ async fn cancel_mid_step() {
         .unwrap();
     h.wait_stage(op.id, "repave-image").await;
     let started = std::time::Instant::now();
-    let canceled = h.engine.cancel(op.id).await.unwrap();
+    let canceled = h.cancel(op.id).await.unwrap();
     assert_eq!(
         canceled.phase,
         OperationPhase::Canceled,
@@ -278,7 +277,7 @@ async fn cancel_mid_step() {
         "nothing ran after the cancel"
     );
     // Canceling what has ended is a clear error.
-    let e = h.engine.cancel(op.id).await.unwrap_err();
+    let e = h.cancel(op.id).await.unwrap_err();
     assert!(
         matches!(
             domain(&e),
@@ -311,7 +310,12 @@ async fn cancel_pending() {
         .await
         .unwrap()
         .operation;
-    let canceled = idle.cancel(op.id).await.unwrap();
+    let canceled = idle
+        .cancel(bm_workflow::CancelRequest {
+            operation_id: op.id,
+        })
+        .await
+        .unwrap();
     assert_eq!(canceled.phase, OperationPhase::Canceled);
     assert!(canceled.stages.is_empty());
     assert_eq!(
@@ -544,17 +548,17 @@ async fn spec_is_locked_while_running() {
     spec.image = "other".into();
     let e = h
         .engine
-        .update_machine(
-            &m.id,
-            &bm_domain::MachinePatch {
+        .update_machine(MachineUpdate {
+            id: m.id.clone(),
+            patch: bm_domain::MachinePatch {
                 image: Some(spec.image.clone()),
                 ..Default::default()
             },
-        )
+        })
         .await
         .unwrap_err();
     assert!(matches!(domain(&e), DomainError::SpecLocked { .. }), "{e}");
-    h.engine.cancel(op.id).await.unwrap();
+    h.cancel(op.id).await.unwrap();
 }
 
 /// Unknown providers are refused at registration with the list of known ones.
@@ -563,14 +567,14 @@ async fn unknown_provider_is_refused() {
     let h = memory();
     let e = h
         .engine
-        .register_machine(
-            crate::harness::id("m"),
-            bm_domain::MachineSpec {
+        .register_machine(NewMachine {
+            id: crate::harness::id("m"),
+            spec: bm_domain::MachineSpec {
                 provider: "ipmi".into(),
                 ..Default::default()
             },
-            bm_domain::Labels::default(),
-        )
+            labels: bm_domain::Labels::default(),
+        })
         .await
         .unwrap_err();
     assert!(

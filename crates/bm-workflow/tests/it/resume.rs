@@ -27,13 +27,13 @@ async fn restart(h: Harness, machine: &str) -> Harness {
     h.engine.shutdown(Duration::from_secs(5)).await;
     let m = h.get(machine).await;
     h.engine
-        .update_machine(
-            &m.id,
-            &bm_domain::MachinePatch {
+        .update_machine(bm_workflow::MachineUpdate {
+            id: m.id.clone(),
+            patch: bm_domain::MachinePatch {
                 labels: Some(Labels::default()),
                 ..Default::default()
             },
-        )
+        })
         .await
         .unwrap();
     start_with(h.store.clone(), config(), h.fake.clone())
@@ -246,7 +246,12 @@ async fn a_cancel_requested_before_a_restart_is_honoured_after_it() {
         ..config()
     };
     let idle = bm_workflow::Engine::new(h.store.clone(), h.engine.providers().clone(), quick);
-    let requested = idle.cancel(op.id).await.unwrap();
+    let requested = idle
+        .cancel(bm_workflow::CancelRequest {
+            operation_id: op.id,
+        })
+        .await
+        .unwrap();
     assert!(requested.cancel_requested);
     let h = start_with(h.store.clone(), config(), h.fake.clone());
     let done = h.wait_end(op.id).await;

@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use bm_domain::{EventKind, OperationType};
 use bm_provider_fake::LABEL_HANG_ACTION;
-use bm_store::EventFilter;
-use bm_workflow::{ResumePoint, WorkflowError};
+use bm_workflow::{EventFilter, ResumePoint, WorkflowError};
 
 use crate::harness::memory;
 
@@ -117,7 +116,7 @@ async fn logs_replay_follow_and_end_with_the_operation() {
     {
         lines.extend(rx.recv().await.unwrap().unwrap());
     }
-    h.engine.cancel(op.id).await.unwrap();
+    h.cancel(op.id).await.unwrap();
     let rest = tokio::time::timeout(Duration::from_secs(5), async {
         let mut rest = Vec::new();
         while let Some(b) = rx.recv().await {

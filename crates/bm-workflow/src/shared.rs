@@ -1,0 +1,61 @@
+//! The engine's shared state: what the front (`engine.rs`, `stream.rs`) and the runner
+//! (`executor.rs`) both hold, so that neither reaches into the other.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use bm_domain::OperationId;
+use bm_provider::ProviderRegistry;
+use bm_store::{Lease, Store};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{EngineConfig, now};
+
+/// The state every clone of an engine and every executor task shares.
+pub(crate) struct Inner {
+    pub(crate) store: std::sync::Arc<dyn Store>,
+    pub(crate) providers: ProviderRegistry,
+    pub(crate) config: EngineConfig,
+    /// Wakes the dispatcher: new work was admitted or capacity freed.
+    pub(crate) wake: Notify,
+    /// The operations running here, with the token that cancels each.
+    pub(crate) running: Mutex<HashMap<OperationId, CancellationToken>>,
+    /// Fires on shutdown; every operation's token is a child of it.
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    /// Ids of admitted operations: monotonic within a millisecond, so they sort by
+    /// admission.
+    pub(crate) ids: Mutex<ulid::Generator>,
+}
+
+impl Inner {
+    pub(crate) fn new(
+        store: std::sync::Arc<dyn Store>,
+        providers: ProviderRegistry,
+        config: EngineConfig,
+    ) -> Self {
+        Inner {
+            store,
+            providers,
+            config,
+            wake: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ids: Mutex::new(ulid::Generator::new()),
+        }
+    }
+
+    pub(crate) fn running(&self) -> MutexGuard<'_, HashMap<OperationId, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn lease(&self) -> Lease {
+        Lease {
+            owner: self.config.owner.clone(),
+            expires_at: now().saturating_add(self.config.lease_duration),
+        }
+    }
+}
