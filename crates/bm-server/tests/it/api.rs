@@ -1,11 +1,13 @@
-//! The API through the generated client: resources, errors and their status codes.
+//! The API through the generated client, against a server in this process: resources,
+//! errors and their status codes.
 
 use bm_proto::pbjson_types::FieldMask;
 use bm_proto::v1 as pb;
 use bm_provider_fake::{LABEL_FAIL_ACTION, LABEL_HANG_ACTION};
 use tonic::Code;
 
-use crate::support::{Server, condition, fake_machine, phase};
+use crate::inproc::{FaultyStore, InProcess};
+use crate::support::{condition, fake_machine, phase};
 
 fn check(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, contains: &str) {
     match r {
@@ -23,7 +25,7 @@ fn check(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, contains: &
 
 #[tokio::test]
 async fn inventory_pages_filters_and_updates() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let mut c = server.clients().await;
     for n in 1..=12 {
         let labels: &[(&str, &str)] = if n % 3 == 0 {
@@ -185,7 +187,7 @@ async fn inventory_pages_filters_and_updates() {
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let mut c = server.clients().await;
     c.register(fake_machine("machine-1", 1, &[])).await;
     check(
@@ -303,7 +305,7 @@ async fn bad_input_gets_clear_errors() {
 
 #[tokio::test]
 async fn one_active_operation_and_idempotency() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let mut c = server.clients().await;
     c.register(fake_machine(
         "machine-1",
@@ -365,7 +367,7 @@ async fn one_active_operation_and_idempotency() {
 
 #[tokio::test]
 async fn failure_attention_and_clearing() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let mut c = server.clients().await;
     c.register(fake_machine(
         "machine-4",
@@ -415,7 +417,7 @@ async fn failure_attention_and_clearing() {
 
 #[tokio::test]
 async fn import_reports_each_row() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let mut c = server.clients().await;
     let mut bad_mac = fake_machine("bad", 9, &[]);
     bad_mac.spec.as_mut().unwrap().mac_addresses = vec!["not-a-mac".into()];
@@ -467,7 +469,7 @@ async fn import_reports_each_row() {
 
 #[tokio::test]
 async fn health_and_reflection() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let c = server.clients().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel.clone());
     for service in [
@@ -528,7 +530,7 @@ struct NotARequest {
 
 #[tokio::test]
 async fn a_malformed_request_is_invalid_not_internal() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let c = server.clients().await;
     let mut grpc = tonic::client::Grpc::new(c.channel.clone());
     grpc.ready().await.unwrap();
@@ -549,7 +551,7 @@ async fn a_malformed_request_is_invalid_not_internal() {
 
 #[tokio::test]
 async fn single_labels_can_be_set_and_removed_by_path() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let mut c = server.clients().await;
     c.register(fake_machine("m-1", 1, &[("rack", "r1"), ("gpu", "")]))
         .await;
@@ -577,4 +579,55 @@ async fn single_labels_can_be_set_and_removed_by_path() {
             ("zone".to_owned(), "a".to_owned())
         ]
     );
+}
+
+/// The server answers a storage fault by the engine's kind of it, without knowing the
+/// store: a full disk is UNAVAILABLE and says so, any other failure is INTERNAL without its
+/// details; reads keep working, and writes work again once the fault is gone.
+#[tokio::test]
+async fn storage_faults_get_the_code_of_their_kind() {
+    let store = std::sync::Arc::new(FaultyStore::new());
+    let server = InProcess::with_store(store.clone()).await;
+    let mut c = server.clients().await;
+    c.register(fake_machine("m-1", 1, &[])).await;
+
+    store.set_fault(Some(|| bm_store::StoreError::DiskFull));
+    check(
+        c.machines
+            .register_machine(pb::RegisterMachineRequest {
+                machine: Some(fake_machine("m-2", 2, &[])),
+            })
+            .await,
+        Code::Unavailable,
+        "the data directory's disk is full",
+    );
+    check(
+        c.machines
+            .enter_maintenance(pb::EnterMaintenanceRequest {
+                machine_id: "m-1".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::Unavailable,
+        "the data directory's disk is full",
+    );
+    assert_eq!(c.machine("m-1").await.id, "m-1", "reads still work");
+
+    store.set_fault(Some(|| {
+        bm_store::StoreError::backend(std::io::Error::other("EIO on /var/lib/secret/db"))
+    }));
+    let s = c
+        .machines
+        .register_machine(pb::RegisterMachineRequest {
+            machine: Some(fake_machine("m-2", 2, &[])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Internal, "{s:?}");
+    assert!(!s.message().contains("secret"), "{s:?}");
+
+    store.set_fault(None);
+    c.register(fake_machine("m-2", 2, &[])).await;
+    let op = c.enter_maintenance("m-2").await;
+    assert_eq!(op.phase(), pb::OperationPhase::Succeeded);
 }

@@ -1,8 +1,13 @@
-//! End-to-end tests: the real `bm-server` process on an ephemeral port with a temporary data
-//! directory, driven through the generated client and through `bmctl` as a process.
+//! End-to-end tests through the generated client and `bmctl`.
+//!
+//! The API tests (`api`, `streams`) run `bm_server::serve` in this process on an ephemeral
+//! port (`inproc`); the CLI and restart tests run the real `bm-server` process with a
+//! temporary data directory (`support::Server`), since they need a binary, signals or a
+//! crash.
 
 mod api;
 mod cli;
+mod inproc;
 mod restart;
 mod streams;
 mod support;

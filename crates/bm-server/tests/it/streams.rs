@@ -1,14 +1,16 @@
-//! Streams under load: a stalled watcher does not stall the executor and loses nothing.
+//! Streams, against a server in this process: a stalled watcher does not stall the executor
+//! and loses nothing; a shutdown ends streams with where to resume.
 
 use std::time::Duration;
 
 use bm_proto::v1 as pb;
 
-use crate::support::{Server, fake_machine};
+use crate::inproc::InProcess;
+use crate::support::fake_machine;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_watcher_does_not_stall_the_executor() {
-    let server = Server::start();
+    let server = InProcess::start().await;
     let mut c = server.clients().await;
     // A watcher that subscribes to everything and then does not read.
     let mut stalled = c
@@ -94,5 +96,47 @@ async fn a_stalled_watcher_does_not_stall_the_executor() {
         revisions,
         (1..=revisions.len() as u64).collect::<Vec<_>>(),
         "every revision, in order"
+    );
+}
+
+/// `serve` returns once its shutdown future completes; a watch open at that moment ends
+/// with UNAVAILABLE and the revision to resume after, not as if it were done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stops_on_its_signal_and_streams_say_where_to_resume() {
+    let server = InProcess::start().await;
+    let mut c = server.clients().await;
+    c.register(fake_machine("m-1", 1, &[])).await;
+    let op = c.enter_maintenance("m-1").await;
+    assert_eq!(op.phase(), pb::OperationPhase::Succeeded);
+    let mut watch = c
+        .operations
+        .watch_operations(pb::WatchOperationsRequest {
+            after_revision: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let read_to_end = async {
+        let mut last_revision = 0;
+        loop {
+            match watch.message().await {
+                Ok(Some(batch)) => {
+                    last_revision = batch.events.last().map_or(last_revision, |e| e.revision);
+                }
+                other => return (other, last_revision),
+            }
+        }
+    };
+    let (served, (end, last_revision)) = tokio::join!(server.stop(), read_to_end);
+    served.expect("serve returned an error");
+    let status = end.expect_err("the stream ends with an error");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(last_revision > 0, "the replay came first");
+    assert!(
+        status
+            .message()
+            .contains(&format!("resume with after_revision={last_revision}")),
+        "{status:?}"
     );
 }

@@ -1,4 +1,5 @@
 //! Starting and stopping real server processes, connecting clients, running bmctl.
+//! (The API tests run the server in this process instead: `inproc.rs`.)
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -161,16 +162,7 @@ impl Server {
     }
 
     pub(crate) async fn clients(&self) -> Clients {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connecting to bm-server");
-        Clients {
-            machines: MachineServiceClient::new(channel.clone()),
-            operations: OperationServiceClient::new(channel.clone()),
-            channel,
-        }
+        connect(&self.addr).await
     }
 
     /// Runs bmctl against this server.
@@ -208,6 +200,20 @@ pub(crate) fn text(out: &Output) -> String {
 
 pub(crate) fn err_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Clients of the server at `addr`, on one connection.
+pub(crate) async fn connect(addr: &str) -> Clients {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connecting to bm-server");
+    Clients {
+        machines: MachineServiceClient::new(channel.clone()),
+        operations: OperationServiceClient::new(channel.clone()),
+        channel,
+    }
 }
 
 pub(crate) struct Clients {

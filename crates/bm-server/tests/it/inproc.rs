@@ -1,0 +1,272 @@
+//! The API tests' server: `bm_server::serve` in this process, on an ephemeral port, over an
+//! engine with instant fake hardware and a store the test chooses, stopped by a oneshot.
+//! Tests that need a process (the CLI, SIGTERM, SIGKILL) use `support::Server` instead.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bm_domain::rules::Outcome;
+use bm_domain::{
+    LogLine, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId, Timestamp,
+};
+use bm_provider::ProviderRegistry;
+use bm_provider_fake::{FakeConfig, FakeProvider, Timing};
+use bm_server::{Deps, ServeError};
+use bm_store::{
+    Admission, EventFilter, ImportOutcome, Lease, MachineQuery, MemoryStore, OperationQuery, Page,
+    SqliteConfig, SqliteStore, Store, StoreError,
+};
+use bm_workflow::{Engine, EngineConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::support::{Clients, connect};
+
+/// A server running in this process.
+pub(crate) struct InProcess {
+    /// The address it listens on.
+    pub(crate) addr: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    served: Option<JoinHandle<Result<(), ServeError>>>,
+    /// Kept until the server is gone.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl InProcess {
+    /// A server over a new SQLite store in a temporary directory, as the binary runs by
+    /// default.
+    pub(crate) async fn start() -> InProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("data")))
+            .expect("opening the store");
+        InProcess::serve(Arc::new(store), Some(dir)).await
+    }
+
+    /// A server over `store`.
+    pub(crate) async fn with_store(store: Arc<dyn Store>) -> InProcess {
+        InProcess::serve(store, None).await
+    }
+
+    async fn serve(store: Arc<dyn Store>, dir: Option<tempfile::TempDir>) -> InProcess {
+        let mut providers = ProviderRegistry::new();
+        providers.register(Arc::new(FakeProvider::new(FakeConfig {
+            timing: Timing::Instant,
+            ..FakeConfig::default()
+        })));
+        let engine = Engine::new(store, providers, EngineConfig::default());
+        engine.start();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("local address").to_string();
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let deps = Deps {
+            engine,
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let served = tokio::spawn(bm_server::serve(
+            listener,
+            async {
+                // A dropped sender is a stop too.
+                let _ = signal.await;
+            },
+            deps,
+        ));
+        InProcess {
+            addr,
+            shutdown: Some(shutdown),
+            served: Some(served),
+            _dir: dir,
+        }
+    }
+
+    pub(crate) async fn clients(&self) -> Clients {
+        connect(&self.addr).await
+    }
+
+    /// Stops the server as a signal would, and returns what `serve` returned.
+    pub(crate) async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let served = self.served.take().expect("served");
+        tokio::time::timeout(Duration::from_secs(15), served)
+            .await
+            .expect("serve did not return within 15 s of its shutdown signal")
+            .expect("serve panicked")
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A memory store whose client-facing writes (register, import, update, admit, cancel)
+/// fail with an injected storage error while one is set; everything else works.
+pub(crate) struct FaultyStore {
+    inner: MemoryStore,
+    fault: Mutex<Option<fn() -> StoreError>>,
+}
+
+impl FaultyStore {
+    pub(crate) fn new() -> FaultyStore {
+        FaultyStore {
+            inner: MemoryStore::new(),
+            fault: Mutex::new(None),
+        }
+    }
+
+    /// From now on, those writes fail with `fault()`; `None` heals the store.
+    pub(crate) fn set_fault(&self, fault: Option<fn() -> StoreError>) {
+        *self.fault.lock().unwrap() = fault;
+    }
+
+    fn check(&self) -> bm_store::Result<()> {
+        match *self.fault.lock().unwrap() {
+            Some(fault) => Err(fault()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn register_machine(&self, machine: Machine) -> bm_store::Result<Machine> {
+        self.check()?;
+        self.inner.register_machine(machine).await
+    }
+
+    async fn import_machines(
+        &self,
+        machines: Vec<Machine>,
+        dry_run: bool,
+    ) -> bm_store::Result<Vec<bm_store::Result<ImportOutcome>>> {
+        self.check()?;
+        self.inner.import_machines(machines, dry_run).await
+    }
+
+    async fn get_machine(&self, id: &MachineId) -> bm_store::Result<Machine> {
+        self.inner.get_machine(id).await
+    }
+
+    async fn list_machines(&self, query: &MachineQuery) -> bm_store::Result<Page<Machine>> {
+        self.inner.list_machines(query).await
+    }
+
+    async fn update_machine(
+        &self,
+        id: &MachineId,
+        patch: &MachinePatch,
+        now: Timestamp,
+    ) -> bm_store::Result<Machine> {
+        self.check()?;
+        self.inner.update_machine(id, patch, now).await
+    }
+
+    async fn admit(&self, operation: Operation) -> bm_store::Result<Admission> {
+        self.check()?;
+        self.inner.admit(operation).await
+    }
+
+    async fn get_operation(&self, id: OperationId) -> bm_store::Result<Operation> {
+        self.inner.get_operation(id).await
+    }
+
+    async fn list_operations(&self, query: &OperationQuery) -> bm_store::Result<Page<Operation>> {
+        self.inner.list_operations(query).await
+    }
+
+    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> bm_store::Result<Operation> {
+        self.check()?;
+        self.inner.request_cancel(id, now).await
+    }
+
+    async fn claim(
+        &self,
+        lease: &Lease,
+        now: Timestamp,
+        limit: usize,
+    ) -> bm_store::Result<Vec<Operation>> {
+        self.inner.claim(lease, now, limit).await
+    }
+
+    async fn renew(
+        &self,
+        lease: &Lease,
+        operations: &[OperationId],
+    ) -> bm_store::Result<Vec<OperationId>> {
+        self.inner.renew(lease, operations).await
+    }
+
+    async fn release(&self, owner: &str) -> bm_store::Result<usize> {
+        self.inner.release(owner).await
+    }
+
+    async fn save_progress(
+        &self,
+        owner: &str,
+        operation: &Operation,
+        events: Vec<OperationEvent>,
+    ) -> bm_store::Result<bool> {
+        self.inner.save_progress(owner, operation, events).await
+    }
+
+    async fn finish(
+        &self,
+        owner: &str,
+        operation: Operation,
+        outcome: Outcome,
+        events: Vec<OperationEvent>,
+        now: Timestamp,
+    ) -> bm_store::Result<(Operation, Machine)> {
+        self.inner
+            .finish(owner, operation, outcome, events, now)
+            .await
+    }
+
+    async fn events_after(
+        &self,
+        after: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> bm_store::Result<Vec<OperationEvent>> {
+        self.inner.events_after(after, filter, limit).await
+    }
+
+    async fn last_revision(&self) -> bm_store::Result<u64> {
+        self.inner.last_revision().await
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<OperationEvent>> {
+        self.inner.subscribe_events()
+    }
+
+    fn append_log(&self, line: LogLine) {
+        self.inner.append_log(line);
+    }
+
+    async fn logs_after(
+        &self,
+        operation: OperationId,
+        after: u64,
+        limit: usize,
+    ) -> bm_store::Result<Vec<LogLine>> {
+        self.inner.logs_after(operation, after, limit).await
+    }
+
+    async fn last_log_sequence(&self, operation: OperationId) -> bm_store::Result<u64> {
+        self.inner.last_log_sequence(operation).await
+    }
+
+    fn subscribe_logs(&self) -> broadcast::Receiver<Arc<LogLine>> {
+        self.inner.subscribe_logs()
+    }
+
+    async fn flush(&self) -> bm_store::Result<()> {
+        self.inner.flush().await
+    }
+}
