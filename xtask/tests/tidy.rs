@@ -166,3 +166,59 @@ fn no_debugging_leftovers() {
         }
     }
 }
+
+/// The `.rs` files of bm-server's `src/`, with their path relative to it and their text.
+fn server_sources() -> Vec<(String, String)> {
+    let src = root().join("crates/bm-server/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(files.len() > 5, "found only {} files", files.len());
+    files
+        .into_iter()
+        .map(|f| {
+            let name = f.strip_prefix(&src).unwrap().display().to_string();
+            (name, std::fs::read_to_string(&f).unwrap())
+        })
+        .collect()
+}
+
+/// A mention of `krate` in code, not in a comment (`//`, `//!`, `///`).
+fn mentions(text: &str, krate: &str) -> bool {
+    text.lines().any(|l| {
+        let code = l.split("//").next().unwrap_or("");
+        code.contains(krate)
+    })
+}
+
+#[test]
+fn the_server_library_knows_nothing_of_the_store() {
+    // Only the binary opens a store and hands it to the engine; the library speaks the
+    // engine's API and maps its error kinds (bm-server's package depends on bm-store for
+    // main.rs alone, so cargo tree cannot tell; the sources can).
+    let offenders: Vec<String> = server_sources()
+        .into_iter()
+        .filter(|(name, text)| name != "main.rs" && mentions(text, "bm_store"))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "bm-server/src/{offenders:?} use bm_store: only main.rs may (the engine's API has \
+         its own types; error.rs maps ErrorKind)"
+    );
+}
+
+#[test]
+fn only_convert_knows_both_wire_and_domain_types() {
+    let offenders: Vec<String> = server_sources()
+        .into_iter()
+        .filter(|(name, text)| {
+            name != "convert.rs" && mentions(text, "bm_domain") && mentions(text, "bm_proto")
+        })
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "bm-server/src/{offenders:?} name both bm_domain and bm_proto: wire <-> domain \
+         mapping belongs in convert.rs"
+    );
+}
