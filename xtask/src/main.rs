@@ -2,6 +2,8 @@
 //!
 //! - `demo [--slow]`: plays spec 000's presenter script against a fresh server.
 //! - `bench [--quick] [--scenario NAME]`: builds in release mode and runs `bm-bench`.
+//! - `test [ARGS]`: installs the system packages the tests need, then `cargo test --workspace
+//!   ARGS`.
 //! - `ci`: runs `.ci/run` (formatting, lints, docs, the tests).
 
 #![allow(
@@ -12,6 +14,7 @@
 
 mod demo;
 mod proc;
+mod test;
 
 use anyhow::bail;
 
@@ -23,6 +26,9 @@ tasks:
         play spec 000's presenter script (steps 3-10) against a fresh server
   bench [--quick] [--scenario all|baseline|fleet|api|watch|memory]
         build in release mode, run the benchmarks against a real server, print one table
+  test [ARGS]
+        install the system packages the tests need (openssh-server, python3-venv) when
+        missing, then run cargo test --workspace ARGS
   ci    formatting, lints, docs and tests, as .ci/run does"
 }
 
@@ -38,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         "bench" => bench(rest),
+        "test" => test::run(rest),
         "ci" => ci(),
         "-h" | "--help" | "help" => {
             println!("{}", usage());

@@ -222,3 +222,51 @@ fn only_convert_knows_both_wire_and_domain_types() {
          mapping belongs in convert.rs"
     );
 }
+
+/// Every file in the repository that is not plain text for people (Markdown).
+fn source_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let path = entry.path();
+        let name = entry.file_name();
+        let hidden = name.to_string_lossy().starts_with('.') && name != ".ci";
+        if name == "target" || hidden {
+            continue;
+        }
+        if path.is_dir() {
+            source_files(&path, out);
+        } else if path.extension().is_none_or(|e| e != "md") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn nothing_reaches_outside_the_repository() {
+    // A user's clone has nothing beside it: no team folder, no absolute paths of our machines.
+    let outside = [
+        concat!("../", "shared"),
+        concat!("/wo", "rk/"),
+        concat!("shared/", "tools/"),
+    ];
+    let mut files = Vec::new();
+    source_files(&root(), &mut files);
+    assert!(
+        files.iter().any(|f| f.ends_with(".ci/run")),
+        "the walk must see .ci/run"
+    );
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            for bad in outside {
+                assert!(
+                    !line.contains(bad),
+                    "{}:{}: names a path outside the repository ({bad})",
+                    f.display(),
+                    n + 1
+                );
+            }
+        }
+    }
+}

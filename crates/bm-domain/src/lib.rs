@@ -14,6 +14,7 @@
 //! property tests over every combination of its inputs.
 
 mod condition;
+mod endpoint;
 mod error;
 mod event;
 mod ids;
@@ -26,12 +27,13 @@ mod state;
 mod time;
 
 pub use condition::{Condition, ConditionType, Conditions};
+pub use endpoint::{BmcEndpoint, BmcScheme, SshEndpoint};
 pub use error::DomainError;
 pub use event::{EventKind, LogLine, OperationEvent};
 pub use ids::{MachineId, OperationId, RequestId};
 pub use labels::{LabelSelector, Labels};
 pub use mac::MacAddress;
-pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus, SshEndpoint};
+pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
 pub use state::{EffectiveState, Phase, effective_state};
 pub use time::Timestamp;

@@ -162,7 +162,10 @@ pub struct StageRecord {
     pub name: String,
     /// How it went.
     pub outcome: StageOutcome,
-    /// How many times it was started (first run, retries and resumptions).
+    /// How many of its attempts reached the provider (first run, retries and resumptions).
+    /// An attempt whose start was committed but which a stop or a cancel overtook before the
+    /// provider was called is taken back (see [`Operation::withdraw_attempt`]), so a stage
+    /// can show 0.
     pub attempts: u32,
     /// How many of those attempts were cut short by a crash of the server (or a stop that
     /// could not wait for them).
@@ -300,6 +303,10 @@ impl Operation {
         self.current_stage = name.to_owned();
         match self.stages.last_mut() {
             Some(last) if last.name == name && last.outcome != StageOutcome::Succeeded => {
+                if last.attempts == 0 {
+                    // Its only start was taken back: this is its first real start.
+                    last.started_at = now;
+                }
                 last.attempts += 1;
                 last.outcome = StageOutcome::Running;
                 last.finished_at = None;
@@ -333,6 +340,18 @@ impl Operation {
             last.released = false;
         }
         Some((last, crashed))
+    }
+
+    /// Takes back the start of the running stage's current attempt: its start was recorded
+    /// but the executor stopped (a shutdown or a cancel) before the provider was called, so
+    /// the attempt does not count. The record stays (its start was reported) and the next
+    /// [`Operation::begin_stage`] counts the attempt that does run.
+    pub fn withdraw_attempt(&mut self) {
+        if let Some(last) = self.stages.last_mut()
+            && last.outcome == StageOutcome::Running
+        {
+            last.attempts = last.attempts.saturating_sub(1);
+        }
     }
 
     /// Records that a graceful stop of the server cut the running stage short; the next
@@ -413,6 +432,37 @@ mod tests {
             ["set-netboot", "repave-image"]
         );
         assert!(o.mark_interrupted().is_none());
+    }
+
+    #[test]
+    fn a_withdrawn_attempt_does_not_count() {
+        let mut o = op();
+        let t = Timestamp::from_unix_micros;
+        o.start(t(1)).unwrap();
+        // The first start of a stage is taken back: a stop came before the provider ran.
+        o.begin_stage("set-netboot", t(1));
+        o.withdraw_attempt();
+        o.release_stage();
+        assert_eq!(o.stages[0].attempts, 0);
+        assert_eq!(
+            o.mark_interrupted()
+                .map(|(s, crashed)| (s.interruptions, crashed)),
+            Some((0, false)),
+            "a released stage is no crash"
+        );
+        o.begin_stage("set-netboot", t(5));
+        let r = &o.stages[0];
+        assert_eq!((r.attempts, r.interruptions), (1, 0));
+        assert_eq!(r.started_at, t(5), "it first ran at the resumption");
+        // A later attempt taken back leaves the earlier ones and the first start alone.
+        o.stage_attempt_failed("timeout");
+        o.begin_stage("set-netboot", t(7));
+        o.withdraw_attempt();
+        assert_eq!((o.stages[0].attempts, o.stages[0].started_at), (1, t(5)));
+        // Only a running stage has an attempt to take back.
+        o.end_stage(StageOutcome::Succeeded, None, t(8));
+        o.withdraw_attempt();
+        assert_eq!(o.stages[0].attempts, 1);
     }
 
     #[test]

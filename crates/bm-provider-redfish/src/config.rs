@@ -1,16 +1,24 @@
 //! The provider's configuration: the `[redfish]` section of the server's configuration file,
 //! as plain serde data, and its checks.
 //!
-//! Everything here is data; [`crate::RedfishProvider::new`] turns it into working parts
-//! (files read, templates parsed, clients built) and reports every mistake as a
-//! [`ConfigError`] before the server starts serving.
+//! The serde shapes come first; `RedfishConfig::check` then turns them into settings that
+//! work (every field checked, the files it names read, the templates parsed) and reports
+//! every mistake as a [`ConfigError`] naming the field, before the server starts serving.
+//! [`crate::RedfishProvider::new`] only assembles what it returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::endpoint::BmcEndpoint;
+use crate::redfish::power::PowerTiming;
+use crate::redfish::{BmcOverrides, BmcSettings};
+use crate::ssh::SshSettings;
+use crate::template::{Template, Var};
 
 /// The `[redfish]` section of the server's configuration file.
 ///
@@ -437,9 +445,590 @@ pub(crate) mod duration {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Checking: from the serde shapes above to settings that work.
+
+/// The in-band steps, each a command template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    Repave,
+    MintJoinToken,
+    JoinCluster,
+    VerifyInCluster,
+    Drain,
+    Uncordon,
+    WipeDisks,
+    ApplyNetworkConfig,
+    VerifyConnectivity,
+}
+
+impl Step {
+    pub(crate) const ALL: [Step; 9] = [
+        Step::Repave,
+        Step::MintJoinToken,
+        Step::JoinCluster,
+        Step::VerifyInCluster,
+        Step::Drain,
+        Step::Uncordon,
+        Step::WipeDisks,
+        Step::ApplyNetworkConfig,
+        Step::VerifyConnectivity,
+    ];
+
+    /// The log tag.
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            Step::Repave => "repave",
+            Step::MintJoinToken => "mint-join-token",
+            Step::JoinCluster => "join-cluster",
+            Step::VerifyInCluster => "verify-in-cluster",
+            Step::Drain => "drain",
+            Step::Uncordon => "uncordon",
+            Step::WipeDisks => "wipe-disks",
+            Step::ApplyNetworkConfig => "apply-network-config",
+            Step::VerifyConnectivity => "verify-connectivity",
+        }
+    }
+
+    /// The key in `[redfish.commands]`.
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Step::Repave => "repave",
+            Step::MintJoinToken => "mint_join_token",
+            Step::JoinCluster => "join_cluster",
+            Step::VerifyInCluster => "verify_in_cluster",
+            Step::Drain => "drain",
+            Step::Uncordon => "uncordon",
+            Step::WipeDisks => "wipe_disks",
+            Step::ApplyNetworkConfig => "apply_network_config",
+            Step::VerifyConnectivity => "verify_connectivity",
+        }
+    }
+
+    pub(crate) fn configured(self, c: &CommandsConfig) -> Option<&StepCommand> {
+        match self {
+            Step::Repave => c.repave.as_ref(),
+            Step::MintJoinToken => c.mint_join_token.as_ref(),
+            Step::JoinCluster => c.join_cluster.as_ref(),
+            Step::VerifyInCluster => c.verify_in_cluster.as_ref(),
+            Step::Drain => c.drain.as_ref(),
+            Step::Uncordon => c.uncordon.as_ref(),
+            Step::WipeDisks => c.wipe_disks.as_ref(),
+            Step::ApplyNetworkConfig => c.apply_network_config.as_ref(),
+            Step::VerifyConnectivity => c.verify_connectivity.as_ref(),
+        }
+    }
+}
+
+/// A configured step.
+#[derive(Clone, Debug)]
+pub(crate) enum StepPlan {
+    Run(Template),
+    Noop,
+}
+
+/// How `set_netboot` works.
+#[derive(Clone, Debug)]
+pub(crate) enum Boot {
+    Pxe,
+    VirtualMedia(Template),
+}
+
+/// The settings of every BMC: the defaults and what each `[redfish.bmc."..."]` section sets.
+#[derive(Debug)]
+pub(crate) struct BmcTable {
+    default: BmcSettings,
+    /// What each `[redfish.bmc."..."]` section sets, by its key.
+    per_bmc: BTreeMap<String, BmcOverrides>,
+}
+
+impl BmcTable {
+    /// The settings of a BMC, field by field from `[bmc."host:port"]`, `[bmc."host"]` and
+    /// the defaults, in that order.
+    pub(crate) fn settings_for(&self, ep: &BmcEndpoint) -> BmcSettings {
+        let none = BmcOverrides::default();
+        let with_port = self.per_bmc.get(&ep.host_port).unwrap_or(&none);
+        let host = self.per_bmc.get(&ep.host).unwrap_or(&none);
+        with_port.clone().or(host).resolve(&self.default)
+    }
+}
+
+/// A checked configuration: its files read, its templates parsed.
+pub(crate) struct Checked {
+    pub(crate) bmcs: BmcTable,
+    pub(crate) power: PowerTiming,
+    pub(crate) insert_media_timeout: Duration,
+    pub(crate) boot: Boot,
+    pub(crate) steps: HashMap<&'static str, StepPlan>,
+    /// Set exactly when some in-band step runs a command.
+    pub(crate) ssh: Option<SshSettings>,
+}
+
+impl RedfishConfig {
+    /// Checks every field, reads the files the configuration names (passwords, CA, SSH
+    /// key) and parses the templates: what [`crate::RedfishProvider::new`] builds from.
+    pub(crate) fn check(&self) -> Result<Checked, ConfigError> {
+        let c = self;
+        let request_timeout = positive("request_timeout", c.request_timeout)?;
+        if c.max_concurrent_requests == 0 {
+            return Err(ConfigError::invalid(
+                "max_concurrent_requests",
+                "must be at least 1",
+            ));
+        }
+        let default_auth = match &c.credentials {
+            None => None,
+            Some(cr) => resolve_auth(
+                "credentials.",
+                Some(cr.username.as_str()),
+                cr.password.as_ref(),
+                cr.password_file.as_deref(),
+            )?,
+        };
+        let default_ca = match &c.tls.ca_file {
+            None => None,
+            Some(p) => Some(read_file("tls.ca_file", p)?),
+        };
+        let default_bmc = BmcSettings {
+            auth: default_auth,
+            ca_pem: default_ca,
+            insecure: false,
+            timeout: request_timeout,
+            concurrency: c.max_concurrent_requests,
+        };
+        let mut per_bmc = BTreeMap::new();
+        for (key, b) in &c.bmc {
+            per_bmc.insert(key.clone(), bmc_overrides(key, b)?);
+        }
+
+        let p = &c.power;
+        let power = PowerTiming {
+            poll_interval: positive("power.poll_interval", p.poll_interval)?,
+            max_poll_interval: positive("power.max_poll_interval", p.max_poll_interval)?,
+            deadline: positive("power.deadline", p.deadline)?,
+            reissue_after: positive("power.reissue_after", p.reissue_after)?,
+            graceful_timeout: p.graceful_shutdown_timeout,
+            cycle: p.cycle,
+        };
+
+        let boot = match c.boot.method {
+            BootMethod::Pxe => Boot::Pxe,
+            BootMethod::VirtualMedia => {
+                let Some(src) = &c.boot.iso_url else {
+                    return Err(ConfigError::invalid(
+                        "boot.iso_url",
+                        "method = \"virtual-media\" needs the URL of the deploy ISO",
+                    ));
+                };
+                let t = Template::parse(src, &Var::COMMON)
+                    .map_err(|e| ConfigError::invalid("boot.iso_url", e))?;
+                Boot::VirtualMedia(t)
+            }
+        };
+
+        let mut steps = HashMap::new();
+        for step in Step::ALL {
+            let field = format!("commands.{}", step.key());
+            let plan = match step.configured(&c.commands) {
+                None => continue,
+                Some(StepCommand::Disabled(false))
+                    if matches!(step, Step::Drain | Step::Uncordon) =>
+                {
+                    StepPlan::Noop
+                }
+                Some(StepCommand::Disabled(_)) => {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "expected a command template; only drain and uncordon may be false (a no-op)",
+                    ));
+                }
+                Some(StepCommand::Run(src)) => {
+                    if src.trim().is_empty() {
+                        return Err(ConfigError::invalid(
+                            field,
+                            "the command is empty (leave the step out, or write false for drain/uncordon)",
+                        ));
+                    }
+                    let allowed: Vec<Var> = if step == Step::JoinCluster {
+                        Var::COMMON.iter().copied().chain([Var::Token]).collect()
+                    } else {
+                        Var::COMMON.to_vec()
+                    };
+                    StepPlan::Run(
+                        Template::parse(src, &allowed)
+                            .map_err(|e| ConfigError::invalid(field, e))?,
+                    )
+                }
+            };
+            steps.insert(step.tag(), plan);
+        }
+
+        let needs_ssh = steps.values().any(|p| matches!(p, StepPlan::Run(_)));
+        let ssh = if needs_ssh {
+            let s = &c.ssh;
+            let Some(key_path) = &s.private_key_file else {
+                return Err(ConfigError::invalid(
+                    "ssh.private_key_file",
+                    "the in-band command templates run over SSH and need a private key",
+                ));
+            };
+            let Some(known_hosts) = &s.known_hosts_file else {
+                return Err(ConfigError::invalid(
+                    "ssh.known_hosts_file",
+                    "host keys must be checked: name a known_hosts file (with trust_on_first_use, the file keys are pinned in)",
+                ));
+            };
+            if s.user.is_empty() {
+                return Err(ConfigError::invalid("ssh.user", "must not be empty"));
+            }
+            let key = russh::keys::load_secret_key(key_path, None).map_err(|source| {
+                ConfigError::SshKey {
+                    path: key_path.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+            Some(SshSettings {
+                user: s.user.clone(),
+                key: Arc::new(key),
+                key_path: key_path.clone(),
+                known_hosts: known_hosts.clone(),
+                tofu: s.trust_on_first_use,
+                connect_timeout: positive("ssh.connect_timeout", s.connect_timeout)?,
+                command_timeout: positive("ssh.command_timeout", s.command_timeout)?,
+            })
+        } else {
+            None
+        };
+
+        Ok(Checked {
+            bmcs: BmcTable {
+                default: default_bmc,
+                per_bmc,
+            },
+            power,
+            insert_media_timeout: positive("insert_media_timeout", c.insert_media_timeout)?,
+            boot,
+            steps,
+            ssh,
+        })
+    }
+}
+
+fn read_file(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::ReadFile {
+        field: field.to_owned(),
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Resolves `username` + `password` | `password_file` of one section (`prefix` names it in
+/// errors).
+fn resolve_auth(
+    prefix: &str,
+    username: Option<&str>,
+    password: Option<&Secret>,
+    password_file: Option<&Path>,
+) -> Result<Option<(String, Secret)>, ConfigError> {
+    let field = |f: &str| format!("{prefix}{f}");
+    let Some(user) = username else {
+        if password.is_some() || password_file.is_some() {
+            return Err(ConfigError::invalid(
+                field("username"),
+                "a password is set but no username",
+            ));
+        }
+        return Ok(None);
+    };
+    if user.is_empty() {
+        return Err(ConfigError::invalid(field("username"), "must not be empty"));
+    }
+    let secret = match (password, password_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                field("password"),
+                "set password or password_file, not both",
+            ));
+        }
+        (Some(p), None) => p.clone(),
+        (None, Some(path)) => {
+            let bytes = read_file(&field("password_file"), path)?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                ConfigError::invalid(field("password_file"), "the password file is not UTF-8")
+            })?;
+            Secret::new(text.trim_end_matches(['\n', '\r']))
+        }
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                field("password_file"),
+                format!("the user {user:?} has no password: set password_file (or password)"),
+            ));
+        }
+    };
+    if secret.expose().is_empty() {
+        return Err(ConfigError::invalid(
+            field("password"),
+            "the password is empty",
+        ));
+    }
+    Ok(Some((user.to_owned(), secret)))
+}
+
+/// What one `[redfish.bmc."<key>"]` section sets, checked and with its files read.
+fn bmc_overrides(key: &str, b: &BmcConfig) -> Result<BmcOverrides, ConfigError> {
+    let prefix = format!("bmc.{key:?}.");
+    if key.is_empty() || key.contains('/') || key.contains("://") {
+        return Err(ConfigError::invalid(
+            format!("bmc.{key:?}"),
+            "the key must be a BMC host or host:port as written in bmc_endpoint, e.g. \"10.0.1.5\"",
+        ));
+    }
+    let auth = resolve_auth(
+        &prefix,
+        b.username.as_deref(),
+        b.password.as_ref(),
+        b.password_file.as_deref(),
+    )?;
+    if b.insecure_skip_verify == Some(true) && b.ca_file.is_some() {
+        return Err(ConfigError::invalid(
+            format!("{prefix}insecure_skip_verify"),
+            "set ca_file or insecure_skip_verify, not both",
+        ));
+    }
+    let ca_pem = match &b.ca_file {
+        Some(p) => Some(read_file(&format!("{prefix}ca_file"), p)?),
+        None => None,
+    };
+    let timeout = match b.request_timeout {
+        Some(t) => Some(positive(&format!("{prefix}request_timeout"), t)?),
+        None => None,
+    };
+    if b.max_concurrent_requests == Some(0) {
+        return Err(ConfigError::invalid(
+            format!("{prefix}max_concurrent_requests"),
+            "must be at least 1",
+        ));
+    }
+    Ok(BmcOverrides {
+        auth,
+        ca_pem,
+        // A section that names a CA wants certificates checked with it, whatever a less
+        // specific section says.
+        insecure: b.insecure_skip_verify.or(b.ca_file.as_ref().map(|_| false)),
+        timeout,
+        concurrency: b.max_concurrent_requests,
+    })
+}
+
+fn positive(field: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::invalid(field, "must be more than 0s"))
+    } else {
+        Ok(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RedfishProvider;
+    use crate::endpoint::parse_bmc_endpoint;
+
+    fn config(doc: &str) -> RedfishConfig {
+        RedfishConfig::from_toml(doc).unwrap()
+    }
+
+    fn new_err(doc: &str) -> String {
+        match RedfishProvider::new(config(doc)) {
+            Ok(_) => panic!("{doc:?} was accepted"),
+            Err(e) => {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(e) = src {
+                    s.push_str(&format!(": {e}"));
+                    src = e.source();
+                }
+                s
+            }
+        }
+    }
+
+    #[test]
+    fn configuration_errors_name_the_field() {
+        let cases = [
+            (
+                "[redfish]\nmax_concurrent_requests = 0",
+                "redfish.max_concurrent_requests: must be at least 1",
+            ),
+            (
+                "[redfish]\nrequest_timeout = \"0s\"",
+                "redfish.request_timeout: must be more than 0s",
+            ),
+            (
+                "[redfish.credentials]\nusername = \"admin\"",
+                "redfish.credentials.password_file: the user \"admin\" has no password",
+            ),
+            (
+                "[redfish.credentials]\nusername = \"a\"\npassword = \"p\"\npassword_file = \"/x\"",
+                "not both",
+            ),
+            (
+                "[redfish.credentials]\nusername = \"a\"\npassword_file = \"/nonexistent/pw\"",
+                "redfish.credentials.password_file: cannot read /nonexistent/pw: No such file",
+            ),
+            (
+                "[redfish.bmc.\"h\"]\npassword = \"p\"",
+                "redfish.bmc.\"h\".username: a password is set but no username",
+            ),
+            (
+                "[redfish.bmc.\"h\"]\ninsecure_skip_verify = true\nca_file = \"/x\"",
+                "set ca_file or insecure_skip_verify, not both",
+            ),
+            (
+                "[redfish.tls]\nca_file = \"/nonexistent/ca.pem\"",
+                "redfish.tls.ca_file: cannot read",
+            ),
+            (
+                "[redfish.boot]\nmethod = \"virtual-media\"",
+                "redfish.boot.iso_url",
+            ),
+            (
+                "[redfish.boot]\nmethod = \"virtual-media\"\niso_url = \"http://x/{machine}.iso\"",
+                "unknown variable {machine}",
+            ),
+            (
+                "[redfish.commands]\nrepave = \"x\"",
+                "redfish.ssh.private_key_file",
+            ),
+            (
+                "[redfish.commands]\nrepave = \"x\"\n[redfish.ssh]\nprivate_key_file = \"/k\"",
+                "redfish.ssh.known_hosts_file",
+            ),
+            (
+                "[redfish.commands]\nrepave = \"x\"\n[redfish.ssh]\nprivate_key_file = \"/nonexistent/k\"\nknown_hosts_file = \"/k\"",
+                "cannot load the SSH private key /nonexistent/k",
+            ),
+            (
+                "[redfish.commands]\nrepave = false",
+                "only drain and uncordon may be false",
+            ),
+            ("[redfish.commands]\nrepave = \" \"", "the command is empty"),
+            (
+                "[redfish.commands]\nrepave = \"deploy {token}\"",
+                "{token} is not available",
+            ),
+            (
+                "[redfish.notify]\nwebhook_url = \"ftp://x\"",
+                "must be an http:// or https:// URL",
+            ),
+            (
+                "[redfish.power]\npoll_interval = \"0ms\"",
+                "redfish.power.poll_interval",
+            ),
+        ];
+        for (doc, want) in cases {
+            let e = new_err(doc);
+            assert!(e.contains(want), "{doc}\n  got: {e}\n want: {want}");
+        }
+    }
+
+    #[test]
+    fn per_bmc_settings_fall_back_field_by_field() {
+        let p = config(
+            r#"
+            [redfish]
+            request_timeout = "20s"
+            [redfish.credentials]
+            username = "admin"
+            password = "default-pw"
+            [redfish.bmc."10.0.0.5:8443"]
+            username = "special"
+            password = "pw2"
+            [redfish.bmc."10.0.0.5"]
+            insecure_skip_verify = true
+            request_timeout = "3s"
+            "#,
+        )
+        .check()
+        .unwrap();
+        let get = |url: &str| p.bmcs.settings_for(&parse_bmc_endpoint(url).unwrap());
+        let s = get("redfish+https://10.0.0.5:8443/");
+        assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("special"));
+        // What "10.0.0.5:8443" leaves unset comes from "10.0.0.5", not from the default.
+        assert!(s.insecure);
+        assert_eq!(s.timeout, Duration::from_secs(3));
+        let s = get("redfish+https://10.0.0.5/");
+        assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("admin"));
+        assert!(s.insecure);
+        assert_eq!(s.timeout, Duration::from_secs(3));
+        let s = get("redfish+https://10.0.0.6/");
+        assert_eq!(s.auth.as_ref().map(|a| a.1.expose()), Some("default-pw"));
+        assert!(!format!("{:?}", p.bmcs).contains("default-pw"));
+    }
+
+    #[test]
+    fn a_host_port_section_inherits_what_it_leaves_unset_from_the_host_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "rack CA").unwrap();
+        let p = config(&format!(
+            r#"
+            [redfish]
+            max_concurrent_requests = 4
+            [redfish.credentials]
+            username = "admin"
+            password = "default-pw"
+            [redfish.bmc."10.0.1.5"]
+            username = "root"
+            password = "host-pw"
+            insecure_skip_verify = true
+            [redfish.bmc."10.0.1.5:8443"]
+            request_timeout = "7s"
+            [redfish.bmc."10.0.1.5:9443"]
+            ca_file = {ca:?}
+            max_concurrent_requests = 1
+            [redfish.bmc."10.0.1.5:10443"]
+            insecure_skip_verify = false
+            "#
+        ))
+        .check()
+        .unwrap();
+        let get = |url: &str| p.bmcs.settings_for(&parse_bmc_endpoint(url).unwrap());
+        // Only a timeout for the port: the credentials and TLS choice of the host still hold.
+        let s = get("redfish+https://10.0.1.5:8443/");
+        assert_eq!(
+            s.auth.as_ref().map(|(u, pw)| (u.as_str(), pw.expose())),
+            Some(("root", "host-pw"))
+        );
+        assert!(s.insecure);
+        assert_eq!(s.timeout, Duration::from_secs(7));
+        assert_eq!(s.concurrency, 4);
+        // A CA for the port means checking certificates with it.
+        let s = get("redfish+https://10.0.1.5:9443/");
+        assert!(!s.insecure);
+        assert_eq!(s.ca_pem.as_deref(), Some(b"rack CA".as_slice()));
+        assert_eq!(s.concurrency, 1);
+        assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("root"));
+        let s = get("redfish+https://10.0.1.5:10443/");
+        assert!(!s.insecure);
+        assert_eq!(s.timeout, Duration::from_secs(30));
+        // Another host: the defaults.
+        let s = get("redfish+https://10.0.1.6:8443/");
+        assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("admin"));
+        assert!(!s.insecure);
+        assert_eq!(s.ca_pem, None);
+    }
+
+    #[test]
+    fn password_files_lose_their_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret \n").unwrap();
+        let auth = resolve_auth("credentials.", Some("u"), None, Some(&f))
+            .unwrap()
+            .unwrap();
+        assert_eq!(auth.1.expose(), "s3cret ");
+    }
 
     fn parse_err(doc: &str) -> String {
         match RedfishConfig::from_toml(doc) {

@@ -1,7 +1,7 @@
 //! The two addresses in a machine's spec: its BMC endpoint (`redfish+https://...`) and its
 //! SSH endpoint (`[user@]host[:port]`).
 
-use bm_domain::{DomainError, SshEndpoint};
+use bm_domain::{BmcScheme, DomainError, SshEndpoint};
 use reqwest::Url;
 
 /// How the machine's ComputerSystem is found on its BMC.
@@ -33,33 +33,24 @@ const EXAMPLE: &str = "redfish+https://10.0.0.5/redfish/v1/Systems/1";
 
 /// Parses `redfish+https://host[:port][/path][?uuid=...]` (or `redfish+http://` for labs).
 ///
-/// The path is the `@odata.id` of the system; an empty path, `/redfish/v1` or
-/// `/redfish/v1/Systems` means the only system of the BMC; `?uuid=` picks a system by UUID.
+/// The domain's parser checks the URL first (the one that validated the machine record);
+/// this adds what only the provider knows. The path is the `@odata.id` of the system; an
+/// empty path, `/redfish/v1` or `/redfish/v1/Systems` means the only system of the BMC;
+/// `?uuid=` picks a system by UUID.
 pub(crate) fn parse_bmc_endpoint(s: &str) -> Result<BmcEndpoint, String> {
     if s.is_empty() {
         return Err(format!(
             "the machine has no BMC endpoint; the redfish provider needs one such as {EXAMPLE}"
         ));
     }
-    let (scheme, rest) = match s.split_once("://") {
-        Some(("redfish+https", rest)) => ("https", rest),
-        Some(("redfish+http", rest)) => ("http", rest),
-        _ => {
-            return Err(format!(
-                "BMC endpoint {s:?} is not a Redfish URL: expected redfish+https://host/... (or redfish+http:// in a lab), e.g. {EXAMPLE}"
-            ));
-        }
+    let checked: bm_domain::BmcEndpoint = s.parse().map_err(|e: DomainError| e.to_string())?;
+    let scheme = match checked.scheme {
+        BmcScheme::RedfishHttps => "https",
+        BmcScheme::RedfishHttp => "http",
     };
+    let rest = &s[checked.scheme.as_str().len() + "://".len()..];
     let url = Url::parse(&format!("{scheme}://{rest}"))
         .map_err(|e| format!("BMC endpoint {s:?} is not a valid URL: {e}"))?;
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "BMC endpoint {s:?} carries credentials; they belong in the server's [redfish] configuration"
-        ));
-    }
-    if url.fragment().is_some() {
-        return Err(format!("BMC endpoint {s:?} must not have a #fragment"));
-    }
     let host = url
         .host_str()
         .filter(|h| !h.is_empty())
@@ -185,12 +176,14 @@ mod tests {
             assert!(e.contains(want), "{s}: {e}");
         };
         err("", "has no BMC endpoint");
-        err("https://10.0.0.5/", "not a Redfish URL");
-        err("ipmi://10.0.0.5", "not a Redfish URL");
-        err("redfish+https://", "not a valid URL");
+        // The domain's parser speaks first: what it refuses never registers.
+        err("https://10.0.0.5/", "the scheme must be redfish+https://");
+        err("ipmi://10.0.0.5", "unknown scheme \"ipmi\"");
+        err("redfish+https://", "no host");
         err("redfish+https://u:p@bmc/", "credentials");
-        err("redfish+https://bmc/?system=1", "unknown query parameter");
+        err("redfish+https://bmc:99999/", "from 1 to 65535");
         err("redfish+https://bmc/#x", "fragment");
+        err("redfish+https://bmc/?system=1", "unknown query parameter");
     }
 
     #[test]

@@ -222,11 +222,11 @@ enum Flow {
     Ended(OperationPhase),
 }
 
-/// Whether a stage that writes the machine's disk has started.
+/// Whether a stage that writes the machine's disk has reached the provider.
 fn disk_touched(op: &Operation) -> bool {
     op.stages
         .iter()
-        .any(|s| StepKind::from_name(&s.name).is_some_and(StepKind::touches_disk))
+        .any(|s| s.attempts > 0 && StepKind::from_name(&s.name).is_some_and(StepKind::touches_disk))
 }
 
 struct Runner {
@@ -360,7 +360,12 @@ impl Runner {
                 t,
             ));
             self.save().await?;
+            // The last point where a stop keeps the provider from being called: the attempt
+            // whose start was just committed never ran, so it must not count (otherwise the
+            // resumption counts a second attempt of a step that ran once). Past this check
+            // the provider is entered first, whatever arrives meanwhile (see `attempt`).
             if self.stopping() {
+                self.op.withdraw_attempt();
                 return self.end_stopped().await.map(Flow::Ended);
             }
             let error = match self.attempt(step, provider, machine).await {
@@ -447,6 +452,10 @@ impl Runner {
         let action = steps::run(step, provider, ctx, &self.op);
         tokio::pin!(action);
         let result = tokio::select! {
+            // The action is polled first, so it is always entered: the caller decided that
+            // this attempt runs (and counts); a stop that came since is handled below, as a
+            // stop during the action.
+            biased;
             r = &mut action => r,
             () = tokio::time::sleep(timeout) => {
                 attempt_token.cancel();

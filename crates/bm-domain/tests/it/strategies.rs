@@ -70,8 +70,9 @@ pub(crate) fn operation_id() -> impl Strategy<Value = OperationId> {
 pub(crate) fn spec() -> impl Strategy<Value = MachineSpec> {
     (
         prop::collection::btree_set(mac(), 0..4),
-        "([a-z]{1,8}@)?[a-z0-9.-]{1,20}(:[1-9][0-9]{0,3})?",
-        "(redfish\\+https://[a-z0-9.]{1,20}/redfish/v1/Systems/[0-9])?",
+        // RFC 1123 host names whose last label is not a number (that would be an address).
+        "([a-z]{1,8}@)?([a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?\\.){0,2}[a-z]([a-z0-9-]{0,6}[a-z0-9])?(:[1-9][0-9]{0,3})?",
+        "(redfish\\+https://([a-z0-9]{1,8}\\.){0,2}[a-z][a-z0-9]{0,8}/redfish/v1/Systems/[0-9])?",
         "[a-z0-9.:/-]{0,30}",
         "[a-z0-9-]{0,20}",
         "(?s).{0,100}",

@@ -44,20 +44,20 @@ pub(crate) fn normalize_macs<'a>(
 
 /// How the MAC addresses of a machine record compare with those its BMC reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MacCheck {
+pub(crate) struct MacCheck {
     /// Every MAC address the BMC reports for the system, normalised.
-    pub on_hardware: Vec<MacAddress>,
+    pub(crate) on_hardware: Vec<MacAddress>,
     /// Addresses in the machine record that the hardware does not have (a typo, or the
     /// record describes another machine).
-    pub missing_on_hardware: Vec<MacAddress>,
+    pub(crate) missing_on_hardware: Vec<MacAddress>,
     /// Addresses of the hardware that the record does not list (often fine: BMC-shared or
     /// unused ports).
-    pub not_in_record: Vec<MacAddress>,
+    pub(crate) not_in_record: Vec<MacAddress>,
 }
 
 impl MacCheck {
     /// Compares a record's addresses with the hardware's.
-    pub fn compare(record: &[MacAddress], on_hardware: Vec<MacAddress>) -> Self {
+    pub(crate) fn compare(record: &[MacAddress], on_hardware: Vec<MacAddress>) -> Self {
         let missing_on_hardware = record
             .iter()
             .filter(|m| !on_hardware.contains(m))
@@ -76,7 +76,7 @@ impl MacCheck {
     }
 
     /// True when every address of the record is on the hardware.
-    pub fn record_matches(&self) -> bool {
+    pub(crate) fn record_matches(&self) -> bool {
         self.missing_on_hardware.is_empty()
     }
 }

@@ -129,7 +129,8 @@ async fn reimage_and_reboot_through_the_api_of_a_real_server() {
     let emu = Emulator::start(EmuOpts {
         auth: Some(("admin", "s3cret")),
         ..EmuOpts::default()
-    });
+    })
+    .await;
     let sshd = Sshd::start();
     let dir = temp_dir("server-");
     let known_hosts = dir.path().join("known_hosts");

@@ -467,6 +467,74 @@ async fn import_reports_each_row() {
     );
 }
 
+/// Endpoints that could be read as something else (an ssh option, a second host,
+/// credentials) or that no provider could use are refused at registration, update and
+/// import, with INVALID_ARGUMENT and what is wrong.
+#[tokio::test]
+async fn endpoints_are_checked_fully() {
+    let server = InProcess::start().await;
+    let mut c = server.clients().await;
+    let with = |ssh: &str, bmc: &str| {
+        let mut m = fake_machine("machine-9", 9, &[]);
+        let spec = m.spec.as_mut().unwrap();
+        if !ssh.is_empty() {
+            spec.ssh_endpoint = ssh.into();
+        }
+        spec.bmc_endpoint = bmc.into();
+        m
+    };
+    let cases = [
+        (with("-oProxyCommand=evil", ""), "must not start with '-'"),
+        (with("a@b@c", ""), "at most one '@'"),
+        (with("", "redfish+https://[::1"), "[addr]:port"),
+        (with("", "redfish+https://bmc:99999/"), "from 1 to 65535"),
+        (with("", "ipmi://10.0.1.5"), "redfish+https://"),
+        (with("", "redfish+https://admin:pw@bmc/"), "credentials"),
+    ];
+    for (machine, want) in &cases {
+        check(
+            c.machines
+                .register_machine(pb::RegisterMachineRequest {
+                    machine: Some(machine.clone()),
+                })
+                .await,
+            Code::InvalidArgument,
+            want,
+        );
+    }
+    let r = c
+        .machines
+        .import_machines(pb::ImportMachinesRequest {
+            machines: cases.iter().map(|(m, _)| m.clone()).collect(),
+            source: "test".into(),
+            validate_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.failed_count, 6, "{r:?}");
+    for (result, (_, want)) in r.results.iter().zip(&cases) {
+        assert_eq!(result.error_code, "INVALID_ARGUMENT");
+        assert!(result.error_message.contains(want), "{result:?}");
+    }
+    c.register(fake_machine("machine-1", 1, &[])).await;
+    let mut update = with("", "redfish+https://bmc:0/");
+    update.id = "machine-1".into();
+    check(
+        c.machines
+            .update_machine(pb::UpdateMachineRequest {
+                machine: Some(update),
+                update_mask: Some(FieldMask {
+                    paths: vec!["spec.bmc_endpoint".into()],
+                }),
+            })
+            .await
+            .map(|_| ()),
+        Code::InvalidArgument,
+        "from 1 to 65535",
+    );
+}
+
 #[tokio::test]
 async fn health_and_reflection() {
     let server = InProcess::start().await;

@@ -1,8 +1,6 @@
 //! Restarts: graceful ones keep everything and resume running operations; a SIGKILL in
 //! the middle of reimages loses nothing and leaves nothing stuck.
 
-use std::time::Duration;
-
 use bm_proto::v1 as pb;
 use bm_provider_fake::LABEL_HANG_ACTION;
 
@@ -57,7 +55,15 @@ async fn graceful_restart_keeps_state_and_resumes_operations() {
         "{status_of_stream:?}"
     );
     assert!(status.success(), "{status:?}\n{}", server.log());
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The hung operation did not hold the exit up: the engine stopped it rather than waiting
+    // out its grace period, which it would have logged. (`terminate` allows 15 s; the exit
+    // takes about 2 s, the time given to connections still open, so no wall-clock bound
+    // here can tell the two apart on a busy machine.)
+    assert!(
+        !server.log().contains("did not stop within"),
+        "took {took:?}:\n{}",
+        server.log()
+    );
     assert!(server.log().contains("released leases"), "{}", server.log());
 
     server.spawn();

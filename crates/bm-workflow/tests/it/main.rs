@@ -3,6 +3,7 @@
 
 mod concurrency;
 mod harness;
+mod hold;
 mod lifecycle;
 mod resume;
 mod streams;

@@ -5,14 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bm_domain::{
-    ConditionType, EffectiveState, Labels, OperationPhase, OperationType, StageOutcome,
+    ConditionType, EffectiveState, EventKind, Labels, OperationPhase, OperationType, StageOutcome,
 };
 use bm_provider_fake::{
     Action, FakeConfig, FakeProvider, LABEL_DELAY_MS, LABEL_HANG_ACTION, Timing,
 };
-use bm_store::{SqliteConfig, SqliteStore, Store};
+use bm_store::{MemoryStore, SqliteConfig, SqliteStore, Store};
+use bm_workflow::CancelRequest;
 
 use crate::harness::{Harness, config, start_with};
+use crate::hold::HoldingStore;
 
 fn fake() -> Arc<FakeProvider> {
     Arc::new(FakeProvider::new(FakeConfig {
@@ -81,11 +83,12 @@ async fn shutdown_mid_stage_resumes_at_that_stage_on_sqlite() {
 /// A stop that lets a stage finish (the grace period of `apply-net-config`) commits that
 /// stage's success: after the restart the operation goes on with the next stage instead of
 /// finding the network change cut off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// Paused time over the memory store: the action's 1 s and the stop's grace period are
+/// virtual, so the outcome does not depend on how fast the machine runs the test.
+#[tokio::test(start_paused = true)]
 async fn a_stage_that_finishes_during_a_stop_is_not_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(dir.path())).unwrap());
-    let h = start_with(store, config(), fake());
+    let h = start_with(Arc::new(MemoryStore::new()), config(), fake());
     // Shorter than the stop's grace period for a stage that is not safe to run twice.
     h.machine("machine-1", &[(LABEL_DELAY_MS, "1000")]).await;
     h.run("machine-1", OperationType::EnterMaintenance, "e")
@@ -94,9 +97,14 @@ async fn a_stage_that_finishes_during_a_stop_is_not_lost() {
         .submit("machine-1", OperationType::NetReconfig, "n")
         .await
         .unwrap();
-    h.wait_stage(op.id, "apply-net-config").await;
+    // The provider is inside the action (its first line), not merely about to be called.
+    h.wait_log(op.id, "Rendering network config").await;
+    h.engine.shutdown(Duration::from_secs(5)).await;
+    // The stage ended during the stop, and its success was committed with the stop.
+    let stopped = h.engine.get_operation(op.id).await.unwrap();
+    assert_eq!(stopped.stages[0].outcome, StageOutcome::Succeeded);
 
-    let h = restart(h, "machine-1").await;
+    let h = start_with(h.store.clone(), config(), h.fake.clone());
     let done = h.wait_end(op.id).await;
     assert_eq!(done.phase, OperationPhase::Succeeded, "{:?}", done.error);
     assert_eq!(h.fake.calls("machine-1", Action::ApplyNetConfig), 1);
@@ -104,6 +112,112 @@ async fn a_stage_that_finishes_during_a_stop_is_not_lost() {
     assert_eq!(
         (apply.name.as_str(), apply.attempts, apply.interruptions),
         ("apply-net-config", 1, 0)
+    );
+}
+
+/// A stop that comes after a stage's start was committed but before the provider was called
+/// takes that attempt back: after the restart the stage runs once and counts one attempt
+/// (it used to count two while the provider ran once).
+#[tokio::test(start_paused = true)]
+async fn a_stop_before_the_provider_is_called_does_not_count_an_attempt() {
+    let store = HoldingStore::new(Arc::new(MemoryStore::new()));
+    let h = start_with(store.clone(), config(), fake());
+    h.machine("machine-1", &[]).await;
+    h.run("machine-1", OperationType::EnterMaintenance, "e")
+        .await;
+    let hold = store.hold_after_start_of("apply-net-config");
+    let op = h
+        .submit("machine-1", OperationType::NetReconfig, "n")
+        .await
+        .unwrap();
+    hold.committed.await.unwrap();
+    // The executor is held in the write that committed the stage's start. The stop's first
+    // poll fires the shutdown; then the executor may go on and sees it.
+    let stop = h.engine.shutdown(Duration::from_secs(5));
+    tokio::pin!(stop);
+    assert!(futures::poll!(&mut stop).is_pending());
+    assert!(h.engine.is_shutting_down());
+    hold.release.send(()).unwrap();
+    stop.await;
+    assert_eq!(h.fake.calls("machine-1", Action::ApplyNetConfig), 0);
+    let stopped = h.engine.get_operation(op.id).await.unwrap();
+    let s = &stopped.stages[0];
+    assert_eq!(
+        (s.name.as_str(), s.attempts, s.released),
+        ("apply-net-config", 0, true),
+        "the start is on record, the attempt is not"
+    );
+
+    let h = start_with(h.store.clone(), config(), h.fake.clone());
+    let done = h.wait_end(op.id).await;
+    assert_eq!(done.phase, OperationPhase::Succeeded, "{:?}", done.error);
+    assert_eq!(h.fake.calls("machine-1", Action::ApplyNetConfig), 1);
+    let apply = &done.stages[0];
+    assert_eq!(
+        (apply.name.as_str(), apply.attempts, apply.interruptions),
+        ("apply-net-config", 1, 0)
+    );
+}
+
+/// The same window with an operator's cancel: the operation ends CANCELED, and a disk-writing
+/// stage that never reached the provider does not mark the disk as incomplete.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_before_the_provider_is_called_leaves_the_disk_alone() {
+    let store = HoldingStore::new(Arc::new(MemoryStore::new()));
+    let h = start_with(store.clone(), config(), fake());
+    h.machine("machine-1", &[]).await;
+    h.run("machine-1", OperationType::EnterMaintenance, "e")
+        .await;
+    h.run("machine-1", OperationType::Reimage, "r1").await;
+    assert!(
+        h.get("machine-1")
+            .await
+            .status
+            .conditions
+            .is_true(&ConditionType::Provisioned)
+    );
+    let hold = store.hold_after_start_of("repave-image");
+    let op = h
+        .submit("machine-1", OperationType::Reimage, "r2")
+        .await
+        .unwrap();
+    hold.committed.await.unwrap();
+    let mut events = h.store.subscribe_events();
+    let cancel = tokio::spawn({
+        let engine = h.engine.clone();
+        async move {
+            engine
+                .cancel(CancelRequest {
+                    operation_id: op.id,
+                })
+                .await
+        }
+    });
+    // The cancel fires the operation's token in the same step that commits its request
+    // (the runtime has one thread): once the request is seen, the executor may go on.
+    while events.recv().await.unwrap().kind != EventKind::CancelRequested {}
+    hold.release.send(()).unwrap();
+    let canceled = cancel.await.unwrap().unwrap();
+    assert_eq!(canceled.phase, OperationPhase::Canceled);
+    assert_eq!(
+        h.fake.calls("machine-1", Action::Repave),
+        1,
+        "only the first reimage"
+    );
+    let repave = canceled.stages.last().unwrap();
+    assert_eq!(
+        (repave.name.as_str(), repave.attempts, repave.outcome),
+        ("repave-image", 0, StageOutcome::Canceled)
+    );
+    let m = h.get("machine-1").await;
+    assert!(
+        m.status
+            .conditions
+            .is_true(&ConditionType::OperationCanceled)
+    );
+    assert!(
+        m.status.conditions.is_true(&ConditionType::Provisioned),
+        "the image written by the first reimage is still whole"
     );
 }
 

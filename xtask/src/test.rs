@@ -1,0 +1,121 @@
+//! `cargo xtask test`: installs the system packages the tests need when they are missing,
+//! then runs `cargo test --workspace` with the arguments given (without `--workspace` when
+//! they pick packages with `-p`).
+//!
+//! The Redfish provider's tests start real peers: OpenSSH's `sshd` (Debian package
+//! `openssh-server`) and the sushy-tools emulator in a Python venv (`python3-venv`). They find
+//! those programs as this does: the `PATH`, then the sbin directories.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+use crate::proc;
+
+/// Where daemons live, searched after the `PATH` (a user's `PATH` often lacks them).
+const SBIN: [&str; 3] = ["/usr/sbin", "/usr/local/sbin", "/sbin"];
+
+/// Installs what is missing, runs the tests, and exits with their exit code.
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        install(&missing)?;
+        let still = missing_packages();
+        if !still.is_empty() {
+            bail!("still missing after the install: {}", still.join(" "));
+        }
+    }
+    // The whole workspace, unless the arguments pick packages.
+    let picks = args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a.starts_with("-p") || a.starts_with("--package"));
+    let mut cargo = Command::new(proc::cargo());
+    cargo.current_dir(proc::root()).arg("test");
+    if !picks {
+        cargo.arg("--workspace");
+    }
+    let status = cargo.args(args).status().context("running cargo test")?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// A program, searched like the tests search it.
+fn find(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(SBIN.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The Debian packages of the programs the tests need and this machine lacks.
+fn missing_packages() -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    if find("sshd").is_none() {
+        missing.push("openssh-server");
+    }
+    // python3-venv brings python3 with it, and ensurepip, without which a venv has no pip.
+    let venv_works = find("python3").is_some_and(|python| {
+        Command::new(python)
+            .args(["-c", "import venv, ensurepip"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !venv_works {
+        missing.push("python3-venv");
+    }
+    missing
+}
+
+/// `apt-get install`s `packages`, through sudo unless this runs as root.
+fn install(packages: &[&str]) -> anyhow::Result<()> {
+    println!("==> installing {}", packages.join(" "));
+    let Some(apt) = find("apt-get") else {
+        bail!(
+            "the tests need the Debian packages {} (or your system's equivalents), and there is no apt-get here: install them, then run cargo test --workspace",
+            packages.join(" ")
+        );
+    };
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+    let command = |args: &[&str]| -> anyhow::Result<Command> {
+        let mut c = if root {
+            Command::new(&apt)
+        } else {
+            let sudo = find("sudo").with_context(|| {
+                format!(
+                    "installing {} needs root, and there is no sudo: install them as root",
+                    packages.join(" ")
+                )
+            })?;
+            let mut c = Command::new(sudo);
+            // sudo resets the environment; it takes variables as arguments.
+            c.arg("DEBIAN_FRONTEND=noninteractive").arg(&apt);
+            c
+        };
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        Ok(c)
+    };
+    let update = command(&["update", "-qq"])?.status()?;
+    if !update.success() {
+        bail!("apt-get update failed");
+    }
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    if !command(&args)?.status()?.success() {
+        bail!("apt-get install {} failed", packages.join(" "));
+    }
+    Ok(())
+}
