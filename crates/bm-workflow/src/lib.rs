@@ -44,6 +44,7 @@ mod stream;
 
 pub use engine::{Engine, EngineConfig, OperationRequest};
 pub use error::{ResumePoint, WorkflowError};
+pub use plan::{describe, stage_names};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{EventBatch, LogBatch};
 
