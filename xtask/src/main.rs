@@ -3,6 +3,7 @@
 //! - `demo [--slow]`: plays spec 000's presenter script against a fresh server.
 //! - `bench [--quick] [--scenario NAME]`: builds in release mode and runs `bm-bench`.
 //! - `ci`: runs `.ci/run` (formatting, lints, docs, the tests).
+//! - `man OUTDIR`: writes bmctl's man pages into a directory.
 
 #![allow(
     clippy::print_stdout,
@@ -23,7 +24,9 @@ tasks:
         play spec 000's presenter script (steps 3-10) against a fresh server
   bench [--quick] [--scenario all|baseline|fleet|api|watch|memory]
         build in release mode, run the benchmarks against a real server, print one table
-  ci    formatting, lints, docs and tests, as .ci/run does"
+  ci    formatting, lints, docs and tests, as .ci/run does
+  man OUTDIR
+        write bmctl's man pages (bmctl.1 and one per command) into OUTDIR"
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         }
         "bench" => bench(rest),
         "ci" => ci(),
+        "man" => man(rest),
         "-h" | "--help" | "help" => {
             println!("{}", usage());
             Ok(())
@@ -70,6 +74,22 @@ fn ci() -> anyhow::Result<()> {
     let status = std::process::Command::new(proc::root().join(".ci/run")).status()?;
     if !status.success() {
         bail!(".ci/run failed");
+    }
+    Ok(())
+}
+
+/// Builds bmctl and has it write its man pages (`bmctl man --dir OUTDIR`): the pages come
+/// from its clap definitions, so xtask needs neither clap nor clap_mangen.
+fn man(args: &[String]) -> anyhow::Result<()> {
+    let [out_dir] = args else {
+        bail!("usage: cargo xtask man OUTDIR");
+    };
+    let bin = proc::build(&["bm-cli"], false)?;
+    let status = std::process::Command::new(bin.join("bmctl"))
+        .args(["man", "--dir", out_dir])
+        .status()?;
+    if !status.success() {
+        bail!("bmctl man failed");
     }
     Ok(())
 }
