@@ -97,7 +97,7 @@ fn unavailable(e: &ApiError) -> Status {
                 [(field.to_owned(), value.to_string())],
             );
             let message = format!("the server is shutting down; resume with {field}={value}");
-            tonic_types::StatusExt::with_error_details(Code::Unavailable, message, info)
+            <Status as tonic_types::StatusExt>::with_error_details(Code::Unavailable, message, info)
         }
         _ => Status::unavailable(e.to_string()),
     }
