@@ -78,6 +78,9 @@ pub(crate) struct Resuming<T> {
     position: Option<u64>,
     stream: Option<Streaming<T>>,
     lost_since: Option<Instant>,
+    /// No reconnect before this time: after a failed attempt, or after the server said it
+    /// is shutting down (reconnecting at once would only reach the server on its way out).
+    reopen_at: Option<tokio::time::Instant>,
 }
 
 impl<T: Resumable> Resuming<T> {
@@ -93,6 +96,7 @@ impl<T: Resumable> Resuming<T> {
             position: after,
             stream: None,
             lost_since: None,
+            reopen_at: None,
         }
     }
 
@@ -106,6 +110,10 @@ impl<T: Resumable> Resuming<T> {
     pub(crate) async fn next(&mut self) -> Result<Next<T>, tonic::Status> {
         loop {
             let Some(stream) = self.stream.as_mut() else {
+                if let Some(at) = self.reopen_at {
+                    tokio::time::sleep_until(at).await;
+                    self.reopen_at = None;
+                }
                 match (self.open)(self.position).await {
                     Ok(s) => {
                         self.stream = Some(s);
@@ -115,7 +123,7 @@ impl<T: Resumable> Resuming<T> {
                     }
                     Err(s) => match self.lost_since {
                         Some(since) if is_disconnect(&s) && since.elapsed() <= RECONNECT_FOR => {
-                            tokio::time::sleep(RETRY_EVERY).await;
+                            self.reopen_at = Some(tokio::time::Instant::now() + RETRY_EVERY);
                         }
                         _ => return Err(s),
                     },
@@ -134,6 +142,7 @@ impl<T: Resumable> Resuming<T> {
                     self.lost_since = Some(Instant::now());
                     if let Some(p) = resume_point(&s, T::FIELD) {
                         self.advance(p);
+                        self.reopen_at = Some(tokio::time::Instant::now() + RETRY_EVERY);
                     }
                     Ok(Next::Lost(s))
                 }

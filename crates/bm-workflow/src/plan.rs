@@ -208,10 +208,10 @@ pub fn describe(t: OperationType) -> &'static str {
             "Apply the spec's network config, verify connectivity (MAINTENANCE only)"
         }
         OperationType::ClearIntervention => {
-            "Record that a failure's cause was fixed: clears NeedsIntervention (no hardware step)"
+            "Record that a failure's cause was fixed: clears NeedsIntervention"
         }
         OperationType::Readmit => {
-            "Take back a blocked machine: clears RMA and Retired, phase FACTORY_READY (no hardware step)"
+            "Take back a blocked machine: clears RMA and Retired, phase FACTORY_READY"
         }
     }
 }
