@@ -176,7 +176,8 @@ pub(crate) fn is_disconnect(s: &tonic::Status) -> bool {
     )
 }
 
-/// The operation events that `filter` selects, after revision `after` (`None`: live only).
+/// The operation events of a machine and/or an operation (empty: any), after revision
+/// `after` (`None`: live only).
 pub(crate) fn events(
     ops: &OperationServiceClient<Channel>,
     machine_id: String,
