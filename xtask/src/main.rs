@@ -5,6 +5,7 @@
 //! - `test [ARGS]`: installs the system packages the tests need, then `cargo test --workspace
 //!   ARGS`.
 //! - `ci`: runs `.ci/run` (formatting, lints, docs, the tests).
+//! - `man OUTDIR`: writes bmctl's man pages into a directory.
 
 #![allow(
     clippy::print_stdout,
@@ -29,7 +30,9 @@ tasks:
   test [ARGS]
         install the system packages the tests need (openssh-server, python3-venv) when
         missing, then run cargo test --workspace ARGS
-  ci    formatting, lints, docs and tests, as .ci/run does"
+  ci    formatting, lints, docs and tests, as .ci/run does
+  man OUTDIR
+        write bmctl's man pages (bmctl.1 and one per command) into OUTDIR"
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         "bench" => bench(rest),
         "test" => test::run(rest),
         "ci" => ci(),
+        "man" => man(rest),
         "-h" | "--help" | "help" => {
             println!("{}", usage());
             Ok(())
@@ -77,6 +81,22 @@ fn ci() -> anyhow::Result<()> {
     let status = std::process::Command::new(proc::root().join(".ci/run")).status()?;
     if !status.success() {
         bail!(".ci/run failed");
+    }
+    Ok(())
+}
+
+/// Builds bmctl and has it write its man pages (`bmctl man --dir OUTDIR`): the pages come
+/// from its clap definitions, so xtask needs neither clap nor clap_mangen.
+fn man(args: &[String]) -> anyhow::Result<()> {
+    let [out_dir] = args else {
+        bail!("usage: cargo xtask man OUTDIR");
+    };
+    let bin = proc::build(&["bm-cli"], false)?;
+    let status = std::process::Command::new(bin.join("bmctl"))
+        .args(["man", "--dir", out_dir])
+        .status()?;
+    if !status.success() {
+        bail!("bmctl man failed");
     }
     Ok(())
 }

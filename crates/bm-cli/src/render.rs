@@ -196,6 +196,21 @@ pub(crate) fn machines_table(ms: &[pb::Machine], pal: &Palette) -> String {
     )
 }
 
+/// `bmctl plans`: each operation type, its stages in order, and under them what it does.
+pub(crate) fn plans_table(types: &[pb::OperationTypeInfo], pal: &Palette) -> String {
+    let mut rows = Vec::with_capacity(2 * types.len());
+    for t in types {
+        let stages = if t.stages.is_empty() {
+            "(no hardware step)".to_owned()
+        } else {
+            t.stages.join(" → ")
+        };
+        rows.push(vec![op_type(t.r#type), stages]);
+        rows.push(vec![String::new(), paint(pal.dim, &t.description)]);
+    }
+    table(&["TYPE", "STAGES"], &rows)
+}
+
 pub(crate) fn operations_table(ops: &[pb::Operation], pal: &Palette) -> String {
     let rows: Vec<Vec<String>> = ops
         .iter()
@@ -772,6 +787,33 @@ mod tests {
         → repave-image...
         [HH:MM:SS] Step repave-image succeeded
           ✓ repave-image
+        ");
+    }
+
+    #[test]
+    fn plans_list_the_stages_in_order() {
+        let types = [
+            pb::OperationTypeInfo {
+                r#type: pb::OperationType::Reimage.into(),
+                stages: vec![
+                    "set-netboot".into(),
+                    "reboot-to-netboot".into(),
+                    "repave-image".into(),
+                ],
+                description: "Netboot and write the image".into(),
+            },
+            pb::OperationTypeInfo {
+                r#type: pb::OperationType::ClearIntervention.into(),
+                stages: vec![],
+                description: "Clears NeedsIntervention".into(),
+            },
+        ];
+        insta::assert_snapshot!(plans_table(&types, &Palette::plain()), @r"
+        TYPE                STAGES
+        REIMAGE             set-netboot → reboot-to-netboot → repave-image
+                            Netboot and write the image
+        CLEAR_INTERVENTION  (no hardware step)
+                            Clears NeedsIntervention
         ");
     }
 

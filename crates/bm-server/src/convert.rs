@@ -157,6 +157,19 @@ pub(crate) fn operation_type_filter(
     )
 }
 
+/// Every operation type with its stage names and description, from bm-workflow's plans
+/// (which stay private: only the names go out).
+pub(crate) fn operation_types() -> Vec<pb::OperationTypeInfo> {
+    OperationType::ALL
+        .into_iter()
+        .map(|t| pb::OperationTypeInfo {
+            r#type: operation_type(t).into(),
+            stages: bm_workflow::stage_names(t).map(str::to_owned).collect(),
+            description: bm_workflow::describe(t).to_owned(),
+        })
+        .collect()
+}
+
 pub(crate) fn operation_phase(p: OperationPhase) -> pb::OperationPhase {
     match p {
         OperationPhase::Pending => pb::OperationPhase::Pending,

@@ -52,18 +52,25 @@ fn kind_code(kind: ErrorKind) -> Code {
     }
 }
 
-/// The message of an UNAVAILABLE status: a stream cut off by a shutdown names the request
-/// field that resumes it.
-fn unavailable_message(e: &ApiError) -> String {
+/// An UNAVAILABLE status. A stream cut off by a shutdown names the request field that
+/// resumes it: in the message for people, and in a `google.rpc.ErrorInfo` for programs
+/// (AIP-193), so that a client that was sent nothing yet still resumes without a gap.
+fn unavailable(e: &ApiError) -> Status {
     match e {
         ApiError::Workflow(WorkflowError::StreamInterrupted { after }) => {
-            let resume = match after {
-                ResumePoint::Revision(r) => format!("after_revision={r}"),
-                ResumePoint::Sequence(s) => format!("after_sequence={s}"),
+            let (field, value) = match after {
+                ResumePoint::Revision(r) => ("after_revision", r),
+                ResumePoint::Sequence(s) => ("after_sequence", s),
             };
-            format!("the server is shutting down; resume with {resume}")
+            let info = tonic_types::ErrorDetails::with_error_info(
+                "SERVER_SHUTTING_DOWN",
+                "baremetal.v1",
+                [(field.to_owned(), value.to_string())],
+            );
+            let message = format!("the server is shutting down; resume with {field}={value}");
+            <Status as tonic_types::StatusExt>::with_error_details(Code::Unavailable, message, info)
         }
-        _ => e.to_string(),
+        _ => Status::unavailable(e.to_string()),
     }
 }
 
@@ -90,7 +97,7 @@ impl From<ApiError> for Status {
             }
             Code::Unavailable => {
                 tracing::warn!(error = %e, "request refused");
-                Status::unavailable(unavailable_message(&e))
+                unavailable(&e)
             }
             _ => {
                 tracing::debug!(code = ?code, error = %e, "request refused");
@@ -167,6 +174,21 @@ mod tests {
             WorkflowError::ShuttingDown.into(),
             Code::Unavailable,
             "shutting down",
+        );
+    }
+
+    #[test]
+    fn a_cut_stream_says_where_to_resume_in_an_error_info() {
+        use tonic_types::StatusExt;
+        let s = Status::from(ApiError::from(WorkflowError::StreamInterrupted {
+            after: ResumePoint::Revision(41),
+        }));
+        let info = s.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, "SERVER_SHUTTING_DOWN");
+        assert_eq!(info.domain, "baremetal.v1");
+        assert_eq!(
+            info.metadata.get("after_revision").map(String::as_str),
+            Some("41")
         );
     }
 

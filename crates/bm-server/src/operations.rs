@@ -112,4 +112,13 @@ impl pb::operation_service_server::OperationService for Operations {
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         respond(self.logs(r.into_inner()).await)
     }
+
+    async fn list_operation_types(
+        &self,
+        _: Request<pb::ListOperationTypesRequest>,
+    ) -> Result<Response<pb::ListOperationTypesResponse>, Status> {
+        Ok(Response::new(pb::ListOperationTypesResponse {
+            operation_types: convert::operation_types(),
+        }))
+    }
 }

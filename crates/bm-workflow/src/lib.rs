@@ -53,6 +53,7 @@ pub use api::{
 };
 pub use engine::{Engine, EngineConfig};
 pub use error::{ErrorKind, ResumePoint, WorkflowError};
+pub use plan::{describe, stage_names};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{EventBatch, LogBatch};
 

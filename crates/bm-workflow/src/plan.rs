@@ -137,6 +137,45 @@ pub(crate) fn plan(t: OperationType) -> &'static [StepKind] {
     }
 }
 
+/// The names of the stages an operation of type `t` runs, in order: the names its
+/// `current_stage` and stage record will show. Empty for the bookkeeping types (clearing an
+/// intervention, readmitting), which run no hardware step.
+///
+/// This is what the outside may know of a plan; the steps behind the names stay private.
+pub fn stage_names(t: OperationType) -> impl ExactSizeIterator<Item = &'static str> {
+    plan(t).iter().map(|k| k.name())
+}
+
+/// One line on what an operation of type `t` does and in which phases it runs, for people
+/// (`bmctl plans`). The rules themselves are `bm_domain::rules`; `docs/lifecycle.md` has the
+/// whole table.
+pub fn describe(t: OperationType) -> &'static str {
+    match t {
+        OperationType::Reimage => {
+            "Netboot, write the spec's image, join the target cluster, verify (MAINTENANCE only)"
+        }
+        OperationType::Reboot => "Power-cycle the machine (READY or MAINTENANCE)",
+        OperationType::EnterMaintenance => {
+            "Drain the node and take the machine aside: phase MAINTENANCE"
+        }
+        OperationType::ExitMaintenance => {
+            "Uncordon the node and return the machine to service: phase READY"
+        }
+        OperationType::Rma => "Drain, wipe, open a repair ticket; ends with RMA (BLOCKED)",
+        OperationType::Retire => "Drain, wipe, power off; ends with Retired (BLOCKED)",
+        OperationType::Upgrade => "Drain, then reimage with the spec's image (MAINTENANCE only)",
+        OperationType::NetReconfig => {
+            "Apply the spec's network config, verify connectivity (MAINTENANCE only)"
+        }
+        OperationType::ClearIntervention => {
+            "Record that a failure's cause was fixed: clears NeedsIntervention"
+        }
+        OperationType::Readmit => {
+            "Take back a blocked machine: clears RMA and Retired, phase FACTORY_READY"
+        }
+    }
+}
+
 /// How many leading steps of `plan` the operation has already completed, or `None` when its
 /// stage record does not follow the plan (the plan changed between server versions).
 pub(crate) fn completed_prefix(plan: &[StepKind], op: &Operation) -> Option<usize> {
@@ -160,8 +199,10 @@ mod tests {
     use super::*;
     use bm_domain::{MachineId, OperationId, RequestId, StageOutcome, Timestamp};
 
+    /// Through the exported function, so that the specification test checks what clients
+    /// are told.
     fn names(t: OperationType) -> Vec<&'static str> {
-        plan(t).iter().map(|k| k.name()).collect()
+        stage_names(t).collect()
     }
 
     #[test]
@@ -194,6 +235,16 @@ mod tests {
             ["apply-net-config", "verify-connectivity"]
         );
         assert!(names(OperationType::ClearIntervention).is_empty());
+    }
+
+    #[test]
+    fn every_type_has_a_one_line_description() {
+        let mut seen = std::collections::HashSet::new();
+        for t in OperationType::ALL {
+            let d = describe(t);
+            assert!(!d.is_empty() && !d.contains('\n'), "{t:?}: {d:?}");
+            assert!(seen.insert(d), "{t:?} shares its description");
+        }
     }
 
     #[test]

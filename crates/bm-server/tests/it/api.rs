@@ -699,3 +699,52 @@ async fn storage_faults_get_the_code_of_their_kind() {
     let op = c.enter_maintenance("m-2").await;
     assert_eq!(op.phase(), pb::OperationPhase::Succeeded);
 }
+
+#[tokio::test]
+async fn operation_types_name_the_stages_operations_run() {
+    let server = InProcess::start().await;
+    let mut c = server.clients().await;
+    let types = c
+        .operations
+        .list_operation_types(pb::ListOperationTypesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_types;
+    let listed: Vec<pb::OperationType> = types.iter().map(|t| t.r#type()).collect();
+    let every: Vec<pb::OperationType> = (1..=10)
+        .map(|v| pb::OperationType::try_from(v).unwrap())
+        .collect();
+    assert_eq!(listed, every, "every type once, in the enum's order");
+    assert!(types.iter().all(|t| !t.description.is_empty()), "{types:?}");
+    let stages = |t: pb::OperationType| -> Vec<String> {
+        types
+            .iter()
+            .find(|i| i.r#type() == t)
+            .unwrap()
+            .stages
+            .clone()
+    };
+    // Spec 000's five steps of a reimage.
+    assert_eq!(
+        stages(pb::OperationType::Reimage),
+        [
+            "set-netboot",
+            "reboot-to-netboot",
+            "repave-image",
+            "join-cluster",
+            "verify-in-cluster"
+        ]
+    );
+    assert!(stages(pb::OperationType::Readmit).is_empty());
+    // The names are those an operation reports as it runs.
+    c.register(fake_machine("machine-1", 1, &[])).await;
+    let entered = c.enter_maintenance("machine-1").await;
+    let ran =
+        |op: &pb::Operation| -> Vec<String> { op.stages.iter().map(|s| s.name.clone()).collect() };
+    assert_eq!(ran(&entered), stages(pb::OperationType::EnterMaintenance));
+    let op = c.reimage("machine-1", "r1").await.unwrap();
+    let reimaged = c.wait_end(&op.id).await;
+    assert_eq!(reimaged.phase(), pb::OperationPhase::Succeeded);
+    assert_eq!(ran(&reimaged), stages(pb::OperationType::Reimage));
+}

@@ -583,3 +583,56 @@ fn ctrl_c_exits_130_and_the_operation_goes_on() {
         assert_eq!(code, Some(130), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn plans_come_from_the_server() {
+    let server = Server::start();
+    let out = ok(&server, &["plans"]);
+    assert!(out.starts_with("TYPE"), "{out}");
+    assert!(
+        out.contains(
+            "REIMAGE             set-netboot → reboot-to-netboot → repave-image → join-cluster → verify-in-cluster"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("RMA                 drain → wipe → notify"),
+        "{out}"
+    );
+    let doc = json(&server, &["plans"]);
+    let types = doc["operationTypes"].as_array().unwrap();
+    assert_eq!(types.len(), 10, "{doc}");
+    let net = types
+        .iter()
+        .find(|t| t["type"] == "OPERATION_TYPE_NET_RECONFIG")
+        .unwrap();
+    assert_eq!(
+        net["stages"],
+        serde_json::json!(["apply-net-config", "verify-connectivity"])
+    );
+}
+
+#[test]
+fn completion_and_man_need_no_server() {
+    // Nothing listens on port 1.
+    let out = bmctl_command("127.0.0.1:1", &["completion", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", err_text(&out));
+    let script = text(&out);
+    assert!(
+        script.contains("complete -F _bmctl") && script.contains("enter-maintenance"),
+        "{script}"
+    );
+    let out = bmctl_command("127.0.0.1:1", &["man"]).output().unwrap();
+    assert!(out.status.success(), "{}", err_text(&out));
+    assert!(text(&out).contains(".SH SYNOPSIS"));
+    let out = bmctl_command("127.0.0.1:1", &["completion", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}

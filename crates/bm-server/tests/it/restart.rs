@@ -54,6 +54,12 @@ async fn graceful_restart_keeps_state_and_resumes_operations() {
             .contains("resume with after_revision="),
         "{status_of_stream:?}"
     );
+    // And for programs, in an ErrorInfo (what bmctl resumes from).
+    let info = tonic_types::StatusExt::get_details_error_info(&status_of_stream)
+        .expect("an ErrorInfo in the status");
+    assert_eq!(info.reason, "SERVER_SHUTTING_DOWN");
+    let after: u64 = info.metadata["after_revision"].parse().unwrap();
+    assert!(after > 0, "{info:?}");
     assert!(status.success(), "{status:?}\n{}", server.log());
     // The hung operation did not hold the exit up: the engine stopped it rather than waiting
     // out its grace period, which it would have logged. (`terminate` allows 15 s; the exit
