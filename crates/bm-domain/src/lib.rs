@@ -22,6 +22,7 @@ mod mac;
 mod machine;
 mod operation;
 pub mod rules;
+mod snippet;
 mod state;
 mod time;
 
@@ -33,5 +34,6 @@ pub use labels::{LabelSelector, Labels};
 pub use mac::MacAddress;
 pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus, SshEndpoint};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
+pub use snippet::{Snippet, snippet};
 pub use state::{EffectiveState, Phase, effective_state};
 pub use time::Timestamp;
