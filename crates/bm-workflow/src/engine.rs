@@ -47,6 +47,10 @@ pub struct EngineConfig {
     pub cancel_wait: Duration,
     /// Batches buffered per watcher or log reader before it is considered slow.
     pub stream_buffer: usize,
+    /// Bytes of events or log lines buffered per watcher or log reader: a reader that does
+    /// not read costs about this much, plus one store page; it still gets every item when
+    /// it reads again (its stream catches up from the store).
+    pub stream_buffer_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +66,7 @@ impl Default for EngineConfig {
             cancel_grace: Duration::from_secs(2),
             cancel_wait: Duration::from_secs(2),
             stream_buffer: 4,
+            stream_buffer_bytes: 256 * 1024,
         }
     }
 }
@@ -96,6 +101,8 @@ pub(crate) struct Inner {
     /// Fires on shutdown; every operation's token is a child of it.
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// What the event and log streams hold.
+    pub(crate) streams: Arc<crate::stream::StreamGauge>,
     ids: Mutex<ulid::Generator>,
 }
 
@@ -134,6 +141,7 @@ impl Engine {
                 running: Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                streams: Arc::default(),
                 ids: Mutex::new(ulid::Generator::new()),
             }),
         }

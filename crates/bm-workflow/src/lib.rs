@@ -45,7 +45,7 @@ mod stream;
 pub use engine::{Engine, EngineConfig, OperationRequest};
 pub use error::{ResumePoint, WorkflowError};
 pub use policy::{Decision, RetryPolicy, decide};
-pub use stream::{EventBatch, LogBatch};
+pub use stream::{Batch, EventBatch, LogBatch, StreamStats};
 
 /// The current time, read once per use.
 pub(crate) fn now() -> bm_domain::Timestamp {
