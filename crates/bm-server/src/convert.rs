@@ -53,6 +53,22 @@ pub(crate) fn request_id(s: &str) -> Result<RequestId, ApiError> {
     RequestId::new(s).map_err(|e| at("request_id", e))
 }
 
+/// An operation's note, checked before any rule so that a bad note is always
+/// INVALID_ARGUMENT, whatever the machine's state.
+pub(crate) fn note(s: String) -> Result<String, ApiError> {
+    if s.len() > Operation::MAX_NOTE {
+        return Err(at(
+            "note",
+            bm_domain::DomainError::invalid(
+                "note",
+                &s,
+                format!("must be at most {} bytes", Operation::MAX_NOTE),
+            ),
+        ));
+    }
+    Ok(s)
+}
+
 // ---- enums ----------------------------------------------------------------------------
 
 pub(crate) fn phase(p: Phase) -> pb::Phase {

@@ -1,6 +1,6 @@
 //! `MachineService`: the inventory and the lifecycle operations, adapted to the engine.
 
-use bm_domain::{MachinePatch, OperationType};
+use bm_domain::{Labels, MachinePatch, OperationType, snippet};
 use bm_proto::v1 as pb;
 use bm_store::{ImportOutcome, MachineQuery, StoreError};
 use bm_workflow::{Engine, OperationRequest};
@@ -71,7 +71,7 @@ impl Machines {
             };
             let mut row = pb::ImportResult {
                 index: i32::try_from(i).unwrap_or(i32::MAX),
-                machine_id: m.id.clone(),
+                machine_id: echoed_id(&m.id),
                 ..Default::default()
             };
             match result {
@@ -98,7 +98,7 @@ impl Machines {
             out.results.push(row);
         }
         tracing::info!(
-            source = %req.source,
+            source = %snippet(&req.source),
             validate_only = req.validate_only,
             created = out.created_count,
             unchanged = out.unchanged_count,
@@ -144,12 +144,14 @@ impl Machines {
                 selector,
             })
             .await?;
-        let next_page_token = match page.items.last() {
-            Some(last) if page.more => paging::encode("machines", last.id.as_str(), &filters),
+        let mut machines: Vec<pb::Machine> = page.items.into_iter().map(convert::machine).collect();
+        let cut = paging::fit(&mut machines);
+        let next_page_token = match machines.last() {
+            Some(last) if page.more || cut => paging::encode("machines", &last.id, &filters),
             _ => String::new(),
         };
         Ok(pb::ListMachinesResponse {
-            machines: page.items.into_iter().map(convert::machine).collect(),
+            machines,
             next_page_token,
         })
     }
@@ -213,6 +215,8 @@ impl Machines {
                 p if p.starts_with("labels.") => {
                     // AIP-134: one label; present in the request sets it, absent removes it.
                     let key = &p["labels.".len()..];
+                    Labels::validate_key(key)
+                        .map_err(|e| ApiError::invalid(format!("update_mask: {e}")))?;
                     match m.labels.get(key) {
                         Some(v) => {
                             patch.set_labels.insert(key.to_owned(), v.clone());
@@ -225,18 +229,20 @@ impl Machines {
                     || matches!(p, "effective_state" | "create_time" | "update_time" | "id") =>
                 {
                     return Err(ApiError::invalid(format!(
-                        "update_mask: {p} is owned by the server; only spec and labels can be updated (status changes only through operations)"
+                        "update_mask: {} is owned by the server; only spec and labels can be updated (status changes only through operations)",
+                        snippet(p)
                     )));
                 }
                 p => {
                     return Err(ApiError::invalid(format!(
-                        "update_mask: unknown field {p:?}; use spec, spec.<field>, labels or labels.<key>"
+                        "update_mask: unknown field {}; use spec, spec.<field>, labels or labels.<key>",
+                        snippet(p)
                     )));
                 }
             }
         }
         let m = self.engine.update_machine(&id, &patch).await?;
-        tracing::info!(machine_id = %m.id, fields = ?paths, "machine updated");
+        tracing::info!(machine_id = %m.id, fields = %snippet(&paths.join(",")).max_chars(200), "machine updated");
         Ok(convert::machine(m))
     }
 
@@ -252,7 +258,7 @@ impl Machines {
                 machine_id: convert::machine_id("machine_id", machine_id)?,
                 op_type,
                 request_id: convert::request_id(request_id)?,
-                note,
+                note: convert::note(note)?,
             };
             let admission = self.engine.submit(req).await?;
             if admission.created {
@@ -266,6 +272,16 @@ impl Machines {
             Ok::<_, ApiError>(convert::operation(admission.operation))
         };
         respond(run.await)
+    }
+}
+
+/// A row's machine id as an import result gives it back: as sent when it is a possible id,
+/// else its snippet (a result must not echo megabytes per row).
+fn echoed_id(id: &str) -> String {
+    if id.len() <= bm_domain::MachineId::MAX_LEN {
+        id.to_owned()
+    } else {
+        snippet(id).to_string()
     }
 }
 

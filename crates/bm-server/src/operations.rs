@@ -56,12 +56,15 @@ impl Operations {
                 phase,
             })
             .await?;
-        let next_page_token = match page.items.last() {
-            Some(last) if page.more => paging::encode("operations", &last.id.to_string(), &filters),
+        let mut operations: Vec<pb::Operation> =
+            page.items.into_iter().map(convert::operation).collect();
+        let cut = paging::fit(&mut operations);
+        let next_page_token = match operations.last() {
+            Some(last) if page.more || cut => paging::encode("operations", &last.id, &filters),
             _ => String::new(),
         };
         Ok(pb::ListOperationsResponse {
-            operations: page.items.into_iter().map(convert::operation).collect(),
+            operations,
             next_page_token,
         })
     }

@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod hygiene;
 mod restart;
 mod streams;
 mod support;
