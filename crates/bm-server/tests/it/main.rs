@@ -4,6 +4,7 @@
 mod api;
 mod cli;
 mod hygiene;
+mod limits;
 mod restart;
 mod streams;
 mod support;
