@@ -10,11 +10,11 @@ use crate::{MachineId, OperationId, OperationPhase, OperationType, Phase};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
     /// A value does not have the required syntax.
-    #[error("invalid {field} {value:?}: {reason}")]
+    #[error("invalid {field} {value}: {reason}")]
     Invalid {
         /// Which field or kind of value, e.g. `machine id`.
         field: &'static str,
-        /// The offending value, shortened if long.
+        /// The offending value as a [`crate::Snippet`]: quoted, escaped, cut if long.
         value: String,
         /// What is wrong and what would be accepted.
         reason: String,
@@ -97,20 +97,12 @@ pub enum DomainError {
 }
 
 impl DomainError {
-    /// An [`DomainError::Invalid`] error; long values are shortened so an error never echoes
-    /// a megabyte of input back.
+    /// An [`DomainError::Invalid`] error. The value is kept as its [`crate::snippet`], so
+    /// an error never echoes a megabyte of input or a control character back.
     pub fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> Self {
-        const MAX: usize = 64;
-        let value = if value.chars().count() > MAX {
-            let mut short: String = value.chars().take(MAX).collect();
-            short.push('…');
-            short
-        } else {
-            value.to_owned()
-        };
         DomainError::Invalid {
             field,
-            value,
+            value: crate::snippet(value).to_string(),
             reason: reason.into(),
         }
     }
@@ -130,7 +122,9 @@ mod tests {
         let e = DomainError::invalid("machine id", &"x".repeat(1000), "too long");
         let msg = e.to_string();
         assert!(msg.len() < 200, "{msg}");
-        assert!(msg.contains('…'));
+        assert!(msg.contains("… (1000 bytes)"), "{msg}");
+        let e = DomainError::invalid("machine id", "a\nb", "bad");
+        assert_eq!(e.to_string(), r#"invalid machine id "a\nb": bad"#);
         assert!(e.is_invalid_input());
     }
 }

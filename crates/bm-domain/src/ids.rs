@@ -127,6 +127,15 @@ impl FromStr for OperationId {
             .strip_prefix(Self::PREFIX)
             .or_else(|| s.strip_prefix("OP-"))
             .unwrap_or(s);
+        // 26 base-32 digits hold 130 bits; a ULID has 128, so the first digit is 0-7. The
+        // ulid crate drops the extra bits, which would make `op-8ZZZ...` name `op-0ZZZ...`.
+        if body.len() == 26 && body.as_bytes()[0] > b'7' {
+            return Err(DomainError::invalid(
+                "operation id",
+                s,
+                "is out of range: a ULID begins with a digit from 0 to 7",
+            ));
+        }
         Ulid::from_string(body).map(OperationId).map_err(|_| {
             DomainError::invalid(
                 "operation id",
@@ -265,6 +274,23 @@ mod tests {
         assert_eq!(s.to_lowercase().parse::<OperationId>().unwrap(), id);
         let err = "op-nope".parse::<OperationId>().unwrap_err().to_string();
         assert!(err.contains("ULID"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_ulids_are_refused_not_wrapped() {
+        let max = "op-7ZZZZZZZZZZZZZZZZZZZZZZZZZ"
+            .parse::<OperationId>()
+            .unwrap();
+        assert_eq!(max.ulid(), Ulid(u128::MAX));
+        for bad in [
+            "op-8ZZZZZZZZZZZZZZZZZZZZZZZZZ",
+            "op-80000000000000000000000000",
+            "ZZZZZZZZZZZZZZZZZZZZZZZZZZ",
+            "op-zzzzzzzzzzzzzzzzzzzzzzzzzz",
+        ] {
+            let err = bad.parse::<OperationId>().unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{bad}: {err}");
+        }
     }
 
     #[test]

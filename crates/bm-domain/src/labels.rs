@@ -84,6 +84,15 @@ impl Labels {
     pub fn as_map(&self) -> &BTreeMap<String, String> {
         &self.0
     }
+
+    /// Checks one label key (e.g. the `<key>` of an update mask's `labels.<key>`).
+    ///
+    /// # Errors
+    ///
+    /// [`DomainError::Invalid`] saying what a key must look like.
+    pub fn validate_key(key: &str) -> Result<(), DomainError> {
+        validate_key(key)
+    }
 }
 
 impl TryFrom<BTreeMap<String, String>> for Labels {
@@ -190,6 +199,10 @@ impl Requirement {
 ///
 /// `rack=r12`, `rack==r12`, `rack!=r12`, `rack in (r12,r13)`, `rack notin (r12)`, `gpu`
 /// (the key exists), `!gpu` (it does not). The empty selector matches everything.
+///
+/// A selector is bounded, since its cost is paid for every machine it is matched against:
+/// at most [`LabelSelector::MAX_BYTES`] bytes, [`LabelSelector::MAX_REQUIREMENTS`]
+/// requirements and [`LabelSelector::MAX_SET_VALUES`] values in one `in` or `notin` set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LabelSelector {
     requirements: Vec<Requirement>,
@@ -197,6 +210,13 @@ pub struct LabelSelector {
 }
 
 impl LabelSelector {
+    /// The longest selector, in bytes.
+    pub const MAX_BYTES: usize = 8 * 1024;
+    /// The most requirements in one selector.
+    pub const MAX_REQUIREMENTS: usize = 32;
+    /// The most values in one `in` or `notin` set.
+    pub const MAX_SET_VALUES: usize = 256;
+
     /// True when every requirement holds for `labels`.
     pub fn matches(&self, labels: &Labels) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
@@ -219,6 +239,14 @@ impl FromStr for LabelSelector {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |reason: &str| DomainError::invalid("label selector", s, reason);
+        // Checked before anything else looks at the text.
+        if s.len() > Self::MAX_BYTES {
+            return Err(bad(&format!(
+                "is {} bytes long; a selector may be at most {} bytes",
+                s.len(),
+                Self::MAX_BYTES
+            )));
+        }
         let mut requirements = Vec::new();
         let mut rest = s.trim();
         if rest.ends_with(',') {
@@ -243,6 +271,13 @@ impl FromStr for LabelSelector {
             rest = rest.get(end + 1..).unwrap_or("").trim();
             if req.is_empty() {
                 return Err(bad("empty requirement between commas"));
+            }
+            if requirements.len() == Self::MAX_REQUIREMENTS {
+                return Err(bad(&format!(
+                    "has more than {} requirements; a selector may have at most {}",
+                    Self::MAX_REQUIREMENTS,
+                    Self::MAX_REQUIREMENTS
+                )));
             }
             requirements.push(parse_requirement(req).map_err(|reason| bad(&reason))?);
         }
@@ -286,7 +321,8 @@ fn parse_requirement(req: &str) -> Result<Requirement, String> {
         (false, l)
     } else {
         return Err(format!(
-            "expected '=', '!=', 'in' or 'notin' after key {key:?}"
+            "expected '=', '!=', 'in' or 'notin' after key {}",
+            crate::snippet(key)
         ));
     };
     let inner = list
@@ -294,6 +330,14 @@ fn parse_requirement(req: &str) -> Result<Requirement, String> {
         .strip_prefix('(')
         .and_then(|l| l.strip_suffix(')'))
         .ok_or_else(|| "a set must be written in parentheses, e.g. rack in (r1,r2)".to_owned())?;
+    let count = inner.split(',').count();
+    if count > LabelSelector::MAX_SET_VALUES {
+        return Err(format!(
+            "the set of key {} has {count} values; a set may have at most {}",
+            crate::snippet(key),
+            LabelSelector::MAX_SET_VALUES
+        ));
+    }
     let values: Vec<String> = inner.split(',').map(|v| v.trim().to_owned()).collect();
     if values.iter().all(String::is_empty) {
         return Err("a set needs at least one value".to_owned());
@@ -386,6 +430,15 @@ mod tests {
             ("rack,,gpu", "empty requirement"),
             ("rack like r1", "'in' or 'notin'"),
             ("rack=r1,", "trailing comma"),
+            (
+                format!("rack={}", "r".repeat(10_000)).as_str(),
+                "at most 8192 bytes",
+            ),
+            (vec!["gpu"; 33].join(",").as_str(), "at most 32"),
+            (
+                format!("rack in ({})", vec!["r1"; 257].join(",")).as_str(),
+                "257 values; a set may have at most 256",
+            ),
         ] {
             let err = bad
                 .parse::<LabelSelector>()
@@ -393,6 +446,24 @@ mod tests {
                 .expect_err(bad)
                 .to_string();
             assert!(err.contains(why), "{bad}: {err}");
+            assert!(err.len() < 400, "the error echoes a bounded snippet: {err}");
+        }
+    }
+
+    #[test]
+    fn selectors_at_their_limits_are_accepted() {
+        let reqs = (0..LabelSelector::MAX_REQUIREMENTS)
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let values = (0..LabelSelector::MAX_SET_VALUES)
+            .map(|i| format!("r{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for ok in [reqs, format!("rack in ({values})")] {
+            assert!(ok.len() <= LabelSelector::MAX_BYTES);
+            ok.parse::<LabelSelector>()
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
     }
 }

@@ -23,6 +23,7 @@ mod mac;
 mod machine;
 mod operation;
 pub mod rules;
+mod snippet;
 mod state;
 mod time;
 
@@ -35,5 +36,6 @@ pub use labels::{LabelSelector, Labels};
 pub use mac::MacAddress;
 pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
+pub use snippet::{Snippet, snippet};
 pub use state::{EffectiveState, Phase, effective_state};
 pub use time::Timestamp;

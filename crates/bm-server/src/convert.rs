@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub(crate) use bm_domain::snippet;
 use bm_domain::{
     Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachineId,
     MachinePatch, MachineSpec, Operation, OperationEvent, OperationId, OperationPhase,
@@ -63,6 +64,22 @@ pub(crate) fn request_id(s: &str) -> Result<RequestId, ApiError> {
             .map_err(|e| at("request_id", e));
     }
     RequestId::new(s).map_err(|e| at("request_id", e))
+}
+
+/// An operation's note, checked before any rule so that a bad note is always
+/// INVALID_ARGUMENT, whatever the machine's state.
+pub(crate) fn note(s: String) -> Result<String, ApiError> {
+    if s.len() > Operation::MAX_NOTE {
+        return Err(at(
+            "note",
+            bm_domain::DomainError::invalid(
+                "note",
+                &s,
+                format!("must be at most {} bytes", Operation::MAX_NOTE),
+            ),
+        ));
+    }
+    Ok(s)
 }
 
 // ---- enums ----------------------------------------------------------------------------
@@ -366,7 +383,7 @@ pub(crate) fn import_response(
         };
         let mut row = pb::ImportResult {
             index: i32::try_from(i).unwrap_or(i32::MAX),
-            machine_id: m.id.clone(),
+            machine_id: echoed_id(&m.id),
             ..Default::default()
         };
         match result {
@@ -393,6 +410,16 @@ pub(crate) fn import_response(
         out.results.push(row);
     }
     Ok(out)
+}
+
+/// A row's machine id as an import result gives it back: as sent when it is a possible id,
+/// else its snippet (a result must not echo megabytes per row).
+fn echoed_id(id: &str) -> String {
+    if id.len() <= MachineId::MAX_LEN {
+        id.to_owned()
+    } else {
+        snippet(id).to_string()
+    }
 }
 
 /// The change an UpdateMachine asks for, with the field paths it names (for the log).
@@ -457,6 +484,7 @@ pub(crate) fn machine_update(
             p if p.starts_with("labels.") => {
                 // AIP-134: one label; present in the request sets it, absent removes it.
                 let key = &p["labels.".len()..];
+                Labels::validate_key(key).map_err(|e| at("update_mask", e))?;
                 match m.labels.get(key) {
                     Some(v) => {
                         patch.set_labels.insert(key.to_owned(), v.clone());
@@ -469,12 +497,14 @@ pub(crate) fn machine_update(
                 || matches!(p, "effective_state" | "create_time" | "update_time" | "id") =>
             {
                 return Err(ApiError::invalid(format!(
-                    "update_mask: {p} is owned by the server; only spec and labels can be updated (status changes only through operations)"
+                    "update_mask: {} is owned by the server; only spec and labels can be updated (status changes only through operations)",
+                    snippet(p)
                 )));
             }
             p => {
                 return Err(ApiError::invalid(format!(
-                    "update_mask: unknown field {p:?}; use spec, spec.<field>, labels or labels.<key>"
+                    "update_mask: unknown field {}; use spec, spec.<field>, labels or labels.<key>",
+                    snippet(p)
                 )));
             }
         }
@@ -513,14 +543,17 @@ pub(crate) fn machine_query(
     Ok((query, filters))
 }
 
-/// A page of machines for the wire, with the token of the next page if there is one.
+/// A page of machines for the wire, with the token of the next page if there is one. The
+/// page ends early when the machines would encode to more than [`paging::MAX_PAGE_BYTES`].
 pub(crate) fn machine_page(page: Page<Machine>, filters: &str) -> pb::ListMachinesResponse {
-    let next_page_token = match page.items.last() {
-        Some(last) if page.more => paging::encode("machines", last.id.as_str(), filters),
+    let mut machines: Vec<pb::Machine> = page.items.into_iter().map(machine).collect();
+    let cut = paging::fit(&mut machines);
+    let next_page_token = match machines.last() {
+        Some(last) if page.more || cut => paging::encode("machines", &last.id, filters),
         _ => String::new(),
     };
     pb::ListMachinesResponse {
-        machines: page.items.into_iter().map(machine).collect(),
+        machines,
         next_page_token,
     }
 }
@@ -575,7 +608,7 @@ fn operation_request(
         machine_id: machine_id("machine_id", machine)?,
         op_type,
         request_id: request_id(request)?,
-        note,
+        note: self::note(note)?,
     })
 }
 
@@ -645,14 +678,17 @@ pub(crate) fn operation_query(
     Ok((query, filters))
 }
 
-/// A page of operations for the wire, with the token of the next page if there is one.
+/// A page of operations for the wire, with the token of the next page if there is one. The
+/// page ends early when the operations would encode to more than [`paging::MAX_PAGE_BYTES`].
 pub(crate) fn operation_page(page: Page<Operation>, filters: &str) -> pb::ListOperationsResponse {
-    let next_page_token = match page.items.last() {
-        Some(last) if page.more => paging::encode("operations", &last.id.to_string(), filters),
+    let mut operations: Vec<pb::Operation> = page.items.into_iter().map(operation).collect();
+    let cut = paging::fit(&mut operations);
+    let next_page_token = match operations.last() {
+        Some(last) if page.more || cut => paging::encode("operations", &last.id, filters),
         _ => String::new(),
     };
     pb::ListOperationsResponse {
-        operations: page.items.into_iter().map(operation).collect(),
+        operations,
         next_page_token,
     }
 }

@@ -68,10 +68,34 @@ fn unavailable(e: &ApiError) -> Status {
                 [(field.to_owned(), value.to_string())],
             );
             let message = format!("the server is shutting down; resume with {field}={value}");
-            <Status as tonic_types::StatusExt>::with_error_details(Code::Unavailable, message, info)
+            <Status as tonic_types::StatusExt>::with_error_details(
+                Code::Unavailable,
+                bounded(message),
+                info,
+            )
         }
-        _ => Status::unavailable(e.to_string()),
+        _ => Status::unavailable(bounded(e.to_string())),
     }
+}
+
+/// The longest status message, in bytes. The message travels in a response header, and
+/// clients refuse large headers (grpc-java's limit is 8 KiB, and the message is
+/// percent-encoded on the way); every quoted input is a short [`bm_domain::snippet`] already,
+/// this is the backstop for messages that quote many of them.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `msg`, cut at a character boundary to at most [`MAX_MESSAGE_BYTES`].
+fn bounded(mut msg: String) -> String {
+    if msg.len() > MAX_MESSAGE_BYTES {
+        const MORE: &str = "… (message cut)";
+        let mut end = MAX_MESSAGE_BYTES - MORE.len();
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push_str(MORE);
+    }
+    msg
 }
 
 /// A handler's result as tonic wants it.
@@ -101,7 +125,7 @@ impl From<ApiError> for Status {
             }
             _ => {
                 tracing::debug!(code = ?code, error = %e, "request refused");
-                Status::new(code, e.to_string())
+                Status::new(code, bounded(e.to_string()))
             }
         }
     }
@@ -190,6 +214,18 @@ mod tests {
             info.metadata.get("after_revision").map(String::as_str),
             Some("41")
         );
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        let s = Status::from(ApiError::invalid(format!("x: {}", "é".repeat(5000))));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().ends_with("… (message cut)"), "{}", s.message());
     }
 
     #[test]

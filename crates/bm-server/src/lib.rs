@@ -15,6 +15,8 @@
 mod convert;
 mod error;
 mod fanout;
+mod limits;
+mod listener;
 mod machines;
 mod operations;
 mod paging;
@@ -27,7 +29,8 @@ use bm_proto::v1::operation_service_server::OperationServiceServer;
 use bm_workflow::Engine;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+
+pub use limits::Limits;
 
 /// What the server serves.
 #[derive(Clone, Debug)]
@@ -36,6 +39,8 @@ pub struct Deps {
     pub engine: Engine,
     /// How long a shutdown waits for running operations to stop before it gives up on them.
     pub shutdown_grace: Duration,
+    /// The limits on connections and streams.
+    pub limits: Limits,
 }
 
 /// Why the server stopped with an error.
@@ -109,10 +114,15 @@ pub async fn serve(
         engine.shutdown(grace).await;
         let _ = stopped.send(());
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let limits = deps.limits;
+    tracing::info!(?limits, "limits");
+    let shared = std::sync::Arc::new(limits::Shared::new(limits.clone()));
+    let incoming = listener::incoming(listener, shared.clone());
     let server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(limits::AdmissionLayer::new(shared))
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_arguments,
         ))

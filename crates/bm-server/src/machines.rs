@@ -41,7 +41,7 @@ impl Machines {
         let results = self.engine.import_machines(import).await?;
         let out = convert::import_response(&req.machines, early, results)?;
         tracing::info!(
-            source = %req.source,
+            source = %convert::snippet(&req.source),
             validate_only = req.validate_only,
             created = out.created_count,
             unchanged = out.unchanged_count,
@@ -68,7 +68,11 @@ impl Machines {
     async fn update(&self, req: pb::UpdateMachineRequest) -> Result<pb::Machine, ApiError> {
         let (update, paths) = convert::machine_update(&req)?;
         let m = self.engine.update_machine(update).await?;
-        tracing::info!(machine_id = %m.id, fields = ?paths, "machine updated");
+        tracing::info!(
+            machine_id = %m.id,
+            fields = %convert::snippet(&paths.join(",")).max_chars(200),
+            "machine updated"
+        );
         Ok(convert::machine(m))
     }
 

@@ -78,6 +78,53 @@ struct Args {
     #[arg(long, env = "BM_PROVIDER_CONFIG")]
     provider_config: Option<PathBuf>,
 
+    /// Connections open at once; more are closed as soon as they are accepted.
+    #[arg(
+        long,
+        env = "BM_MAX_CONNECTIONS",
+        default_value_t = bm_server::Limits::default().max_connections,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    max_connections: usize,
+
+    /// Calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(
+        long,
+        env = "BM_MAX_CONCURRENT_STREAMS",
+        default_value_t = bm_server::Limits::default().max_concurrent_streams,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_concurrent_streams: u32,
+
+    /// How long a new connection may take to send the HTTP/2 preface and its SETTINGS.
+    #[arg(long, env = "BM_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    handshake_timeout: Duration,
+
+    /// How long a connection may stay open without a call before it is closed.
+    #[arg(long, env = "BM_MAX_CONNECTION_IDLE", default_value = "10m", value_parser = duration)]
+    max_connection_idle: Duration,
+
+    /// How often an HTTP/2 ping checks that a connection's peer is still there.
+    #[arg(long, env = "BM_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    keepalive_interval: Duration,
+
+    /// How long a ping may go unanswered before its connection is closed.
+    #[arg(long, env = "BM_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    keepalive_timeout: Duration,
+
+    /// Bytes of events or log lines kept for one watcher or log reader that does not read.
+    #[arg(
+        long,
+        env = "BM_STREAM_BUFFER_BYTES",
+        default_value_t = EngineConfig::default().stream_buffer_bytes,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..)
+    )]
+    stream_buffer_bytes: usize,
+
+    /// The process's (soft) open files limit; by default it is raised to the hard limit.
+    #[arg(long, env = "BM_OPEN_FILES_LIMIT", value_parser = clap::value_parser!(u64).range(16..))]
+    open_files_limit: Option<u64>,
+
     /// Log level.
     #[arg(long, env = "BM_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
@@ -198,6 +245,42 @@ async fn shutdown_signal() {
     }
 }
 
+/// A duration such as `10s`, `500ms` or `10m`; zero is refused (it would disable nothing
+/// and close everything).
+fn duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be longer than zero".to_owned()),
+        Err(e) => Err(format!("{e}; write e.g. 500ms, 10s or 10m")),
+    }
+}
+
+/// Sets the soft open files limit to `wanted`, or raises it to the hard limit: every
+/// connection takes a file descriptor, and distributions start services with a soft limit
+/// of 1024. Returns the limit in force.
+fn set_open_files_limit(wanted: Option<u64>) -> anyhow::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).context("reading the open files limit")?;
+    let target = match wanted {
+        Some(n) if n > hard => anyhow::bail!(
+            "--open-files-limit {n} is above the hard limit {hard}; raise the hard limit (ulimit -Hn, or LimitNOFILE= in a systemd unit) or ask for less"
+        ),
+        Some(n) => n,
+        None => hard,
+    };
+    if target != soft {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+            .with_context(|| format!("setting the open files limit to {target}"))?;
+        tracing::info!(from = soft, to = target, hard, "open files limit set");
+    }
+    Ok(target)
+}
+
+/// Descriptors kept for what is not a client connection: the store, providers' sockets to
+/// BMCs and SSH, the runtime.
+const RESERVED_FILES: u64 = 256;
+
 /// A chance, from 0 to 1.
 fn probability(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -220,6 +303,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let open_files = set_open_files_limit(args.open_files_limit)?;
+    if open_files < args.max_connections as u64 + RESERVED_FILES {
+        tracing::warn!(
+            open_files,
+            max_connections = args.max_connections,
+            "the open files limit is below --max-connections plus {RESERVED_FILES} for the store and providers: accepting will fail (EMFILE) before the connection limit is reached"
+        );
+    }
     let store: Arc<dyn Store> = match args.store {
         StoreKind::Sqlite => {
             let store = SqliteStore::open(SqliteConfig::new(&args.data_dir))
@@ -251,6 +342,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let config = EngineConfig {
         max_concurrent_operations: args.max_concurrent_operations,
+        stream_buffer_bytes: args.stream_buffer_bytes,
         ..EngineConfig::default()
     };
     tracing::info!(owner = %config.owner, providers = ?providers, "starting engine");
@@ -271,6 +363,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let deps = bm_server::Deps {
         engine,
         shutdown_grace: Duration::from_secs(5),
+        limits: bm_server::Limits {
+            max_connections: args.max_connections,
+            max_concurrent_streams: args.max_concurrent_streams,
+            handshake_timeout: args.handshake_timeout,
+            max_connection_idle: args.max_connection_idle,
+            keepalive_interval: args.keepalive_interval,
+            keepalive_timeout: args.keepalive_timeout,
+        },
     };
     bm_server::serve(listener, shutdown_signal(), deps)
         .await
@@ -302,5 +402,36 @@ mod tests {
             (ok.max_concurrent_operations, ok.fake_failure_rate),
             (1, 0.25)
         );
+    }
+
+    #[test]
+    fn limits_have_defaults_and_durations_read_like_durations() {
+        let d = parse(&[]).unwrap();
+        let defaults = bm_server::Limits::default();
+        assert_eq!(d.max_connections, defaults.max_connections);
+        assert_eq!(d.max_concurrent_streams, defaults.max_concurrent_streams);
+        assert_eq!(d.handshake_timeout, defaults.handshake_timeout);
+        assert_eq!(d.max_connection_idle, defaults.max_connection_idle);
+        assert_eq!(d.keepalive_interval, defaults.keepalive_interval);
+        assert_eq!(d.keepalive_timeout, defaults.keepalive_timeout);
+        assert_eq!(d.open_files_limit, None);
+        let ok = parse(&[
+            "--handshake-timeout",
+            "250ms",
+            "--max-connection-idle",
+            "2m",
+        ])
+        .unwrap();
+        assert_eq!(ok.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(ok.max_connection_idle, Duration::from_secs(120));
+        for bad in [
+            &["--handshake-timeout", "0s"][..],
+            &["--handshake-timeout", "soon"],
+            &["--max-concurrent-streams", "0"],
+            &["--max-connections", "0"],
+            &["--open-files-limit", "3"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

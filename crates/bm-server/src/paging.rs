@@ -1,8 +1,12 @@
-//! Page sizes and opaque page tokens (AIP-158).
+//! Page sizes, page byte limits and opaque page tokens (AIP-158).
 //!
 //! A token carries where the previous page ended and a fingerprint of the filters it was
 //! made with, so a token reused with other filters is refused instead of silently skipping
 //! or repeating items. Tokens are hex, so they survive any transport.
+//!
+//! A page is bounded by its encoded size as well as by its count: standard gRPC clients
+//! refuse responses over 4 MiB, and a hundred machines with 64 KiB network configurations
+//! are 6.5 MB. [`fit`] ends a page early (with a token for the rest) at [`MAX_PAGE_BYTES`].
 
 use crate::error::ApiError;
 
@@ -10,6 +14,32 @@ use crate::error::ApiError;
 pub(crate) const DEFAULT_PAGE_SIZE: usize = 100;
 /// The largest page served.
 pub(crate) const MAX_PAGE_SIZE: usize = 1000;
+
+/// The most encoded bytes in one page, well under the 4 MiB that standard clients accept.
+/// A page always has at least one item; the largest item (a machine with every field at
+/// its limit) is far below this (see the tests).
+pub(crate) const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Keeps the longest prefix of `items` that encodes to at most [`MAX_PAGE_BYTES`] (at
+/// least one item); true if it dropped some, so that the page needs a next token.
+pub(crate) fn fit<T: prost::Message>(items: &mut Vec<T>) -> bool {
+    fit_within(items, MAX_PAGE_BYTES)
+}
+
+fn fit_within<T: prost::Message>(items: &mut Vec<T>, max_bytes: usize) -> bool {
+    let mut total = 0usize;
+    for (i, item) in items.iter().enumerate() {
+        let len = item.encoded_len();
+        // The repeated field's tag (one byte for fields 1-15) and the length prefix.
+        let len = 1 + prost::length_delimiter_len(len) + len;
+        if i > 0 && total + len > max_bytes {
+            items.truncate(i);
+            return true;
+        }
+        total += len;
+    }
+    false
+}
 
 /// The page size to serve for a requested one.
 pub(crate) fn page_size(requested: i32) -> Result<usize, ApiError> {
@@ -85,6 +115,73 @@ mod tests {
             let e = decode(garbage, "machines", "").unwrap_err().to_string();
             assert!(e.starts_with("page_token:"), "{e}");
         }
+    }
+
+    #[test]
+    fn pages_end_early_at_their_byte_limit_with_at_least_one_item() {
+        let op = |error_bytes: usize| bm_proto::v1::Operation {
+            id: "op-01JD3F5Q2W8Y4ZP0N7R6T9V3KM".into(),
+            error: "e".repeat(error_bytes),
+            ..Default::default()
+        };
+        let mut ops: Vec<_> = (0..10).map(|_| op(1000)).collect();
+        assert!(fit_within(&mut ops, 3500));
+        assert_eq!(ops.len(), 3, "three of about 1040 bytes fit in 3500");
+        let mut small: Vec<_> = (0..10).map(|_| op(10)).collect();
+        assert!(!fit_within(&mut small, 3500));
+        assert_eq!(small.len(), 10);
+        let mut huge = vec![op(10_000), op(10)];
+        assert!(fit_within(&mut huge, 3500));
+        assert_eq!(
+            huge.len(),
+            1,
+            "an item larger than the limit still goes alone"
+        );
+        let mut none: Vec<bm_proto::v1::Operation> = Vec::new();
+        assert!(!fit(&mut none));
+        // The whole response fits: the page plus a token.
+        let mut ops: Vec<_> = (0..3000).map(|_| op(1000)).collect();
+        assert!(fit(&mut ops));
+        let response = bm_proto::v1::ListOperationsResponse {
+            operations: ops,
+            next_page_token: encode("operations", &"x".repeat(100), "filters"),
+        };
+        assert!(prost::Message::encoded_len(&response) <= MAX_PAGE_BYTES + 1024);
+    }
+
+    #[test]
+    fn the_largest_machine_fits_in_a_page_and_under_the_clients_limit() {
+        use bm_domain::{Labels, MachineSpec, SshEndpoint};
+        let name = |c: char, n: usize| c.to_string().repeat(n);
+        let machine = bm_proto::v1::Machine {
+            id: name('m', bm_domain::MachineId::MAX_LEN),
+            spec: Some(bm_proto::v1::MachineSpec {
+                provider: name('p', 63),
+                mac_addresses: vec!["02:00:00:00:00:01".into(); MachineSpec::MAX_MACS],
+                ssh_endpoint: name('s', SshEndpoint::MAX_LEN),
+                bmc_endpoint: name('b', 1024),
+                image: name('i', 1024),
+                target_cluster: name('c', 1024),
+                network_config: name('n', MachineSpec::MAX_NETWORK_CONFIG),
+            }),
+            labels: (0..Labels::MAX_LABELS)
+                .map(|i| (format!("{}/{i:0>63}", name('d', 253)), name('v', 63)))
+                .collect(),
+            status: Some(bm_proto::v1::MachineStatus {
+                conditions: (0..32)
+                    .map(|_| bm_proto::v1::Condition {
+                        r#type: name('t', 64),
+                        message: name('m', 4096),
+                        reason: name('r', 256),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let len = prost::Message::encoded_len(&machine);
+        assert!(len < MAX_PAGE_BYTES / 8, "{len} bytes");
     }
 
     #[test]

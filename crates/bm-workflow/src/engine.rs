@@ -44,6 +44,10 @@ pub struct EngineConfig {
     pub cancel_wait: Duration,
     /// Batches buffered per watcher or log reader before it is considered slow.
     pub stream_buffer: usize,
+    /// Bytes of events or log lines buffered per watcher or log reader: a reader that does
+    /// not read costs about this much, plus one store page; it still gets every item when
+    /// it reads again (its stream catches up from the store).
+    pub stream_buffer_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +63,7 @@ impl Default for EngineConfig {
             cancel_grace: Duration::from_secs(2),
             cancel_wait: Duration::from_secs(2),
             stream_buffer: 4,
+            stream_buffer_bytes: 256 * 1024,
         }
     }
 }

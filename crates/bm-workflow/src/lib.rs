@@ -55,7 +55,7 @@ pub use engine::{Engine, EngineConfig};
 pub use error::{ErrorKind, ResumePoint, WorkflowError};
 pub use plan::{describe, stage_names};
 pub use policy::{Decision, RetryPolicy, decide};
-pub use stream::{EventBatch, LogBatch};
+pub use stream::{Batch, EventBatch, LogBatch, StreamStats};
 
 /// The current time, read once per use.
 pub(crate) fn now() -> bm_domain::Timestamp {

@@ -25,6 +25,8 @@ pub(crate) struct Inner {
     /// Fires on shutdown; every operation's token is a child of it.
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// What the event and log streams hold.
+    pub(crate) streams: std::sync::Arc<crate::stream::StreamGauge>,
     /// Ids of admitted operations: monotonic within a millisecond, so they sort by
     /// admission.
     pub(crate) ids: Mutex<ulid::Generator>,
@@ -44,6 +46,7 @@ impl Inner {
             running: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            streams: std::sync::Arc::default(),
             ids: Mutex::new(ulid::Generator::new()),
         }
     }

@@ -63,6 +63,7 @@ impl InProcess {
         let deps = Deps {
             engine,
             shutdown_grace: Duration::from_secs(5),
+            limits: bm_server::Limits::default(),
         };
         let served = tokio::spawn(bm_server::serve(
             listener,

@@ -7,7 +7,9 @@
 
 mod api;
 mod cli;
+mod hygiene;
 mod inproc;
+mod limits;
 mod restart;
 mod streams;
 mod support;

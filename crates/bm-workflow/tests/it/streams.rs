@@ -211,3 +211,94 @@ async fn streams_end_with_a_resume_hint_on_shutdown_and_refuse_unknown_revisions
         "{beyond}"
     );
 }
+
+#[tokio::test]
+async fn watchers_that_do_not_read_hold_a_bounded_number_of_bytes_and_miss_nothing() {
+    const BUDGET: usize = 4 * 1024;
+    const WATCHERS: usize = 40;
+    let h = crate::harness::start(
+        std::sync::Arc::new(bm_store::MemoryStore::new()),
+        bm_workflow::EngineConfig {
+            stream_buffer_bytes: BUDGET,
+            // Many batches allowed: only the byte budget holds the streams back.
+            stream_buffer: 10_000,
+            ..crate::harness::config()
+        },
+    );
+    for m in ["machine-1", "machine-2"] {
+        h.machine(m, &[]).await;
+    }
+    for i in 0..40 {
+        let (m, t) = match i % 4 {
+            0 => ("machine-1", OperationType::EnterMaintenance),
+            1 => ("machine-1", OperationType::ExitMaintenance),
+            2 => ("machine-2", OperationType::EnterMaintenance),
+            _ => ("machine-2", OperationType::ExitMaintenance),
+        };
+        h.run(m, t, &format!("r{i}")).await;
+    }
+    let last = h.store.last_revision().await.unwrap();
+    let all_bytes = last as usize * std::mem::size_of::<bm_domain::OperationEvent>();
+    assert!(
+        all_bytes > 4 * BUDGET,
+        "the history ({all_bytes} bytes) is much larger than one watcher's budget"
+    );
+
+    // Watchers from revision 0 that do not read.
+    let mut watchers = Vec::new();
+    for _ in 0..WATCHERS {
+        watchers.push(
+            h.engine
+                .watch(EventFilter::default(), Some(0))
+                .await
+                .unwrap(),
+        );
+    }
+    // Each stream fills its budget, then waits for its reader.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        let stats = h.engine.stream_stats();
+        if stats.waiting_for_readers == WATCHERS {
+            break stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watchers did not all wait for their readers: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(stats.streams, WATCHERS, "{stats:?}");
+    assert!(
+        stats.buffered_bytes <= WATCHERS * BUDGET,
+        "{} bytes buffered for {WATCHERS} watchers of {BUDGET} bytes each",
+        stats.buffered_bytes
+    );
+    assert!(
+        stats.buffered_bytes >= WATCHERS * BUDGET / 2,
+        "the budget is what holds them back: {stats:?}"
+    );
+
+    // Reading again, each gets every event once, in order.
+    for rx in &mut watchers {
+        let mut revisions = Vec::new();
+        while revisions.last() != Some(&last) {
+            let batch = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .expect("the stream goes on when read")
+                .expect("open")
+                .expect("no error");
+            revisions.extend(batch.iter().map(|e| e.revision));
+        }
+        assert_eq!(revisions, (1..=last).collect::<Vec<_>>());
+    }
+    drop(watchers);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while h.engine.stream_stats() != bm_workflow::StreamStats::default() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "streams whose readers left end: {:?}",
+            h.engine.stream_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
