@@ -18,6 +18,15 @@ pub(crate) enum ApiError {
     /// The engine refused or failed.
     #[error(transparent)]
     Workflow(#[from] WorkflowError),
+    /// The caller did not authenticate; the message says what is missing.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not make this call; the message names the role (and scope) needed.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller is over one of its limits; the message names the limit.
+    #[error("{0}")]
+    Exhausted(String),
     /// An invariant of the server broke (a bug); the message is for the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -32,6 +41,9 @@ impl ApiError {
     pub(crate) fn code(&self) -> Code {
         match self {
             ApiError::Invalid(_) => Code::InvalidArgument,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::Exhausted(_) => Code::ResourceExhausted,
             ApiError::Workflow(w) => kind_code(w.kind()),
             ApiError::Internal(_) => Code::Internal,
         }

@@ -12,6 +12,7 @@
 //! the lifecycle lives here. The library knows nothing of the store: the binary (`main.rs`)
 //! opens one and hands it to the engine, and tests do the same with theirs.
 
+mod auth;
 mod convert;
 mod error;
 mod fanout;
@@ -20,6 +21,7 @@ mod listener;
 mod machines;
 mod operations;
 mod paging;
+mod tls;
 
 use std::future::Future;
 use std::time::Duration;
@@ -30,7 +32,11 @@ use bm_workflow::Engine;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 
+pub use auth::{
+    Auth, AuthError, AuthMethod, Grant, Principal, Role, create_token, role_table, write_private,
+};
 pub use limits::Limits;
+pub use tls::{Tls, TlsError, TlsFiles};
 
 /// What the server serves.
 #[derive(Clone, Debug)]
@@ -41,6 +47,11 @@ pub struct Deps {
     pub shutdown_grace: Duration,
     /// The limits on connections and streams.
     pub limits: Limits,
+    /// TLS on the listener, or plaintext when `None`. [`Tls::reload`] takes effect for the
+    /// next handshakes.
+    pub tls: Option<std::sync::Arc<Tls>>,
+    /// Who may call; [`Auth::reload`] takes effect for the next calls.
+    pub auth: std::sync::Arc<Auth>,
 }
 
 /// Why the server stopped with an error.
@@ -117,7 +128,7 @@ pub async fn serve(
     let limits = deps.limits;
     tracing::info!(?limits, "limits");
     let shared = std::sync::Arc::new(limits::Shared::new(limits.clone()));
-    let incoming = listener::incoming(listener, shared.clone());
+    let incoming = listener::incoming(listener, shared.clone(), deps.tls.clone());
     let server = Server::builder()
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
@@ -126,6 +137,7 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_arguments,
         ))
+        .layer(auth::AuthLayer::new(deps.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -106,6 +106,7 @@ pub(crate) struct Shared {
     pub(crate) warn_connections: Throttle,
     pub(crate) warn_handshake: Throttle,
     pub(crate) warn_idle: Throttle,
+    pub(crate) warn_tls: Throttle,
     warn_streams: Throttle,
 }
 
@@ -119,6 +120,7 @@ impl Shared {
             warn_connections: Throttle::default(),
             warn_handshake: Throttle::default(),
             warn_idle: Throttle::default(),
+            warn_tls: Throttle::default(),
             warn_streams: Throttle::default(),
         }
     }
@@ -129,6 +131,9 @@ impl Shared {
 pub(crate) struct ConnInfo {
     pub(crate) local: Option<SocketAddr>,
     pub(crate) remote: Option<SocketAddr>,
+    /// The identity named by the client's certificate, verified against the client CA in
+    /// the TLS handshake (see `tls.rs`); `None` without mutual TLS.
+    pub(crate) client_cert: Option<Arc<str>>,
     pub(crate) state: Arc<ConnState>,
 }
 
@@ -315,6 +320,7 @@ mod tests {
             let info = ConnInfo {
                 local: None,
                 remote: None,
+                client_cert: None,
                 state: Arc::new(ConnState::new()),
             };
             let waker = futures::task::noop_waker();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
@@ -23,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 
 use crate::limits::{ConnInfo, ConnState, Shared};
+use crate::tls::Tls;
 
 /// The first wait after a failed accept; it doubles up to [`MAX_ACCEPT_BACKOFF`].
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
@@ -34,15 +35,102 @@ const READ_GRACE: Duration = Duration::from_secs(1);
 
 /// The HTTP/2 client preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, in bytes.
 const PREFACE_LEN: usize = 24;
+/// The first byte of a TLS ClientHello (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The header of an HTTP/2 frame, in bytes.
 const FRAME_HEADER_LEN: usize = 9;
 
-/// The connections accepted on `listener`, within the limits of `shared`. The stream never
-/// yields an error: accept errors are handled here.
+/// The connections accepted on `listener`, within the limits of `shared`, over TLS when
+/// `tls` is given. The stream never yields an error: accept and handshake errors are
+/// handled here.
 pub(crate) fn incoming(
     listener: TcpListener,
     shared: Arc<Shared>,
-) -> impl Stream<Item = Result<Conn, io::Error>> {
+    tls: Option<Arc<Tls>>,
+) -> futures::stream::BoxStream<'static, Result<Conn, io::Error>> {
+    let accepted = accepted(listener, shared.clone());
+    let Some(tls) = tls else {
+        return Box::pin(accepted.map(move |(io, remote, slot)| {
+            Ok(Conn::new(Io::Plain(io), remote, None, &shared, slot))
+        }));
+    };
+    // TLS handshakes run in tasks of their own, so that a slow client does not hold up the
+    // accept loop; finished connections come back over a channel.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Conn>(64);
+    tokio::spawn(async move {
+        let mut accepted = std::pin::pin!(accepted);
+        while let Some((io, remote, slot)) = accepted.next().await {
+            let (tls, shared, tx) = (tls.clone(), shared.clone(), tx.clone());
+            tokio::spawn(async move {
+                let timeout = shared.limits.handshake_timeout;
+                match tokio::time::timeout(timeout, handshake(io, remote, &tls)).await {
+                    Ok(Ok(Some((io, cert)))) => {
+                        let _ = tx.send(Conn::new(io, remote, cert, &shared, slot)).await;
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        if let Some(held_back) = shared.warn_tls.hit() {
+                            tracing::warn!(%remote, error = %e, held_back, "TLS handshake failed");
+                        }
+                    }
+                    Err(_) => {
+                        if let Some(held_back) = shared.warn_handshake.hit() {
+                            tracing::warn!(%remote, held_back, "closing a connection that did not finish its TLS handshake within {timeout:?} (--handshake-timeout)");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok))
+}
+
+/// The message a plaintext client gets from a TLS listener.
+pub(crate) const PLAINTEXT_ON_TLS: &str = "this server requires TLS: connect with https:// (bmctl: --server https://HOST:PORT and --ca FILE)";
+
+/// The TLS handshake of one connection, with the client certificate's identity; `None`
+/// when the client spoke plaintext HTTP/2 and was answered with [`PLAINTEXT_ON_TLS`].
+async fn handshake(
+    io: TcpStream,
+    remote: SocketAddr,
+    tls: &Tls,
+) -> io::Result<Option<(Io, Option<Arc<str>>)>> {
+    let mut first = [0u8; 4];
+    let n = io.peek(&mut first).await?;
+    if n > 0 && first[..n] == b"PRI "[..n] {
+        tracing::warn!(%remote, "a plaintext client connected to the TLS listener; answering UNAVAILABLE: {PLAINTEXT_ON_TLS}");
+        refuse_plaintext(io).await;
+        return Ok(None);
+    }
+    let stream = tls.acceptor().accept(io).await?;
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::tls::identity)
+        .map(Arc::from);
+    Ok(Some((Io::Tls(Box::new(stream)), cert)))
+}
+
+/// Serves a plaintext HTTP/2 client: every call ends with UNAVAILABLE and a message that
+/// says to use TLS, which is clearer than a connection closed for no stated reason.
+async fn refuse_plaintext(io: TcpStream) {
+    let service = hyper::service::service_fn(|_req| async {
+        Ok::<_, std::convert::Infallible>(
+            tonic::Status::unavailable(PLAINTEXT_ON_TLS).into_http::<tonic::body::Body>(),
+        )
+    });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
+}
+
+/// The TCP connections accepted on `listener`, each with its slot among the connections.
+fn accepted(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+) -> impl Stream<Item = (TcpStream, SocketAddr, OwnedSemaphorePermit)> + Send + 'static {
     futures::stream::unfold(
         (listener, shared, MIN_ACCEPT_BACKOFF),
         |(listener, shared, mut backoff)| async move {
@@ -50,8 +138,8 @@ pub(crate) fn incoming(
                 match listener.accept().await {
                     Ok((io, remote)) => {
                         backoff = MIN_ACCEPT_BACKOFF;
-                        if let Some(conn) = Conn::admit(io, remote, &shared) {
-                            return Some((Ok(conn), (listener, shared, backoff)));
+                        if let Some(slot) = admit(&shared, remote) {
+                            return Some(((io, remote, slot), (listener, shared, backoff)));
                         }
                     }
                     // The peer gave up before we took its connection: nothing to do.
@@ -77,6 +165,23 @@ pub(crate) fn incoming(
     )
 }
 
+/// A slot among [`crate::Limits::max_connections`], or `None` (and the socket closed)
+/// when the server is at its connection limit.
+fn admit(shared: &Arc<Shared>, remote: SocketAddr) -> Option<OwnedSemaphorePermit> {
+    let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
+        if let Some(held_back) = shared.warn_connections.hit() {
+            tracing::warn!(
+                %remote,
+                held_back,
+                "refusing a connection: {} are open (--max-connections)",
+                shared.limits.max_connections
+            );
+        }
+        return None;
+    };
+    Some(slot)
+}
+
 /// Errors of one connection, not of the listener.
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
@@ -92,7 +197,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 /// An accepted connection: the socket, with the handshake and idle limits applied to its
 /// reads, holding its slot among [`crate::Limits::max_connections`].
 pub(crate) struct Conn {
-    io: TcpStream,
+    io: Io,
     info: ConnInfo,
     shared: Arc<Shared>,
     /// Until the client's preface and first frame have been read.
@@ -105,29 +210,25 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// The connection, or `None` (and the socket closed) when the server is at its
-    /// connection limit.
-    fn admit(io: TcpStream, remote: SocketAddr, shared: &Arc<Shared>) -> Option<Conn> {
-        let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
-            if let Some(held_back) = shared.warn_connections.hit() {
-                tracing::warn!(
-                    %remote,
-                    held_back,
-                    "refusing a connection: {} are open (--max-connections)",
-                    shared.limits.max_connections
-                );
-            }
-            return None;
-        };
+    /// The connection over `io`, holding `slot`.
+    fn new(
+        io: Io,
+        remote: SocketAddr,
+        client_cert: Option<Arc<str>>,
+        shared: &Arc<Shared>,
+        slot: OwnedSemaphorePermit,
+    ) -> Conn {
+        let tcp = io.tcp();
         // Small messages (one event, one status) go out at once.
-        if let Err(e) = io.set_nodelay(true) {
+        if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let now = Instant::now();
-        Some(Conn {
+        Conn {
             info: ConnInfo {
-                local: io.local_addr().ok(),
+                local: tcp.local_addr().ok(),
                 remote: Some(remote),
+                client_cert,
                 state: Arc::new(ConnState::new()),
             },
             io,
@@ -143,7 +244,7 @@ impl Conn {
             last_read: now,
             closed: false,
             _slot: slot,
-        })
+        }
     }
 
     /// Ready when the connection has had no stream for the idle limit.
@@ -158,6 +259,37 @@ impl Conn {
         }
         self.idle.as_mut().poll(cx)
     }
+}
+
+/// The socket of a connection, plain or TLS.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(io) => io,
+            Io::Tls(io) => io.get_ref().0,
+        }
+    }
+}
+
+/// Forwards an IO method to the socket, plain or TLS.
+macro_rules! forward {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.get_mut().io {
+            Io::Plain($io) => {
+                let $io = Pin::new($io);
+                $e
+            }
+            Io::Tls($io) => {
+                let $io = Pin::new($io.as_mut());
+                $e
+            }
+        }
+    };
 }
 
 /// Where a new connection stands in its handshake.
@@ -209,9 +341,30 @@ impl AsyncRead for Conn {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        let read = match &mut this.io {
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        };
+        match read {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
+                if let Some(h) = &this.handshake
+                    && h.seen == 0
+                    && new.first() == Some(&TLS_HANDSHAKE_RECORD)
+                    && matches!(this.io, Io::Plain(_))
+                {
+                    if let Some(held_back) = this.shared.warn_tls.hit() {
+                        tracing::warn!(
+                            remote = ?this.info.remote,
+                            held_back,
+                            "a TLS client connected to this plaintext listener; closing (serve TLS with --tls-cert and --tls-key, or connect with http://)"
+                        );
+                    }
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a TLS client on the plaintext listener",
+                    )));
+                }
                 if !new.is_empty() {
                     this.last_read = Instant::now();
                     if let Some(h) = &mut this.handshake
@@ -266,7 +419,7 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        forward!(self, io => io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -274,19 +427,22 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        forward!(self, io => io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        forward!(self, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        forward!(self, io => io.poll_shutdown(cx))
     }
 }
 

@@ -3,7 +3,8 @@
 
 #![allow(
     clippy::print_stdout,
-    reason = "the binary announces its address on stdout"
+    clippy::print_stderr,
+    reason = "the binary announces its address (and a new token) on stdout"
 )]
 
 use std::net::SocketAddr;
@@ -125,6 +126,35 @@ struct Args {
     #[arg(long, env = "BM_OPEN_FILES_LIMIT", value_parser = clap::value_parser!(u64).range(16..))]
     open_files_limit: Option<u64>,
 
+    /// The server's TLS certificate chain (PEM). With --tls-key, the listener speaks TLS.
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "BM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The server's TLS private key (PEM). Re-read on SIGHUP.
+    #[arg(long, env = "BM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign client certificates: clients may authenticate with a
+    /// certificate (mutual TLS). Re-read on SIGHUP.
+    #[arg(long, env = "BM_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+
+    /// The tokens file (TOML): bearer tokens with hashed secrets, roles and expiry, and the
+    /// roles of client certificate identities; `bm-server token create` adds tokens.
+    /// Re-read on SIGHUP. Without it, on a loopback address, the server uses
+    /// DATA_DIR/tokens.toml and writes an admin token to DATA_DIR/admin-token at first start.
+    #[arg(long, env = "BM_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+
+    /// Accept every caller as an anonymous admin, with or without TLS. Required to listen
+    /// on a non-loopback address without TLS and a tokens file. Never on a shared network.
+    #[arg(long, env = "BM_INSECURE")]
+    insecure: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Log level.
     #[arg(long, env = "BM_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
@@ -132,6 +162,38 @@ struct Args {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, env = "BM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Manage bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a token: prints it once (keep it secret) and appends its hashed entry to the
+    /// tokens file. A running server picks it up at its next SIGHUP.
+    Create {
+        /// The token's name (the principal that the audit trail records).
+        name: String,
+        /// Its role: viewer, operator or admin.
+        #[arg(long, required_unless_present = "grant")]
+        role: Option<String>,
+        /// Limit the role to the machines this label selector matches, e.g. team=storage.
+        #[arg(long, requires = "role")]
+        scope: Option<String>,
+        /// A further grant, as "ROLE" or "ROLE on SELECTOR"; repeatable.
+        #[arg(long)]
+        grant: Vec<String>,
+        /// When it stops working (RFC 3339, e.g. 2027-01-31T00:00:00Z).
+        #[arg(long)]
+        expires: Option<String>,
+        /// The tokens file.
+        #[arg(long, env = "BM_TOKENS_FILE", default_value = "bm-data/tokens.toml")]
+        tokens_file: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -245,6 +307,76 @@ async fn shutdown_signal() {
     }
 }
 
+/// Who may call: `--insecure`, the `--tokens-file`, or on loopback the local admin token.
+fn auth(args: &Args, addr: SocketAddr) -> anyhow::Result<bm_server::Auth> {
+    if args.insecure {
+        tracing::warn!(
+            "--insecure: every caller is an anonymous admin; no authentication, no authorization"
+        );
+        return Ok(bm_server::Auth::insecure());
+    }
+    if let Some(path) = &args.tokens_file {
+        let auth = bm_server::Auth::from_file(path).context("loading the tokens file")?;
+        tracing::info!(path = %path.display(), "tokens file loaded; SIGHUP re-reads it");
+        return Ok(auth);
+    }
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "refusing to listen on {addr} without authentication: give --tokens-file (see docs/security.md), or --insecure to serve anyone (never on a shared network)"
+    );
+    // Loopback without a tokens file: a local admin token, made once, kept in the data
+    // directory where bmctl finds it (like k3s's kubeconfig).
+    let dir = &args.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tokens = dir.join("tokens.toml");
+    let token_file = dir.join("admin-token");
+    if !tokens.exists() {
+        let token =
+            bm_server::create_token(&tokens, "local-admin", &["admin".to_owned()], None, true)?;
+        bm_server::write_private(&token_file, format!("{token}\n").as_bytes())
+            .with_context(|| format!("writing {}", token_file.display()))?;
+        tracing::info!(token = %token_file.display(), "wrote a local admin token (bmctl finds it there)");
+    }
+    let auth = bm_server::Auth::from_file(&tokens).context("loading the tokens file")?;
+    tracing::info!(tokens = %tokens.display(), token = %token_file.display(), "loopback: the local admin token is in the data directory; SIGHUP re-reads the tokens file");
+    Ok(auth)
+}
+
+/// Re-reads the TLS material and the tokens file at each SIGHUP; a bad file is logged and
+/// the old material stays in use.
+fn reload_on_sighup(tls: Option<Arc<bm_server::Tls>>, auth: Arc<bm_server::Auth>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: TLS files will not be reloaded");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            if let Some(tls) = &tls {
+                match tls.reload() {
+                    Ok(()) => {
+                        tracing::info!("SIGHUP: TLS material reloaded; new connections use it")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: TLS material NOT reloaded, the previous one stays in use")
+                    }
+                }
+            }
+            match auth.reload() {
+                Ok(()) => tracing::info!("SIGHUP: tokens file reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: tokens file NOT reloaded, the previous tokens stay in force")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (tls, auth);
+}
+
 /// A duration such as `10s`, `500ms` or `10m`; zero is refused (it would disable nothing
 /// and close everything).
 fn duration(s: &str) -> Result<Duration, String> {
@@ -291,6 +423,33 @@ fn probability(s: &str) -> Result<f64, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Token(TokenCommand::Create {
+        name,
+        role,
+        scope,
+        grant,
+        expires,
+        tokens_file,
+    })) = &args.command
+    {
+        let mut grants = grant.clone();
+        if let Some(role) = role {
+            grants.insert(
+                0,
+                match scope {
+                    Some(scope) => format!("{role} on {scope}"),
+                    None => role.clone(),
+                },
+            );
+        }
+        let token = bm_server::create_token(tokens_file, name, &grants, expires.as_deref(), false)?;
+        eprintln!(
+            "token {name:?} added to {}; send SIGHUP to a running bm-server to load it. The token (shown only now):",
+            tokens_file.display()
+        );
+        println!("{token}");
+        return Ok(());
+    }
     init_tracing(args.log_level, args.log_format);
     // One worker per core; a small blocking pool (store scans), since every extra thread
     // may get an allocator arena of its own and keep its memory.
@@ -324,6 +483,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
+    let addr = match args.port {
+        Some(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+        None => args.listen,
+    };
+    let auth = Arc::new(auth(&args, addr)?);
+
     let timing = match (args.slow, args.fake_timing) {
         (true, _) | (false, FakeTiming::Slow) => Timing::Slow,
         (false, FakeTiming::Normal) => Timing::Normal,
@@ -349,16 +514,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let engine = Engine::new(store, providers, config);
     engine.start();
 
-    let addr = match args.port {
-        Some(port) => SocketAddr::from(([127, 0, 0, 1], port)),
-        None => args.listen,
-    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "listening");
     println!("bm-server listening on {local}");
+
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = bm_server::Tls::load(bm_server::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.client_ca.clone(),
+            })
+            .context("loading the TLS material")?;
+            tracing::info!(cert = %cert.display(), mutual = tls.mutual(), "TLS on; SIGHUP re-reads the certificate, key and client CA");
+            Some(Arc::new(tls))
+        }
+        _ => None,
+    };
+    anyhow::ensure!(
+        addr.ip().is_loopback() || args.insecure || tls.is_some(),
+        "refusing to listen on {addr} without TLS: give --tls-cert and --tls-key (and --tokens-file), or --insecure to serve anyone in plaintext (never on a shared network)"
+    );
+    reload_on_sighup(tls.clone(), auth.clone());
 
     let deps = bm_server::Deps {
         engine,
@@ -371,6 +551,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,
         },
+        tls,
+        auth,
     };
     bm_server::serve(listener, shutdown_signal(), deps)
         .await

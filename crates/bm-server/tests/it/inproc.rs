@@ -41,15 +41,36 @@ impl InProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(SqliteConfig::new(dir.path().join("data")))
             .expect("opening the store");
-        InProcess::serve(Arc::new(store), Some(dir)).await
+        InProcess::serve(Arc::new(store), Some(dir), None, insecure()).await
+    }
+
+    /// A server with its own store that authenticates with `auth`.
+    pub(crate) async fn start_with_auth(auth: bm_server::Auth) -> InProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("data")))
+            .expect("opening the store");
+        InProcess::serve(Arc::new(store), Some(dir), None, Arc::new(auth)).await
+    }
+
+    /// A server with its own store, over TLS.
+    pub(crate) async fn start_tls(tls: Arc<bm_server::Tls>) -> InProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("data")))
+            .expect("opening the store");
+        InProcess::serve(Arc::new(store), Some(dir), Some(tls), insecure()).await
     }
 
     /// A server over `store`.
     pub(crate) async fn with_store(store: Arc<dyn Store>) -> InProcess {
-        InProcess::serve(store, None).await
+        InProcess::serve(store, None, None, insecure()).await
     }
 
-    async fn serve(store: Arc<dyn Store>, dir: Option<tempfile::TempDir>) -> InProcess {
+    async fn serve(
+        store: Arc<dyn Store>,
+        dir: Option<tempfile::TempDir>,
+        tls: Option<Arc<bm_server::Tls>>,
+        auth: Arc<bm_server::Auth>,
+    ) -> InProcess {
         let mut providers = ProviderRegistry::new();
         providers.register(Arc::new(FakeProvider::new(FakeConfig {
             timing: Timing::Instant,
@@ -64,6 +85,8 @@ impl InProcess {
             engine,
             shutdown_grace: Duration::from_secs(5),
             limits: bm_server::Limits::default(),
+            tls,
+            auth,
         };
         let served = tokio::spawn(bm_server::serve(
             listener,
@@ -270,4 +293,9 @@ impl Store for FaultyStore {
     async fn flush(&self) -> bm_store::Result<()> {
         self.inner.flush().await
     }
+}
+
+/// No authentication: the API tests are about the API, `auth.rs` about who may call it.
+fn insecure() -> Arc<bm_server::Auth> {
+    Arc::new(bm_server::Auth::insecure())
 }

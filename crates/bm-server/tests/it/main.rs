@@ -1,4 +1,4 @@
-//! End-to-end tests through the generated client and `bmctl`.
+//! End-to-end tests through the generated client and `bmctl`; `tls` covers TLS and mTLS.
 //!
 //! The API tests (`api`, `streams`) run `bm_server::serve` in this process on an ephemeral
 //! port (`inproc`); the CLI and restart tests run the real `bm-server` process with a
@@ -6,10 +6,13 @@
 //! crash.
 
 mod api;
+mod auth;
 mod cli;
 mod hygiene;
 mod inproc;
 mod limits;
+mod pki;
 mod restart;
 mod streams;
 mod support;
+mod tls;

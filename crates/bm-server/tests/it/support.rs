@@ -64,7 +64,16 @@ impl Server {
         Server::start_with(&["--fake-timing", "instant"])
     }
 
+    /// Starts a server with `args`, without authentication (`--insecure`): these tests are
+    /// about other things; `auth.rs` tests the default.
     pub(crate) fn start_with(args: &[&str]) -> Server {
+        let mut all = vec!["--insecure"];
+        all.extend_from_slice(args);
+        Server::start_secure(&all)
+    }
+
+    /// Starts a server with `args` only: authentication as the server's defaults say.
+    pub(crate) fn start_secure(args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
         let dir = tmp.path().to_path_buf();
         let mut s = Server {

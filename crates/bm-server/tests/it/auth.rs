@@ -1,0 +1,241 @@
+//! Who may call what: every RPC of the role table with every role, the table against the
+//! API's descriptor set, tokens and client certificates through a real server.
+
+use bm_server::{Auth, Role, role_table};
+use prost::Message;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::inproc::InProcess;
+use crate::pki::{self, Ca};
+use crate::support::Server;
+
+/// Makes one token per role in a tokens file; returns the file's directory and the tokens.
+fn tokens() -> (tempfile::TempDir, Auth, Vec<(Role, String)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    let tokens = Role::ALL
+        .iter()
+        .map(|role| {
+            let name = format!("{role}-token");
+            let t =
+                bm_server::create_token(&path, &name, &[role.to_string()], None, false).unwrap();
+            (*role, t)
+        })
+        .collect();
+    let auth = Auth::from_file(&path).unwrap();
+    (dir, auth, tokens)
+}
+
+/// Calls `path` with an empty request (as unary or server streaming, as the API says) and
+/// `token`, and returns the status code (OK for a call that got through).
+async fn call(
+    channel: Channel,
+    path: &'static str,
+    streaming: bool,
+    token: Option<&str>,
+) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(());
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let path = http::uri::PathAndQuery::from_static(path);
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let result = if streaming {
+        grpc.server_streaming(req, path, codec).await.map(|_| ())
+    } else {
+        grpc.unary(req, path, codec).await.map(|_| ())
+    };
+    result.err().unwrap_or_else(|| tonic::Status::ok(""))
+}
+
+/// The methods of the API's descriptor set, by full path, with whether they stream.
+fn api_methods() -> Vec<(String, bool)> {
+    let set = prost_types::FileDescriptorSet::decode(bm_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut out = Vec::new();
+    for file in set.file {
+        let package = file.package();
+        for service in &file.service {
+            for method in &service.method {
+                out.push((
+                    format!("/{package}.{}/{}", service.name(), method.name()),
+                    method.server_streaming(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_rpc_of_the_api_is_in_the_role_table_and_nothing_else_is() {
+    let api: Vec<String> = api_methods().into_iter().map(|(p, _)| p).collect();
+    assert!(
+        api.len() > 10,
+        "the descriptor set has {} methods",
+        api.len()
+    );
+    for path in &api {
+        assert!(
+            role_table().iter().any(|(p, _)| p == path),
+            "{path} is not in the role table (crates/bm-server/src/auth.rs): every RPC needs a role"
+        );
+    }
+    for (path, _) in role_table() {
+        assert!(
+            api.contains(&(*path).to_owned()),
+            "{path} is in the role table but not in the API"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_with_every_role_is_allowed_or_denied_as_the_table_says() {
+    let (_dir, auth, tokens) = tokens();
+    let server = InProcess::start_with_auth(auth).await;
+    let channel = server.clients().await.channel;
+    let streaming: std::collections::HashMap<String, bool> = api_methods().into_iter().collect();
+    for (path, needed) in role_table() {
+        let streams = streaming[*path];
+        for (role, token) in &tokens {
+            let status = call(channel.clone(), path, streams, Some(token)).await;
+            if role >= needed {
+                assert!(
+                    !matches!(
+                        status.code(),
+                        Code::PermissionDenied | Code::Unauthenticated
+                    ),
+                    "{role} was refused {path}: {status:?}"
+                );
+            } else {
+                assert_eq!(
+                    status.code(),
+                    Code::PermissionDenied,
+                    "{role} on {path}: {status:?}"
+                );
+                assert!(
+                    status
+                        .message()
+                        .contains(&format!("needs the {needed} role")),
+                    "{status:?}"
+                );
+            }
+        }
+        // Nobody without a credential, and nobody with a garbage one.
+        let status = call(channel.clone(), path, streams, None).await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
+        assert!(status.message().contains("no credentials"), "{status:?}");
+        let status = call(channel.clone(), path, streams, Some("admin-token.0000")).await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{path}: {status:?}");
+    }
+    // Health is open.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_a_principal_with_the_grants_of_its_cert_entry() {
+    let ca = Ca::new("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pki::write(dir.path(), &ca.server());
+    let client_ca = dir.path().join("client-ca.pem");
+    std::fs::write(&client_ca, ca.pem()).unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        "[[cert]]\nname = \"alice\"\ngrants = [\"viewer\"]\n",
+    )
+    .unwrap();
+    let (cert_s, key_s, ca_s, tokens_s) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        client_ca.display().to_string(),
+        tokens.display().to_string(),
+    );
+    let server = Server::start_secure(&[
+        "--fake-timing",
+        "instant",
+        "--tls-cert",
+        &cert_s,
+        "--tls-key",
+        &key_s,
+        "--client-ca",
+        &ca_s,
+        "--tokens-file",
+        &tokens_s,
+    ]);
+    let alice = crate::tls::tls_channel(&server.addr, &ca.pem(), Some(&ca.client("alice")))
+        .await
+        .unwrap();
+    let view = call(
+        alice.clone(),
+        "/baremetal.v1.MachineService/ListMachines",
+        false,
+        None,
+    )
+    .await;
+    assert_eq!(view.code(), Code::Ok, "{view:?}");
+    let reboot = call(alice, "/baremetal.v1.MachineService/Reboot", false, None).await;
+    assert_eq!(reboot.code(), Code::PermissionDenied, "{reboot:?}");
+    assert!(
+        reboot.message().contains("alice (cert) has viewer"),
+        "{reboot:?}"
+    );
+    // A certificate of the CA without an entry is not anybody.
+    let bob = crate::tls::tls_channel(&server.addr, &ca.pem(), Some(&ca.client("bob")))
+        .await
+        .unwrap();
+    let status = call(
+        bob,
+        "/baremetal.v1.MachineService/ListMachines",
+        false,
+        None,
+    )
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+#[tokio::test]
+async fn on_loopback_the_server_writes_a_local_admin_token_and_requires_it() {
+    let server = Server::start_secure(&["--fake-timing", "instant"]);
+    let token_file = server.dir.join("data").join("admin-token");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", token_file.display());
+    }
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let channel = server.clients().await.channel;
+    let path = "/baremetal.v1.MachineService/ListMachines";
+    assert_eq!(
+        call(channel.clone(), path, false, None).await.code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        call(channel, path, false, Some(token.trim())).await.code(),
+        Code::Ok
+    );
+    assert!(
+        !server.log().contains(token.trim()),
+        "the token is in the log"
+    );
+}
+
+#[test]
+fn a_non_loopback_listen_without_tls_and_auth_is_refused() {
+    let out = std::process::Command::new(crate::support::bin("bm-server", "bm-server"))
+        .args(["--listen", "0.0.0.0:0", "--store", "memory"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+}
