@@ -47,6 +47,8 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
 struct Demo {
     bin: PathBuf,
     addr: String,
+    /// The server's data directory, where bmctl finds the local admin token.
+    data: PathBuf,
     pause: Duration,
     color: bool,
     interrupted: Arc<AtomicBool>,
@@ -75,6 +77,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<i32> {
     let mut demo = Demo {
         bin,
         addr,
+        data: dir.join("data"),
         pause: match options.timing.as_str() {
             "instant" => Duration::ZERO,
             _ if options.slow => Duration::from_secs(2),
@@ -215,7 +218,9 @@ impl Demo {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(self.bin.join("bmctl"));
-        cmd.args(args).env("BM_SERVER", &self.addr);
+        cmd.args(args)
+            .env("BM_SERVER", &self.addr)
+            .env("BM_DATA_DIR", &self.data);
         if self.color {
             cmd.env("CLICOLOR_FORCE", "1");
         } else {

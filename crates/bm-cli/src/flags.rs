@@ -14,14 +14,35 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Command line of the bare-metal provisioning control plane"
 )]
 pub(crate) struct Cli {
-    /// The server, as host:port or a URL.
-    #[arg(
-        long,
-        env = "BM_SERVER",
-        default_value = "localhost:50051",
-        global = true
-    )]
-    pub(crate) server: String,
+    /// The server, as host:port or a URL (https:// for TLS) [default: the context's, else
+    /// localhost:50051].
+    #[arg(long, env = "BM_SERVER", global = true)]
+    pub(crate) server: Option<String>,
+
+    /// The context of the configuration file to use instead of its current one.
+    #[arg(long, env = "BMCTL_CONTEXT", global = true)]
+    pub(crate) context: Option<String>,
+
+    /// The CA certificate (PEM) that signed the server's certificate; implies TLS.
+    #[arg(long, env = "BM_CA", global = true)]
+    pub(crate) ca: Option<std::path::PathBuf>,
+
+    /// A client certificate (PEM) for mutual TLS; with --key.
+    #[arg(long, env = "BM_CERT", global = true, requires = "key")]
+    pub(crate) cert: Option<std::path::PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "BM_KEY", global = true, requires = "cert")]
+    pub(crate) key: Option<std::path::PathBuf>,
+
+    /// A bearer token (NAME.SECRET). Prefer --token-file: arguments show in `ps`.
+    #[arg(long, env = "BM_TOKEN", global = true, hide_env_values = true)]
+    pub(crate) token: Option<String>,
+
+    /// A file holding the bearer token. Without a token, bmctl uses the local admin token
+    /// of a server on this host ($BM_DATA_DIR/admin-token, else ./bm-data/admin-token).
+    #[arg(long, env = "BM_TOKEN_FILE", global = true, conflicts_with = "token")]
+    pub(crate) token_file: Option<std::path::PathBuf>,
 
     /// Output format of the resources a command prints.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
@@ -103,6 +124,9 @@ pub(crate) enum Command {
     },
     /// Each operation type with its stages in the order they run, as the server runs them.
     Plans,
+    /// The configuration file's contexts (server, CA, credentials).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print a completion script for a shell, e.g. `bmctl completion bash >
     /// /etc/bash_completion.d/bmctl`.
     Completion {
@@ -340,4 +364,23 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+}
+
+/// `bmctl config`: the contexts of the configuration file ($BMCTL_CONFIG, else
+/// ~/.config/bmctl/config.toml).
+#[derive(Subcommand, Debug)]
+pub(crate) enum ConfigCommand {
+    /// List the contexts; the current one is marked with *.
+    GetContexts,
+    /// Make NAME the current context.
+    UseContext {
+        /// The context.
+        name: String,
+    },
+    /// Create or change context NAME from the global flags given with it (--server, --ca,
+    /// --cert, --key, --token-file).
+    SetContext {
+        /// The context.
+        name: String,
+    },
 }

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::connect::Transport;
 use bm_proto::v1 as pb;
 use bm_proto::v1::operation_service_client::OperationServiceClient;
-use tonic::transport::Channel;
 
 use crate::render::{self, Palette};
 use crate::stream::{self, Next};
@@ -35,7 +35,7 @@ const LOG_TAIL: Duration = Duration::from_secs(3);
 /// the provider log is not read at all). When the server goes away (a restart), both
 /// streams reconnect and resume where they were; the events stream says so.
 pub(crate) async fn follow(
-    ops: &mut OperationServiceClient<Channel>,
+    ops: &mut OperationServiceClient<Transport>,
     op: &pb::Operation,
     pal: &Palette,
     print: bool,
@@ -114,7 +114,7 @@ pub(crate) async fn follow(
 /// Runs a follow and prints the boxes; returns the exit code. `if_ended` is what the final
 /// box says when `op` had already ended (a replayed request, or a follow that came late).
 pub(crate) async fn run(
-    ops: &mut OperationServiceClient<Channel>,
+    ops: &mut OperationServiceClient<Transport>,
     op: pb::Operation,
     started: Instant,
     if_ended: render::Ended,

@@ -27,6 +27,7 @@ macro_rules! outln {
 }
 
 mod commands;
+mod config;
 mod connect;
 mod flags;
 mod follow;
@@ -75,7 +76,13 @@ async fn main() -> ExitCode {
             match e.downcast_ref::<tonic::Status>() {
                 Some(s) => {
                     let msg = s.message().replace('\n', " ");
-                    anstream::eprintln!("error: {}: {msg}", bm_proto::code_name(s.code()));
+                    let hint = match s.code() {
+                        tonic::Code::Unauthenticated => {
+                            " (give a token: --token-file FILE, BM_TOKEN_FILE, or a context; see `bmctl config --help`)"
+                        }
+                        _ => "",
+                    };
+                    anstream::eprintln!("error: {}: {msg}{hint}", bm_proto::code_name(s.code()));
                 }
                 None => anstream::eprintln!("error: {e:#}"),
             }

@@ -9,11 +9,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use crate::connect::Transport;
 use bm_proto::v1 as pb;
 use bm_proto::v1::operation_service_client::OperationServiceClient;
 use futures::StreamExt;
 use tonic::Streaming;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 /// The exit code after Ctrl+C (128 + SIGINT), as the README says: the command stopped, an
@@ -179,7 +179,7 @@ pub(crate) fn is_disconnect(s: &tonic::Status) -> bool {
 /// The operation events of a machine and/or an operation (empty: any), after revision
 /// `after` (`None`: live only).
 pub(crate) fn events(
-    ops: &OperationServiceClient<Channel>,
+    ops: &OperationServiceClient<Transport>,
     machine_id: String,
     operation_id: String,
     after: Option<u64>,
@@ -202,7 +202,7 @@ pub(crate) fn events(
 
 /// An operation's provider log lines after sequence number `after`.
 pub(crate) fn logs(
-    ops: &OperationServiceClient<Channel>,
+    ops: &OperationServiceClient<Transport>,
     operation_id: String,
     after: u64,
 ) -> Resuming<pb::StreamLogsResponse> {
@@ -376,8 +376,10 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::OutOfRange);
         assert_eq!(fake.watch_requests().len(), 1);
         // A first connection that fails is an error at once, not a reconnect loop.
-        let gone =
-            OperationServiceClient::new(Channel::from_static("http://127.0.0.1:1").connect_lazy());
+        let gone = OperationServiceClient::with_interceptor(
+            tonic::transport::Channel::from_static("http://127.0.0.1:1").connect_lazy(),
+            crate::connect::Credentials::default(),
+        );
         let mut s = logs(&gone, "op-1".into(), 0);
         let e = s.next().await.expect_err("nothing listens on port 1");
         assert_eq!(e.code(), tonic::Code::Unavailable);

@@ -12,6 +12,8 @@ use bm_proto::v1::operation_service_server::{OperationService, OperationServiceS
 use futures::Stream;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
+
+use crate::connect::{Credentials, Transport};
 use tonic::{Request, Response, Status};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -112,7 +114,7 @@ pub(crate) fn shutting_down(field: &str, after: u64) -> Status {
 }
 
 /// Serves `fake` on a loopback port; returns a client of it and the fake, to look at.
-pub(crate) async fn serve(fake: Scripted) -> (OperationServiceClient<Channel>, Arc<Scripted>) {
+pub(crate) async fn serve(fake: Scripted) -> (OperationServiceClient<Transport>, Arc<Scripted>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let fake = Arc::new(fake);
@@ -126,7 +128,10 @@ pub(crate) async fn serve(fake: Scripted) -> (OperationServiceClient<Channel>, A
         .connect()
         .await
         .unwrap();
-    (OperationServiceClient::new(channel), fake)
+    (
+        OperationServiceClient::with_interceptor(channel, Credentials::default()),
+        fake,
+    )
 }
 
 #[tonic::async_trait]

@@ -24,9 +24,6 @@ pub(crate) enum ApiError {
     /// The caller may not make this call; the message names the role (and scope) needed.
     #[error("{0}")]
     PermissionDenied(String),
-    /// The caller is over one of its limits; the message names the limit.
-    #[error("{0}")]
-    Exhausted(String),
     /// An invariant of the server broke (a bug); the message is for the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -43,7 +40,6 @@ impl ApiError {
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
-            ApiError::Exhausted(_) => Code::ResourceExhausted,
             ApiError::Workflow(w) => kind_code(w.kind()),
             ApiError::Internal(_) => Code::Internal,
         }

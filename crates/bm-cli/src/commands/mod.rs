@@ -7,8 +7,9 @@ mod operations;
 mod plans;
 mod streams;
 
-use crate::connect::{Clients, connect};
-use crate::flags::{Cli, Command, OpType, Output};
+use crate::config::{self as file, Config};
+use crate::connect::{Clients, Settings, connect};
+use crate::flags::{Cli, Command, ConfigCommand, OpType, Output};
 use crate::render::Palette;
 
 /// Runs a command line; returns the exit code. Commands that need no server (completion,
@@ -16,10 +17,11 @@ use crate::render::Palette;
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<u8> {
     let pal = Palette::color();
     let json = cli.output == Output::Json;
-    let mut c: Clients = match cli.command {
-        Command::Completion { shell } => return generate::completion(shell),
+    let mut c: Clients = match &cli.command {
+        Command::Completion { shell } => return generate::completion(*shell),
         Command::Man { dir } => return generate::man(dir.as_deref()),
-        _ => connect(&cli.server).await?,
+        Command::Config(cmd) => return config(&cli, cmd),
+        _ => connect(&Settings::resolve(&cli)?).await?,
     };
     let c = &mut c;
     let pal = &pal;
@@ -51,7 +53,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => streams::watch(c, args, json, pal).await,
         Command::Logs { operation, after } => streams::logs(c, operation, after, json, pal).await,
         Command::Plans => plans::plans(c, json, pal).await,
-        Command::Completion { .. } | Command::Man { .. } => {
+        Command::Completion { .. } | Command::Man { .. } | Command::Config(_) => {
             unreachable!("answered above without a server")
         }
     }
@@ -72,6 +74,62 @@ fn show<T: serde::Serialize>(
         print_json(value)?;
     } else {
         out!("{}", render(value));
+    }
+    Ok(0)
+}
+
+/// `bmctl config ...`.
+#[allow(clippy::print_stdout, reason = "the command's output")]
+fn config(cli: &Cli, cmd: &ConfigCommand) -> anyhow::Result<u8> {
+    let Some(path) = file::path() else {
+        anyhow::bail!("no configuration file: set BMCTL_CONFIG or HOME");
+    };
+    let mut config = Config::load(&path)?;
+    match cmd {
+        ConfigCommand::GetContexts => {
+            for (name, c) in &config.contexts {
+                let mark = if config.current_context.as_deref() == Some(name) {
+                    "*"
+                } else {
+                    " "
+                };
+                let server = c.server.as_deref().unwrap_or("-");
+                println!("{mark} {name}\t{server}");
+            }
+        }
+        ConfigCommand::UseContext { name } => {
+            anyhow::ensure!(
+                config.contexts.contains_key(name),
+                "no context named {name:?} in {}; `bmctl config set-context {name} --server ...` makes one",
+                path.display()
+            );
+            config.current_context = Some(name.clone());
+            config.save(&path)?;
+            println!("current context: {name}");
+        }
+        ConfigCommand::SetContext { name } => {
+            let c = config.contexts.entry(name.clone()).or_default();
+            if let Some(s) = &cli.server {
+                c.server = Some(s.clone());
+            }
+            if let Some(v) = &cli.ca {
+                c.ca = Some(v.clone());
+            }
+            if let Some(v) = &cli.cert {
+                c.cert = Some(v.clone());
+            }
+            if let Some(v) = &cli.key {
+                c.key = Some(v.clone());
+            }
+            if let Some(v) = &cli.token_file {
+                c.token_file = Some(v.clone());
+            }
+            if config.current_context.is_none() {
+                config.current_context = Some(name.clone());
+            }
+            config.save(&path)?;
+            println!("context {name} saved in {}", path.display());
+        }
     }
     Ok(0)
 }

@@ -52,6 +52,8 @@ fn start_server(dir: &Path, config: &Path) -> Server {
             "127.0.0.1:0",
             "--log-level",
             "debug",
+            // About the provider, not about who may call (bm-server's tests cover that).
+            "--insecure",
             "--data-dir",
         ])
         .arg(dir.join("data"))

@@ -239,3 +239,110 @@ fn a_non_loopback_listen_without_tls_and_auth_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
 }
+
+#[test]
+fn bmctl_finds_the_local_admin_token_and_says_clearly_when_it_has_none() {
+    let server = Server::start_secure(&["--fake-timing", "instant"]);
+    let empty = tempfile::tempdir().unwrap();
+    let bmctl = |data_dir: &std::path::Path| {
+        crate::support::bmctl_command(&server.addr, &["list"])
+            .env("BM_DATA_DIR", data_dir)
+            .env("BMCTL_CONFIG", empty.path().join("config.toml"))
+            .current_dir(empty.path())
+            .output()
+            .unwrap()
+    };
+    let ok = bmctl(&server.dir.join("data"));
+    assert!(ok.status.success(), "{}", crate::support::err_text(&ok));
+    let refused = bmctl(empty.path());
+    assert!(!refused.status.success());
+    let err = crate::support::err_text(&refused);
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("no credentials"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bmctl_contexts_carry_the_server_ca_and_token() {
+    let ca = Ca::new("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pki::write(dir.path(), &ca.server());
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let token = bm_server::create_token(&tokens, "ops", &["viewer".into()], None, false).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let server = Server::start_secure(&[
+        "--fake-timing",
+        "instant",
+        "--tls-cert",
+        &s(&cert),
+        "--tls-key",
+        &s(&key),
+        "--tokens-file",
+        &s(&tokens),
+    ]);
+    let config = dir.path().join("config.toml");
+    let bmctl = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(crate::support::bin("bm-cli", "bmctl"));
+        cmd.args(args)
+            .env_remove("BM_SERVER")
+            .env("BMCTL_CONFIG", &config)
+            .env("NO_COLOR", "1")
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let https = format!(
+        "https://localhost:{}",
+        server.addr.rsplit_once(':').unwrap().1
+    );
+    let set = bmctl(&[
+        "config",
+        "set-context",
+        "prod",
+        "--server",
+        &https,
+        "--ca",
+        &s(&ca_file),
+        "--token-file",
+        &s(&token_file),
+    ]);
+    assert!(set.status.success(), "{}", crate::support::err_text(&set));
+    let contexts = crate::support::text(&bmctl(&["config", "get-contexts"]));
+    assert!(contexts.contains("* prod"), "{contexts}");
+    let list = bmctl(&["list"]);
+    assert!(list.status.success(), "{}", crate::support::err_text(&list));
+    // A viewer may not register; the refusal names the role needed.
+    let import = bmctl(&["import", "1"]);
+    let err = crate::support::err_text(&import);
+    assert!(
+        err.contains("PERMISSION_DENIED") && err.contains("needs the admin role"),
+        "{err}"
+    );
+    // Plaintext against the TLS server: told to use TLS.
+    let plain = bmctl(&["list", "--server", &format!("http://{}", server.addr)]);
+    let err = crate::support::err_text(&plain);
+    assert!(err.contains("requires TLS"), "{err}");
+}
+
+#[test]
+fn bmctl_with_tls_against_a_plaintext_server_says_the_server_does_not_speak_tls() {
+    let ca = Ca::new("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let server = Server::start();
+    let out = crate::support::bmctl_command(
+        &server.addr,
+        &["list", "--ca", &ca_file.display().to_string()],
+    )
+    .output()
+    .unwrap();
+    let err = crate::support::err_text(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("does not speak TLS"), "{err}");
+}
