@@ -29,7 +29,7 @@ pub use condition::{Condition, ConditionType, Conditions};
 pub use error::DomainError;
 pub use event::{EventKind, LogLine, OperationEvent};
 pub use ids::{MachineId, OperationId, RequestId};
-pub use labels::{LabelSelector, Labels};
+pub use labels::{KeyConstraint, LabelSelector, Labels};
 pub use mac::MacAddress;
 pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus, SshEndpoint};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
