@@ -4,6 +4,7 @@
 mod conformance;
 mod durability;
 mod fixtures;
+mod golden;
 mod storage;
 
 use std::sync::Arc;
