@@ -10,7 +10,8 @@ use bm_domain::{
 };
 use bm_provider::ProviderRegistry;
 use bm_store::{
-    Admission, ImportOutcome, Lease, MachineQuery, OperationQuery, Page, Store, StoreError,
+    Admission, ImportOutcome, Lease, MachineQuery, OperationQuery, Page, Store, StoreCondition,
+    StoreError,
 };
 use tokio::sync::Notify;
 use tokio::sync::broadcast::error::RecvError;
@@ -140,8 +141,13 @@ impl Engine {
     }
 
     /// Starts the executor: it claims pending operations (and those a stopped executor left
-    /// behind) and runs them. Must be called within a Tokio runtime.
+    /// behind) and runs them. Must be called within a Tokio runtime. On a read-only store it
+    /// runs nothing: operations stay as they are until the store is restored.
     pub fn start(&self) {
+        if let StoreCondition::ReadOnly(why) = self.inner.store.condition() {
+            tracing::warn!(reason = %why, "the store is read-only: the executor does not run");
+            return;
+        }
         let inner = self.inner.clone();
         self.inner.tasks.spawn(executor::dispatch(inner.clone()));
         self.inner.tasks.spawn(executor::renew_leases(inner));
@@ -183,6 +189,12 @@ impl Engine {
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// The store's condition (ok, disk full, read-only, unusable) and its changes, for
+    /// health checks: `borrow()` reads it without blocking.
+    pub fn store_condition(&self) -> tokio::sync::watch::Receiver<StoreCondition> {
+        self.inner.store.watch_condition()
     }
 
     /// The providers.

@@ -42,6 +42,7 @@ mod plan;
 mod policy;
 mod stream;
 
+pub use bm_store::StoreCondition;
 pub use engine::{Engine, EngineConfig, OperationRequest};
 pub use error::{ResumePoint, WorkflowError};
 pub use policy::{Decision, RetryPolicy, decide};
