@@ -71,11 +71,13 @@ fn workflow_code(e: &WorkflowError) -> Code {
             | StoreError::MacInUse { .. }
             | StoreError::ImportConflict(_)
             | StoreError::RequestIdReused { .. } => Code::AlreadyExists,
-            StoreError::Closed => Code::Unavailable,
+            StoreError::Closed | StoreError::DiskFull => Code::Unavailable,
+            StoreError::ReadOnly(_) => Code::FailedPrecondition,
             StoreError::LeaseLost(_)
             | StoreError::Locked(_)
             | StoreError::SchemaTooNew { .. }
             | StoreError::Corrupt(_)
+            | StoreError::Damaged { .. }
             | StoreError::Backend(_) => Code::Internal,
         },
     }
@@ -193,6 +195,16 @@ mod tests {
             .into(),
             Code::Unavailable,
             "resume with after_sequence=7",
+        );
+        check(
+            StoreError::DiskFull.into(),
+            Code::Unavailable,
+            "the data directory's disk is full",
+        );
+        check(
+            StoreError::ReadOnly("the database is damaged; restore it".into()).into(),
+            Code::FailedPrecondition,
+            "read-only",
         );
     }
 

@@ -19,6 +19,17 @@
 //! expired; every write of the executor is fenced by the lease's owner, so an executor whose
 //! lease was taken over by another (it stalled past the expiry) can no longer change
 //! anything. This is what will let several servers share one database.
+//!
+//! # Storage faults
+//!
+//! A store reports what it can do through [`Store::condition`] ([`StoreCondition`]: ok, disk
+//! full, read-only, unusable), cheap to read and to watch, for health checks. A write that
+//! finds no space fails with [`StoreError::DiskFull`] and changes nothing; writes work again
+//! by themselves once there is space. [`SqliteStore::open`] checks the database's integrity
+//! and refuses a damaged one ([`StoreError::Damaged`]) unless asked to open it read-only
+//! ([`OnDamage::ReadOnly`]); a stored record that cannot be read back is reported with its
+//! table and id ([`StoreError::Corrupt`]) and skipped by listings. [`backup`] copies a live
+//! SQLite store.
 
 mod condition;
 mod error;

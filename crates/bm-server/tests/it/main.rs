@@ -4,5 +4,6 @@
 mod api;
 mod cli;
 mod restart;
+mod store;
 mod streams;
 mod support;
