@@ -143,7 +143,10 @@ pub(crate) async fn selectors_match_labels_through_every_page(s: S) {
         let mut l = Vec::new();
         if n > 0 {
             l.push(("rack", format!("r{}", n % 3)));
-            l.push(("zone", if n.is_multiple_of(2) { "a" } else { "b" }.to_owned()));
+            l.push((
+                "zone",
+                if n.is_multiple_of(2) { "a" } else { "b" }.to_owned(),
+            ));
         }
         if n.is_multiple_of(5) {
             l.push(("gpu", String::new()));
