@@ -300,11 +300,13 @@ impl SqliteStore {
         let readers = (0..config.read_connections.max(1))
             .map(|_| schema::open_read_only(&path, cache).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
-        let why = format!(
-            "the database {} is damaged ({detail}); restore it from a backup (see docs/operations.md)",
-            path.display()
+        tracing::warn!(
+            path = %path.display(),
+            damage = %detail,
+            "the store is open read-only: reads serve what can be read, writes are refused; restore the database from a backup (see docs/operations.md)"
         );
-        tracing::warn!(reason = %why, "the store is open read-only: reads serve what can be read, writes are refused");
+        // Clients see this: no path, no detail (those are in the log).
+        let why = "its database failed the integrity check when the server started; an operator must restore it from a backup".to_owned();
         let condition = Arc::new(ConditionCell::new(StoreCondition::ReadOnly(why.clone())));
         Ok(SqliteStore {
             writer: Mutex::new(None),

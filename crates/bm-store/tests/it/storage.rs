@@ -306,7 +306,9 @@ async fn a_damaged_database_is_refused_or_opened_read_only() {
         ..SqliteConfig::new(dir.path())
     })
     .unwrap();
-    assert!(matches!(s.condition(), StoreCondition::ReadOnly(ref why) if why.contains("backup")));
+    assert!(
+        matches!(s.condition(), StoreCondition::ReadOnly(ref why) if why.contains("restore it from a backup") && !why.contains("baremetal.db"))
+    );
     assert!(s.condition().serves_reads() && !s.condition().takes_writes());
     assert_eq!(s.get_machine(&mid("m-2")).await.unwrap().id, mid("m-2"));
     let page = s
@@ -551,4 +553,106 @@ async fn a_backup_of_a_busy_store_holds_everything_committed_before_it() {
         .unwrap();
     assert_eq!(all.items.len() as u64, report.machines);
     assert!(report.machines <= total);
+}
+
+/// The mount point of the small filesystem [`a_real_full_disk_fails_writes_until_space_is_freed`]
+/// runs on, in the child process that runs it.
+const TMPFS_ENV: &str = "BM_STORE_TEST_TMPFS";
+
+/// A real full disk (ENOSPC from the filesystem, met by SQLite when it appends to the WAL or
+/// grows a file, at commit time): a 4 MiB tmpfs in a private mount namespace, made with
+/// `unshare` (a user namespace, so no root is needed). The test re-runs itself inside it.
+/// Where the kernel allows no user namespaces it says so and checks nothing more than
+/// `a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself` does.
+#[test]
+fn a_real_full_disk_fails_writes_until_space_is_freed() {
+    if let Some(dir) = std::env::var_os(TMPFS_ENV) {
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(real_full_disk(Path::new(&dir)));
+    }
+    let can_unshare = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can_unshare {
+        #[allow(clippy::print_stderr, reason = "a test that cannot run here says why")]
+        {
+            eprintln!("skipped: `unshare --user --mount` is not allowed here");
+        }
+        return;
+    }
+    let mount = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" --exact storage::a_real_full_disk_fails_writes_until_space_is_freed --nocapture"#)
+        .arg("sh")
+        .arg(mount.path())
+        .arg(std::env::current_exe().unwrap())
+        .env(TMPFS_ENV, mount.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
+
+async fn real_full_disk(dir: &Path) {
+    let data = dir.join("data");
+    let s = SqliteStore::open(SqliteConfig::new(&data)).unwrap();
+    // Leave about 1 MiB free.
+    let free = free_bytes(dir);
+    let filler = dir.join("filler");
+    std::fs::write(&filler, vec![1u8; (free - (1 << 20)) as usize]).unwrap();
+    let mut registered = Vec::new();
+    let full = loop {
+        let n = registered.len();
+        assert!(n < 5_000, "the disk never filled up");
+        let mut m = machine(&format!("m-{n:04}"), 1);
+        m.spec.mac_addresses = vec![
+            format!("02:00:00:02:{:02x}:{:02x}", n / 256, n % 256)
+                .parse()
+                .unwrap(),
+        ];
+        m.spec.network_config = "y".repeat(8_000);
+        match s.register_machine(m).await {
+            Ok(m) => registered.push(m.id),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(full, StoreError::DiskFull), "{full:?}");
+    assert_eq!(s.condition(), StoreCondition::DiskFull);
+    for id in &registered {
+        s.get_machine(id).await.unwrap();
+    }
+    std::fs::remove_file(&filler).unwrap();
+    s.register_machine(machine("after", 9)).await.unwrap();
+    assert_eq!(s.condition(), StoreCondition::Ok);
+    drop(s);
+    let s = SqliteStore::open(SqliteConfig::new(&data)).unwrap();
+    for id in &registered {
+        s.get_machine(id).await.unwrap();
+    }
+    s.get_machine(&mid("after")).await.unwrap();
+}
+
+/// Bytes free for this process on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df output")
 }
