@@ -32,7 +32,7 @@ pub use endpoint::{BmcEndpoint, BmcScheme, SshEndpoint};
 pub use error::DomainError;
 pub use event::{EventKind, LogLine, OperationEvent};
 pub use ids::{MachineId, OperationId, RequestId};
-pub use labels::{LabelSelector, Labels};
+pub use labels::{KeyConstraint, LabelSelector, Labels};
 pub use mac::MacAddress;
 pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};

@@ -15,6 +15,7 @@
 mod convert;
 mod error;
 mod fanout;
+mod health;
 mod limits;
 mod listener;
 mod machines;
@@ -77,6 +78,7 @@ pub async fn serve(
     health
         .set_serving::<OperationServiceServer<operations::Operations>>()
         .await;
+    let store_health = tokio::spawn(health::follow_store(health.clone(), deps.engine.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(bm_proto::FILE_DESCRIPTOR_SET)
@@ -99,6 +101,7 @@ pub async fn serve(
     let (stopped, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
+        store_health.abort();
         tracing::info!(
             "shutting down: no new work, interrupting running operations, ending streams"
         );

@@ -11,5 +11,6 @@ mod hygiene;
 mod inproc;
 mod limits;
 mod restart;
+mod store;
 mod streams;
 mod support;
