@@ -50,6 +50,12 @@ async fn apply(health: &HealthReporter, condition: &StoreCondition) {
         .await;
 }
 
+/// Sets the health statuses for the store's condition now.
+pub(crate) async fn apply_current(health: &HealthReporter, engine: &Engine) {
+    let now = engine.store_condition().borrow().clone();
+    apply(health, &now).await;
+}
+
 /// Keeps the health statuses in step with the store's condition until the engine shuts down
 /// (the shutdown sets NOT_SERVING itself).
 pub(crate) async fn follow_store(health: HealthReporter, engine: Engine) {

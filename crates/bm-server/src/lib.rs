@@ -72,12 +72,9 @@ pub async fn serve(
     deps: Deps,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<MachineServiceServer<machines::Machines>>()
-        .await;
-    health
-        .set_serving::<OperationServiceServer<operations::Operations>>()
-        .await;
+    // Every service's status is set before the first connection is accepted, so that a
+    // health watch never finds one unregistered.
+    health::apply_current(&health, &deps.engine).await;
     let store_health = tokio::spawn(health::follow_store(health.clone(), deps.engine.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()

@@ -255,6 +255,10 @@ mod tests {
     #[test]
     fn a_full_disk_says_so() {
         let e = WorkflowError::from(StoreError::DiskFull);
-        assert_eq!(e.to_string(), "the data directory's disk is full");
+        assert!(
+            e.to_string()
+                .starts_with("the data directory's disk is full"),
+            "{e}"
+        );
     }
 }
