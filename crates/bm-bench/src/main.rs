@@ -16,6 +16,7 @@ mod control;
 mod echo;
 mod procs;
 mod stats;
+mod wal;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -229,6 +230,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     fmt_count(f64::from(n) / took.as_secs_f64())
                 )),
             );
+            let wal = wal::WalWatch::start(&work.join("data"));
             let enter = control::run_phase(
                 &mut c,
                 pid,
@@ -315,6 +317,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "fleet",
                 "server peak RSS",
                 format!("{:.1} MiB", peak as f64 / 1048576.0),
+            ));
+            let wal_peak = wal.stop().await;
+            rows.push(
+                Row::new(
+                    "fleet",
+                    "SQLite WAL peak during maintenance + reimage",
+                    fmt_mib(wal_peak),
+                )
+                .target("≤ 128 MiB (docs/operations.md)"),
+            );
+            // The server empties the log once nothing was written for two seconds.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            rows.push(Row::new(
+                "fleet",
+                "SQLite WAL 3 s after the run",
+                fmt_mib(wal::size_in(&work.join("data"))),
             ));
             println!("fleet: done ({n} reimages in {})", fmt_duration(re.wall));
             rss_after(&mut rows, pid, "the fleet run")?;
@@ -537,6 +555,11 @@ fn start_server(
     .env("NO_COLOR", "1")
     .stderr(log);
     procs::Proc::start(cmd, "bm-server listening on")
+}
+
+/// Bytes as MiB with one decimal.
+fn fmt_mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
 /// A row with the server's resident memory after a scenario.

@@ -230,6 +230,7 @@ pub(crate) fn operations_table(ops: &[pb::Operation], pal: &Palette) -> String {
                 date_time(o.create_time.as_ref()),
                 took,
                 o.request_id.clone(),
+                actor(o.requested_by.as_ref()),
             ]
         })
         .collect();
@@ -243,6 +244,7 @@ pub(crate) fn operations_table(ops: &[pb::Operation], pal: &Palette) -> String {
             "CREATED",
             "DURATION",
             "REQUEST ID",
+            "BY",
         ],
         &rows,
     )
@@ -273,7 +275,7 @@ pub(crate) fn machine_detail(m: &pb::Machine, pal: &Palette) -> String {
     labels.sort();
     let mut out = String::new();
     let mut field = |k: &str, v: String| {
-        let _ = writeln!(out, "{:<12}{v}", format!("{k}:"));
+        let _ = writeln!(out, "{:<14}{v}", format!("{k}:"));
     };
     field("Machine", paint(pal.bold, &m.id));
     field("Phase", phase(status.phase));
@@ -328,6 +330,12 @@ pub(crate) fn machine_detail(m: &pb::Machine, pal: &Palette) -> String {
 }
 
 /// The detailed view of one operation.
+/// Who did something: `name (method)`, or `-` for records from before the audit trail.
+pub(crate) fn actor(a: Option<&pb::Actor>) -> String {
+    a.filter(|a| !a.name.is_empty())
+        .map_or_else(|| "-".to_owned(), |a| format!("{} ({})", a.name, a.method))
+}
+
 pub(crate) fn operation_detail(o: &pb::Operation, pal: &Palette) -> String {
     let mut out = String::new();
     let mut field = |k: &str, v: String| {
@@ -338,6 +346,7 @@ pub(crate) fn operation_detail(o: &pb::Operation, pal: &Palette) -> String {
     field("Type", op_type(o.r#type));
     field("Phase", phase_marker(o.phase, pal));
     field("Request ID", o.request_id.clone());
+    field("Requested by", actor(o.requested_by.as_ref()));
     if !o.note.is_empty() {
         field("Note", o.note.clone());
     }

@@ -228,6 +228,32 @@ impl LabelSelector {
     }
 }
 
+/// What a selector's requirement demands of one key, for a store that looks matches up in
+/// an index of labels rather than reading every machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyConstraint<'a> {
+    /// The key must be present with one of these values (`k=v`, `k in (v1,v2)`).
+    OneOf(&'a str, &'a [String]),
+    /// The key must be present, with any value (`k`).
+    Present(&'a str),
+}
+
+impl LabelSelector {
+    /// The requirements that a matching label set must *have* a label for (`k`, `k=v`,
+    /// `k in (...)`), in the order written; the negative ones (`!k`, `k!=v`,
+    /// `k notin (...)`) are left out. Every label set the selector matches meets each of
+    /// these, so a store may take its candidates from any one of them and then apply
+    /// [`LabelSelector::matches`].
+    pub fn positive_requirements(&self) -> impl Iterator<Item = KeyConstraint<'_>> {
+        self.requirements.iter().filter_map(|r| match r {
+            Requirement::Exists(k) => Some(KeyConstraint::Present(k)),
+            Requirement::Equals(k, v) => Some(KeyConstraint::OneOf(k, std::slice::from_ref(v))),
+            Requirement::In(k, vs) => Some(KeyConstraint::OneOf(k, vs)),
+            Requirement::NotExists(_) | Requirement::NotEquals(..) | Requirement::NotIn(..) => None,
+        })
+    }
+}
+
 impl fmt::Display for LabelSelector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.source)
@@ -356,6 +382,25 @@ fn parse_requirement(req: &str) -> Result<Requirement, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positive_requirements_are_those_a_match_must_have() {
+        let s: LabelSelector = "rack in (r1,r2), !retired, zone=a, gpu, os!=x, t notin (y)"
+            .parse()
+            .unwrap();
+        let r1r2 = ["r1".to_owned(), "r2".to_owned()];
+        let a = ["a".to_owned()];
+        assert_eq!(
+            s.positive_requirements().collect::<Vec<_>>(),
+            [
+                KeyConstraint::OneOf("rack", &r1r2),
+                KeyConstraint::OneOf("zone", &a),
+                KeyConstraint::Present("gpu"),
+            ]
+        );
+        let negative: LabelSelector = "!a, b!=c".parse().unwrap();
+        assert_eq!(negative.positive_requirements().count(), 0);
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         Labels::from_pairs(pairs.iter().copied()).unwrap()

@@ -13,6 +13,7 @@
 //! the caller. Everything here is deterministic, which is what lets it be tested with
 //! property tests over every combination of its inputs.
 
+mod actor;
 mod condition;
 mod endpoint;
 mod error;
@@ -27,12 +28,13 @@ mod snippet;
 mod state;
 mod time;
 
+pub use actor::Actor;
 pub use condition::{Condition, ConditionType, Conditions};
 pub use endpoint::{BmcEndpoint, BmcScheme, SshEndpoint};
 pub use error::DomainError;
 pub use event::{EventKind, LogLine, OperationEvent};
 pub use ids::{MachineId, OperationId, RequestId};
-pub use labels::{LabelSelector, Labels};
+pub use labels::{KeyConstraint, LabelSelector, Labels};
 pub use mac::MacAddress;
 pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};

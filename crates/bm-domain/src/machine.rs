@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    BmcEndpoint, Conditions, DomainError, EffectiveState, Labels, MacAddress, MachineId,
+    Actor, BmcEndpoint, Conditions, DomainError, EffectiveState, Labels, MacAddress, MachineId,
     OperationId, Phase, SshEndpoint, Timestamp, effective_state,
 };
 
@@ -155,6 +155,8 @@ pub struct MachinePatch {
     pub set_labels: std::collections::BTreeMap<String, String>,
     /// Labels removed (after `set_labels`).
     pub remove_labels: Vec<String>,
+    /// Who makes the change; it becomes the machine's `updated_by`.
+    pub actor: Actor,
 }
 
 impl MachinePatch {
@@ -263,6 +265,10 @@ pub struct Machine {
     pub created_at: Timestamp,
     /// When its record last changed.
     pub updated_at: Timestamp,
+    /// Who last registered or changed it through the API. Records from before the audit
+    /// trail read as unknown.
+    #[serde(default, skip_serializing_if = "Actor::is_unknown")]
+    pub updated_by: Actor,
 }
 
 impl Machine {
@@ -285,6 +291,7 @@ impl Machine {
             status: MachineStatus::default(),
             created_at: now,
             updated_at: now,
+            updated_by: Actor::default(),
         })
     }
 

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DomainError, MachineId, OperationId, RequestId, Timestamp};
+use crate::{Actor, DomainError, MachineId, OperationId, RequestId, Timestamp};
 
 /// What an operation does to a machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -212,6 +212,9 @@ pub struct Operation {
     pub error: Option<String>,
     /// An operator asked to cancel it; the executor stops at the next opportunity.
     pub cancel_requested: bool,
+    /// Who asked for it. Records from before the audit trail read as unknown.
+    #[serde(default, skip_serializing_if = "Actor::is_unknown")]
+    pub requested_by: Actor,
 }
 
 impl Operation {
@@ -252,6 +255,7 @@ impl Operation {
             finished_at: None,
             error: None,
             cancel_requested: false,
+            requested_by: Actor::default(),
         })
     }
 

@@ -743,6 +743,15 @@ impl Auth {
     }
 }
 
+/// The actor of a call, for the audit trail: the principal the [`AuthLayer`] put in its
+/// extensions.
+pub(crate) fn actor<T>(r: &tonic::Request<T>) -> bm_domain::Actor {
+    r.extensions()
+        .get::<Principal>()
+        .map(|p| bm_domain::Actor::new(p.name.clone(), p.method.to_string()))
+        .unwrap_or_default()
+}
+
 /// The response of a refused call.
 fn refusal<B: Default>(e: ApiError) -> http::Response<B> {
     tonic::Status::from(e).into_http()

@@ -266,6 +266,7 @@ pub(crate) fn machine(m: Machine) -> pb::Machine {
         effective_state: effective.into(),
         create_time: Some(timestamp(m.created_at)),
         update_time: Some(timestamp(m.updated_at)),
+        updated_by: actor(m.updated_by),
     }
 }
 
@@ -573,6 +574,17 @@ fn stage(s: StageRecord) -> pb::Stage {
 }
 
 /// An operation for the wire; like [`machine`], it takes the record.
+/// The wire form of an actor; unset when unknown.
+fn actor(a: bm_domain::Actor) -> Option<pb::Actor> {
+    if a.is_unknown() {
+        return None;
+    }
+    Some(pb::Actor {
+        name: a.name,
+        method: a.method,
+    })
+}
+
 pub(crate) fn operation(o: Operation) -> pb::Operation {
     pb::Operation {
         id: o.id.to_string(),
@@ -588,6 +600,7 @@ pub(crate) fn operation(o: Operation) -> pb::Operation {
         error: o.error.unwrap_or_default(),
         note: o.note,
         cancel_requested: o.cancel_requested,
+        requested_by: actor(o.requested_by),
     }
 }
 
@@ -609,6 +622,7 @@ fn operation_request(
         op_type,
         request_id: request_id(request)?,
         note: self::note(note)?,
+        requested_by: bm_domain::Actor::default(),
     })
 }
 
@@ -875,5 +889,40 @@ mod tests {
         assert!(e.contains("machine.status"), "{e}");
         let e = machine_id("machine_id", "").unwrap_err().to_string();
         assert_eq!(e, "machine_id: is required");
+    }
+
+    #[test]
+    fn the_largest_machine_fits_in_a_page_and_under_the_clients_limit() {
+        use bm_domain::SshEndpoint;
+        let name = |c: char, n: usize| c.to_string().repeat(n);
+        let machine = bm_proto::v1::Machine {
+            id: name('m', MachineId::MAX_LEN),
+            spec: Some(bm_proto::v1::MachineSpec {
+                provider: name('p', 63),
+                mac_addresses: vec!["02:00:00:00:00:01".into(); MachineSpec::MAX_MACS],
+                ssh_endpoint: name('s', SshEndpoint::MAX_LEN),
+                bmc_endpoint: name('b', 1024),
+                image: name('i', 1024),
+                target_cluster: name('c', 1024),
+                network_config: name('n', MachineSpec::MAX_NETWORK_CONFIG),
+            }),
+            labels: (0..Labels::MAX_LABELS)
+                .map(|i| (format!("{}/{i:0>63}", name('d', 253)), name('v', 63)))
+                .collect(),
+            status: Some(bm_proto::v1::MachineStatus {
+                conditions: (0..32)
+                    .map(|_| bm_proto::v1::Condition {
+                        r#type: name('t', 64),
+                        message: name('m', 4096),
+                        reason: name('r', 256),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let len = prost::Message::encoded_len(&machine);
+        assert!(len < paging::MAX_PAGE_BYTES / 8, "{len} bytes");
     }
 }

@@ -16,6 +16,7 @@ mod auth;
 mod convert;
 mod error;
 mod fanout;
+mod health;
 mod limits;
 mod listener;
 mod machines;
@@ -82,12 +83,10 @@ pub async fn serve(
     deps: Deps,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<MachineServiceServer<machines::Machines>>()
-        .await;
-    health
-        .set_serving::<OperationServiceServer<operations::Operations>>()
-        .await;
+    // Every service's status is set before the first connection is accepted, so that a
+    // health watch never finds one unregistered.
+    health::apply_current(&health, &deps.engine).await;
+    let store_health = tokio::spawn(health::follow_store(health.clone(), deps.engine.clone()));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(bm_proto::FILE_DESCRIPTOR_SET)
@@ -110,6 +109,7 @@ pub async fn serve(
     let (stopped, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
+        store_health.abort();
         tracing::info!(
             "shutting down: no new work, interrupting running operations, ending streams"
         );

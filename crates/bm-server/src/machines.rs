@@ -1,5 +1,7 @@
 //! `MachineService`: the inventory and the lifecycle operations, adapted to the engine.
 
+use crate::auth::actor;
+use bm_domain::Actor;
 use bm_proto::v1 as pb;
 use bm_workflow::Engine;
 use tonic::{Request, Response, Status};
@@ -65,8 +67,13 @@ impl Machines {
         Ok(convert::machine_page(page, &filters))
     }
 
-    async fn update(&self, req: pb::UpdateMachineRequest) -> Result<pb::Machine, ApiError> {
-        let (update, paths) = convert::machine_update(&req)?;
+    async fn update(
+        &self,
+        actor: Actor,
+        req: pb::UpdateMachineRequest,
+    ) -> Result<pb::Machine, ApiError> {
+        let (mut update, paths) = convert::machine_update(&req)?;
+        update.patch.actor = actor;
         let m = self.engine.update_machine(update).await?;
         tracing::info!(
             machine_id = %m.id,
@@ -76,9 +83,15 @@ impl Machines {
         Ok(convert::machine(m))
     }
 
-    async fn start(&self, req: impl StartOperation) -> Result<Response<pb::Operation>, Status> {
+    async fn start(
+        &self,
+        actor: Actor,
+        req: impl StartOperation,
+    ) -> Result<Response<pb::Operation>, Status> {
         let run = async {
-            let admission = self.engine.submit(req.into_operation_request()?).await?;
+            let mut req = req.into_operation_request()?;
+            req.requested_by = actor;
+            let admission = self.engine.submit(req).await?;
             if admission.created {
                 tracing::info!(
                     operation_id = %admission.operation.id,
@@ -127,73 +140,73 @@ impl pb::machine_service_server::MachineService for Machines {
         &self,
         r: Request<pb::UpdateMachineRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
-        respond(self.update(r.into_inner()).await)
+        respond(self.update(actor(&r), r.into_inner()).await)
     }
 
     async fn enter_maintenance(
         &self,
         r: Request<pb::EnterMaintenanceRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn exit_maintenance(
         &self,
         r: Request<pb::ExitMaintenanceRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn reimage(
         &self,
         r: Request<pb::ReimageRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn reboot(
         &self,
         r: Request<pb::RebootRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn rma(&self, r: Request<pb::RmaRequest>) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn retire(
         &self,
         r: Request<pb::RetireRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn upgrade(
         &self,
         r: Request<pb::UpgradeRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn reconfigure_network(
         &self,
         r: Request<pb::ReconfigureNetworkRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn clear_intervention(
         &self,
         r: Request<pb::ClearInterventionRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 
     async fn readmit(
         &self,
         r: Request<pb::ReadmitRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(r.into_inner()).await
+        self.start(actor(&r), r.into_inner()).await
     }
 }

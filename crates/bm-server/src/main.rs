@@ -1,5 +1,5 @@
 //! `bm-server`: parses flags, opens the store, wires the providers and the engine, binds
-//! the listener and serves until Ctrl+C or SIGTERM.
+//! the listener and serves until Ctrl+C or SIGTERM. `bm-server backup` copies a store, online.
 
 #![allow(
     clippy::print_stdout,
@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bm_provider::ProviderRegistry;
 use bm_provider_fake::{FakeConfig, FakeProvider, Timing};
-use bm_store::{MemoryStore, SqliteConfig, SqliteStore, Store};
+use bm_store::{MemoryStore, OnDamage, SqliteConfig, SqliteStore, Store, StoreError};
 use bm_workflow::{Engine, EngineConfig};
 use clap::{Parser, ValueEnum};
 
@@ -28,6 +28,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    /// Something else than serving.
+    #[command(subcommand)]
+    command: Option<Subcommand>,
+
     /// Address to listen on (port 0 picks a free port; the address is printed on stdout).
     #[arg(
         long,
@@ -48,6 +52,11 @@ struct Args {
     /// Which store to use: the durable embedded one, or memory (lost at exit).
     #[arg(long, env = "BM_STORE", value_enum, default_value_t = StoreKind::Sqlite)]
     store: StoreKind,
+
+    /// Start even if the database fails its integrity check, read-only: reads serve what can
+    /// be read, writes are refused, no operation runs (see docs/operations.md).
+    #[arg(long, env = "BM_READ_ONLY_ON_CORRUPTION")]
+    read_only_on_corruption: bool,
 
     /// Slow fake hardware, for live presentations (same as --fake-timing slow).
     #[arg(long, env = "BM_SLOW")]
@@ -152,9 +161,6 @@ struct Args {
     #[arg(long, env = "BM_INSECURE")]
     insecure: bool,
 
-    #[command(subcommand)]
-    command: Option<Command>,
-
     /// Log level.
     #[arg(long, env = "BM_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     log_level: LogLevel,
@@ -165,7 +171,17 @@ struct Args {
 }
 
 #[derive(clap::Subcommand, Debug)]
-enum Command {
+enum Subcommand {
+    /// Copy the store to a new file while a server may be running on it (SQLite's online
+    /// backup); the copy is checked and written 0600. Restore: docs/operations.md.
+    Backup {
+        /// The data directory of the store to copy.
+        #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data")]
+        data_dir: PathBuf,
+        /// The backup file to write; it must not exist.
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Manage bearer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -423,7 +439,7 @@ fn probability(s: &str) -> Result<f64, String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Command::Token(TokenCommand::Create {
+    if let Some(Subcommand::Token(TokenCommand::Create {
         name,
         role,
         scope,
@@ -451,6 +467,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(args.log_level, args.log_format);
+    if let Some(Subcommand::Backup { data_dir, to }) = &args.command {
+        return backup(data_dir, to);
+    }
     // One worker per core; a small blocking pool (store scans), since every extra thread
     // may get an allocator arena of its own and keep its memory.
     tokio::runtime::Builder::new_multi_thread()
@@ -459,6 +478,28 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?
         .block_on(run(args))
+}
+
+/// `bm-server backup`.
+fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    let report = bm_store::backup(data_dir, to).with_context(|| {
+        format!(
+            "backing up the store in {} to {}",
+            data_dir.display(),
+            to.display()
+        )
+    })?;
+    println!(
+        "backed up {} to {}: {} bytes, {} machines, {} operations, events up to revision {}, schema version {}; the copy passed its integrity check",
+        data_dir.display(),
+        report.path.display(),
+        report.bytes,
+        report.machines,
+        report.operations,
+        report.last_revision,
+        report.schema_version
+    );
+    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -472,9 +513,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let store: Arc<dyn Store> = match args.store {
         StoreKind::Sqlite => {
-            let store = SqliteStore::open(SqliteConfig::new(&args.data_dir))
-                .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
-            tracing::info!(path = %store.path().display(), "store opened");
+            let config = SqliteConfig {
+                on_damage: if args.read_only_on_corruption {
+                    OnDamage::ReadOnly
+                } else {
+                    OnDamage::Refuse
+                },
+                ..SqliteConfig::new(&args.data_dir)
+            };
+            let store = match SqliteStore::open(config) {
+                Ok(store) => store,
+                Err(e @ StoreError::Damaged { .. }) => anyhow::bail!(
+                    "opening the store in {}: {e}. To serve what can still be read, read-only, start with --read-only-on-corruption",
+                    args.data_dir.display()
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("opening the store in {}", args.data_dir.display())
+                    });
+                }
+            };
+            tracing::info!(path = %store.path().display(), condition = %store.condition(), "store opened");
             Arc::new(store)
         }
         StoreKind::Memory => {
@@ -566,6 +625,27 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("bm-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn backup_is_a_subcommand_and_serving_stays_the_default() {
+        let serve = parse(&["--data-dir", "d"]).unwrap();
+        assert!(serve.command.is_none());
+        assert!(!serve.read_only_on_corruption);
+        let b = parse(&["backup", "--data-dir", "d", "--to", "f.db"]).unwrap();
+        let Some(Subcommand::Backup { data_dir, to }) = b.command else {
+            panic!("{b:?}");
+        };
+        assert_eq!((data_dir, to), (PathBuf::from("d"), PathBuf::from("f.db")));
+        assert!(
+            parse(&["backup", "--data-dir", "d"]).is_err(),
+            "--to is required"
+        );
+        assert!(
+            parse(&["--read-only-on-corruption"])
+                .unwrap()
+                .read_only_on_corruption
+        );
     }
 
     #[test]

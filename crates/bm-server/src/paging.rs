@@ -150,41 +150,6 @@ mod tests {
     }
 
     #[test]
-    fn the_largest_machine_fits_in_a_page_and_under_the_clients_limit() {
-        use bm_domain::{Labels, MachineSpec, SshEndpoint};
-        let name = |c: char, n: usize| c.to_string().repeat(n);
-        let machine = bm_proto::v1::Machine {
-            id: name('m', bm_domain::MachineId::MAX_LEN),
-            spec: Some(bm_proto::v1::MachineSpec {
-                provider: name('p', 63),
-                mac_addresses: vec!["02:00:00:00:00:01".into(); MachineSpec::MAX_MACS],
-                ssh_endpoint: name('s', SshEndpoint::MAX_LEN),
-                bmc_endpoint: name('b', 1024),
-                image: name('i', 1024),
-                target_cluster: name('c', 1024),
-                network_config: name('n', MachineSpec::MAX_NETWORK_CONFIG),
-            }),
-            labels: (0..Labels::MAX_LABELS)
-                .map(|i| (format!("{}/{i:0>63}", name('d', 253)), name('v', 63)))
-                .collect(),
-            status: Some(bm_proto::v1::MachineStatus {
-                conditions: (0..32)
-                    .map(|_| bm_proto::v1::Condition {
-                        r#type: name('t', 64),
-                        message: name('m', 4096),
-                        reason: name('r', 256),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let len = prost::Message::encoded_len(&machine);
-        assert!(len < MAX_PAGE_BYTES / 8, "{len} bytes");
-    }
-
-    #[test]
     fn page_sizes() {
         assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
         assert_eq!(page_size(7).unwrap(), 7);

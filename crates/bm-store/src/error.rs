@@ -60,13 +60,28 @@ pub enum StoreError {
         /// The newest version known.
         supported: i64,
     },
-    /// A stored record could not be read back.
+    /// A stored record could not be read back; the message names its table and id.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    /// The disk of the data directory is full: writes fail until space is freed, reads
-    /// work.
-    #[error("the data directory's disk is full")]
+    /// The database file is damaged or missing (found when the store opens).
+    #[error(
+        "the database {path} is damaged: {detail}; restore it from a backup (see docs/operations.md)"
+    )]
+    Damaged {
+        /// The database file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A write failed because the data directory's disk is full (or the store reached its
+    /// size limit). Nothing of it was kept; reads still work, and writes succeed again once
+    /// space is freed.
+    #[error("the data directory's disk is full; writes succeed again once space is freed")]
     DiskFull,
+    /// The store was opened read-only (a damaged database started anyway): it refuses
+    /// writes.
+    #[error("the store is read-only and takes no writes: {0}")]
+    ReadOnly(String),
     /// The database or the filesystem failed.
     #[error("storage failure")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -80,11 +95,31 @@ impl StoreError {
     pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Backend(Box::new(e))
     }
+
+    /// True when the same call may succeed later without anyone changing the request: the
+    /// storage failed ([`StoreError::Backend`]) or its disk is full. Writes are atomic, so
+    /// retrying one is safe.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::DiskFull)
+    }
+
+    /// The SQLite error code inside a backend failure.
+    pub(crate) fn sqlite_code(&self) -> Option<rusqlite::ErrorCode> {
+        match self {
+            StoreError::Backend(e) => e
+                .downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code),
+            _ => None,
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::backend(e)
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::DiskFull,
+            _ => StoreError::backend(e),
+        }
     }
 }
 

@@ -19,7 +19,19 @@
 //! expired; every write of the executor is fenced by the lease's owner, so an executor whose
 //! lease was taken over by another (it stalled past the expiry) can no longer change
 //! anything. This is what will let several servers share one database.
+//!
+//! # Storage faults
+//!
+//! A store reports what it can do through [`Store::condition`] ([`StoreCondition`]: ok, disk
+//! full, read-only, unusable), cheap to read and to watch, for health checks. A write that
+//! finds no space fails with [`StoreError::DiskFull`] and changes nothing; writes work again
+//! by themselves once there is space. [`SqliteStore::open`] checks the database's integrity
+//! and refuses a damaged one ([`StoreError::Damaged`]) unless asked to open it read-only
+//! ([`OnDamage::ReadOnly`]); a stored record that cannot be read back is reported with its
+//! table and id ([`StoreError::Corrupt`]) and skipped by listings. [`backup`] copies a live
+//! SQLite store.
 
+mod condition;
 mod error;
 mod logic;
 mod memory;
@@ -33,11 +45,12 @@ use bm_domain::{
     EffectiveState, LabelSelector, LogLine, Machine, MachineId, MachinePatch, Operation,
     OperationEvent, OperationId, OperationPhase, OperationType, Phase, Timestamp,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
+pub use condition::StoreCondition;
 pub use error::StoreError;
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteConfig, SqliteStore};
+pub use sqlite::{BackupReport, OnDamage, SqliteConfig, SqliteStore, backup};
 
 /// The result type of the store.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -283,4 +296,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until every write and log line queued before this call is committed.
     async fn flush(&self) -> Result<()>;
+
+    /// What the store can do now (ok, disk full, read-only, unusable). Cheap and never
+    /// blocks: health checks call it.
+    fn condition(&self) -> StoreCondition {
+        self.watch_condition().borrow().clone()
+    }
+
+    /// The condition now and every change of it.
+    fn watch_condition(&self) -> watch::Receiver<StoreCondition>;
 }

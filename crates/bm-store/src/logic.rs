@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use bm_domain::rules::{self, Outcome};
 use bm_domain::{
-    DomainError, EventKind, MacAddress, Machine, MachineId, MachinePatch, Operation,
+    DomainError, EventKind, Labels, MacAddress, Machine, MachineId, MachinePatch, Operation,
     OperationEvent, OperationId, OperationPhase, RequestId, Timestamp,
 };
 
@@ -37,12 +37,26 @@ impl Holding {
     }
 }
 
+/// What the indexes of a machine (its MAC addresses, its labels) held before a write, so that
+/// a backend updates only what changed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Indexed<'a> {
+    /// The machine is new: index all of it.
+    New,
+    /// Only its status changed: the indexes are right as they are.
+    Unchanged,
+    /// Its spec or labels may have changed: these were indexed.
+    Was {
+        macs: &'a [MacAddress],
+        labels: &'a Labels,
+    },
+}
+
 /// The primitive reads and writes of one backend transaction.
 pub(crate) trait Tx {
     fn machine(&mut self, id: &MachineId) -> Result<Option<Machine>>;
-    /// Writes a machine. `old_macs` is `None` when the MAC addresses did not change (the
-    /// index is left alone), `Some(previous)` when they did or the machine is new (`&[]`).
-    fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()>;
+    /// Writes a machine and brings its MAC address and label indexes up to date.
+    fn put_machine(&mut self, m: &Machine, indexed: Indexed<'_>) -> Result<()>;
     fn mac_owner(&mut self, mac: &MacAddress) -> Result<Option<MachineId>>;
     fn operation(&mut self, id: OperationId) -> Result<Option<StoredOp>>;
     /// Who holds an operation (cheaper than reading it).
@@ -81,7 +95,7 @@ pub(crate) fn register(tx: &mut impl Tx, m: Machine) -> Result<Machine> {
         return Err(StoreError::MachineExists(m.id));
     }
     check_macs(tx, &m.id, &m.spec.mac_addresses)?;
-    tx.put_machine(&m, Some(&[]))?;
+    tx.put_machine(&m, Indexed::New)?;
     Ok(m)
 }
 
@@ -124,7 +138,7 @@ pub(crate) fn import(
                 }
                 planned.insert(m.id.clone(), m);
             } else {
-                tx.put_machine(&m, Some(&[]))?;
+                tx.put_machine(&m, Indexed::New)?;
             }
         }
         results.push(result);
@@ -142,13 +156,19 @@ pub(crate) fn update(
         .machine(id)?
         .ok_or_else(|| StoreError::MachineNotFound(id.clone()))?;
     let (spec, labels) = patch.apply(&m)?;
-    let old_macs = m.spec.mac_addresses.clone();
+    let (old_macs, old_labels) = (m.spec.mac_addresses.clone(), m.labels.clone());
     m.update(spec, labels, now)?;
-    let macs_changed = m.spec.mac_addresses != old_macs;
-    if macs_changed {
+    m.updated_by = patch.actor.clone();
+    if m.spec.mac_addresses != old_macs {
         check_macs(tx, id, &m.spec.mac_addresses)?;
     }
-    tx.put_machine(&m, macs_changed.then_some(&old_macs[..]))?;
+    tx.put_machine(
+        &m,
+        Indexed::Was {
+            macs: &old_macs,
+            labels: &old_labels,
+        },
+    )?;
     Ok(m)
 }
 
@@ -172,7 +192,7 @@ pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
         .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
     rules::begin(&mut m, &op, op.created_at)?;
     tx.put_operation(&op, None)?;
-    tx.put_machine(&m, None)?;
+    tx.put_machine(&m, Indexed::Unchanged)?;
     tx.append_event(OperationEvent::new(
         &op,
         EventKind::Created,
@@ -213,7 +233,7 @@ pub(crate) fn request_cancel(
             now,
         )?;
         tx.put_operation(&op, None)?;
-        tx.put_machine(&m, None)?;
+        tx.put_machine(&m, Indexed::Unchanged)?;
         tx.append_event(requested)?;
         tx.append_event(phase_changed(&op, now))?;
     } else {
@@ -299,7 +319,7 @@ pub(crate) fn finish(
         .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
     rules::complete(&mut m, &mut op, outcome, now)?;
     tx.put_operation(&op, None)?;
-    tx.put_machine(&m, None)?;
+    tx.put_machine(&m, Indexed::Unchanged)?;
     for e in events {
         tx.append_event(e)?;
     }

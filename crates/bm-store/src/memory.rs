@@ -9,12 +9,13 @@ use bm_domain::{
     LogLine, MacAddress, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId,
     RequestId, Timestamp,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
-use crate::logic::{self, Holding, StoredOp, Tx};
+use crate::condition::ConditionCell;
+use crate::logic::{self, Holding, Indexed, StoredOp, Tx};
 use crate::{
     Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
-    Page, Result, Store,
+    Page, Result, Store, StoreCondition,
 };
 
 #[derive(Default)]
@@ -34,6 +35,8 @@ pub struct MemoryStore {
     state: Mutex<State>,
     events: broadcast::Sender<Arc<OperationEvent>>,
     logs: broadcast::Sender<Arc<LogLine>>,
+    /// Always ok: memory neither fills a disk nor rots.
+    condition: ConditionCell,
 }
 
 impl Default for MemoryStore {
@@ -42,6 +45,7 @@ impl Default for MemoryStore {
             state: Mutex::new(State::default()),
             events: broadcast::channel(BROADCAST_CAPACITY).0,
             logs: broadcast::channel(BROADCAST_CAPACITY).0,
+            condition: ConditionCell::new(StoreCondition::Ok),
         }
     }
 }
@@ -62,7 +66,13 @@ impl Tx for MemTx<'_> {
         Ok(self.state.machines.get(id).cloned())
     }
 
-    fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()> {
+    fn put_machine(&mut self, m: &Machine, indexed: Indexed<'_>) -> Result<()> {
+        // Labels are not indexed here: a list reads every machine anyway.
+        let old_macs = match indexed {
+            Indexed::New => Some(&[][..]),
+            Indexed::Unchanged => None,
+            Indexed::Was { macs, .. } => (macs != m.spec.mac_addresses.as_slice()).then_some(macs),
+        };
         if let Some(old) = old_macs {
             for mac in old {
                 self.state.macs.remove(mac);
@@ -392,5 +402,9 @@ impl Store for MemoryStore {
 
     async fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn watch_condition(&self) -> watch::Receiver<StoreCondition> {
+        self.condition.watch()
     }
 }

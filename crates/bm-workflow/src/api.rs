@@ -7,7 +7,7 @@
 //! The engine converts them to and from the store's types (the `pub(crate)` functions here).
 
 use bm_domain::{
-    EffectiveState, LabelSelector, Labels, MachineId, MachinePatch, MachineSpec, Operation,
+    Actor, EffectiveState, LabelSelector, Labels, MachineId, MachinePatch, MachineSpec, Operation,
     OperationEvent, OperationId, OperationPhase, OperationType, Phase, RequestId,
 };
 
@@ -99,6 +99,8 @@ pub struct OperationRequest {
     pub request_id: RequestId,
     /// A note for the audit trail.
     pub note: String,
+    /// Who asks; stored as the operation's `requested_by`.
+    pub requested_by: Actor,
 }
 
 /// What [`crate::Engine::submit`] did.

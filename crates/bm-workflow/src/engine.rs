@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bm_domain::{Machine, MachineId, Operation, OperationId};
 use bm_provider::ProviderRegistry;
-use bm_store::Store;
+use bm_store::{Store, StoreCondition};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{
@@ -93,8 +93,13 @@ impl Engine {
     }
 
     /// Starts the executor: it claims pending operations (and those a stopped executor left
-    /// behind) and runs them. Must be called within a Tokio runtime.
+    /// behind) and runs them. Must be called within a Tokio runtime. On a read-only store it
+    /// runs nothing: operations stay as they are until the store is restored.
     pub fn start(&self) {
+        if let StoreCondition::ReadOnly(why) = self.inner.store.condition() {
+            tracing::warn!(reason = %why, "the store is read-only: the executor does not run");
+            return;
+        }
         executor::start(&self.inner);
     }
 
@@ -129,6 +134,12 @@ impl Engine {
     /// True once [`Engine::shutdown`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutdown.is_cancelled()
+    }
+
+    /// The store's condition (ok, disk full, read-only, unusable) and its changes, for
+    /// health checks: `borrow()` reads it without blocking.
+    pub fn store_condition(&self) -> tokio::sync::watch::Receiver<StoreCondition> {
+        self.inner.store.watch_condition()
     }
 
     /// The providers.
@@ -283,7 +294,7 @@ impl Engine {
             ids.generate_from_datetime(t.to_system_time())
                 .unwrap_or_else(|_| ulid::Ulid::from_datetime(t.to_system_time()))
         };
-        let op = Operation::new(
+        let mut op = Operation::new(
             OperationId::from_ulid(id),
             req.machine_id,
             req.op_type,
@@ -291,6 +302,7 @@ impl Engine {
             req.note,
             t,
         )?;
+        op.requested_by = req.requested_by;
         let admission = Admission::from_store(self.inner.store.admit(op).await?);
         if admission.created {
             self.inner.wake.notify_one();

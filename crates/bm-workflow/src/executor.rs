@@ -587,7 +587,7 @@ impl Runner {
                 Ok(v) => return Ok(v),
                 Err(StoreError::LeaseLost(_)) => return Err(Stop::LeaseLost),
                 Err(StoreError::Closed) => return Err(Stop::Interrupted),
-                Err(e @ (StoreError::Backend(_) | StoreError::DiskFull { .. })) => {
+                Err(e) if e.is_transient() => {
                     tracing::error!(error = %e, source = ?std::error::Error::source(&e), "store write failed; retrying");
                     tokio::select! {
                         () = self.inner.shutdown.cancelled() => return Err(Stop::Interrupted),

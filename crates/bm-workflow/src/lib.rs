@@ -51,6 +51,7 @@ pub use api::{
     Admission, CancelRequest, EventFilter, ImportOutcome, ImportRequest, MachineQuery,
     MachineUpdate, NewMachine, OperationQuery, OperationRequest, Page,
 };
+pub use bm_store::StoreCondition;
 pub use engine::{Engine, EngineConfig};
 pub use error::{ErrorKind, ResumePoint, WorkflowError};
 pub use plan::{describe, stage_names};

@@ -346,3 +346,86 @@ fn bmctl_with_tls_against_a_plaintext_server_says_the_server_does_not_speak_tls(
     assert!(!out.status.success());
     assert!(err.contains("does not speak TLS"), "{err}");
 }
+
+#[tokio::test]
+async fn the_actor_of_operations_and_machine_changes_is_stored_returned_and_kept() {
+    use bm_proto::v1 as pb;
+    use bm_proto::v1::machine_service_client::MachineServiceClient;
+    use bm_proto::v1::operation_service_client::OperationServiceClient;
+    let mut server = Server::start_secure(&["--fake-timing", "instant"]);
+    let token = std::fs::read_to_string(server.dir.join("data").join("admin-token")).unwrap();
+    let header: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token.trim()).parse().unwrap();
+    let with_token = move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    };
+    let channel = server.clients().await.channel;
+    let mut machines = MachineServiceClient::with_interceptor(channel.clone(), with_token.clone());
+    machines
+        .register_machine(pb::RegisterMachineRequest {
+            machine: Some(crate::support::fake_machine("m-1", 1, &[])),
+        })
+        .await
+        .unwrap();
+    let op = machines
+        .enter_maintenance(pb::EnterMaintenanceRequest {
+            machine_id: "m-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let local = Some(pb::Actor {
+        name: "local-admin".into(),
+        method: "local-admin".into(),
+    });
+    assert_eq!(op.requested_by, local);
+    let m = machines
+        .update_machine(pb::UpdateMachineRequest {
+            machine: Some(pb::Machine {
+                id: "m-1".into(),
+                labels: [("team".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
+            }),
+            update_mask: Some(bm_proto::pbjson_types::FieldMask {
+                paths: vec!["labels".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.updated_by, local);
+
+    // Kept across a restart, and shown by bmctl.
+    server.terminate();
+    server.spawn();
+    let channel = server.clients().await.channel;
+    let mut ops = OperationServiceClient::with_interceptor(channel.clone(), with_token.clone());
+    let again = ops
+        .get_operation(pb::GetOperationRequest {
+            operation_id: op.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.requested_by, local);
+    let m = MachineServiceClient::with_interceptor(channel, with_token)
+        .get_machine(pb::GetMachineRequest {
+            machine_id: "m-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.updated_by, local);
+    let out = crate::support::bmctl_command(&server.addr, &["ops"])
+        .env("BM_DATA_DIR", server.dir.join("data"))
+        .output()
+        .unwrap();
+    let text = crate::support::text(&out);
+    assert!(
+        text.contains("local-admin (local-admin)"),
+        "{text}{}",
+        crate::support::err_text(&out)
+    );
+}

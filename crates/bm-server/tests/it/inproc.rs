@@ -108,6 +108,15 @@ impl InProcess {
         connect(&self.addr).await
     }
 
+    /// A channel to it, for clients `Clients` does not hold (health).
+    pub(crate) async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .expect("address")
+            .connect()
+            .await
+            .expect("connecting")
+    }
+
     /// Stops the server as a signal would, and returns what `serve` returned.
     pub(crate) async fn stop(mut self) -> Result<(), ServeError> {
         if let Some(tx) = self.shutdown.take() {
@@ -284,6 +293,10 @@ impl Store for FaultyStore {
 
     async fn last_log_sequence(&self, operation: OperationId) -> bm_store::Result<u64> {
         self.inner.last_log_sequence(operation).await
+    }
+
+    fn watch_condition(&self) -> tokio::sync::watch::Receiver<bm_store::StoreCondition> {
+        self.inner.watch_condition()
     }
 
     fn subscribe_logs(&self) -> broadcast::Receiver<Arc<LogLine>> {

@@ -87,6 +87,24 @@ impl Server {
         s
     }
 
+    /// Starts a server in `dir` (its data in `dir/data`, its log in `dir/server.log`), which
+    /// the caller owns.
+    pub(crate) fn start_in(dir: &Path, args: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            dir: dir.to_owned(),
+            _tmp: None,
+            // Without authentication, as `start_with`.
+            args: std::iter::once("--insecure")
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect(),
+        };
+        s.spawn();
+        s
+    }
+
     /// Starts the server process on this server's data directory.
     pub(crate) fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");

@@ -1,19 +1,25 @@
 //! The embedded SQLite backend: the durable default.
 //!
-//! One data directory holds the database (`baremetal.db`, in WAL mode) and a lock file that
-//! keeps a second process out. Writes go through one writer thread that commits in batches
-//! (see `writer.rs`); a second thread checkpoints the WAL into the database file; reads run on
-//! a small pool of read connections on the blocking thread pool, concurrently with both.
+//! One data directory holds the database (`baremetal.db`, in WAL mode), locked by this
+//! process (see `files.rs`: permissions, the lock, creation, backups). Writes go through one
+//! writer thread that commits in batches (see `writer.rs`); a second thread checkpoints the
+//! WAL into the database file and keeps it small (see `wal.rs`); reads run on a small pool of
+//! read connections on the blocking thread pool, concurrently with both, and listings stop
+//! when their caller goes away (see `list.rs`).
 //!
-//! Because the lock makes this process the only user of the database, every lease found at
-//! start belongs to a process that is gone: they are released at once, so that interrupted
-//! operations resume without waiting for their leases to expire.
+//! At open the database gets SQLite's quick integrity check; a damaged one is refused, or
+//! opened read-only if [`SqliteConfig::on_damage`] says so (reads work, writes are refused,
+//! nothing runs). Because the lock makes this process the only user of the database, every
+//! lease found at start belongs to a process that is gone: they are released at once, so that
+//! interrupted operations resume without waiting for their leases to expire.
 
 mod codec;
+mod files;
+mod list;
 mod schema;
+mod wal;
 mod writer;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -24,19 +30,23 @@ use bm_domain::{
     LogLine, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId, Timestamp,
 };
 use rusqlite::{Connection, params_from_iter, types::Value};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
+use crate::condition::ConditionCell;
 use crate::logic::{self, Tx};
 use crate::{
     Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
-    Page, Result, Store, StoreError,
+    Page, Result, Store, StoreCondition, StoreError,
 };
-use writer::{Command, Job, SqlTx, Writer};
+use files::DataDir;
+pub use files::{BackupReport, backup};
+use list::Cancel;
+use writer::{Command, Done, Fault, Job, SqlTx, Writer};
 
 /// Settings of a [`SqliteStore`].
 #[derive(Clone, Debug)]
 pub struct SqliteConfig {
-    /// The data directory; created if missing.
+    /// The data directory; created (0700) if missing.
     pub dir: PathBuf,
     /// Read connections (reads beyond this many wait for one).
     pub read_connections: usize,
@@ -44,6 +54,14 @@ pub struct SqliteConfig {
     pub max_batch: usize,
     /// Page cache of the writer connection, in KiB (each reader gets a quarter).
     pub cache_kib: i64,
+    /// What to do with a database that fails its integrity check at open.
+    pub on_damage: OnDamage,
+    /// The size of the write-ahead log above which it is checkpointed in full and started
+    /// over, in bytes; also what its file is cut back to when it starts over.
+    pub wal_limit_bytes: u64,
+    /// The most the database file may grow to, in bytes (`None`: as much as the disk holds).
+    /// A write past it fails as on a full disk ([`StoreError::DiskFull`]).
+    pub max_db_bytes: Option<u64>,
 }
 
 impl SqliteConfig {
@@ -54,42 +72,61 @@ impl SqliteConfig {
             read_connections: 6,
             max_batch: 4096,
             cache_kib: 16 * 1024,
+            on_damage: OnDamage::Refuse,
+            wal_limit_bytes: 64 << 20,
+            max_db_bytes: None,
         }
     }
+}
+
+/// What [`SqliteStore::open`] does with a database that fails its integrity check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnDamage {
+    /// Refuse to open it ([`StoreError::Damaged`], saying how to restore a backup).
+    #[default]
+    Refuse,
+    /// Open it read-only: reads serve what can still be read, writes fail with
+    /// [`StoreError::ReadOnly`], and the condition is [`StoreCondition::ReadOnly`].
+    ReadOnly,
 }
 
 /// The durable [`Store`]: SQLite in a data directory, with group commit.
 pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<Command>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Dropping it stops the checkpointer.
-    checkpointer: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// Stops by itself once the writer thread has stopped.
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Arc<Readers>,
     events: broadcast::Sender<Arc<OperationEvent>>,
     logs: broadcast::Sender<Arc<LogLine>>,
+    condition: Arc<ConditionCell>,
+    /// Why writes are refused, when the store was opened read-only.
+    read_only: Option<String>,
     path: PathBuf,
-    _lock: File,
 }
 
 struct Readers {
     conns: Vec<Mutex<Connection>>,
     next: AtomicUsize,
+    condition: Arc<ConditionCell>,
+    /// Closed after the connections (see `files.rs`).
+    _files: Arc<DataDir>,
 }
 
 impl Readers {
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         // Try each connection once without waiting, then wait for the next in turn.
         let n = self.conns.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
-            if let Ok(conn) = self.conns[(start + i) % n].try_lock() {
-                return f(&conn);
+            if let Ok(mut conn) = self.conns[(start + i) % n].try_lock() {
+                return self.watch(f(&mut conn));
             }
         }
-        let conn = self.conns[start % n]
+        let mut conn = self.conns[start % n]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        f(&conn)
+        self.watch(f(&mut conn))
     }
 
     /// Runs `f` on a free connection, or gives it back when none is free (never waits).
@@ -98,10 +135,21 @@ impl Readers {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
             if let Ok(conn) = self.conns[(start + i) % n].try_lock() {
-                return Ok(f(&conn));
+                return Ok(self.watch(f(&conn)));
             }
         }
         Err(f)
+    }
+
+    /// A read that finds the database damaged makes the store unusable.
+    fn watch<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r
+            && Fault::of(e) == Some(Fault::Damaged)
+        {
+            self.condition
+                .unusable("the database was found damaged while reading");
+        }
+        r
     }
 }
 
@@ -114,30 +162,56 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (or creates) the store in `config.dir`, applies pending migrations and
-    /// releases the leases of processes that are gone.
+    /// Opens (or creates) the store in `config.dir`, checks the database's integrity,
+    /// applies pending migrations and releases the leases of processes that are gone.
     ///
     /// # Errors
     ///
     /// [`StoreError::Locked`] if another process has the directory open,
+    /// [`StoreError::Damaged`] if the database is empty, missing beside its write-ahead log,
+    /// or fails the integrity check (unless [`OnDamage::ReadOnly`]),
     /// [`StoreError::SchemaTooNew`], or a backend error.
     pub fn open(config: SqliteConfig) -> Result<Self> {
-        std::fs::create_dir_all(&config.dir).map_err(StoreError::backend)?;
-        let lock = File::create(config.dir.join("LOCK")).map_err(StoreError::backend)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked(config.dir.display().to_string()));
+        let files = Arc::new(DataDir::open(&config.dir)?);
+        let path = files.db().to_owned();
+        let damaged = |detail: String| StoreError::Damaged {
+            path: path.display().to_string(),
+            detail,
+        };
+        let (conn, problems) = match schema::open(&path, config.cache_kib) {
+            Ok(conn) => match schema::quick_check(&conn) {
+                Ok(problems) => (Some(conn), problems),
+                Err(e) if Fault::of(&e) == Some(Fault::Damaged) => (None, vec![chain(&e)]),
+                Err(e) => return Err(e),
+            },
+            Err(e) if Fault::of(&e) == Some(Fault::Damaged) => (None, vec![chain(&e)]),
+            Err(e) => return Err(e),
+        };
+        files.warn_if_exposed();
+        let mut conn = match conn {
+            Some(conn) if problems.is_empty() => conn,
+            _ => {
+                let detail = format!("it failed the integrity check ({})", summary(&problems));
+                return match config.on_damage {
+                    OnDamage::Refuse => Err(damaged(detail)),
+                    OnDamage::ReadOnly => Self::open_read_only(&config, files, detail),
+                };
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::backend(e)),
-        }
-        let path = config.dir.join("baremetal.db");
-        let mut conn = schema::open(&path, config.cache_kib)?;
+        };
         schema::migrate(&mut conn)?;
-        // Checkpoints copy the WAL into the database file; a thread of their own does that
-        // (see `checkpoint_loop`), so that the writer only appends and commits. The writer's
-        // automatic checkpoint stays as a backstop should that thread fall far behind.
-        conn.pragma_update(None, "wal_autocheckpoint", 100_000)?;
+        // Checkpoints are the checkpointer's job (see `wal.rs`), so that the writer only
+        // appends and commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(
+            None,
+            "journal_size_limit",
+            i64::try_from(config.wal_limit_bytes).unwrap_or(i64::MAX),
+        )?;
+        if let Some(max) = config.max_db_bytes {
+            let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page;
+            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+        }
         let released = conn.execute(
             "UPDATE operations SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner IS NOT NULL",
             [],
@@ -148,6 +222,7 @@ impl SqliteStore {
                 "released leases of a previous run; they resume now"
             );
         }
+        let condition = Arc::new(ConditionCell::new(StoreCondition::Ok));
         let readers = (0..config.read_connections.max(1))
             .map(|_| schema::open(&path, (config.cache_kib / 4).max(1024)).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
@@ -155,35 +230,99 @@ impl SqliteStore {
         let events = broadcast::channel(BROADCAST_CAPACITY).0;
         let logs = broadcast::channel(BROADCAST_CAPACITY).0;
         let (tx, rx) = mpsc::channel();
+        let (wal, stopped) = wal::WalWatch::new(files::wal_path(&path), config.wal_limit_bytes);
         let writer = Writer {
             conn,
             rx,
             max_batch: config.max_batch.max(1),
             events: events.clone(),
             logs: logs.clone(),
+            condition: condition.clone(),
+            wal,
+            dir: config.dir.clone(),
+            _files: files.clone(),
         };
+        let checkpoint_conn = schema::open(&path, 1024)?;
         let thread = std::thread::Builder::new()
             .name("bm-store-writer".into())
             .spawn(move || writer.run())
             .map_err(StoreError::backend)?;
-        let checkpoint_conn = schema::open(&path, 1024)?;
-        let (stop, stopped) = mpsc::channel();
+        let checkpoint_files = files.clone();
         let checkpointer = std::thread::Builder::new()
             .name("bm-store-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpoint_conn, &stopped))
+            .spawn(move || {
+                wal::checkpoint_loop(&checkpoint_conn, &stopped);
+                drop(checkpoint_conn);
+                drop(checkpoint_files);
+            })
             .map_err(StoreError::backend)?;
         Ok(SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
-            checkpointer: Mutex::new(Some((stop, checkpointer))),
+            checkpointer: Mutex::new(Some(checkpointer)),
             readers: Arc::new(Readers {
                 conns: readers,
                 next: AtomicUsize::new(0),
+                condition: condition.clone(),
+                _files: files,
             }),
             events,
             logs,
+            condition,
+            read_only: None,
             path,
-            _lock: lock,
+        })
+    }
+
+    /// Opens a damaged store for reading only: no writer, no checkpointer, leases left as
+    /// they are.
+    fn open_read_only(config: &SqliteConfig, files: Arc<DataDir>, detail: String) -> Result<Self> {
+        let path = files.db().to_owned();
+        let damaged = |detail: String| StoreError::Damaged {
+            path: path.display().to_string(),
+            detail,
+        };
+        let cache = (config.cache_kib / 4).max(1024);
+        let probe = schema::open_read_only(&path, cache)
+            .and_then(|c| schema::version(&c))
+            .map_err(|e| {
+                damaged(format!(
+                    "{detail}; it cannot be read at all ({})",
+                    chain(&e)
+                ))
+            })?;
+        if probe != schema::known_version() {
+            return Err(damaged(format!(
+                "{detail}; it has schema version {probe} and this program needs {}, and a damaged store is not upgraded, so it cannot be opened read-only either",
+                schema::known_version()
+            )));
+        }
+        let readers = (0..config.read_connections.max(1))
+            .map(|_| schema::open_read_only(&path, cache).map(Mutex::new))
+            .collect::<Result<Vec<_>>>()?;
+        tracing::warn!(
+            path = %path.display(),
+            damage = %detail,
+            "the store is open read-only: reads serve what can be read, writes are refused; restore the database from a backup (see docs/operations.md)"
+        );
+        // Clients see this: no path, no detail (those are in the log).
+        let why = "its database failed the integrity check when the server started; an operator must restore it from a backup".to_owned();
+        let condition = Arc::new(ConditionCell::new(StoreCondition::ReadOnly(why.clone())));
+        Ok(SqliteStore {
+            writer: Mutex::new(None),
+            writer_thread: Mutex::new(None),
+            checkpointer: Mutex::new(None),
+            readers: Arc::new(Readers {
+                conns: readers,
+                next: AtomicUsize::new(0),
+                condition: condition.clone(),
+                _files: files,
+            }),
+            events: broadcast::channel(BROADCAST_CAPACITY).0,
+            logs: broadcast::channel(BROADCAST_CAPACITY).0,
+            condition,
+            read_only: Some(why),
+            path,
         })
     }
 
@@ -204,18 +343,21 @@ impl SqliteStore {
         {
             let _ = t.join();
         }
+        // It stops once the writer is gone.
         let checkpointer = self
             .checkpointer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some((stop, t)) = checkpointer {
-            drop(stop);
+        if let Some(t) = checkpointer {
             let _ = t.join();
         }
     }
 
     fn send(&self, cmd: Command) -> Result<()> {
+        if let Some(why) = &self.read_only {
+            return Err(StoreError::ReadOnly(why.clone()));
+        }
         let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         guard
             .as_ref()
@@ -233,15 +375,20 @@ impl SqliteStore {
         let job: Job = Box::new(move |sql| {
             let (result, keep) = f(sql);
             let keep = keep && result.is_ok();
+            let fault = result.as_ref().err().and_then(Fault::of);
             let reply: writer::Reply = Box::new(move |commit| {
                 let out = match (result, commit) {
-                    (Err(e), _) => Err(e),
-                    (Ok(_), Err(e)) => Err(StoreError::Backend(Box::new(CommitFailed(e)))),
                     (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), Ok(())) => Err(e),
+                    (_, Err(c)) if matches!(*c, writer::CommitError::DiskFull) => {
+                        Err(StoreError::DiskFull)
+                    }
+                    (Err(e), Err(_)) => Err(e),
+                    (Ok(_), Err(c)) => Err(StoreError::Backend(Box::new(CommitFailed(c)))),
                 };
                 let _ = tx.send(out);
             });
-            (keep, reply)
+            Done { keep, fault, reply }
         });
         self.send(Command::Write(job))?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -273,34 +420,59 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || readers.with(f))
+        tokio::task::spawn_blocking(move || readers.with(|conn| f(conn)))
+            .await
+            .map_err(StoreError::backend)?
+    }
+
+    /// A read that may take long (a listing): it stops as soon as this call's future is
+    /// dropped, at the next row or by interrupting its SQLite statement.
+    async fn scan<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, &Cancel) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let cancel = Cancel::default();
+        let _cancel_when_dropped = cancel.guard();
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(|conn| cancel.run(conn, f)))
             .await
             .map_err(StoreError::backend)?
     }
 }
 
+/// An error with its causes, on one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
+/// The problems an integrity check found, on one bounded line.
+fn summary(problems: &[String]) -> String {
+    let mut s = problems
+        .iter()
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if s.len() > 400 {
+        let mut cut = 400;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-/// How often the checkpointer copies committed WAL frames into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Copies the WAL into the database file every [`CHECKPOINT_EVERY`] until told to stop.
-/// PASSIVE checkpoints never wait for or block the writer or the readers; a commit is
-/// durable when the WAL is synced, so checkpoints only bound the WAL's size.
-fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
-    loop {
-        match stop.recv_timeout(CHECKPOINT_EVERY) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
-                }
-            }
-            _ => return,
-        }
     }
 }
 
@@ -334,59 +506,14 @@ impl Store for SqliteStore {
 
     async fn list_machines(&self, q: &MachineQuery) -> Result<Page<Machine>> {
         let q = q.clone();
-        self.read(move |conn| {
-            let mut sql = String::from("SELECT id, doc FROM machines WHERE id > ?1");
-            let mut args: Vec<Value> = vec![Value::Text(String::new())];
-            if let Some(p) = q.phase {
-                args.push(Value::Text(p.as_str().into()));
-                sql.push_str(&format!(" AND phase = ?{}", args.len()));
-            }
-            if let Some(s) = q.effective_state {
-                args.push(Value::Text(s.as_str().into()));
-                sql.push_str(&format!(" AND effective_state = ?{}", args.len()));
-            }
-            args.push(Value::Integer(0));
-            sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
-            let limit_arg = args.len() - 1;
-            // The label selector is applied here, so a sparse selector reads in chunks
-            // until the page (plus one, to know whether there is more) is full; without
-            // one, the page plus one is all there is to read.
-            let chunk = if q.selector.is_empty() {
-                q.limit + 1
-            } else {
-                (q.limit + 1).max(256)
-            };
-            args[limit_arg] = Value::Integer(chunk as i64);
-            let mut cursor = q
-                .after
-                .as_ref()
-                .map(|a| a.as_str().to_owned())
-                .unwrap_or_default();
-            let mut items = Vec::new();
-            let mut stmt = conn.prepare_cached(&sql)?;
-            loop {
-                args[0] = Value::Text(cursor.clone());
-                let rows: Vec<(String, String)> = stmt
-                    .query_map(params_from_iter(args.iter()), |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                let exhausted = rows.len() < chunk;
-                for (id, doc) in rows {
-                    cursor = id;
-                    let m = codec::machine(&doc)?;
-                    if q.selector.matches(&m.labels) {
-                        items.push(m);
-                        if items.len() > q.limit {
-                            items.truncate(q.limit);
-                            return Ok(Page { items, more: true });
-                        }
-                    }
-                }
-                if exhausted {
-                    return Ok(Page { items, more: false });
-                }
-            }
+        self.scan(move |conn, cancel| {
+            let listing = list::machines(conn, &q, cancel)?;
+            tracing::debug!(
+                rows_read = listing.rows_read,
+                listed = listing.page.items.len(),
+                "listed machines"
+            );
+            Ok(listing.page)
         })
         .await
     }
@@ -417,8 +544,8 @@ impl Store for SqliteStore {
 
     async fn list_operations(&self, q: &OperationQuery) -> Result<Page<Operation>> {
         let q = q.clone();
-        self.read(move |conn| {
-            let mut sql = String::from("SELECT doc, cancel_requested FROM operations WHERE 1 = 1");
+        self.scan(move |conn, cancel| {
+            let mut sql = format!("SELECT {} FROM operations WHERE 1 = 1", codec::OP_COLUMNS);
             let mut args: Vec<Value> = Vec::new();
             let mut arg = |sql: &mut String, clause: &str, v: Value| {
                 args.push(v);
@@ -439,15 +566,13 @@ impl Store for SqliteStore {
             args.push(Value::Integer(q.limit as i64 + 1));
             sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows: Vec<(String, bool)> = stmt
-                .query_map(params_from_iter(args.iter()), |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut items = rows
-                .iter()
-                .map(|(doc, cancel)| codec::operation(doc, *cancel))
-                .collect::<Result<Vec<_>>>()?;
+            let mut items = Vec::new();
+            for row in stmt.query_map(params_from_iter(args.iter()), codec::stored_op)? {
+                cancel.check()?;
+                if let Some(s) = codec::skip_unreadable(row)? {
+                    items.push(s.op);
+                }
+            }
             let more = items.len() > q.limit;
             items.truncate(q.limit);
             Ok(Page { items, more })
@@ -525,14 +650,12 @@ impl Store for SqliteStore {
                 ),
             };
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt
-                .query_map(rusqlite::params![after, key, limit as i64], codec::event)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut out = Vec::with_capacity(rows.len());
-            for e in rows {
-                let e = e?;
+            let mut out = Vec::new();
+            for row in stmt.query_map(rusqlite::params![after, key, limit as i64], codec::event)? {
                 // Both filters apply when both are given.
-                if filter.matches(&e) {
+                if let Some(e) = codec::skip_unreadable(row)?
+                    && filter.matches(&e)
+                {
                     out.push(e);
                 }
             }
@@ -555,8 +678,8 @@ impl Store for SqliteStore {
     }
 
     fn append_log(&self, line: LogLine) {
-        if self.send(Command::Log(line)).is_err() {
-            tracing::warn!("log line dropped: the store is closed");
+        if let Err(e) = self.send(Command::Log(line)) {
+            tracing::warn!(error = %e, "log line dropped");
         }
     }
 
@@ -571,17 +694,19 @@ impl Store for SqliteStore {
                 "SELECT {} FROM logs WHERE operation_id = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3",
                 codec::LOG_COLUMNS
             ))?;
-            stmt.query_map(
+            let rows = stmt.query_map(
                 rusqlite::params![
                     operation.to_string(),
                     i64::try_from(after).unwrap_or(i64::MAX),
                     limit as i64
                 ],
                 codec::log_line,
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-            .into_iter()
-            .collect()
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.extend(codec::skip_unreadable(row)?);
+            }
+            Ok(out)
         })
         .await
     }
@@ -603,7 +728,18 @@ impl Store for SqliteStore {
     }
 
     async fn flush(&self) -> Result<()> {
+        if self.read_only.is_some() {
+            return Ok(());
+        }
         self.write(|_| Ok(())).await
+    }
+
+    fn condition(&self) -> StoreCondition {
+        self.condition.get()
+    }
+
+    fn watch_condition(&self) -> watch::Receiver<StoreCondition> {
+        self.condition.watch()
     }
 }
 
@@ -651,12 +787,154 @@ mod tests {
         assert_eq!(store.get_machine(&m.id).await.unwrap(), m);
     }
 
+    fn fleet(
+        n: usize,
+        labels: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
+    ) -> Vec<Machine> {
+        (0..n)
+            .map(|i| {
+                Machine::register(
+                    MachineId::new(format!("m-{i:05}")).unwrap(),
+                    bm_domain::MachineSpec {
+                        provider: "fake".into(),
+                        mac_addresses: vec![
+                            format!("02:00:00:00:{:02x}:{:02x}", i / 256, i % 256)
+                                .parse()
+                                .unwrap(),
+                        ],
+                        ..Default::default()
+                    },
+                    bm_domain::Labels::from_pairs(labels(i)).unwrap(),
+                    Timestamp::EPOCH,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// A selector with an equality reads the machines the index names, up to the page; one
+    /// with only negative requirements reads machines in order until the page is full.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_selected_page_reads_its_matches_not_the_fleet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+        let machines = fleet(3000, |i| {
+            if i % 100 == 7 {
+                vec![("pick", "yes"), ("rack", "r1")]
+            } else {
+                vec![("rack", "r1")]
+            }
+        });
+        store.import_machines(machines, false).await.unwrap();
+        let read = |selector: &str, limit: usize, phase: Option<bm_domain::Phase>| {
+            let q = MachineQuery {
+                limit,
+                phase,
+                selector: selector.parse().unwrap(),
+                ..MachineQuery::default()
+            };
+            let l = store
+                .readers
+                .with(|conn| list::machines(conn, &q, &Cancel::default()))
+                .unwrap();
+            (l.page.items.len(), l.page.more, l.rows_read)
+        };
+        // 30 machines have pick=yes.
+        assert_eq!(read("pick=yes", 5, None), (5, true, 6));
+        assert_eq!(read("pick in (yes,no),rack!=r2", 5, None), (5, true, 6));
+        assert_eq!(read("pick", 50, None), (30, false, 30));
+        assert_eq!(
+            read("pick", 50, Some(bm_domain::Phase::Maintenance)),
+            (0, false, 30)
+        );
+        // Only negative requirements: no index to use, but still only up to the page.
+        assert_eq!(read("!pick", 5, None), (5, true, 6));
+        // Without the index every one of the 3000 would have been read to find the 30.
+        assert_eq!(read("rack!=r2,pick=yes", 100, None).2, 30);
+    }
+
+    /// Dropping a listing's future cancels its blocking read: the flag its loops check is
+    /// set, and a SQLite statement running for it is interrupted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_a_listing_stops_its_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+        store
+            .import_machines(fleet(500, |_| vec![("rack", "r1")]), false)
+            .await
+            .unwrap();
+
+        // A scan whose caller went away stops at its next row.
+        let (started, started_rx) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done, done_rx) = std::sync::mpsc::channel();
+        let listing = store.scan(move |conn, cancel| {
+            started.send(()).unwrap();
+            go_rx.recv().unwrap();
+            let q = MachineQuery {
+                limit: 1000,
+                selector: "!absent".parse().unwrap(),
+                ..MachineQuery::default()
+            };
+            let r = list::machines(conn, &q, cancel).map(|l| l.rows_read);
+            done.send(format!("{r:?}")).unwrap();
+            r
+        });
+        let mut listing = Box::pin(listing);
+        tokio::select! {
+            biased;
+            r = &mut listing => panic!("the read ended early: {r:?}"),
+            () = async { tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap() } => {}
+        }
+        drop(listing);
+        go.send(()).unwrap();
+        let outcome = tokio::task::spawn_blocking(move || done_rx.recv().unwrap())
+            .await
+            .unwrap();
+        // Stopped by the check between rows, or by SQLite's progress handler in the query.
+        assert!(
+            outcome.contains("Abandoned") || outcome.contains("OperationInterrupted"),
+            "{outcome}"
+        );
+
+        // A statement running when the caller goes away is interrupted.
+        let (started, started_rx) = std::sync::mpsc::channel();
+        let (done, done_rx) = std::sync::mpsc::channel();
+        let endless = store.scan(move |conn, _| {
+            started.send(()).unwrap();
+            let r = conn.query_row(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT MAX(x) FROM c",
+                [],
+                |r| r.get::<_, i64>(0),
+            );
+            done.send(r.map_err(|e| e.sqlite_error_code())).unwrap();
+            Ok(())
+        });
+        let mut endless = Box::pin(endless);
+        tokio::select! {
+            biased;
+            r = &mut endless => panic!("the endless statement ended: {r:?}"),
+            () = async { tokio::task::spawn_blocking(move || started_rx.recv().unwrap()).await.unwrap() } => {}
+        }
+        drop(endless);
+        let outcome = tokio::task::spawn_blocking(move || {
+            done_rx.recv_timeout(std::time::Duration::from_secs(120))
+        })
+        .await
+        .unwrap()
+        .expect("the statement was not interrupted");
+        assert_eq!(
+            outcome,
+            Err(Some(rusqlite::ErrorCode::OperationInterrupted))
+        );
+    }
+
     #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         drop(SqliteStore::open(SqliteConfig::new(dir.path())).unwrap());
         let conn = Connection::open(dir.path().join("baremetal.db")).unwrap();
-        conn.pragma_update(None, "user_version", schema::schema_version() + 1)
+        conn.pragma_update(None, "user_version", schema::known_version() + 1)
             .unwrap();
         drop(conn);
         let err = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap_err();

@@ -1,8 +1,10 @@
 //! The SQLite schema, its migrations, and how connections are opened.
 //!
 //! Machines and operations are JSON documents of the domain types (readable with the
-//! `sqlite3` shell), next to the columns that queries filter and sort on; events and log
-//! lines, written by the hundred thousand, are plain columns. Migrations are embedded and applied
+//! `sqlite3` shell) with a CRC-32 of each document, next to the columns that queries filter
+//! and sort on; machine labels are also rows of an index table, kept in the transaction that
+//! writes the machine; events and log lines, written by the hundred thousand, are plain
+//! columns. Migrations are embedded and applied
 //! in order at start; `PRAGMA user_version` records how many ran.
 
 use std::path::Path;
@@ -72,17 +74,40 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (operation_id, sequence)
     ) WITHOUT ROWID;
     "#,
+    // 2: an index of machine labels, so that a label selector reads the machines it names
+    // rather than the whole fleet (filled from the existing machines' documents; a document
+    // that is not valid JSON is left out, to be reported when it is read); and a checksum of
+    // each JSON document, so that bytes changed on disk are found when the row is read (rows
+    // written before have none until they are next written).
+    r#"
+    CREATE TABLE machine_labels (
+        key        TEXT NOT NULL,
+        value      TEXT NOT NULL,
+        machine_id TEXT NOT NULL,
+        PRIMARY KEY (key, value, machine_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX machine_labels_by_key ON machine_labels (key, machine_id);
+    INSERT INTO machine_labels (key, value, machine_id)
+        SELECT l.key, l.value, m.id
+        FROM machines AS m, json_each(m.doc, '$.labels') AS l
+        WHERE json_valid(m.doc);
+    ALTER TABLE machines ADD COLUMN doc_crc32 INTEGER;
+    ALTER TABLE operations ADD COLUMN doc_crc32 INTEGER;
+    "#,
 ];
 
-/// Opens a connection with the settings every connection of the store uses.
+/// How long a connection waits for a lock another one holds (the writer for a checkpoint,
+/// a checkpoint for the writer) before it gives up with SQLITE_BUSY.
+pub(super) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens a connection with the settings every connection of the store uses. The file must
+/// exist (the store creates it, with its permissions, before SQLite sees it).
 pub(super) fn open(path: &Path, cache_kib: i64) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // WAL: readers never block the writer. synchronous=FULL: a commit is on disk when it
     // returns (the writer batches commands so that this costs one fsync per batch).
     conn.execute_batch(&format!(
@@ -95,10 +120,47 @@ pub(super) fn open(path: &Path, cache_kib: i64) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Opens a connection that cannot write (a damaged store opened read-only, or the source of
+/// a backup).
+pub(super) fn open_read_only(path: &Path, cache_kib: i64) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.execute_batch(&format!(
+        "PRAGMA temp_store = MEMORY;
+         PRAGMA cache_size = -{cache_kib};"
+    ))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// SQLite's quick integrity check (every page and B-tree is well formed; indexes are not
+/// compared with their tables). Returns the problems found, at most a few; none when the
+/// database is sound.
+pub(super) fn quick_check(conn: &Connection) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)")?;
+    let found = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(if found == ["ok"] { Vec::new() } else { found })
+}
+
+/// How many migrations the database has seen.
+pub(super) fn version(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
+
+/// How many migrations this program knows.
+pub(super) fn known_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
 /// Applies the migrations the database has not seen yet, in one transaction.
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let known = MIGRATIONS.len() as i64;
+    let version = version(conn)?;
+    let known = known_version();
     if version > known {
         return Err(StoreError::SchemaTooNew {
             found: version,
@@ -116,9 +178,4 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
     tx.pragma_update(None, "user_version", known)?;
     tx.commit()?;
     Ok(())
-}
-
-#[cfg(test)]
-pub(super) fn schema_version() -> i64 {
-    MIGRATIONS.len() as i64
 }

@@ -12,39 +12,109 @@
 //! after writing (a bug), the whole batch is rolled back and every caller gets an error
 //! (the executor retries), rather than committing half a job.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use bm_domain::{
-    LogLine, MacAddress, Machine, MachineId, Operation, OperationEvent, OperationId, RequestId,
-    Timestamp,
+    Labels, LogLine, MacAddress, Machine, MachineId, Operation, OperationEvent, OperationId,
+    RequestId, Timestamp,
 };
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::broadcast;
 
-use super::codec;
-use crate::logic::{Holding, StoredOp, Tx};
+use super::codec::{self, OP_COLUMNS};
+use super::files::DataDir;
+use super::wal::WalWatch;
+use crate::condition::ConditionCell;
+use crate::logic::{Holding, Indexed, StoredOp, Tx};
 use crate::{Lease, Result, StoreError};
 
 /// Why a batch was not committed.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum CommitError {
-    /// SQLite failed (a full disk, an IO error).
+    /// SQLite failed (an IO error).
     #[error("commit failed")]
     Sqlite(#[from] rusqlite::Error),
     /// A job failed after writing (a bug): nothing of the batch was kept.
     #[error("a store job failed after writing; its batch was rolled back")]
     Poisoned,
-    /// SQLite rolled the transaction back by itself (a full disk, an IO error).
+    /// SQLite rolled the transaction back by itself (an IO error).
     #[error("the database rolled the batch back")]
     RolledBack,
+    /// There was no space for the batch; nothing of it was kept.
+    #[error("the data directory's disk is full")]
+    DiskFull,
 }
 
 /// Called after the batch's commit with its result.
 pub(super) type Reply = Box<dyn FnOnce(Result<(), Arc<CommitError>>) + Send>;
 
-/// A write: runs in the batch transaction and says whether its writes may be kept.
-pub(super) type Job = Box<dyn FnOnce(&mut SqlTx<'_>) -> (bool, Reply) + Send>;
+/// What a job did in the batch transaction.
+pub(super) struct Done {
+    /// Whether its writes may be kept.
+    pub(super) keep: bool,
+    /// What its error says about the storage, if it failed for the storage's sake.
+    pub(super) fault: Option<Fault>,
+    pub(super) reply: Reply,
+}
+
+/// A write: runs in the batch transaction.
+pub(super) type Job = Box<dyn FnOnce(&mut SqlTx<'_>) -> Done + Send>;
+
+/// A failure of the storage, as far as the store's condition goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Fault {
+    /// No space left (SQLITE_FULL).
+    DiskFull,
+    /// An IO error: a full disk if the filesystem is (nearly) out of space.
+    Io,
+    /// The database file is damaged.
+    Damaged,
+}
+
+impl Fault {
+    pub(super) fn of(e: &StoreError) -> Option<Fault> {
+        match e {
+            StoreError::DiskFull => Some(Fault::DiskFull),
+            _ => Self::of_code(e.sqlite_code()),
+        }
+    }
+
+    fn of_sqlite(e: &rusqlite::Error) -> Option<Fault> {
+        Self::of_code(e.sqlite_error_code())
+    }
+
+    fn of_code(code: Option<ErrorCode>) -> Option<Fault> {
+        match code? {
+            ErrorCode::DiskFull => Some(Fault::DiskFull),
+            ErrorCode::SystemIoFailure => Some(Fault::Io),
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => Some(Fault::Damaged),
+            _ => None,
+        }
+    }
+
+    /// The more telling of two faults.
+    fn worst(a: Option<Fault>, b: Option<Fault>) -> Option<Fault> {
+        let rank = |f: &Option<Fault>| match f {
+            None => 0,
+            Some(Fault::Io) => 1,
+            Some(Fault::DiskFull) => 2,
+            Some(Fault::Damaged) => 3,
+        };
+        if rank(&b) > rank(&a) { b } else { a }
+    }
+}
+
+/// Below this much free space an IO error while writing counts as a full disk (SQLite
+/// reports ENOSPC as SQLITE_FULL when it writes a page, as an IO error when it syncs or
+/// grows its shared memory file).
+const LOW_SPACE_BYTES: u64 = 8 << 20;
+
+/// True when the filesystem of `dir` has (almost) no space left for this process.
+fn out_of_space(dir: &std::path::Path) -> bool {
+    rustix::fs::statvfs(dir).is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) < LOW_SPACE_BYTES)
+}
 
 pub(super) enum Command {
     Write(Job),
@@ -70,6 +140,12 @@ pub(super) struct Writer {
     pub(super) max_batch: usize,
     pub(super) events: broadcast::Sender<Arc<OperationEvent>>,
     pub(super) logs: broadcast::Sender<Arc<LogLine>>,
+    pub(super) condition: Arc<ConditionCell>,
+    pub(super) wal: WalWatch,
+    /// The data directory, for its free space.
+    pub(super) dir: PathBuf,
+    /// Closed after the connection (see `files.rs`).
+    pub(super) _files: Arc<DataDir>,
 }
 
 impl Writer {
@@ -93,15 +169,23 @@ impl Writer {
         // line reaches subscribers before the event of the step that logged it ends.
         let mut published = Vec::new();
         let mut poisoned = false;
+        // The worst storage fault any statement of the batch met.
+        let mut fault = None;
+        // Whether the batch changes anything (a commit that writes nothing proves no space).
+        let mut wrote = false;
         let result = (|| -> Result<(), CommitError> {
             let conn = &self.conn;
             conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             for cmd in batch {
                 match cmd {
                     Command::Log(line) => match insert_log(conn, &line) {
-                        Ok(true) => published.push(Published::Log(line)),
+                        Ok(true) => {
+                            wrote = true;
+                            published.push(Published::Log(line));
+                        }
                         Ok(false) => {}
                         Err(e) => {
+                            fault = Fault::worst(fault, Fault::of(&e));
                             tracing::warn!(error = %e, operation_id = %line.operation_id, "log line not stored")
                         }
                     },
@@ -114,13 +198,15 @@ impl Writer {
                         let outcome =
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut tx)));
                         match outcome {
-                            Ok((keep, reply)) => {
-                                if keep {
+                            Ok(done) => {
+                                fault = Fault::worst(fault, done.fault);
+                                if done.keep {
+                                    wrote |= tx.wrote;
                                     published.extend(tx.events.drain(..).map(Published::Event));
                                 } else if tx.wrote {
                                     poisoned = true;
                                 }
-                                replies.push(reply);
+                                replies.push(done.reply);
                             }
                             // The caller's reply went down with the job (its call ends with
                             // "closed"); the batch may hold half of the job's writes.
@@ -143,6 +229,28 @@ impl Writer {
             conn.prepare_cached("COMMIT")?.execute([])?;
             Ok(())
         })();
+        let result = result.map_err(|e| {
+            if let CommitError::Sqlite(s) = &e {
+                fault = Fault::worst(fault, Fault::of_sqlite(s));
+            }
+            match fault {
+                Some(Fault::DiskFull) => CommitError::DiskFull,
+                Some(Fault::Io) if out_of_space(&self.dir) => CommitError::DiskFull,
+                _ => e,
+            }
+        });
+        match fault {
+            Some(Fault::Damaged) => self
+                .condition
+                .unusable("the database was found damaged while writing"),
+            Some(Fault::DiskFull) => self.condition.disk_full(),
+            Some(Fault::Io) if out_of_space(&self.dir) => self.condition.disk_full(),
+            _ if result.is_ok() && wrote => self.condition.write_committed(),
+            _ => {}
+        }
+        if result.is_ok() {
+            self.wal.after_commit(&self.conn);
+        }
         match result {
             Ok(()) => {
                 for p in published {
@@ -160,7 +268,13 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "store commit failed; the batch is rolled back");
+                if matches!(e, CommitError::DiskFull) {
+                    tracing::warn!(
+                        "store commit failed for lack of space; the batch is rolled back"
+                    );
+                } else {
+                    tracing::error!(error = %e, "store commit failed; the batch is rolled back");
+                }
                 if !self.conn.is_autocommit() {
                     let _ = self.conn.execute_batch("ROLLBACK");
                 }
@@ -190,15 +304,15 @@ fn insert_log(conn: &Connection, line: &LogLine) -> Result<bool> {
     Ok(n == 1)
 }
 
-const OP_COLUMNS: &str = "doc, cancel_requested, lease_owner, lease_expires";
-
 /// A machine by id, on any connection (the writer's, or a reader's).
 pub(super) fn read_machine(conn: &Connection, id: &MachineId) -> Result<Option<Machine>> {
-    let doc: Option<String> = conn
-        .prepare_cached("SELECT doc FROM machines WHERE id = ?1")?
-        .query_row([id.as_str()], |r| r.get(0))
-        .optional()?;
-    doc.map(|d| codec::machine(&d)).transpose()
+    conn.prepare_cached(&format!(
+        "SELECT {} FROM machines WHERE id = ?1",
+        codec::MACHINE_COLUMNS
+    ))?
+    .query_row([id.as_str()], codec::machine)
+    .optional()?
+    .transpose()
 }
 
 /// An operation with its lease by id, on any connection.
@@ -216,19 +330,50 @@ impl Tx for SqlTx<'_> {
         read_machine(self.conn, id)
     }
 
-    fn put_machine(&mut self, m: &Machine, old_macs: Option<&[MacAddress]>) -> Result<()> {
+    fn put_machine(&mut self, m: &Machine, indexed: Indexed<'_>) -> Result<()> {
+        let (doc, crc) = codec::to_json(m)?;
         self.wrote = true;
         self.conn
             .prepare_cached(
-                "INSERT INTO machines (id, phase, effective_state, doc) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET phase = ?2, effective_state = ?3, doc = ?4",
+                "INSERT INTO machines (id, phase, effective_state, doc, doc_crc32)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET
+                   phase = ?2, effective_state = ?3, doc = ?4, doc_crc32 = ?5",
             )?
             .execute(params![
                 m.id.as_str(),
                 m.status.phase.as_str(),
                 m.effective_state().as_str(),
-                codec::to_json(m)?
+                doc,
+                crc
             ])?;
+        let no_labels = Labels::default();
+        let (old_macs, old_labels) = match indexed {
+            Indexed::New => (Some(&[][..]), Some(&no_labels)),
+            Indexed::Unchanged => (None, None),
+            Indexed::Was { macs, labels } => (
+                (macs != m.spec.mac_addresses.as_slice()).then_some(macs),
+                (*labels != m.labels).then_some(labels),
+            ),
+        };
+        if let Some(old) = old_labels {
+            let mut delete = self.conn.prepare_cached(
+                "DELETE FROM machine_labels WHERE key = ?1 AND value = ?2 AND machine_id = ?3",
+            )?;
+            for (k, v) in old.iter() {
+                if m.labels.get(k) != Some(v) {
+                    delete.execute(params![k, v, m.id.as_str()])?;
+                }
+            }
+            let mut insert = self.conn.prepare_cached(
+                "INSERT OR IGNORE INTO machine_labels (key, value, machine_id) VALUES (?1, ?2, ?3)",
+            )?;
+            for (k, v) in m.labels.iter() {
+                if old.get(k) != Some(v) {
+                    insert.execute(params![k, v, m.id.as_str()])?;
+                }
+            }
+        }
         if let Some(old) = old_macs {
             let mut delete = self
                 .conn
@@ -300,14 +445,16 @@ impl Tx for SqlTx<'_> {
     }
 
     fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+        let (doc, crc) = codec::to_json(op)?;
         self.wrote = true;
         self.conn
             .prepare_cached(
                 "INSERT INTO operations
-                   (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires, doc)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                   (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires, doc, doc_crc32)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT (id) DO UPDATE SET
-                   phase = ?4, cancel_requested = ?6, lease_owner = ?7, lease_expires = ?8, doc = ?9",
+                   phase = ?4, cancel_requested = ?6, lease_owner = ?7, lease_expires = ?8,
+                   doc = ?9, doc_crc32 = ?10",
             )?
             .execute(params![
                 op.id.to_string(),
@@ -318,7 +465,8 @@ impl Tx for SqlTx<'_> {
                 op.cancel_requested,
                 lease.map(|l| l.owner.as_str()),
                 lease.map(|l| l.expires_at.as_unix_micros()),
-                codec::to_json(op)?
+                doc,
+                crc
             ])?;
         Ok(())
     }
@@ -420,9 +568,8 @@ fn take_readable(
         if out.len() >= limit {
             break;
         }
-        match row? {
-            Ok(op) => out.push(op),
-            Err(e) => tracing::error!(error = %e, "skipping an operation that cannot be read"),
+        if let Some(op) = codec::skip_unreadable(row)? {
+            out.push(op);
         }
     }
     Ok(())

@@ -116,6 +116,141 @@ pub(crate) async fn list_machines_pages_and_filters(s: S) {
     );
 }
 
+/// Ids of every machine matching `selector` (and `phase`), read in pages of `page`.
+async fn select(s: &S, selector: &str, phase: Option<Phase>, page: usize) -> Vec<String> {
+    let mut q = MachineQuery {
+        limit: page,
+        phase,
+        selector: selector.parse().unwrap(),
+        ..MachineQuery::default()
+    };
+    let mut ids = Vec::new();
+    loop {
+        let p = s.list_machines(&q).await.unwrap();
+        assert!(p.items.len() <= page);
+        ids.extend(p.items.iter().map(|m| m.id.to_string()));
+        if !p.more {
+            return ids;
+        }
+        q.after = Some(p.items.last().unwrap().id.clone());
+    }
+}
+
+pub(crate) async fn selectors_match_labels_through_every_page(s: S) {
+    // 60 machines: rack r0-r2 by n % 3, zone a/b by n % 2, gpu on every fifth, none on
+    // m-00; their ids sort in registration order.
+    let labels = |n: u8| {
+        let mut l = Vec::new();
+        if n > 0 {
+            l.push(("rack", format!("r{}", n % 3)));
+            l.push((
+                "zone",
+                if n.is_multiple_of(2) { "a" } else { "b" }.to_owned(),
+            ));
+        }
+        if n.is_multiple_of(5) {
+            l.push(("gpu", String::new()));
+        }
+        Labels::from_pairs(l).unwrap()
+    };
+    for n in 0..60u8 {
+        let mut m = machine(&format!("m-{n:02}"), n);
+        m.labels = labels(n);
+        if n.is_multiple_of(4) {
+            m.status.phase = Phase::Maintenance;
+        }
+        s.register_machine(m).await.unwrap();
+    }
+    let want = |f: &dyn Fn(u8) -> bool| -> Vec<String> {
+        (0..60u8)
+            .filter(|n| f(*n))
+            .map(|n| format!("m-{n:02}"))
+            .collect()
+    };
+    let cases: Vec<(&str, Option<Phase>, Vec<String>)> = vec![
+        ("rack=r1", None, want(&|n| n > 0 && n % 3 == 1)),
+        (
+            "rack==r1,zone=a",
+            None,
+            want(&|n| n > 0 && n % 3 == 1 && n.is_multiple_of(2)),
+        ),
+        ("rack in (r0,r2)", None, want(&|n| n > 0 && n % 3 != 1)),
+        (
+            "rack in (r0,r2,r9),zone!=a",
+            None,
+            want(&|n| n > 0 && n % 3 != 1 && n % 2 == 1),
+        ),
+        ("gpu", None, want(&|n| n.is_multiple_of(5))),
+        ("gpu,!rack", None, want(&|n| n == 0)),
+        ("gpu=", None, want(&|n| n.is_multiple_of(5))),
+        ("rack notin (r1),zone", None, want(&|n| n > 0 && n % 3 != 1)),
+        ("!rack", None, want(&|n| n == 0)),
+        ("rack!=r1", None, want(&|n| n == 0 || n % 3 != 1)),
+        (
+            "rack=r1",
+            Some(Phase::Maintenance),
+            want(&|n| n > 0 && n % 3 == 1 && n.is_multiple_of(4)),
+        ),
+        ("rack=r7", None, vec![]),
+        ("nokey", None, vec![]),
+    ];
+    for (selector, phase, expected) in cases {
+        for page in [1, 7, 100] {
+            assert_eq!(
+                select(&s, selector, phase, page).await,
+                expected,
+                "{selector} {phase:?} in pages of {page}"
+            );
+        }
+    }
+    // Changing labels moves a machine between selections; an unchanged label stays.
+    let patch = MachinePatch {
+        set_labels: [("rack".to_owned(), "r7".to_owned())].into(),
+        remove_labels: vec!["gpu".into()],
+        ..MachinePatch::default()
+    };
+    s.update_machine(&mid("m-10"), &patch, t(1)).await.unwrap();
+    assert_eq!(select(&s, "rack=r7", None, 10).await, ["m-10"]);
+    assert!(
+        !select(&s, "rack=r1", None, 100)
+            .await
+            .contains(&"m-10".to_owned())
+    );
+    assert!(
+        !select(&s, "gpu", None, 100)
+            .await
+            .contains(&"m-10".to_owned())
+    );
+    assert!(
+        select(&s, "zone=a", None, 100)
+            .await
+            .contains(&"m-10".to_owned())
+    );
+    let replace = MachinePatch {
+        labels: Some(Labels::from_pairs([("zone", "c")]).unwrap()),
+        ..MachinePatch::default()
+    };
+    s.update_machine(&mid("m-10"), &replace, t(2))
+        .await
+        .unwrap();
+    assert!(
+        select(&s, "rack", None, 100)
+            .await
+            .iter()
+            .all(|id| id != "m-10")
+    );
+    assert_eq!(select(&s, "zone=c", None, 100).await, ["m-10"]);
+    // Status changes (an operation) keep the machine selectable.
+    s.admit(op("m-20", OperationType::Reboot, "r-1"))
+        .await
+        .unwrap();
+    assert!(
+        select(&s, "gpu", None, 100)
+            .await
+            .contains(&"m-20".to_owned())
+    );
+}
+
 pub(crate) async fn import_reports_each_row(s: S) {
     s.register_machine(machine("existing", 1)).await.unwrap();
     let mut changed = machine("changed", 2);

@@ -4,6 +4,8 @@
 mod conformance;
 mod durability;
 mod fixtures;
+mod golden;
+mod storage;
 
 use std::sync::Arc;
 
@@ -57,6 +59,7 @@ macro_rules! conformance {
 conformance!(
     register_get_and_conflicts,
     list_machines_pages_and_filters,
+    selectors_match_labels_through_every_page,
     import_reports_each_row,
     import_dry_run_writes_nothing,
     update_spec_labels_and_macs,

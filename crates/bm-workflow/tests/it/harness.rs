@@ -112,6 +112,7 @@ impl Harness {
                 op_type: t,
                 request_id: RequestId::new(request).unwrap(),
                 note: String::new(),
+                requested_by: bm_domain::Actor::new("test", "token"),
             })
             .await
             .map(|a| a.operation)

@@ -197,6 +197,10 @@ impl Store for HoldingStore {
         self.inner.subscribe_logs()
     }
 
+    fn watch_condition(&self) -> tokio::sync::watch::Receiver<bm_store::StoreCondition> {
+        self.inner.watch_condition()
+    }
+
     async fn flush(&self) -> Result<()> {
         self.inner.flush().await
     }

@@ -307,6 +307,7 @@ async fn cancel_pending() {
             op_type: OperationType::EnterMaintenance,
             request_id: bm_domain::RequestId::new("r").unwrap(),
             note: String::new(),
+            requested_by: bm_domain::Actor::new("test", "token"),
         })
         .await
         .unwrap()
