@@ -1,7 +1,7 @@
 //! `MachineService`: the inventory and the lifecycle operations, adapted to the engine.
 
-use crate::auth::actor;
-use bm_domain::Actor;
+use crate::auth::{Actor, actor};
+
 use bm_proto::v1 as pb;
 use bm_workflow::Engine;
 use tonic::{Request, Response, Status};
