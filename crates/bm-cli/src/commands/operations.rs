@@ -56,14 +56,18 @@ pub(super) async fn get(
     json: bool,
     pal: &Palette,
 ) -> anyhow::Result<u8> {
-    let o = c
-        .operations
+    let o = fetch(c, operation).await?;
+    show(json, &o, |o| render::operation_detail(o, pal))
+}
+
+/// One operation as the server has it now.
+async fn fetch(c: &mut Clients, operation: String) -> anyhow::Result<pb::Operation> {
+    Ok(c.operations
         .get_operation(pb::GetOperationRequest {
             operation_id: operation,
         })
         .await?
-        .into_inner();
-    show(json, &o, |o| render::operation_detail(o, pal))
+        .into_inner())
 }
 
 /// `bmctl follow`: an operation from wherever it is to its end.
@@ -74,13 +78,7 @@ pub(super) async fn follow(
     pal: &Palette,
 ) -> anyhow::Result<u8> {
     let started = Instant::now();
-    let op = c
-        .operations
-        .get_operation(pb::GetOperationRequest {
-            operation_id: operation,
-        })
-        .await?
-        .into_inner();
+    let op = fetch(c, operation).await?;
     follow_to_end(c, op, started, render::Ended::BeforeFollow, json, pal).await
 }
 

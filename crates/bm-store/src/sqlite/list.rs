@@ -155,15 +155,11 @@ fn by_id(conn: &Connection, q: &MachineQuery, cancel: &Cancel) -> Result<Listing
             let Some(m) = codec::skip_unreadable(codec::machine(row))? else {
                 continue;
             };
-            if q.selector.matches(&m.labels) {
-                items.push(m);
-                if items.len() > q.limit {
-                    items.truncate(q.limit);
-                    return Ok(Listing {
-                        page: Page { items, more: true },
-                        rows_read,
-                    });
-                }
+            if keep(q, &mut items, m) {
+                return Ok(Listing {
+                    page: Page { items, more: true },
+                    rows_read,
+                });
             }
         }
         if n < chunk {
@@ -219,15 +215,11 @@ fn by_label(
             let Some(m) = codec::skip_unreadable(Ok(row))? else {
                 continue;
             };
-            if q.selector.matches(&m.labels) {
-                items.push(m);
-                if items.len() > q.limit {
-                    items.truncate(q.limit);
-                    return Ok(Listing {
-                        page: Page { items, more: true },
-                        rows_read,
-                    });
-                }
+            if keep(q, &mut items, m) {
+                return Ok(Listing {
+                    page: Page { items, more: true },
+                    rows_read,
+                });
             }
         }
         match batch.next {
@@ -313,4 +305,18 @@ fn candidates(
             Ok(Candidates { ids, next })
         }
     }
+}
+
+/// Adds `m` to the page if the selector matches it; true once the page is full and one more
+/// match proved that another page follows (that match is dropped).
+fn keep(q: &MachineQuery, items: &mut Vec<Machine>, m: Machine) -> bool {
+    if !q.selector.matches(&m.labels) {
+        return false;
+    }
+    items.push(m);
+    if items.len() > q.limit {
+        items.truncate(q.limit);
+        return true;
+    }
+    false
 }
