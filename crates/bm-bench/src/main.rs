@@ -205,7 +205,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let server = start_server(
             &args.server_bin,
             &work,
-            &["--max-concurrent-operations", "4096"],
+            // One anonymous principal makes every call: the limits per principal against
+            // abuse (docs/security.md) would measure themselves, so they are lifted.
+            &[
+                "--max-concurrent-operations",
+                "4096",
+                "--op-rate-per-principal",
+                "1000000000",
+                "--op-burst-per-principal",
+                "1000000000",
+                "--max-streams-per-principal",
+                "1000000",
+            ],
         )?;
         let pid = server.pid();
         let endpoint = format!("http://{}", server.addr);

@@ -24,6 +24,14 @@ pub(crate) enum ApiError {
     /// The caller may not make this call; the message names the role (and scope) needed.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A limit against abuse was hit (`quota.rs`): the message names the limit and its flag.
+    #[error("{message}")]
+    Exhausted {
+        /// What was refused, the limit and its flag.
+        message: String,
+        /// When a retry may succeed; sent as a `google.rpc.RetryInfo` too.
+        retry_after: Option<std::time::Duration>,
+    },
     /// An invariant of the server broke (a bug); the message is for the log.
     #[error("internal error: {0}")]
     Internal(String),
@@ -40,6 +48,7 @@ impl ApiError {
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::Exhausted { .. } => Code::ResourceExhausted,
             ApiError::Workflow(w) => kind_code(w.kind()),
             ApiError::Internal(_) => Code::Internal,
         }
@@ -113,6 +122,19 @@ pub(crate) fn respond<T>(r: Result<T, ApiError>) -> Result<tonic::Response<T>, S
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
+        if let ApiError::Exhausted {
+            message,
+            retry_after: Some(after),
+        } = &e
+        {
+            // The delay for programs (AIP-193), beside the message for people.
+            let info = tonic_types::ErrorDetails::with_retry_info(Some(*after));
+            return <Status as tonic_types::StatusExt>::with_error_details(
+                Code::ResourceExhausted,
+                bounded(message.clone()),
+                info,
+            );
+        }
         let code = e.code();
         match code {
             Code::Internal => {
@@ -222,6 +244,28 @@ mod tests {
             info.metadata.get("after_revision").map(String::as_str),
             Some("41")
         );
+    }
+
+    #[test]
+    fn a_limit_hit_is_resource_exhausted_and_says_when_to_retry() {
+        use tonic_types::StatusExt;
+        let s = Status::from(ApiError::Exhausted {
+            message: "too fast (--op-rate-per-principal); retry in 20ms".into(),
+            retry_after: Some(std::time::Duration::from_millis(20)),
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("--op-rate-per-principal"), "{s:?}");
+        let retry = s.get_details_retry_info().expect("a RetryInfo");
+        assert_eq!(
+            retry.retry_delay,
+            Some(std::time::Duration::from_millis(20))
+        );
+        let s = Status::from(ApiError::Exhausted {
+            message: "too big (--max-request-bytes)".into(),
+            retry_after: None,
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.get_details_retry_info().is_none());
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod listener;
 mod machines;
 mod operations;
 mod paging;
+mod quota;
 mod tls;
 
 use std::future::Future;
@@ -66,10 +67,6 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// The largest request the server decodes, in bytes: an import of
-/// 10,000 machines fits with room to spare.
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
-
 /// Serves the API on `listener` until `shutdown` completes, then shuts down gracefully:
 /// health turns NOT_SERVING, the engine interrupts running operations and releases their
 /// leases (they resume at the next start), streams end, and in-flight calls finish.
@@ -98,11 +95,12 @@ pub async fn serve(
     let machines = MachineServiceServer::new(machines::Machines {
         engine: deps.engine.clone(),
     })
-    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    .max_decoding_message_size(deps.limits.max_request_bytes);
     let operations = OperationServiceServer::new(operations::Operations {
         engine: deps.engine.clone(),
         encoded: std::sync::Arc::new(fanout::EncodedEvents::new(deps.engine.live_event_window())),
-    });
+    })
+    .max_decoding_message_size(deps.limits.max_request_bytes);
 
     let engine = deps.engine.clone();
     let grace = deps.shutdown_grace;
@@ -128,6 +126,7 @@ pub async fn serve(
     let limits = deps.limits;
     tracing::info!(?limits, "limits");
     let shared = std::sync::Arc::new(limits::Shared::new(limits.clone()));
+    let quotas = std::sync::Arc::new(quota::Quotas::new(&limits));
     let incoming = listener::incoming(listener, shared.clone(), deps.tls.clone());
     let server = Server::builder()
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
@@ -138,6 +137,7 @@ pub async fn serve(
             decode_errors_are_invalid_arguments,
         ))
         .layer(auth::AuthLayer::new(deps.auth.clone()))
+        .layer(quota::QuotaLayer::new(quotas))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -11,8 +11,9 @@
 //!   enforced by the transport, and keepalive pings close connections whose peer is gone;
 //! - [`AdmissionLayer`], which sees every request with the connection it came on. It counts
 //!   the streams of each connection (which is what the idle limit and the stream limit's
-//!   warning need). Limits per principal (streams and operations per principal, issue 11)
-//!   belong beside it: it is the one place that sees both the request and its connection.
+//!   warning need);
+//! - `quota.rs`, after authentication: the request size, and the limits per principal
+//!   (server streams open, operation requests per second) of issue 11.
 //!
 //! Every limit logs a warning when it is hit, at most once per [`WARN_EVERY`] per limit,
 //! with the number of hits the previous warnings left out.
@@ -47,6 +48,17 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before its connection is closed.
     pub keepalive_timeout: Duration,
+    /// The largest request message, in bytes, and the largest request body of an API call
+    /// (one message and its 5-byte gRPC prefix); a larger one is refused with
+    /// RESOURCE_EXHAUSTED as soon as its length prefix arrives (`quota.rs`).
+    pub max_request_bytes: usize,
+    /// Server streams (WatchOperations, StreamLogs) one principal may hold open at once.
+    pub max_streams_per_principal: usize,
+    /// Operation requests (the operator and admin RPCs of the role table) one principal
+    /// may make per second, on average.
+    pub op_rate_per_principal: u32,
+    /// How many operation requests one principal may make at once, above the rate.
+    pub op_burst_per_principal: u32,
 }
 
 impl Default for Limits {
@@ -58,6 +70,13 @@ impl Default for Limits {
             max_connection_idle: Duration::from_secs(10 * 60),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            // gRPC's default; bmctl imports 1,000 rows per request, well below it.
+            max_request_bytes: 4 * 1024 * 1024,
+            max_streams_per_principal: 64,
+            // A rack's worth of operations at once, then fifty a second: more than people
+            // and their scripts ask for, far less than what would swamp the BMCs.
+            op_rate_per_principal: 50,
+            op_burst_per_principal: 500,
         }
     }
 }
@@ -206,7 +225,7 @@ impl Drop for OpenStream {
 }
 
 /// The layer that sees every request with its connection: it counts the connection's
-/// streams, and is where limits per principal go (issue 11).
+/// streams.
 #[derive(Clone, Debug)]
 pub(crate) struct AdmissionLayer {
     shared: Arc<Shared>,

@@ -122,6 +122,43 @@ struct Args {
     #[arg(long, env = "BM_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
     keepalive_timeout: Duration,
 
+    /// The largest request message, in bytes; a larger request is refused
+    /// (RESOURCE_EXHAUSTED) as soon as its size is known.
+    #[arg(
+        long,
+        env = "BM_MAX_REQUEST_BYTES",
+        default_value_t = bm_server::Limits::default().max_request_bytes,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=u64::from(u32::MAX))
+    )]
+    max_request_bytes: usize,
+
+    /// Server streams (WatchOperations, StreamLogs) one principal may hold open at once.
+    #[arg(
+        long,
+        env = "BM_MAX_STREAMS_PER_PRINCIPAL",
+        default_value_t = bm_server::Limits::default().max_streams_per_principal,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    max_streams_per_principal: usize,
+
+    /// Operation requests (operator and admin RPCs) one principal may make per second.
+    #[arg(
+        long,
+        env = "BM_OP_RATE_PER_PRINCIPAL",
+        default_value_t = bm_server::Limits::default().op_rate_per_principal,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    op_rate_per_principal: u32,
+
+    /// Operation requests one principal may make at once, above the rate.
+    #[arg(
+        long,
+        env = "BM_OP_BURST_PER_PRINCIPAL",
+        default_value_t = bm_server::Limits::default().op_burst_per_principal,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    op_burst_per_principal: u32,
+
     /// Bytes of events or log lines kept for one watcher or log reader that does not read.
     #[arg(
         long,
@@ -609,6 +646,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_connection_idle: args.max_connection_idle,
             keepalive_interval: args.keepalive_interval,
             keepalive_timeout: args.keepalive_timeout,
+            max_request_bytes: args.max_request_bytes,
+            max_streams_per_principal: args.max_streams_per_principal,
+            op_rate_per_principal: args.op_rate_per_principal,
+            op_burst_per_principal: args.op_burst_per_principal,
         },
         tls,
         auth,
@@ -677,6 +718,13 @@ mod tests {
         assert_eq!(d.keepalive_interval, defaults.keepalive_interval);
         assert_eq!(d.keepalive_timeout, defaults.keepalive_timeout);
         assert_eq!(d.open_files_limit, None);
+        assert_eq!(d.max_request_bytes, defaults.max_request_bytes);
+        assert_eq!(
+            d.max_streams_per_principal,
+            defaults.max_streams_per_principal
+        );
+        assert_eq!(d.op_rate_per_principal, defaults.op_rate_per_principal);
+        assert_eq!(d.op_burst_per_principal, defaults.op_burst_per_principal);
         let ok = parse(&[
             "--handshake-timeout",
             "250ms",
@@ -692,6 +740,11 @@ mod tests {
             &["--max-concurrent-streams", "0"],
             &["--max-connections", "0"],
             &["--open-files-limit", "3"],
+            &["--max-request-bytes", "10"],
+            &["--max-request-bytes", "5000000000"],
+            &["--max-streams-per-principal", "0"],
+            &["--op-rate-per-principal", "0"],
+            &["--op-burst-per-principal", "0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

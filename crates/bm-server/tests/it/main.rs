@@ -12,6 +12,7 @@ mod hygiene;
 mod inproc;
 mod limits;
 mod pki;
+mod quota;
 mod restart;
 mod store;
 mod streams;
