@@ -269,7 +269,14 @@ async fn out_of_range_operation_ids_are_invalid_not_wrapped() {
 
 #[tokio::test]
 async fn client_strings_cannot_forge_or_flood_the_log() {
-    let server = Server::start();
+    // Requests of 10 MB are above the default --max-request-bytes (4 MiB): let them in, it
+    // is what the server logs of them that is under test.
+    let server = Server::start_with(&[
+        "--fake-timing",
+        "instant",
+        "--max-request-bytes",
+        "16777216",
+    ]);
     let mut c = server.clients().await;
     c.register(fake_machine("m-1", 1, &[])).await;
     let before = server.log().len();
