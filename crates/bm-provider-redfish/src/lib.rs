@@ -51,6 +51,7 @@
 
 mod config;
 mod endpoint;
+mod hosts;
 mod notify;
 mod redfish;
 mod ssh;
@@ -131,16 +132,19 @@ impl RedfishProvider {
     }
 
     /// The client of the machine's BMC, built on first use.
+    ///
+    /// The endpoint is checked against the configuration first, every time: a record stored
+    /// before the configuration changed gets no request, let alone a credential.
     async fn bmc(&self, ep: &BmcEndpoint) -> Result<Arc<Bmc>, ProviderError> {
+        let settings = self
+            .bmc_settings
+            .settings_for(ep)
+            .map_err(ProviderError::permanent)?;
         let key = ep.base.origin().ascii_serialization();
         if let Some(b) = lock(&self.bmcs).get(&key) {
             return Ok(b.clone());
         }
-        let (name, base, settings) = (
-            ep.host_port.clone(),
-            ep.base.clone(),
-            self.bmc_settings.settings_for(ep),
-        );
+        let (name, base) = (ep.host_port.clone(), ep.base.clone());
         // Building a TLS client may read the system trust store: off the runtime.
         let bmc = tokio::task::spawn_blocking(move || Bmc::new(name, base, settings))
             .await
@@ -303,7 +307,10 @@ impl Provider for RedfishProvider {
     }
 
     fn validate(&self, machine: &Machine) -> Result<(), ProviderError> {
-        Self::endpoint(machine)?;
+        let ep = Self::endpoint(machine)?;
+        self.bmc_settings
+            .settings_for(&ep)
+            .map_err(|e| ProviderError::permanent(format!("machine {}: {e}", machine.id)))?;
         // SSH is configured exactly when some in-band step runs a command.
         let in_band = self.ssh.is_some();
         let ssh = &machine.spec.ssh_endpoint;
