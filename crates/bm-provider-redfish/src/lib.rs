@@ -12,7 +12,8 @@
 //! # The machine record
 //!
 //! - `bmc_endpoint`: `redfish+https://host[:port]/<path of the system>`, e.g.
-//!   `redfish+https://10.0.1.5/redfish/v1/Systems/1` (`redfish+http://` for a lab BMC).
+//!   `redfish+https://10.0.1.5/redfish/v1/Systems/1` (`redfish+http://` for a lab BMC
+//!   whose section sets `allow_plaintext`).
 //!   The path is the system's `@odata.id` as the BMC writes it. Without a path (or with
 //!   `/redfish/v1/Systems`) the BMC's only system is used; `?uuid=<UUID>` picks a system by
 //!   its UUID.
@@ -26,9 +27,21 @@
 //! whose BMC endpoint has host `H` and port `P`:
 //!
 //! 1. `[redfish.bmc."H:P"]`, if it exists and sets `username`;
-//! 2. else `[redfish.bmc."H"]`, if it exists and sets `username`;
-//! 3. else `[redfish.credentials]`;
-//! 4. else no `Authorization` header is sent.
+//! 2. else `[redfish.bmc."H"]`, if it exists and sets `username`, and only when the endpoint
+//!    names no port (or the scheme's default) or `"H:P"` has a section: for any other port
+//!    the machine is refused;
+//! 3. else the most specific network section (`[redfish.bmc."10.0.1.0/24"]`,
+//!    `[redfish.bmc."bmc-*.lab"]`) containing `H`, if it sets `username`;
+//! 4. else `[redfish.credentials]`, only if `credential_hosts` lists `H` (CIDRs match IP
+//!    addresses, names are matched as written, never resolved); if not, the machine is
+//!    refused;
+//! 5. else no `Authorization` header is sent.
+//!
+//! A `redfish+http://` endpoint is refused unless `allow_plaintext = true` applies to it
+//! (same lookup; a `"H"` section's only for its default port). Refused means: `validate`
+//! fails at registration and update with a message naming the setting to change, and no
+//! request is sent to such an endpoint of a machine stored earlier. Redirects to another
+//! origin are not followed.
 //!
 //! The password is `password` or, better, the content of `password_file` (read once at
 //! start, trailing newline removed). The same lookup, field by field, applies to the TLS
