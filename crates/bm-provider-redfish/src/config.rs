@@ -633,7 +633,7 @@ impl BmcTable {
             ));
         }
         let own_auth = merged.auth.is_some();
-        let mut settings = merged.resolve(&self.default);
+        let settings = merged.resolve(&self.default);
         if !own_auth
             && settings.auth.is_some()
             && !self.credential_hosts.iter().any(|h| h.matches(&ep.host))
@@ -646,9 +646,6 @@ impl BmcTable {
                 hp = ep.host_port,
                 host = ep.host,
             ));
-        }
-        if !own_auth && self.default.auth.is_none() {
-            settings.auth = None;
         }
         Ok(settings)
     }
