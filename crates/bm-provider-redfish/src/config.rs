@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::endpoint::BmcEndpoint;
+use crate::hosts::HostPattern;
 use crate::redfish::power::PowerTiming;
 use crate::redfish::{BmcOverrides, BmcSettings};
 use crate::ssh::SshSettings;
@@ -27,13 +28,27 @@ use crate::template::{Template, Var};
 #[serde(default, deny_unknown_fields)]
 pub struct RedfishConfig {
     /// The credentials of every BMC that has none of its own in [`RedfishConfig::bmc`].
+    /// They are sent only to the BMCs that [`RedfishConfig::credential_hosts`] lists.
     pub credentials: Option<Credentials>,
+    /// Where the default [`RedfishConfig::credentials`] may be sent: CIDRs (`10.0.0.0/8`,
+    /// `fd00::/64`), single addresses, and host names matched as written in `bmc_endpoint`
+    /// (never resolved), where `*` stands for any run of characters within one label
+    /// (`bmc-*.dc1.example`). A CIDR matches only endpoints written with an IP address, a
+    /// name only endpoints written with a name. Required when `credentials` is set; a machine
+    /// whose BMC would get the default credentials but is not listed is refused at
+    /// registration and update, and nothing is ever sent to it.
+    pub credential_hosts: Vec<String>,
     /// TLS settings of every BMC that has none of its own.
     pub tls: TlsConfig,
     /// Per-BMC settings, keyed by the host of the BMC URL as written in the machine's
-    /// `bmc_endpoint` (`10.0.1.5`, `bmc-r1.lab`, `[fd00::5]`), optionally with `:port`.
-    /// Each setting is taken from `host:port` if that section sets it, else from `host`,
+    /// `bmc_endpoint` (`10.0.1.5`, `bmc-r1.lab`, `[fd00::5]`), optionally with `:port`, or
+    /// by a network: a CIDR (`10.0.1.0/24`) or a host name pattern with `*`
+    /// (`bmc-*.lab.example`). Each setting is taken from `host:port` if that section sets
+    /// it, else from `host`, else from the most specific network that contains the host,
     /// else from the defaults of this section.
+    ///
+    /// The credentials and `allow_plaintext` of a `host` section apply only to that host at
+    /// its default port, and to the ports that have a `host:port` section of their own.
     pub bmc: BTreeMap<String, BmcConfig>,
     /// How long one HTTP request to a BMC may take.
     #[serde(with = "duration")]
@@ -60,6 +75,7 @@ impl Default for RedfishConfig {
     fn default() -> Self {
         RedfishConfig {
             credentials: None,
+            credential_hosts: Vec::new(),
             tls: TlsConfig::default(),
             bmc: BTreeMap::new(),
             request_timeout: Duration::from_secs(30),
@@ -158,6 +174,10 @@ pub struct BmcConfig {
     pub request_timeout: Option<Duration>,
     /// The concurrency limit for this BMC.
     pub max_concurrent_requests: Option<usize>,
+    /// Allow `redfish+http://` endpoints (labs and emulators: the password and every
+    /// command then cross the network in cleartext). Unset, it is inherited like the other
+    /// fields; nowhere set, BMCs are reached only over HTTPS.
+    pub allow_plaintext: Option<bool>,
 }
 
 /// How power actions are confirmed by reading the power state back.
@@ -534,22 +554,100 @@ pub(crate) enum Boot {
     VirtualMedia(Template),
 }
 
-/// The settings of every BMC: the defaults and what each `[redfish.bmc."..."]` section sets.
+/// One `[redfish.bmc."<network>"]` section: a CIDR or a host name pattern.
+#[derive(Debug)]
+struct NetworkSection {
+    key: String,
+    hosts: HostPattern,
+    set: BmcOverrides,
+}
+
+/// The settings of every BMC: the defaults, what each `[redfish.bmc."..."]` section sets,
+/// and where credentials may be sent.
 #[derive(Debug)]
 pub(crate) struct BmcTable {
     default: BmcSettings,
-    /// What each `[redfish.bmc."..."]` section sets, by its key.
+    /// Where the default credentials may be sent (`credential_hosts`).
+    credential_hosts: Vec<HostPattern>,
+    /// What each `[redfish.bmc."host"]` and `[redfish.bmc."host:port"]` section sets.
     per_bmc: BTreeMap<String, BmcOverrides>,
+    /// The network sections.
+    networks: Vec<NetworkSection>,
 }
 
 impl BmcTable {
-    /// The settings of a BMC, field by field from `[bmc."host:port"]`, `[bmc."host"]` and
-    /// the defaults, in that order.
-    pub(crate) fn settings_for(&self, ep: &BmcEndpoint) -> BmcSettings {
+    /// The settings of a BMC, field by field from `[bmc."host:port"]`, `[bmc."host"]`, the
+    /// most specific network section that contains the host, and the defaults, in that
+    /// order; or, when nothing may be sent to this endpoint, why and which setting to change.
+    ///
+    /// Refused: `redfish+http://` unless `allow_plaintext` is set for it; an endpoint that
+    /// would get the default credentials but is not in `credential_hosts`; a port of a host
+    /// whose section sets credentials that are for its default port (or for other ports
+    /// with sections of their own). This one function decides both at registration
+    /// (`validate`) and before every client is built, so that an endpoint stored before the
+    /// configuration changed gets nothing either.
+    pub(crate) fn settings_for(&self, ep: &BmcEndpoint) -> Result<BmcSettings, String> {
         let none = BmcOverrides::default();
-        let with_port = self.per_bmc.get(&ep.host_port).unwrap_or(&none);
-        let host = self.per_bmc.get(&ep.host).unwrap_or(&none);
-        with_port.clone().or(host).resolve(&self.default)
+        let port_written = ep.host_port != ep.host;
+        let port_section = if port_written {
+            self.per_bmc.get(&ep.host_port)
+        } else {
+            None
+        };
+        let mut host_section = self.per_bmc.get(&ep.host).cloned().unwrap_or_default();
+        // A host section's credentials and plaintext permission cover its default port and
+        // the ports with a section of their own, not whatever port an endpoint names.
+        if port_written && port_section.is_none() {
+            if host_section.auth.is_some() {
+                return Err(format!(
+                    "[redfish.bmc.\"{host}\"] sets the credentials of BMC {host} at its default port only, \
+                     and port {port} has no section: to use this port, add a [redfish.bmc.\"{hp}\"] section \
+                     (it inherits the rest from [redfish.bmc.\"{host}\"])",
+                    host = ep.host,
+                    hp = ep.host_port,
+                    port = ep.base.port().map(|p| p.to_string()).unwrap_or_default(),
+                ));
+            }
+            host_section.plaintext = None;
+        }
+        let network = self
+            .networks
+            .iter()
+            .filter(|n| n.hosts.matches(&ep.host))
+            .max_by_key(|n| n.hosts.specificity());
+        let merged = port_section
+            .unwrap_or(&none)
+            .clone()
+            .or(&host_section)
+            .or(network.map_or(&none, |n| &n.set));
+        if ep.base.scheme() == "http" && merged.plaintext != Some(true) {
+            let net = network.map_or_else(
+                || "a network section such as [redfish.bmc.\"10.0.0.0/24\"]".to_owned(),
+                |n| format!("[redfish.bmc.\"{}\"]", n.key),
+            );
+            return Err(format!(
+                "BMC {hp} would be reached over plain HTTP (redfish+http://), which shows its \
+                 password and every command to the network: use redfish+https://, or for a lab \
+                 BMC set allow_plaintext = true in [redfish.bmc.\"{hp}\"] or {net}",
+                hp = ep.host_port,
+            ));
+        }
+        let own_auth = merged.auth.is_some();
+        let settings = merged.resolve(&self.default);
+        if !own_auth
+            && settings.auth.is_some()
+            && !self.credential_hosts.iter().any(|h| h.matches(&ep.host))
+        {
+            return Err(format!(
+                "BMC {hp} would get the default credentials of [redfish.credentials], but \
+                 redfish.credential_hosts does not list it: add its address, its network \
+                 (e.g. \"10.0.0.0/8\") or its host name (pattern, e.g. \"bmc-*.dc1.example\") \
+                 to credential_hosts, or give it credentials of its own in [redfish.bmc.\"{host}\"]",
+                hp = ep.host_port,
+                host = ep.host,
+            ));
+        }
+        Ok(settings)
     }
 }
 
@@ -596,9 +694,35 @@ impl RedfishConfig {
             timeout: request_timeout,
             concurrency: c.max_concurrent_requests,
         };
+        let mut credential_hosts = Vec::new();
+        for (i, h) in c.credential_hosts.iter().enumerate() {
+            credential_hosts.push(
+                HostPattern::parse(h)
+                    .map_err(|e| ConfigError::invalid(format!("credential_hosts[{i}]"), e))?,
+            );
+        }
+        if default_bmc.auth.is_some() && credential_hosts.is_empty() {
+            return Err(ConfigError::invalid(
+                "credential_hosts",
+                "[redfish.credentials] is set but no BMC may receive it: list the BMC networks and \
+                 host names it is for, e.g. credential_hosts = [\"10.0.0.0/8\", \"bmc-*.dc1.example\"]",
+            ));
+        }
         let mut per_bmc = BTreeMap::new();
+        let mut networks = Vec::new();
         for (key, b) in &c.bmc {
-            per_bmc.insert(key.clone(), bmc_overrides(key, b)?);
+            let set = bmc_overrides(key, b)?;
+            if key.contains('/') || key.contains('*') {
+                let hosts = HostPattern::parse(key)
+                    .map_err(|e| ConfigError::invalid(format!("bmc.{key:?}"), e))?;
+                networks.push(NetworkSection {
+                    key: key.clone(),
+                    hosts,
+                    set,
+                });
+            } else {
+                per_bmc.insert(key.clone(), set);
+            }
         }
 
         let p = &c.power;
@@ -703,7 +827,9 @@ impl RedfishConfig {
         Ok(Checked {
             bmcs: BmcTable {
                 default: default_bmc,
+                credential_hosts,
                 per_bmc,
+                networks,
             },
             power,
             insert_media_timeout: positive("insert_media_timeout", c.insert_media_timeout)?,
@@ -777,10 +903,11 @@ fn resolve_auth(
 /// What one `[redfish.bmc."<key>"]` section sets, checked and with its files read.
 fn bmc_overrides(key: &str, b: &BmcConfig) -> Result<BmcOverrides, ConfigError> {
     let prefix = format!("bmc.{key:?}.");
-    if key.is_empty() || key.contains('/') || key.contains("://") {
+    if key.is_empty() || key.contains("://") {
         return Err(ConfigError::invalid(
             format!("bmc.{key:?}"),
-            "the key must be a BMC host or host:port as written in bmc_endpoint, e.g. \"10.0.1.5\"",
+            "the key must be a BMC host or host:port as written in bmc_endpoint (e.g. \"10.0.1.5\"), \
+             a CIDR (\"10.0.1.0/24\") or a host name pattern (\"bmc-*.lab.example\")",
         ));
     }
     let auth = resolve_auth(
@@ -817,6 +944,7 @@ fn bmc_overrides(key: &str, b: &BmcConfig) -> Result<BmcOverrides, ConfigError> 
         insecure: b.insecure_skip_verify.or(b.ca_file.as_ref().map(|_| false)),
         timeout,
         concurrency: b.max_concurrent_requests,
+        plaintext: b.allow_plaintext,
     })
 }
 
@@ -925,6 +1053,22 @@ mod tests {
                 "[redfish.power]\npoll_interval = \"0ms\"",
                 "redfish.power.poll_interval",
             ),
+            (
+                "[redfish.credentials]\nusername = \"a\"\npassword = \"p\"",
+                "redfish.credential_hosts: [redfish.credentials] is set but no BMC may receive it",
+            ),
+            (
+                "[redfish]\ncredential_hosts = [\"10.0.0.0/33\"]",
+                "redfish.credential_hosts[0]: \"10.0.0.0/33\" is not a CIDR",
+            ),
+            (
+                "[redfish]\ncredential_hosts = [\"10.0.0.0/8\", \"a b\"]",
+                "redfish.credential_hosts[1]",
+            ),
+            (
+                "[redfish.bmc.\"10.0.0.0/40\"]\nallow_plaintext = true",
+                "redfish.bmc.\"10.0.0.0/40\": \"10.0.0.0/40\" is not a CIDR",
+            ),
         ];
         for (doc, want) in cases {
             let e = new_err(doc);
@@ -938,6 +1082,7 @@ mod tests {
             r#"
             [redfish]
             request_timeout = "20s"
+            credential_hosts = ["10.0.0.0/24"]
             [redfish.credentials]
             username = "admin"
             password = "default-pw"
@@ -951,7 +1096,11 @@ mod tests {
         )
         .check()
         .unwrap();
-        let get = |url: &str| p.bmcs.settings_for(&parse_bmc_endpoint(url).unwrap());
+        let get = |url: &str| {
+            p.bmcs
+                .settings_for(&parse_bmc_endpoint(url).unwrap())
+                .unwrap()
+        };
         let s = get("redfish+https://10.0.0.5:8443/");
         assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("special"));
         // What "10.0.0.5:8443" leaves unset comes from "10.0.0.5", not from the default.
@@ -975,6 +1124,7 @@ mod tests {
             r#"
             [redfish]
             max_concurrent_requests = 4
+            credential_hosts = ["10.0.1.0/24"]
             [redfish.credentials]
             username = "admin"
             password = "default-pw"
@@ -993,7 +1143,11 @@ mod tests {
         ))
         .check()
         .unwrap();
-        let get = |url: &str| p.bmcs.settings_for(&parse_bmc_endpoint(url).unwrap());
+        let get = |url: &str| {
+            p.bmcs
+                .settings_for(&parse_bmc_endpoint(url).unwrap())
+                .unwrap()
+        };
         // Only a timeout for the port: the credentials and TLS choice of the host still hold.
         let s = get("redfish+https://10.0.1.5:8443/");
         assert_eq!(
@@ -1017,6 +1171,125 @@ mod tests {
         assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), Some("admin"));
         assert!(!s.insecure);
         assert_eq!(s.ca_pem, None);
+    }
+
+    /// Which user each endpoint gets, or the refusal (a fragment of it).
+    fn check_endpoints(doc: &str, cases: &[(&str, Result<Option<&str>, &str>)]) {
+        let p = config(doc).check().unwrap();
+        for (url, want) in cases {
+            let got = p.bmcs.settings_for(&parse_bmc_endpoint(url).unwrap());
+            match (got, want) {
+                (Ok(s), Ok(user)) => {
+                    assert_eq!(s.auth.as_ref().map(|a| a.0.as_str()), *user, "{url}")
+                }
+                (Err(e), Err(frag)) => {
+                    assert!(e.contains(frag), "{url}\n  got: {e}\n want: {frag}")
+                }
+                (got, want) => panic!("{url}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_bmcs_the_configuration_lists() {
+        let doc = r#"
+            [redfish]
+            credential_hosts = ["10.0.0.0/16", "bmc-*.dc1.example", "[fd00::5]"]
+            [redfish.credentials]
+            username = "default"
+            password = "default-pw"
+            [redfish.bmc."10.9.0.5"]
+            username = "own"
+            password = "own-pw"
+            [redfish.bmc."10.9.0.5:8443"]
+            request_timeout = "5s"
+            [redfish.bmc."10.0.7.5"]
+            username = "seven"
+            password = "seven-pw"
+            [redfish.bmc."192.168.50.0/24"]
+            allow_plaintext = true
+            username = "lab"
+            password = "lab-pw"
+            [redfish.bmc."192.168.50.9:8000"]
+            allow_plaintext = false
+            [redfish.bmc."10.0.3.3:8000"]
+            allow_plaintext = true
+            [redfish.bmc."10.0.4.4"]
+            allow_plaintext = true
+        "#;
+        let not_listed = "redfish.credential_hosts does not list it";
+        let plain = "over plain HTTP (redfish+http://)";
+        let other_port = "at its default port only, and port 18443 has no section";
+        check_endpoints(
+            doc,
+            &[
+                // The default credentials: only to credential_hosts.
+                ("redfish+https://10.0.1.5/", Ok(Some("default"))),
+                ("redfish+https://10.0.1.5:18443/", Ok(Some("default"))),
+                ("redfish+https://10.1.0.5/", Err(not_listed)),
+                ("redfish+https://127.0.0.1:18443/", Err(not_listed)),
+                ("redfish+https://bmc-r1.dc1.example/", Ok(Some("default"))),
+                ("redfish+https://bmc-r1.evil.example/", Err(not_listed)),
+                ("redfish+https://[fd00::5]/", Ok(Some("default"))),
+                ("redfish+https://[fd00::6]/", Err(not_listed)),
+                // A name that may resolve into a listed network is not the network.
+                ("redfish+https://localhost/", Err(not_listed)),
+                // A host's own credentials: its default port and the ports with a section.
+                ("redfish+https://10.9.0.5/", Ok(Some("own"))),
+                ("redfish+https://10.9.0.5:443/", Ok(Some("own"))),
+                ("redfish+https://10.9.0.5:8443/", Ok(Some("own"))),
+                ("redfish+https://10.9.0.5:18443/", Err(other_port)),
+                // ... even inside credential_hosts: the host's credentials are its own.
+                (
+                    "redfish+https://10.0.7.5:18443/",
+                    Err("[redfish.bmc.\"10.0.7.5\"] sets the credentials"),
+                ),
+                // A network section's credentials: every host and port in it.
+                ("redfish+https://192.168.50.7/", Ok(Some("lab"))),
+                ("redfish+http://192.168.50.7:8000/", Ok(Some("lab"))),
+                // No downgrade: plain HTTP only where allow_plaintext says so.
+                ("redfish+http://10.0.1.5/", Err(plain)),
+                ("redfish+http://10.9.0.5/", Err(plain)),
+                ("redfish+http://192.168.50.9:8000/", Err(plain)),
+                ("redfish+http://10.0.3.3:8000/", Ok(Some("default"))),
+                ("redfish+http://10.0.3.3:8001/", Err(plain)),
+                ("redfish+http://10.0.4.4/", Ok(Some("default"))),
+                // A host section's allow_plaintext is for its default port too.
+                ("redfish+http://10.0.4.4:8080/", Err(plain)),
+            ],
+        );
+        // Without default credentials there is nothing to withhold: unlisted BMCs are
+        // reached, without an Authorization header; plaintext still needs allow_plaintext.
+        check_endpoints(
+            "[redfish.bmc.\"10.9.0.5\"]\nusername = \"own\"\npassword = \"pw\"",
+            &[
+                ("redfish+https://10.1.0.5/", Ok(None)),
+                ("redfish+https://10.9.0.5/", Ok(Some("own"))),
+                ("redfish+http://10.1.0.5/", Err(plain)),
+            ],
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_setting_to_change() {
+        let p = config(
+            "[redfish]\ncredential_hosts = [\"10.0.0.0/8\"]\n[redfish.credentials]\nusername = \"u\"\npassword = \"p\"\n[redfish.bmc.\"192.168.1.0/24\"]\nrequest_timeout = \"5s\"",
+        )
+        .check()
+        .unwrap();
+        let refusal = |url: &str| {
+            p.bmcs
+                .settings_for(&parse_bmc_endpoint(url).unwrap())
+                .unwrap_err()
+        };
+        let e = refusal("redfish+https://192.168.1.5:8443/");
+        assert!(e.contains("BMC 192.168.1.5:8443"), "{e}");
+        assert!(e.contains("to credential_hosts, or give it credentials of its own in [redfish.bmc.\"192.168.1.5\"]"), "{e}");
+        let e = refusal("redfish+http://10.0.0.5/");
+        assert!(e.contains("set allow_plaintext = true in [redfish.bmc.\"10.0.0.5\"] or a network section such as"), "{e}");
+        // The network section the host is in is named.
+        let e = refusal("redfish+http://192.168.1.5/");
+        assert!(e.contains("or [redfish.bmc.\"192.168.1.0/24\"]"), "{e}");
     }
 
     #[test]

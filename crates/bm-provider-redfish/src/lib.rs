@@ -12,7 +12,8 @@
 //! # The machine record
 //!
 //! - `bmc_endpoint`: `redfish+https://host[:port]/<path of the system>`, e.g.
-//!   `redfish+https://10.0.1.5/redfish/v1/Systems/1` (`redfish+http://` for a lab BMC).
+//!   `redfish+https://10.0.1.5/redfish/v1/Systems/1` (`redfish+http://` for a lab BMC
+//!   whose section sets `allow_plaintext`).
 //!   The path is the system's `@odata.id` as the BMC writes it. Without a path (or with
 //!   `/redfish/v1/Systems`) the BMC's only system is used; `?uuid=<UUID>` picks a system by
 //!   its UUID.
@@ -26,9 +27,21 @@
 //! whose BMC endpoint has host `H` and port `P`:
 //!
 //! 1. `[redfish.bmc."H:P"]`, if it exists and sets `username`;
-//! 2. else `[redfish.bmc."H"]`, if it exists and sets `username`;
-//! 3. else `[redfish.credentials]`;
-//! 4. else no `Authorization` header is sent.
+//! 2. else `[redfish.bmc."H"]`, if it exists and sets `username`, and only when the endpoint
+//!    names no port (or the scheme's default) or `"H:P"` has a section: for any other port
+//!    the machine is refused;
+//! 3. else the most specific network section (`[redfish.bmc."10.0.1.0/24"]`,
+//!    `[redfish.bmc."bmc-*.lab"]`) containing `H`, if it sets `username`;
+//! 4. else `[redfish.credentials]`, only if `credential_hosts` lists `H` (CIDRs match IP
+//!    addresses, names are matched as written, never resolved); if not, the machine is
+//!    refused;
+//! 5. else no `Authorization` header is sent.
+//!
+//! A `redfish+http://` endpoint is refused unless `allow_plaintext = true` applies to it
+//! (same lookup; a `"H"` section's only for its default port). Refused means: `validate`
+//! fails at registration and update with a message naming the setting to change, and no
+//! request is sent to such an endpoint of a machine stored earlier. Redirects to another
+//! origin are not followed.
 //!
 //! The password is `password` or, better, the content of `password_file` (read once at
 //! start, trailing newline removed). The same lookup, field by field, applies to the TLS
@@ -51,6 +64,7 @@
 
 mod config;
 mod endpoint;
+mod hosts;
 mod notify;
 mod redfish;
 mod ssh;
@@ -131,16 +145,19 @@ impl RedfishProvider {
     }
 
     /// The client of the machine's BMC, built on first use.
+    ///
+    /// The endpoint is checked against the configuration first, every time: a record stored
+    /// before the configuration changed gets no request, let alone a credential.
     async fn bmc(&self, ep: &BmcEndpoint) -> Result<Arc<Bmc>, ProviderError> {
+        let settings = self
+            .bmc_settings
+            .settings_for(ep)
+            .map_err(ProviderError::permanent)?;
         let key = ep.base.origin().ascii_serialization();
         if let Some(b) = lock(&self.bmcs).get(&key) {
             return Ok(b.clone());
         }
-        let (name, base, settings) = (
-            ep.host_port.clone(),
-            ep.base.clone(),
-            self.bmc_settings.settings_for(ep),
-        );
+        let (name, base) = (ep.host_port.clone(), ep.base.clone());
         // Building a TLS client may read the system trust store: off the runtime.
         let bmc = tokio::task::spawn_blocking(move || Bmc::new(name, base, settings))
             .await
@@ -303,7 +320,10 @@ impl Provider for RedfishProvider {
     }
 
     fn validate(&self, machine: &Machine) -> Result<(), ProviderError> {
-        Self::endpoint(machine)?;
+        let ep = Self::endpoint(machine)?;
+        self.bmc_settings
+            .settings_for(&ep)
+            .map_err(|e| ProviderError::permanent(format!("machine {}: {e}", machine.id)))?;
         // SSH is configured exactly when some in-band step runs a command.
         let in_band = self.ssh.is_some();
         let ssh = &machine.spec.ssh_endpoint;

@@ -45,6 +45,9 @@ pub(crate) struct BmcOverrides {
     pub(crate) insecure: Option<bool>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) concurrency: Option<usize>,
+    /// `allow_plaintext`: whether `redfish+http://` may be used (decided by the table of
+    /// BMC sections, not by the client).
+    pub(crate) plaintext: Option<bool>,
 }
 
 impl BmcOverrides {
@@ -56,6 +59,7 @@ impl BmcOverrides {
             insecure: self.insecure.or(fallback.insecure),
             timeout: self.timeout.or(fallback.timeout),
             concurrency: self.concurrency.or(fallback.concurrency),
+            plaintext: self.plaintext.or(fallback.plaintext),
         }
     }
 
@@ -103,6 +107,25 @@ pub(crate) fn link<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
+/// Redirects within the BMC's own origin are followed (a few, as reqwest does); one to
+/// another scheme, host or port is not: the BMC's address was checked against the
+/// configuration, the target of a redirect was not (and `https` must not become `http`).
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if !same {
+            attempt.stop()
+        } else if attempt.previous().len() > 5 {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 /// One BMC host: an HTTP client and a limit on requests in flight.
 #[derive(Debug)]
 pub(crate) struct Bmc {
@@ -130,6 +153,7 @@ impl Bmc {
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
             .no_proxy()
+            .redirect(same_origin_redirects())
             .user_agent(concat!("bm-provider-redfish/", env!("CARGO_PKG_VERSION")));
         if settings.insecure {
             builder = builder.tls_danger_accept_invalid_certs(true);

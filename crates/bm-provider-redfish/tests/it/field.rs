@@ -142,7 +142,7 @@ fn config() -> RedfishConfig {
             deadline: Duration::from_secs(60),
             ..PowerConfig::default()
         },
-        ..RedfishConfig::default()
+        ..crate::support::lab()
     }
 }
 
@@ -258,7 +258,7 @@ async fn a_virtual_media_insert_by_patch_gets_the_insert_timeout() {
     let p = virtual_media(RedfishConfig {
         request_timeout: Duration::from_secs(3),
         insert_media_timeout: Duration::from_secs(60),
-        ..RedfishConfig::default()
+        ..crate::support::lab()
     });
     let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
     p.set_netboot(h.ctx()).await.unwrap();
@@ -353,7 +353,7 @@ async fn requests_to_one_bmc_are_limited() {
     let p = std::sync::Arc::new(
         RedfishProvider::new(RedfishConfig {
             max_concurrent_requests: 2,
-            ..RedfishConfig::default()
+            ..crate::support::lab()
         })
         .unwrap(),
     );

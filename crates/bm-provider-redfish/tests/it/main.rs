@@ -4,6 +4,7 @@
 //! need (`openssh-server`, `python3-venv`) are installed by `cargo xtask test`; without one, a
 //! test fails with a line that names it.
 
+mod credentials;
 mod field;
 mod notify;
 mod redfish;

@@ -21,7 +21,7 @@ fn fast() -> RedfishConfig {
             reissue_after: Duration::from_secs(15),
             ..PowerConfig::default()
         },
-        ..RedfishConfig::default()
+        ..crate::support::lab()
     }
 }
 

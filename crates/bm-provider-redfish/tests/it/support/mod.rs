@@ -34,6 +34,25 @@ pub(crate) fn temp_dir(prefix: &str) -> tempfile::TempDir {
         .unwrap_or_else(|e| panic!("cannot create a temp dir in {}: {e}", base.display()))
 }
 
+/// The configuration every test starts from: the emulators, stubs and scripted BMCs of these
+/// tests listen on loopback and (except the TLS emulator) speak plain HTTP, which a
+/// configuration must allow explicitly; the default credentials, where a test sets them, may
+/// go to 127.0.0.1.
+pub(crate) fn lab() -> bm_provider_redfish::RedfishConfig {
+    bm_provider_redfish::RedfishConfig {
+        credential_hosts: vec!["127.0.0.1".into()],
+        bmc: [(
+            "127.0.0.0/8".to_owned(),
+            bm_provider_redfish::BmcConfig {
+                allow_plaintext: Some(true),
+                ..bm_provider_redfish::BmcConfig::default()
+            },
+        )]
+        .into(),
+        ..bm_provider_redfish::RedfishConfig::default()
+    }
+}
+
 pub(crate) use emulator::{EmuOpts, Emulator, uuid};
 pub(crate) use sshd::{Sshd, write_key};
 
