@@ -12,6 +12,7 @@ mod hygiene;
 mod inproc;
 mod limits;
 mod pki;
+mod random_requests;
 mod restart;
 mod store;
 mod streams;
