@@ -8,6 +8,7 @@
 mod api;
 mod auth;
 mod cli;
+mod fuzz_corpus;
 mod hygiene;
 mod inproc;
 mod limits;
