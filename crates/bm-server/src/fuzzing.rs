@@ -9,7 +9,6 @@
 //! refusal is always INVALID_ARGUMENT with a message that names the field. A broken
 //! invariant panics, which is what a fuzzer reports as a crash.
 
-use bm_domain::{LabelSelector, Labels};
 use bm_proto::v1 as pb;
 use prost::Message;
 
@@ -189,18 +188,30 @@ pub fn request(rpc: usize, bytes: &[u8]) -> Result<(), Refused> {
 ///
 /// On a broken invariant.
 pub fn label_selector(text: &str) -> Result<(), String> {
-    let selector: LabelSelector = text.parse().map_err(|e| format!("{e}"))?;
-    let again: LabelSelector = selector
-        .to_string()
-        .parse()
+    let list = |selector: String| pb::ListMachinesRequest {
+        label_selector: selector,
+        ..Default::default()
+    };
+    let (query, _) =
+        convert::machine_query(&list(text.to_owned())).map_err(|e| match refused(e) {
+            Refused::Invalid(m) => m,
+            Refused::Decode(e) => e.to_string(),
+        })?;
+    let selector = query.selector;
+    let (again, _) = convert::machine_query(&list(selector.to_string()))
         .expect("a selector's text parses again");
+    let again = again.selector;
     assert_eq!(again.to_string(), selector.to_string());
     let labels = [
-        Labels::default(),
-        Labels::from_pairs([("rack", "r1"), ("zone", "a")]).expect("valid labels"),
+        std::collections::HashMap::new(),
+        [("rack", "r1"), ("zone", "a")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
     ];
     for l in &labels {
-        assert_eq!(selector.matches(l), again.matches(l));
+        let l = convert::labels_from("labels", l).expect("valid labels");
+        assert_eq!(selector.matches(&l), again.matches(&l));
     }
     Ok(())
 }
@@ -254,7 +265,7 @@ pub fn field_mask(text: &str) -> Result<(), Refused> {
 /// On a broken invariant.
 pub fn page_token(token: &str) -> Result<(), String> {
     // Keys are machine or operation ids.
-    if bm_domain::MachineId::new(token).is_ok() {
+    if convert::machine_id("key", token).is_ok() {
         let made = paging::encode("machines", token, token);
         assert_eq!(
             paging::decode(&made, "machines", token)
