@@ -16,6 +16,8 @@ mod auth;
 mod convert;
 mod error;
 mod fanout;
+#[doc(hidden)]
+pub mod fuzzing;
 mod health;
 mod limits;
 mod listener;

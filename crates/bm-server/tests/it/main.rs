@@ -8,11 +8,13 @@
 mod api;
 mod auth;
 mod cli;
+mod fuzz_corpus;
 mod hygiene;
 mod inproc;
 mod limits;
 mod pki;
 mod quota;
+mod random_requests;
 mod restart;
 mod store;
 mod streams;
