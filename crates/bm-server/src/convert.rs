@@ -540,6 +540,8 @@ pub(crate) fn machine_query(
         phase,
         effective_state,
         selector,
+        // The handler narrows it to the caller's.
+        scope: bm_workflow::Scope::All,
     };
     Ok((query, filters))
 }
@@ -688,6 +690,8 @@ pub(crate) fn operation_query(
         machine_id,
         op_type,
         phase,
+        // The handler narrows it to the caller's.
+        scope: bm_workflow::Scope::All,
     };
     Ok((query, filters))
 }

@@ -13,6 +13,7 @@ mod inproc;
 mod limits;
 mod pki;
 mod restart;
+mod scopes;
 mod store;
 mod streams;
 mod support;
