@@ -30,7 +30,8 @@ impl Machines {
             .machine
             .as_ref()
             .ok_or_else(|| ApiError::invalid("machine: is required"))?;
-        let new = convert::new_machine("machine", m)?;
+        let mut new = convert::new_machine("machine", m)?;
+        new.registered_by = caller.actor();
         caller.check_new_labels(Role::Admin, &new.id, &new.labels)?;
         let m = self.engine.register_machine(new).await?;
         tracing::info!(machine_id = %m.id, provider = %m.spec.provider, "machine registered");
@@ -53,7 +54,8 @@ impl Machines {
         let (mut import, mut early) = convert::import_request(&req);
         let mut rows = std::mem::take(&mut import.machines).into_iter();
         for slot in early.iter_mut().filter(|e| e.is_none()) {
-            let Some(row) = rows.next() else { break };
+            let Some(mut row) = rows.next() else { break };
+            row.registered_by = caller.actor();
             match caller.check_new_labels(Role::Admin, &row.id, &row.labels) {
                 Ok(()) => import.machines.push(row),
                 Err(e) => *slot = Some(e),

@@ -57,7 +57,8 @@ impl Operations {
         caller: &Caller,
         req: pb::CancelOperationRequest,
     ) -> Result<pb::Operation, ApiError> {
-        let cancel = convert::cancel_request(&req)?;
+        let mut cancel = convert::cancel_request(&req)?;
+        cancel.requested_by = caller.actor();
         caller
             .operation(&self.engine, caller.role(), cancel.operation_id)
             .await?;

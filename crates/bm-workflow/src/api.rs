@@ -20,6 +20,9 @@ pub struct NewMachine {
     pub spec: MachineSpec,
     /// Its labels.
     pub labels: Labels,
+    /// Who registers it; stored as the machine's `updated_by` (registration is its first
+    /// change).
+    pub registered_by: Actor,
 }
 
 /// A batch of machines to register, each on its own.
@@ -160,6 +163,8 @@ pub struct Admission {
 pub struct CancelRequest {
     /// The operation.
     pub operation_id: OperationId,
+    /// Who asks; stored as the operation's `canceled_by` (by the first request).
+    pub requested_by: Actor,
 }
 
 /// Which events to watch.

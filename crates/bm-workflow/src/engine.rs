@@ -180,7 +180,8 @@ impl Engine {
     /// An invalid spec, an unknown provider or one that refuses the spec, an id or MAC
     /// address already taken.
     pub async fn register_machine(&self, new: NewMachine) -> Result<Machine, WorkflowError> {
-        let m = Machine::register(new.id, new.spec, new.labels, now())?;
+        let mut m = Machine::register(new.id, new.spec, new.labels, now())?;
+        m.updated_by = new.registered_by;
         self.check_provider(&m)?;
         Ok(self.inner.store.register_machine(m).await?)
     }
@@ -201,8 +202,18 @@ impl Engine {
         let mut results: Vec<Option<Result<ImportOutcome, WorkflowError>>> =
             Vec::with_capacity(req.machines.len());
         let mut valid = Vec::new();
-        for NewMachine { id, spec, labels } in req.machines {
+        for NewMachine {
+            id,
+            spec,
+            labels,
+            registered_by,
+        } in req.machines
+        {
             match Machine::register(id, spec, labels, t)
+                .map(|mut m| {
+                    m.updated_by = registered_by;
+                    m
+                })
                 .map_err(WorkflowError::from)
                 .and_then(|m| self.check_provider(&m).map(|()| m))
             {
@@ -382,7 +393,9 @@ impl Engine {
         let id = req.operation_id;
         let store = &self.inner.store;
         let mut events = store.subscribe_events();
-        let op = store.request_cancel(id, now()).await?;
+        let op = store
+            .request_cancel(id, req.requested_by.clone(), now())
+            .await?;
         if !op.is_active() {
             return Ok(op);
         }

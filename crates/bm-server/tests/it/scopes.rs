@@ -668,3 +668,134 @@ impl Clients {
         while stream.message().await.unwrap().is_some() {}
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_import_endpoint_changes_and_cancel_record_their_actor() {
+    use bm_provider_fake::LABEL_HANG_ACTION;
+    let f = fleet().await;
+    let mut c = f.server.clients().await;
+    let actor = |name: &str| {
+        Some(pb::Actor {
+            name: name.into(),
+            method: "token".into(),
+        })
+    };
+    let labels = [
+        ("team", "storage"),
+        ("rack", "r1"),
+        (LABEL_HANG_ACTION, "repave"),
+    ];
+    let m = c
+        .machines
+        .register_machine(with(
+            &f.storage_admin,
+            pb::RegisterMachineRequest {
+                machine: Some(fake_machine("m-a1", 4001, &labels)),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.updated_by, actor("storage-admin"));
+    c.machines
+        .import_machines(with(
+            &f.storage_admin,
+            pb::ImportMachinesRequest {
+                machines: vec![fake_machine("m-a2", 4002, &labels)],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.machine_as(&f.admin, "m-a2").await.updated_by,
+        actor("storage-admin")
+    );
+
+    // An endpoint change needs admin (the operator is refused) and names its actor.
+    let endpoint = |token: &str| {
+        with(
+            token,
+            pb::UpdateMachineRequest {
+                machine: Some(pb::Machine {
+                    id: "m-a1".into(),
+                    spec: Some(pb::MachineSpec {
+                        ssh_endpoint: "root@10.9.9.9:22".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                update_mask: Some(bm_proto::pbjson_types::FieldMask {
+                    paths: vec!["spec.ssh_endpoint".into()],
+                }),
+            },
+        )
+    };
+    let err = c
+        .machines
+        .update_machine(endpoint(&f.scoped))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let m = c
+        .machines
+        .update_machine(endpoint(&f.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.spec.unwrap().ssh_endpoint, "root@10.9.9.9:22");
+    assert_eq!(m.updated_by, actor("admin"));
+
+    // A cancel records who asked, beside who started the operation.
+    let op = c
+        .machines
+        .enter_maintenance(with(
+            &f.admin,
+            pb::EnterMaintenanceRequest {
+                machine_id: "m-a1".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    c.wait_end_as(&f.admin, &op.id).await;
+    let hung = c
+        .machines
+        .reimage(with(
+            &f.admin,
+            pb::ReimageRequest {
+                machine_id: "m-a1".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let canceled = c
+        .operations
+        .cancel_operation(with(
+            &f.scoped,
+            pb::CancelOperationRequest {
+                operation_id: hung.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(canceled.canceled_by, actor("scoped"));
+    assert_eq!(canceled.requested_by, actor("admin"));
+    let again = c
+        .operations
+        .get_operation(with(
+            &f.admin,
+            pb::GetOperationRequest {
+                operation_id: hung.id,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.canceled_by, actor("scoped"));
+    f.server.stop().await.unwrap();
+}
