@@ -256,6 +256,13 @@ const ROLE_TABLE: &[(&str, Role)] = &[
     ),
 ];
 
+/// The response header (gRPC initial metadata) of every answer of a server started with
+/// `--insecure`, health checks included, so that a probe or `bmctl version` shows it.
+pub const INSECURE_HEADER: &str = "bm-insecure";
+/// Its value.
+const INSECURE_VALUE: &str =
+    "no TLS requirement, no authentication: every caller is an anonymous admin";
+
 /// The services anyone may call: health checks (load balancers and orchestrators probe
 /// without credentials) and reflection (it describes the API, which is public).
 const OPEN_SERVICES: &[&str] = &[
@@ -708,7 +715,38 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let answer = self.answer(req);
+        if !self.auth.is_insecure() {
+            return answer;
+        }
+        // Every answer, health checks included, says that nobody is checked.
+        Box::pin(async move {
+            let mut response = answer.await?;
+            response.headers_mut().insert(
+                INSECURE_HEADER,
+                http::HeaderValue::from_static(INSECURE_VALUE),
+            );
+            Ok(response)
+        })
+    }
+}
+
+impl<S> AuthService<S> {
+    /// Authenticates and authorizes `req`, then calls the service (or answers the refusal).
+    fn answer<ReqBody, ResBody>(
+        &mut self,
+        mut req: http::Request<ReqBody>,
+    ) -> BoxFuture<'static, Result<http::Response<ResBody>, S::Error>>
+    where
+        S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Default + Send + 'static,
+    {
         // The clone that was made ready serves this call; the new clone waits for its own.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

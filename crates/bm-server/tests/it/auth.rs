@@ -429,3 +429,61 @@ async fn the_actor_of_operations_and_machine_changes_is_stored_returned_and_kept
         crate::support::err_text(&out)
     );
 }
+
+#[tokio::test]
+async fn an_insecure_server_says_so_in_every_answer_health_checks_included() {
+    let check = |channel: Channel| async move {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+        r.metadata()
+            .get(bm_server::INSECURE_HEADER)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let insecure = InProcess::start().await;
+    let said = check(insecure.clients().await.channel).await;
+    assert!(
+        said.as_deref()
+            .is_some_and(|s| s.contains("no authentication")),
+        "{said:?}"
+    );
+    // API answers too.
+    let mut c = insecure.clients().await;
+    let r = c
+        .operations
+        .list_operation_types(bm_proto::v1::ListOperationTypesRequest {})
+        .await
+        .unwrap();
+    assert!(r.metadata().get(bm_server::INSECURE_HEADER).is_some());
+    insecure.stop().await.unwrap();
+
+    let (_dir, auth, _tokens) = tokens();
+    let secure = InProcess::start_with_auth(auth).await;
+    assert_eq!(check(secure.clients().await.channel).await, None);
+    secure.stop().await.unwrap();
+}
+
+#[test]
+fn bmctl_version_shows_whether_the_server_runs_insecure() {
+    let insecure = Server::start();
+    let out = insecure.bmctl(&["version"]);
+    let text = crate::support::text(&out);
+    assert!(out.status.success(), "{}", crate::support::err_text(&out));
+    assert!(
+        text.contains("bmctl ") && text.contains("server: INSECURE (--insecure)"),
+        "{text}"
+    );
+    let secure = Server::start_secure(&["--fake-timing", "instant"]);
+    let out = crate::support::bmctl_command(&secure.addr, &["version"])
+        .env("BM_DATA_DIR", secure.dir.join("data"))
+        .output()
+        .unwrap();
+    let text = crate::support::text(&out);
+    assert!(out.status.success(), "{}", crate::support::err_text(&out));
+    assert!(
+        text.contains("server: authentication required") && !text.contains("INSECURE"),
+        "{text}"
+    );
+}
