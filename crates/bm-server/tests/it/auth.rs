@@ -487,3 +487,60 @@ fn bmctl_version_shows_whether_the_server_runs_insecure() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn denied_calls_are_logged_at_warn_once_per_period_without_secrets() {
+    use bm_proto::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    let viewer =
+        bm_server::create_token(&path, "ro", &["viewer on team=a".into()], None, false).unwrap();
+    let tokens = path.display().to_string();
+    let server = Server::start_secure(&["--fake-timing", "instant", "--tokens-file", &tokens]);
+    let channel = server.clients().await.channel;
+    let mut machines = bm_proto::v1::machine_service_client::MachineServiceClient::new(channel);
+    let get = |id: &str| {
+        let mut r = tonic::Request::new(pb::GetMachineRequest {
+            machine_id: id.into(),
+        });
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {viewer}").parse().unwrap());
+        r
+    };
+    // Refused by the table first (no operator grant), then a hidden machine (NOT_FOUND
+    // here would be the same for any machine, so only the log says which).
+    let mut reboot = tonic::Request::new(pb::RebootRequest {
+        machine_id: "m-9".into(),
+        ..Default::default()
+    });
+    reboot
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {viewer}").parse().unwrap());
+    let err = machines.reboot(reboot).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    for _ in 0..5 {
+        let err = machines.get_machine(get("m-9")).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    // The log is written by the server process; wait for the line, not for a time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let log = loop {
+        let log = server.log();
+        if log.contains("call denied") || std::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("call denied")).collect();
+    assert_eq!(lines.len(), 1, "one line per period: {lines:?}");
+    assert!(
+        lines[0].contains("WARN")
+            && lines[0].contains("ro")
+            && lines[0].contains("/baremetal.v1.MachineService/Reboot"),
+        "{lines:?}"
+    );
+    assert!(
+        !log.contains(viewer.split('.').nth(1).unwrap()),
+        "the secret is in the log"
+    );
+}
