@@ -124,6 +124,8 @@ pub(crate) enum Command {
     },
     /// Each operation type with its stages in the order they run, as the server runs them.
     Plans,
+    /// bmctl's version, and whether the server runs with --insecure (no authentication).
+    Version,
     /// The configuration file's contexts (server, CA, credentials).
     #[command(subcommand)]
     Config(ConfigCommand),

@@ -347,6 +347,9 @@ pub(crate) fn operation_detail(o: &pb::Operation, pal: &Palette) -> String {
     field("Phase", phase_marker(o.phase, pal));
     field("Request ID", o.request_id.clone());
     field("Requested by", actor(o.requested_by.as_ref()));
+    if o.canceled_by.is_some() {
+        field("Canceled by", actor(o.canceled_by.as_ref()));
+    }
     if !o.note.is_empty() {
         field("Note", o.note.clone());
     }

@@ -226,6 +226,23 @@ impl LabelSelector {
     pub fn is_empty(&self) -> bool {
         self.requirements.is_empty()
     }
+
+    /// The selector that matches what both `self` and `other` match (their requirements
+    /// together). It is not checked against the bounds: both parts were, when parsed.
+    #[must_use]
+    pub fn and(&self, other: &LabelSelector) -> LabelSelector {
+        let source = match (self.source.trim(), other.source.trim()) {
+            ("", b) => b.to_owned(),
+            (a, "") => a.to_owned(),
+            (a, b) => format!("{a},{b}"),
+        };
+        let mut requirements = self.requirements.clone();
+        requirements.extend(other.requirements.iter().cloned());
+        LabelSelector {
+            requirements,
+            source,
+        }
+    }
 }
 
 /// What a selector's requirement demands of one key, for a store that looks matches up in
@@ -404,6 +421,20 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         Labels::from_pairs(pairs.iter().copied()).unwrap()
+    }
+
+    #[test]
+    fn and_matches_what_both_match() {
+        let a: LabelSelector = "team=storage".parse().unwrap();
+        let b: LabelSelector = "rack in (r1,r2)".parse().unwrap();
+        let both = a.and(&b);
+        assert_eq!(both.to_string(), "team=storage,rack in (r1,r2)");
+        assert!(both.matches(&labels(&[("team", "storage"), ("rack", "r1")])));
+        assert!(!both.matches(&labels(&[("team", "storage"), ("rack", "r3")])));
+        assert!(!both.matches(&labels(&[("team", "web"), ("rack", "r1")])));
+        let empty = LabelSelector::default();
+        assert_eq!(empty.and(&a), a);
+        assert_eq!(a.and(&empty), a);
     }
 
     #[test]

@@ -215,6 +215,9 @@ pub struct Operation {
     /// Who asked for it. Records from before the audit trail read as unknown.
     #[serde(default, skip_serializing_if = "Actor::is_unknown")]
     pub requested_by: Actor,
+    /// Who first asked to cancel it; unknown when nobody did (or before the audit trail).
+    #[serde(default, skip_serializing_if = "Actor::is_unknown")]
+    pub canceled_by: Actor,
 }
 
 impl Operation {
@@ -256,6 +259,7 @@ impl Operation {
             error: None,
             cancel_requested: false,
             requested_by: Actor::default(),
+            canceled_by: Actor::default(),
         })
     }
 
@@ -287,14 +291,18 @@ impl Operation {
         Ok(())
     }
 
-    /// Records that a cancel was asked for; asking again changes nothing.
+    /// Records that `by` asked for a cancel; asking again changes nothing (the first
+    /// asker stays its `canceled_by`).
     ///
     /// # Errors
     ///
     /// [`DomainError::AlreadyEnded`] if it has ended: there is nothing left to cancel.
-    pub fn request_cancel(&mut self) -> Result<(), DomainError> {
+    pub fn request_cancel(&mut self, by: Actor) -> Result<(), DomainError> {
         if !self.is_active() {
             return Err(self.ended_error());
+        }
+        if !self.cancel_requested {
+            self.canceled_by = by;
         }
         self.cancel_requested = true;
         Ok(())
@@ -472,10 +480,11 @@ mod tests {
     #[test]
     fn ended_operations_refuse_cancel_and_start() {
         let mut o = op();
-        o.request_cancel().unwrap();
-        o.request_cancel().unwrap();
+        o.request_cancel(Actor::new("alice", "token")).unwrap();
+        o.request_cancel(Actor::new("bob", "token")).unwrap();
+        assert_eq!(o.canceled_by, Actor::new("alice", "token"));
         o.phase = OperationPhase::Succeeded;
-        let err = o.request_cancel().unwrap_err().to_string();
+        let err = o.request_cancel(Actor::default()).unwrap_err().to_string();
         assert!(
             err.contains("already ended") && err.contains("SUCCEEDED"),
             "{err}"

@@ -22,7 +22,8 @@ use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 use blake2::Digest;
 /// The audit trail's actor, as the handlers pass it on (they do not name the domain crate).
 pub(crate) use bm_domain::Actor;
-use bm_domain::LabelSelector;
+use bm_domain::{LabelSelector, Labels, Machine, MachineId, Operation, OperationId};
+use bm_workflow::{Engine, Scope, WorkflowError};
 use futures::future::BoxFuture;
 
 use crate::error::ApiError;
@@ -170,13 +171,28 @@ impl Principal {
         }
     }
 
-    /// True when an unscoped grant holds `role`. Scoped grants are parsed but not yet
-    /// enforced (lists, gets and streams are not filtered by them), so they grant nothing:
-    /// refusing is the safe side.
+    /// True when a grant, scoped or not, holds `role`: the call may be made, and the
+    /// handler then checks the machines it touches against [`Principal::scope`].
     pub fn has_role(&self, role: Role) -> bool {
-        self.grants
-            .iter()
-            .any(|g| g.scope.is_none() && g.role >= role)
+        self.grants.iter().any(|g| g.role >= role)
+    }
+
+    /// The machines on which this principal holds `role`: all of them when an unscoped
+    /// grant holds it, else those any scoped grant holding it matches (none without one).
+    pub fn scope(&self, role: Role) -> Scope {
+        let mut selectors = Vec::new();
+        for g in self.grants.iter().filter(|g| g.role >= role) {
+            match &g.scope {
+                None => return Scope::All,
+                Some(s) => selectors.push(s.clone()),
+            }
+        }
+        Scope::AnyOf(selectors)
+    }
+
+    /// Who this is and what they hold, for a refusal: `alice (token) has operator on team=a`.
+    pub(crate) fn describe(&self) -> String {
+        format!("{} ({}) has {}", self.name, self.method, self.grants_text())
     }
 
     fn grants_text(&self) -> String {
@@ -239,6 +255,13 @@ const ROLE_TABLE: &[(&str, Role)] = &[
         Role::Viewer,
     ),
 ];
+
+/// The response header (gRPC initial metadata) of every answer of a server started with
+/// `--insecure`, health checks included, so that a probe or `bmctl version` shows it.
+pub const INSECURE_HEADER: &str = "bm-insecure";
+/// Its value.
+const INSECURE_VALUE: &str =
+    "no TLS requirement, no authentication: every caller is an anonymous admin";
 
 /// The services anyone may call: health checks (load balancers and orchestrators probe
 /// without credentials) and reflection (it describes the API, which is public).
@@ -692,7 +715,38 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let answer = self.answer(req);
+        if !self.auth.is_insecure() {
+            return answer;
+        }
+        // Every answer, health checks included, says that nobody is checked.
+        Box::pin(async move {
+            let mut response = answer.await?;
+            response.headers_mut().insert(
+                INSECURE_HEADER,
+                http::HeaderValue::from_static(INSECURE_VALUE),
+            );
+            Ok(response)
+        })
+    }
+}
+
+impl<S> AuthService<S> {
+    /// Authenticates and authorizes `req`, then calls the service (or answers the refusal).
+    fn answer<ReqBody, ResBody>(
+        &mut self,
+        mut req: http::Request<ReqBody>,
+    ) -> BoxFuture<'static, Result<http::Response<ResBody>, S::Error>>
+    where
+        S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Default + Send + 'static,
+    {
         // The clone that was made ready serves this call; the new clone waits for its own.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -725,16 +779,16 @@ where
                 return Ok(refusal(ApiError::PermissionDenied(msg)));
             };
             if !principal.has_role(role) {
-                let msg = format!(
-                    "{path} needs the {role} role; {} ({}) has {}",
-                    principal.name,
-                    principal.method,
-                    principal.grants_text()
-                );
+                let msg = format!("{path} needs the {role} role; {}", principal.describe());
                 auth.denied(&principal.name, &path, &msg);
                 return Ok(refusal(ApiError::PermissionDenied(msg)));
             }
-            req.extensions_mut().insert(principal);
+            req.extensions_mut().insert(Caller {
+                principal,
+                rpc: path,
+                role,
+                auth: Some(auth),
+            });
             inner.call(req).await
         })
     }
@@ -743,19 +797,166 @@ where
 impl Auth {
     /// Logs a refused call, at most once per period (see [`Throttle`]).
     pub(crate) fn denied(&self, principal: &str, rpc: &str, reason: &str) {
+        self.denied_on(principal, rpc, "-", reason);
+    }
+
+    /// Logs a refused call about `machine`, at most once per period (see [`Throttle`]).
+    pub(crate) fn denied_on(&self, principal: &str, rpc: &str, machine: &str, reason: &str) {
         if let Some(held_back) = self.warn_denied.hit() {
-            tracing::warn!(principal, rpc, reason, held_back, "call denied");
+            tracing::warn!(principal, rpc, machine, reason, held_back, "call denied");
         }
     }
 }
 
-/// The actor of a call, for the audit trail: the principal the [`AuthLayer`] put in its
-/// extensions.
-pub(crate) fn actor<T>(r: &tonic::Request<T>) -> bm_domain::Actor {
-    r.extensions()
-        .get::<Principal>()
-        .map(|p| bm_domain::Actor::new(p.name.clone(), p.method.to_string()))
-        .unwrap_or_default()
+/// The caller of an RPC as the [`AuthLayer`] put it in the request's extensions: the
+/// principal, the RPC, and what the handlers need to check machines against the
+/// principal's scoped grants and to log a refusal.
+///
+/// When the machine is outside every scope the principal has for `viewer`, the answer is
+/// NOT_FOUND, worded as for a machine that does not exist: a principal learns nothing of
+/// machines it may not see. When it may see the machine but lacks the role the call needs
+/// on it, the answer is PERMISSION_DENIED naming the role, the machine and the caller's
+/// grants (it can see the machine, so naming it tells nothing new).
+#[derive(Clone, Debug)]
+pub(crate) struct Caller {
+    pub(crate) principal: Principal,
+    rpc: String,
+    /// The role the RPC needs (the table's).
+    role: Role,
+    auth: Option<Arc<Auth>>,
+}
+
+impl Caller {
+    /// The caller of `r`. A request that did not pass the layer (it always does) gets a
+    /// principal without grants: it sees nothing.
+    pub(crate) fn of<T>(r: &tonic::Request<T>) -> Caller {
+        r.extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(|| Caller {
+                principal: Principal {
+                    name: "-".to_owned(),
+                    method: AuthMethod::Insecure,
+                    grants: Vec::new(),
+                },
+                rpc: "-".to_owned(),
+                role: Role::Admin,
+                auth: None,
+            })
+    }
+
+    /// The role the RPC needs.
+    pub(crate) fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The actor of the call, for the audit trail.
+    pub(crate) fn actor(&self) -> Actor {
+        Actor::new(
+            self.principal.name.clone(),
+            self.principal.method.to_string(),
+        )
+    }
+
+    /// The machines the caller holds `role` on.
+    pub(crate) fn scope(&self, role: Role) -> Scope {
+        self.principal.scope(role)
+    }
+
+    fn deny(&self, machine: &str, reason: &str) {
+        if let Some(auth) = &self.auth {
+            auth.denied_on(&self.principal.name, &self.rpc, machine, reason);
+        }
+    }
+
+    /// Checks that the caller holds `role` on machine `id` with `labels` (see the type's
+    /// doc for which refusal applies).
+    pub(crate) fn check(
+        &self,
+        role: Role,
+        id: &MachineId,
+        labels: &Labels,
+    ) -> Result<(), ApiError> {
+        if self.scope(role).matches(labels) {
+            return Ok(());
+        }
+        if !self.scope(Role::Viewer).matches(labels) {
+            self.deny(id.as_str(), "machine outside every scope of the caller");
+            return Err(WorkflowError::machine_not_found(id.clone()).into());
+        }
+        let msg = format!(
+            "{} needs the {role} role on machine {id}; {}",
+            self.rpc,
+            self.principal.describe()
+        );
+        self.deny(id.as_str(), &msg);
+        Err(ApiError::PermissionDenied(msg))
+    }
+
+    /// Checks that a machine given the `labels` (registered, imported, or changed) would be
+    /// in the caller's `role` scope: a scoped admin creates machines in its scope only, and
+    /// cannot move one out of it.
+    pub(crate) fn check_new_labels(
+        &self,
+        role: Role,
+        id: &MachineId,
+        labels: &Labels,
+    ) -> Result<(), ApiError> {
+        let scope = self.scope(role);
+        if scope.matches(labels) {
+            return Ok(());
+        }
+        let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let msg = format!(
+            "{} needs the {role} role on machines labeled {{{}}} (machine {id}); {}: the labels must match {scope}",
+            self.rpc,
+            shown.join(","),
+            self.principal.describe()
+        );
+        self.deny(id.as_str(), &msg);
+        Err(ApiError::PermissionDenied(msg))
+    }
+
+    /// Machine `id`, when the caller holds `role` on it. An unscoped caller's call reads
+    /// nothing here.
+    pub(crate) async fn machine(
+        &self,
+        engine: &Engine,
+        role: Role,
+        id: &MachineId,
+    ) -> Result<Option<Machine>, ApiError> {
+        if self.scope(role).is_all() {
+            return Ok(None);
+        }
+        let m = engine.get_machine(id).await?;
+        self.check(role, id, &m.labels)?;
+        Ok(Some(m))
+    }
+
+    /// Operation `id`, when the caller holds `role` on its machine; an operation of a
+    /// machine the caller may not see is NOT_FOUND like one that does not exist.
+    pub(crate) async fn operation(
+        &self,
+        engine: &Engine,
+        role: Role,
+        id: OperationId,
+    ) -> Result<Operation, ApiError> {
+        let op = engine.get_operation(id).await?;
+        if self.scope(role).is_all() {
+            return Ok(op);
+        }
+        let m = match engine.get_machine(&op.machine_id).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == bm_workflow::ErrorKind::NotFound => {
+                return Err(WorkflowError::operation_not_found(id).into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match self.check(role, &op.machine_id, &m.labels) {
+            Err(ApiError::Workflow(_)) => Err(WorkflowError::operation_not_found(id).into()),
+            other => other.map(|()| op),
+        }
+    }
 }
 
 /// The response of a refused call.
@@ -779,18 +980,42 @@ mod tests {
     }
 
     #[test]
-    fn scoped_grants_grant_nothing_until_scopes_are_enforced() {
+    fn a_scoped_grant_lets_the_call_through_and_scopes_it_to_its_machines() {
         let p = Principal {
             name: "storage-ops".into(),
             method: AuthMethod::Token,
             grants: vec![
-                "viewer".parse().unwrap(),
+                "viewer on team=web".parse().unwrap(),
                 "admin on team=storage".parse().unwrap(),
+                "operator on rack=r1".parse().unwrap(),
             ],
         };
-        assert!(p.has_role(Role::Viewer));
-        assert!(!p.has_role(Role::Operator));
-        assert!(!p.has_role(Role::Admin));
+        assert!(p.has_role(Role::Admin));
+        let labels =
+            |pairs: &[(&str, &str)]| bm_domain::Labels::from_pairs(pairs.iter().copied()).unwrap();
+        let (web, storage, r1) = (
+            labels(&[("team", "web")]),
+            labels(&[("team", "storage")]),
+            labels(&[("team", "db"), ("rack", "r1")]),
+        );
+        let viewer = p.scope(Role::Viewer);
+        assert!(viewer.matches(&web) && viewer.matches(&storage) && viewer.matches(&r1));
+        assert!(!viewer.matches(&labels(&[("team", "db")])));
+        let operator = p.scope(Role::Operator);
+        assert!(!operator.matches(&web) && operator.matches(&storage) && operator.matches(&r1));
+        let admin = p.scope(Role::Admin);
+        assert!(!admin.matches(&r1) && admin.matches(&storage));
+        // An unscoped grant covers everything; no grant for the role covers nothing.
+        let mut q = p.clone();
+        q.grants.push("viewer".parse().unwrap());
+        assert!(q.scope(Role::Viewer).is_all());
+        assert!(!q.scope(Role::Operator).is_all());
+        let none = Principal {
+            grants: vec!["viewer".parse().unwrap()],
+            ..p
+        };
+        assert_eq!(none.scope(Role::Operator), Scope::AnyOf(Vec::new()));
+        assert!(!none.has_role(Role::Operator));
     }
 
     #[tokio::test]

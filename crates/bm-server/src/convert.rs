@@ -333,7 +333,13 @@ pub(crate) fn new_machine(field: &str, m: &pb::Machine) -> Result<NewMachine, Ap
         .ok_or_else(|| at(&format!("{field}.spec"), "is required"))?;
     let spec = spec_from(&format!("{field}.spec"), spec)?;
     let labels = labels_from(&format!("{field}.labels"), &m.labels)?;
-    Ok(NewMachine { id, spec, labels })
+    Ok(NewMachine {
+        id,
+        spec,
+        labels,
+        // The handler sets the caller.
+        registered_by: bm_domain::Actor::default(),
+    })
 }
 
 /// The machines of an import that convert, for the engine, and for each row of the request
@@ -540,6 +546,8 @@ pub(crate) fn machine_query(
         phase,
         effective_state,
         selector,
+        // The handler narrows it to the caller's.
+        scope: bm_workflow::Scope::All,
     };
     Ok((query, filters))
 }
@@ -601,6 +609,7 @@ pub(crate) fn operation(o: Operation) -> pb::Operation {
         note: o.note,
         cancel_requested: o.cancel_requested,
         requested_by: actor(o.requested_by),
+        canceled_by: actor(o.canceled_by),
     }
 }
 
@@ -657,6 +666,8 @@ start_operation! {
 pub(crate) fn cancel_request(req: &pb::CancelOperationRequest) -> Result<CancelRequest, ApiError> {
     Ok(CancelRequest {
         operation_id: operation_id("operation_id", &req.operation_id)?,
+        // The handler sets the caller.
+        requested_by: bm_domain::Actor::default(),
     })
 }
 
@@ -688,6 +699,8 @@ pub(crate) fn operation_query(
         machine_id,
         op_type,
         phase,
+        // The handler narrows it to the caller's.
+        scope: bm_workflow::Scope::All,
     };
     Ok((query, filters))
 }

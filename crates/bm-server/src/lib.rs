@@ -37,7 +37,8 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 
 pub use auth::{
-    Auth, AuthError, AuthMethod, Grant, Principal, Role, create_token, role_table, write_private,
+    Auth, AuthError, AuthMethod, Grant, INSECURE_HEADER, Principal, Role, create_token, role_table,
+    write_private,
 };
 pub use limits::Limits;
 pub use tls::{Tls, TlsError, TlsFiles};

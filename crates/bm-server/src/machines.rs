@@ -1,6 +1,10 @@
 //! `MachineService`: the inventory and the lifecycle operations, adapted to the engine.
+//!
+//! Every handler checks the machines it touches against the caller's scoped grants
+//! ([`Caller`]): lists are filtered, a machine outside every scope is NOT_FOUND, one the
+//! caller sees without the role the call needs is PERMISSION_DENIED.
 
-use crate::auth::{Actor, actor};
+use crate::auth::{Caller, Role};
 
 use bm_proto::v1 as pb;
 use bm_workflow::Engine;
@@ -17,12 +21,18 @@ pub(crate) struct Machines {
 }
 
 impl Machines {
-    async fn register(&self, req: pb::RegisterMachineRequest) -> Result<pb::Machine, ApiError> {
+    async fn register(
+        &self,
+        caller: &Caller,
+        req: pb::RegisterMachineRequest,
+    ) -> Result<pb::Machine, ApiError> {
         let m = req
             .machine
             .as_ref()
             .ok_or_else(|| ApiError::invalid("machine: is required"))?;
-        let new = convert::new_machine("machine", m)?;
+        let mut new = convert::new_machine("machine", m)?;
+        new.registered_by = caller.actor();
+        caller.check_new_labels(Role::Admin, &new.id, &new.labels)?;
         let m = self.engine.register_machine(new).await?;
         tracing::info!(machine_id = %m.id, provider = %m.spec.provider, "machine registered");
         Ok(convert::machine(m))
@@ -30,6 +40,7 @@ impl Machines {
 
     async fn import(
         &self,
+        caller: &Caller,
         req: pb::ImportMachinesRequest,
     ) -> Result<pb::ImportMachinesResponse, ApiError> {
         if req.machines.len() > MAX_IMPORT_ROWS {
@@ -38,8 +49,18 @@ impl Machines {
                 req.machines.len()
             )));
         }
-        // Rows that do not convert fail on their own; the others go to the engine.
-        let (import, early) = convert::import_request(&req);
+        // Rows that do not convert, or that the caller may not create, fail on their own;
+        // the others go to the engine.
+        let (mut import, mut early) = convert::import_request(&req);
+        let mut rows = std::mem::take(&mut import.machines).into_iter();
+        for slot in early.iter_mut().filter(|e| e.is_none()) {
+            let Some(mut row) = rows.next() else { break };
+            row.registered_by = caller.actor();
+            match caller.check_new_labels(Role::Admin, &row.id, &row.labels) {
+                Ok(()) => import.machines.push(row),
+                Err(e) => *slot = Some(e),
+            }
+        }
         let results = self.engine.import_machines(import).await?;
         let out = convert::import_response(&req.machines, early, results)?;
         tracing::info!(
@@ -53,27 +74,46 @@ impl Machines {
         Ok(out)
     }
 
-    async fn get(&self, req: pb::GetMachineRequest) -> Result<pb::Machine, ApiError> {
+    async fn get(
+        &self,
+        caller: &Caller,
+        req: pb::GetMachineRequest,
+    ) -> Result<pb::Machine, ApiError> {
         let id = convert::machine_id("machine_id", &req.machine_id)?;
-        Ok(convert::machine(self.engine.get_machine(&id).await?))
+        let m = self.engine.get_machine(&id).await?;
+        caller.check(Role::Viewer, &id, &m.labels)?;
+        Ok(convert::machine(m))
     }
 
     async fn list(
         &self,
+        caller: &Caller,
         req: pb::ListMachinesRequest,
     ) -> Result<pb::ListMachinesResponse, ApiError> {
-        let (query, filters) = convert::machine_query(&req)?;
+        let (mut query, filters) = convert::machine_query(&req)?;
+        query.scope = caller.scope(Role::Viewer);
         let page = self.engine.list_machines(&query).await?;
         Ok(convert::machine_page(page, &filters))
     }
 
     async fn update(
         &self,
-        actor: Actor,
+        caller: &Caller,
         req: pb::UpdateMachineRequest,
     ) -> Result<pb::Machine, ApiError> {
         let (mut update, paths) = convert::machine_update(&req)?;
-        update.patch.actor = actor;
+        // A scoped admin changes machines of its scope, and may not move one out of it.
+        if let Some(current) = caller
+            .machine(&self.engine, caller.role(), &update.id)
+            .await?
+            && let (_, Some(labels)) = update
+                .patch
+                .apply(&current)
+                .map_err(bm_workflow::WorkflowError::from)?
+        {
+            caller.check_new_labels(caller.role(), &update.id, &labels)?;
+        }
+        update.patch.actor = caller.actor();
         let m = self.engine.update_machine(update).await?;
         tracing::info!(
             machine_id = %m.id,
@@ -85,12 +125,15 @@ impl Machines {
 
     async fn start(
         &self,
-        actor: Actor,
+        caller: Caller,
         req: impl StartOperation,
     ) -> Result<Response<pb::Operation>, Status> {
         let run = async {
             let mut req = req.into_operation_request()?;
-            req.requested_by = actor;
+            caller
+                .machine(&self.engine, caller.role(), &req.machine_id)
+                .await?;
+            req.requested_by = caller.actor();
             let admission = self.engine.submit(req).await?;
             if admission.created {
                 tracing::info!(
@@ -112,101 +155,101 @@ impl pb::machine_service_server::MachineService for Machines {
         &self,
         r: Request<pb::RegisterMachineRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
-        respond(self.register(r.into_inner()).await)
+        respond(self.register(&Caller::of(&r), r.into_inner()).await)
     }
 
     async fn import_machines(
         &self,
         r: Request<pb::ImportMachinesRequest>,
     ) -> Result<Response<pb::ImportMachinesResponse>, Status> {
-        respond(self.import(r.into_inner()).await)
+        respond(self.import(&Caller::of(&r), r.into_inner()).await)
     }
 
     async fn get_machine(
         &self,
         r: Request<pb::GetMachineRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
-        respond(self.get(r.into_inner()).await)
+        respond(self.get(&Caller::of(&r), r.into_inner()).await)
     }
 
     async fn list_machines(
         &self,
         r: Request<pb::ListMachinesRequest>,
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
-        respond(self.list(r.into_inner()).await)
+        respond(self.list(&Caller::of(&r), r.into_inner()).await)
     }
 
     async fn update_machine(
         &self,
         r: Request<pb::UpdateMachineRequest>,
     ) -> Result<Response<pb::Machine>, Status> {
-        respond(self.update(actor(&r), r.into_inner()).await)
+        respond(self.update(&Caller::of(&r), r.into_inner()).await)
     }
 
     async fn enter_maintenance(
         &self,
         r: Request<pb::EnterMaintenanceRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn exit_maintenance(
         &self,
         r: Request<pb::ExitMaintenanceRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn reimage(
         &self,
         r: Request<pb::ReimageRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn reboot(
         &self,
         r: Request<pb::RebootRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn rma(&self, r: Request<pb::RmaRequest>) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn retire(
         &self,
         r: Request<pb::RetireRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn upgrade(
         &self,
         r: Request<pb::UpgradeRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn reconfigure_network(
         &self,
         r: Request<pb::ReconfigureNetworkRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn clear_intervention(
         &self,
         r: Request<pb::ClearInterventionRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 
     async fn readmit(
         &self,
         r: Request<pb::ReadmitRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        self.start(actor(&r), r.into_inner()).await
+        self.start(Caller::of(&r), r.into_inner()).await
     }
 }

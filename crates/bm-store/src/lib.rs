@@ -218,7 +218,12 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`StoreError::OperationNotFound`]; the domain's `AlreadyEnded` if it has ended.
-    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> Result<Operation>;
+    async fn request_cancel(
+        &self,
+        id: OperationId,
+        by: bm_domain::Actor,
+        now: Timestamp,
+    ) -> Result<Operation>;
 
     /// Claims up to `limit` operations for `lease.owner`, oldest first: pending ones and
     /// active ones whose lease has expired (their executor died). Returns them as stored.

@@ -208,12 +208,13 @@ pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
 pub(crate) fn request_cancel(
     tx: &mut impl Tx,
     id: OperationId,
+    by: bm_domain::Actor,
     now: Timestamp,
 ) -> Result<Operation> {
     let stored = tx.operation(id)?.ok_or(StoreError::OperationNotFound(id))?;
     let mut op = stored.op;
     let already = op.cancel_requested;
-    op.request_cancel()?;
+    op.request_cancel(by)?;
     if already {
         return Ok(op);
     }
@@ -280,6 +281,19 @@ fn held(tx: &mut impl Tx, owner: &str, id: OperationId) -> Result<Holding> {
     Ok(holding)
 }
 
+/// Carries a cancel request that came in after the executor read `op` into the copy it is
+/// about to write: the flag, and who asked (read from the stored record, only then).
+fn keep_cancel(tx: &mut impl Tx, op: &mut Operation, holding: &Holding) -> Result<()> {
+    if holding.cancel_requested
+        && op.canceled_by.is_unknown()
+        && let Some(stored) = tx.operation(op.id)?
+    {
+        op.canceled_by = stored.op.canceled_by;
+    }
+    op.cancel_requested |= holding.cancel_requested;
+    Ok(())
+}
+
 pub(crate) fn save_progress(
     tx: &mut impl Tx,
     owner: &str,
@@ -296,7 +310,7 @@ pub(crate) fn save_progress(
         .into());
     }
     let mut op = op.clone();
-    op.cancel_requested |= holding.cancel_requested;
+    keep_cancel(tx, &mut op, &holding)?;
     tx.put_operation(&op, holding.lease.as_ref())?;
     for e in events {
         tx.append_event(e)?;
@@ -313,7 +327,7 @@ pub(crate) fn finish(
     now: Timestamp,
 ) -> Result<(Operation, Machine)> {
     let holding = held(tx, owner, op.id)?;
-    op.cancel_requested |= holding.cancel_requested;
+    keep_cancel(tx, &mut op, &holding)?;
     let mut m = tx
         .machine(&op.machine_id)?
         .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;

@@ -294,8 +294,13 @@ impl Store for MemoryStore {
         Ok(Page { items, more })
     }
 
-    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> Result<Operation> {
-        self.tx(|tx| logic::request_cancel(tx, id, now))
+    async fn request_cancel(
+        &self,
+        id: OperationId,
+        by: bm_domain::Actor,
+        now: Timestamp,
+    ) -> Result<Operation> {
+        self.tx(|tx| logic::request_cancel(tx, id, by, now))
     }
 
     async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {

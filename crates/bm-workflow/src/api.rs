@@ -20,6 +20,9 @@ pub struct NewMachine {
     pub spec: MachineSpec,
     /// Its labels.
     pub labels: Labels,
+    /// Who registers it; stored as the machine's `updated_by` (registration is its first
+    /// change).
+    pub registered_by: Actor,
 }
 
 /// A batch of machines to register, each on its own.
@@ -62,6 +65,47 @@ pub struct MachineQuery {
     pub effective_state: Option<EffectiveState>,
     /// Only machines whose labels match.
     pub selector: LabelSelector,
+    /// Only the machines the caller may see.
+    pub scope: Scope,
+}
+
+/// The machines a caller may see or act on: all of them, or those whose labels match any
+/// of a list of selectors (a principal's scoped grants).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every machine.
+    #[default]
+    All,
+    /// The machines any of these selectors matches; none when the list is empty.
+    AnyOf(Vec<LabelSelector>),
+}
+
+impl Scope {
+    /// True when a machine with `labels` is in the scope.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::AnyOf(selectors) => selectors.iter().any(|s| s.matches(labels)),
+        }
+    }
+
+    /// True for [`Scope::All`].
+    pub fn is_all(&self) -> bool {
+        matches!(self, Scope::All)
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::All => f.write_str("all machines"),
+            Scope::AnyOf(s) if s.is_empty() => f.write_str("no machine"),
+            Scope::AnyOf(s) => {
+                let parts: Vec<String> = s.iter().map(ToString::to_string).collect();
+                f.write_str(&parts.join(" or "))
+            }
+        }
+    }
 }
 
 /// Which operations to list (newest first), and where to start.
@@ -77,6 +121,8 @@ pub struct OperationQuery {
     pub op_type: Option<OperationType>,
     /// Only this phase.
     pub phase: Option<OperationPhase>,
+    /// Only operations of the machines the caller may see.
+    pub scope: Scope,
 }
 
 /// One page of a listing.
@@ -117,6 +163,8 @@ pub struct Admission {
 pub struct CancelRequest {
     /// The operation.
     pub operation_id: OperationId,
+    /// Who asks; stored as the operation's `canceled_by` (by the first request).
+    pub requested_by: Actor,
 }
 
 /// Which events to watch.
@@ -255,6 +303,7 @@ mod tests {
             phase: Some(Phase::Maintenance),
             effective_state: Some(EffectiveState::Busy),
             selector: "rack=r1".parse().unwrap(),
+            scope: Scope::All,
         };
         let s = q.to_store();
         assert_eq!(
@@ -267,6 +316,7 @@ mod tests {
             machine_id: Some(MachineId::new("m-2").unwrap()),
             op_type: Some(OperationType::Upgrade),
             phase: Some(OperationPhase::Failed),
+            scope: Scope::All,
         };
         let s = q.to_store();
         assert_eq!(

@@ -1,6 +1,7 @@
 //! The engine's front: what the adapters call. It admits and answers; the executor
 //! (`executor.rs`) runs what was admitted; they share only `shared.rs`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +12,14 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{
     Admission, CancelRequest, ImportOutcome, ImportRequest, MachineQuery, MachineUpdate,
-    NewMachine, OperationQuery, OperationRequest, Page,
+    NewMachine, OperationQuery, OperationRequest, Page, Scope,
 };
 use crate::policy::RetryPolicy;
 use crate::shared::Inner;
 use crate::{WorkflowError, executor, now};
+
+/// Items read from the store per query while a scoped listing fills its page.
+const SCOPED_READ: usize = 256;
 
 /// Settings of an [`Engine`].
 #[derive(Clone, Debug)]
@@ -176,7 +180,8 @@ impl Engine {
     /// An invalid spec, an unknown provider or one that refuses the spec, an id or MAC
     /// address already taken.
     pub async fn register_machine(&self, new: NewMachine) -> Result<Machine, WorkflowError> {
-        let m = Machine::register(new.id, new.spec, new.labels, now())?;
+        let mut m = Machine::register(new.id, new.spec, new.labels, now())?;
+        m.updated_by = new.registered_by;
         self.check_provider(&m)?;
         Ok(self.inner.store.register_machine(m).await?)
     }
@@ -197,8 +202,18 @@ impl Engine {
         let mut results: Vec<Option<Result<ImportOutcome, WorkflowError>>> =
             Vec::with_capacity(req.machines.len());
         let mut valid = Vec::new();
-        for NewMachine { id, spec, labels } in req.machines {
+        for NewMachine {
+            id,
+            spec,
+            labels,
+            registered_by,
+        } in req.machines
+        {
             match Machine::register(id, spec, labels, t)
+                .map(|mut m| {
+                    m.updated_by = registered_by;
+                    m
+                })
                 .map_err(WorkflowError::from)
                 .and_then(|m| self.check_provider(&m).map(|()| m))
             {
@@ -252,8 +267,65 @@ impl Engine {
         &self,
         query: &MachineQuery,
     ) -> Result<Page<Machine>, WorkflowError> {
-        let page = self.inner.store.list_machines(&query.to_store()).await?;
-        Ok(Page::from_store(page))
+        let store = &self.inner.store;
+        let mut q = query.to_store();
+        let selectors = match &query.scope {
+            Scope::All => return Ok(Page::from_store(store.list_machines(&q).await?)),
+            Scope::AnyOf(selectors) => selectors,
+        };
+        match selectors.as_slice() {
+            [] => {
+                return Ok(Page {
+                    items: Vec::new(),
+                    more: false,
+                });
+            }
+            // One scope: the store applies both selectors (through its label index).
+            [one] => {
+                q.selector = q.selector.and(one);
+                return Ok(Page::from_store(store.list_machines(&q).await?));
+            }
+            _ => {}
+        }
+        // Several: the store cannot OR selectors, so pages of the caller's selector are read
+        // until the page is full of machines in scope and one more in scope shows there is
+        // a next page.
+        q.limit = query.limit.max(SCOPED_READ);
+        let mut items = Vec::new();
+        loop {
+            let page = store.list_machines(&q).await?;
+            let last = page.items.last().map(|m| m.id.clone());
+            for m in page.items {
+                if !query.scope.matches(&m.labels) {
+                    continue;
+                }
+                if items.len() == query.limit {
+                    return Ok(Page { items, more: true });
+                }
+                items.push(m);
+            }
+            match last {
+                Some(last) if page.more => q.after = Some(last),
+                _ => return Ok(Page { items, more: false }),
+            }
+        }
+    }
+
+    /// True when machine `id` exists and is in `scope`.
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn machine_in_scope(
+        &self,
+        id: &MachineId,
+        scope: &Scope,
+    ) -> Result<bool, WorkflowError> {
+        match self.inner.store.get_machine(id).await {
+            Ok(m) => Ok(scope.matches(&m.labels)),
+            Err(bm_store::StoreError::MachineNotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Applies a patch to a machine's spec and labels (to the record as it is when written,
@@ -321,7 +393,9 @@ impl Engine {
         let id = req.operation_id;
         let store = &self.inner.store;
         let mut events = store.subscribe_events();
-        let op = store.request_cancel(id, now()).await?;
+        let op = store
+            .request_cancel(id, req.requested_by.clone(), now())
+            .await?;
         if !op.is_active() {
             return Ok(op);
         }
@@ -366,7 +440,41 @@ impl Engine {
         &self,
         query: &OperationQuery,
     ) -> Result<Page<Operation>, WorkflowError> {
-        let page = self.inner.store.list_operations(&query.to_store()).await?;
-        Ok(Page::from_store(page))
+        let store = &self.inner.store;
+        let mut q = query.to_store();
+        if query.scope.is_all() {
+            return Ok(Page::from_store(store.list_operations(&q).await?));
+        }
+        // Operations carry their machine's id, not its labels: each machine is read once
+        // per call (its labels as they are now), and pages are read until this page is
+        // full and one more operation in scope shows there is a next page.
+        q.limit = query.limit.max(SCOPED_READ);
+        let mut visible: HashMap<MachineId, bool> = HashMap::new();
+        let mut items = Vec::new();
+        loop {
+            let page = store.list_operations(&q).await?;
+            let last = page.items.last().map(|o| o.id);
+            for op in page.items {
+                let shown = match visible.get(&op.machine_id) {
+                    Some(v) => *v,
+                    None => {
+                        let v = self.machine_in_scope(&op.machine_id, &query.scope).await?;
+                        visible.insert(op.machine_id.clone(), v);
+                        v
+                    }
+                };
+                if !shown {
+                    continue;
+                }
+                if items.len() == query.limit {
+                    return Ok(Page { items, more: true });
+                }
+                items.push(op);
+            }
+            match last {
+                Some(last) if page.more => q.before = Some(last),
+                _ => return Ok(Page { items, more: false }),
+            }
+        }
     }
 }

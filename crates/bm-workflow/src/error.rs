@@ -82,6 +82,18 @@ pub enum ErrorKind {
 }
 
 impl WorkflowError {
+    /// The error of a machine that does not exist; also what a caller gets for a machine
+    /// outside its scope, so that the two cannot be told apart.
+    pub fn machine_not_found(id: bm_domain::MachineId) -> Self {
+        WorkflowError::Store(StoreError::MachineNotFound(id))
+    }
+
+    /// The error of an operation that does not exist; also what a caller gets for an
+    /// operation of a machine outside its scope.
+    pub fn operation_not_found(id: bm_domain::OperationId) -> Self {
+        WorkflowError::Store(StoreError::OperationNotFound(id))
+    }
+
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {

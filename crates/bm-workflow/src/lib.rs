@@ -49,7 +49,7 @@ mod stream;
 
 pub use api::{
     Admission, CancelRequest, EventFilter, ImportOutcome, ImportRequest, MachineQuery,
-    MachineUpdate, NewMachine, OperationQuery, OperationRequest, Page,
+    MachineUpdate, NewMachine, OperationQuery, OperationRequest, Page, Scope,
 };
 pub use bm_store::StoreCondition;
 pub use engine::{Engine, EngineConfig};

@@ -6,6 +6,7 @@ mod machines;
 mod operations;
 mod plans;
 mod streams;
+mod version;
 
 use crate::config::{self as file, Config};
 use crate::connect::{Clients, Settings, connect};
@@ -53,6 +54,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => streams::watch(c, args, json, pal).await,
         Command::Logs { operation, after } => streams::logs(c, operation, after, json, pal).await,
         Command::Plans => plans::plans(c, json, pal).await,
+        Command::Version => version::version(c, json).await,
         Command::Completion { .. } | Command::Man { .. } | Command::Config(_) => {
             unreachable!("answered above without a server")
         }

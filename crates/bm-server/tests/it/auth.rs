@@ -429,3 +429,118 @@ async fn the_actor_of_operations_and_machine_changes_is_stored_returned_and_kept
         crate::support::err_text(&out)
     );
 }
+
+#[tokio::test]
+async fn an_insecure_server_says_so_in_every_answer_health_checks_included() {
+    let check = |channel: Channel| async move {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+        r.metadata()
+            .get(bm_server::INSECURE_HEADER)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let insecure = InProcess::start().await;
+    let said = check(insecure.clients().await.channel).await;
+    assert!(
+        said.as_deref()
+            .is_some_and(|s| s.contains("no authentication")),
+        "{said:?}"
+    );
+    // API answers too.
+    let mut c = insecure.clients().await;
+    let r = c
+        .operations
+        .list_operation_types(bm_proto::v1::ListOperationTypesRequest {})
+        .await
+        .unwrap();
+    assert!(r.metadata().get(bm_server::INSECURE_HEADER).is_some());
+    insecure.stop().await.unwrap();
+
+    let (_dir, auth, _tokens) = tokens();
+    let secure = InProcess::start_with_auth(auth).await;
+    assert_eq!(check(secure.clients().await.channel).await, None);
+    secure.stop().await.unwrap();
+}
+
+#[test]
+fn bmctl_version_shows_whether_the_server_runs_insecure() {
+    let insecure = Server::start();
+    let out = insecure.bmctl(&["version"]);
+    let text = crate::support::text(&out);
+    assert!(out.status.success(), "{}", crate::support::err_text(&out));
+    assert!(
+        text.contains("bmctl ") && text.contains("server: INSECURE (--insecure)"),
+        "{text}"
+    );
+    let secure = Server::start_secure(&["--fake-timing", "instant"]);
+    let out = crate::support::bmctl_command(&secure.addr, &["version"])
+        .env("BM_DATA_DIR", secure.dir.join("data"))
+        .output()
+        .unwrap();
+    let text = crate::support::text(&out);
+    assert!(out.status.success(), "{}", crate::support::err_text(&out));
+    assert!(
+        text.contains("server: authentication required") && !text.contains("INSECURE"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn denied_calls_are_logged_at_warn_once_per_period_without_secrets() {
+    use bm_proto::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens.toml");
+    let viewer =
+        bm_server::create_token(&path, "ro", &["viewer on team=a".into()], None, false).unwrap();
+    let tokens = path.display().to_string();
+    let server = Server::start_secure(&["--fake-timing", "instant", "--tokens-file", &tokens]);
+    let channel = server.clients().await.channel;
+    let mut machines = bm_proto::v1::machine_service_client::MachineServiceClient::new(channel);
+    let get = |id: &str| {
+        let mut r = tonic::Request::new(pb::GetMachineRequest {
+            machine_id: id.into(),
+        });
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {viewer}").parse().unwrap());
+        r
+    };
+    // Refused by the table first (no operator grant), then a hidden machine (NOT_FOUND
+    // here would be the same for any machine, so only the log says which).
+    let mut reboot = tonic::Request::new(pb::RebootRequest {
+        machine_id: "m-9".into(),
+        ..Default::default()
+    });
+    reboot
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {viewer}").parse().unwrap());
+    let err = machines.reboot(reboot).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    for _ in 0..5 {
+        let err = machines.get_machine(get("m-9")).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    // The log is written by the server process; wait for the line, not for a time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let log = loop {
+        let log = server.log();
+        if log.contains("call denied") || std::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("call denied")).collect();
+    assert_eq!(lines.len(), 1, "one line per period: {lines:?}");
+    assert!(
+        lines[0].contains("WARN")
+            && lines[0].contains("ro")
+            && lines[0].contains("/baremetal.v1.MachineService/Reboot"),
+        "{lines:?}"
+    );
+    assert!(
+        !log.contains(viewer.split('.').nth(1).unwrap()),
+        "the secret is in the log"
+    );
+}

@@ -213,9 +213,14 @@ impl Store for FaultyStore {
         self.inner.list_operations(query).await
     }
 
-    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> bm_store::Result<Operation> {
+    async fn request_cancel(
+        &self,
+        id: OperationId,
+        by: bm_domain::Actor,
+        now: Timestamp,
+    ) -> bm_store::Result<Operation> {
         self.check()?;
-        self.inner.request_cancel(id, now).await
+        self.inner.request_cancel(id, by, now).await
     }
 
     async fn claim(

@@ -16,6 +16,7 @@ mod pki;
 mod quota;
 mod random_requests;
 mod restart;
+mod scopes;
 mod store;
 mod streams;
 mod support;

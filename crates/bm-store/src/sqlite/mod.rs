@@ -580,8 +580,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> Result<Operation> {
-        self.write(move |tx| logic::request_cancel(tx, id, now))
+    async fn request_cancel(
+        &self,
+        id: OperationId,
+        by: bm_domain::Actor,
+        now: Timestamp,
+    ) -> Result<Operation> {
+        self.write(move |tx| logic::request_cancel(tx, id, by.clone(), now))
             .await
     }
 

@@ -588,7 +588,10 @@ pub(crate) async fn cancel_of_a_pending_operation_ends_it(s: S) {
         .await
         .unwrap()
         .operation;
-    let canceled = s.request_cancel(a.id, t(10)).await.unwrap();
+    let canceled = s
+        .request_cancel(a.id, bm_domain::Actor::default(), t(10))
+        .await
+        .unwrap();
     assert_eq!(canceled.phase, OperationPhase::Canceled);
     assert!(canceled.cancel_requested);
     let m = s.get_machine(&mid("m-1")).await.unwrap();
@@ -611,7 +614,10 @@ pub(crate) async fn cancel_of_a_pending_operation_ends_it(s: S) {
             .unwrap()
             .is_empty()
     );
-    let err = s.request_cancel(a.id, t(12)).await.unwrap_err();
+    let err = s
+        .request_cancel(a.id, bm_domain::Actor::default(), t(12))
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -638,7 +644,11 @@ pub(crate) async fn cancel_of_a_pending_operation_ends_it(s: S) {
         ]
     );
     let missing = s
-        .request_cancel(OperationId::from_parts(1, 1), t(13))
+        .request_cancel(
+            OperationId::from_parts(1, 1),
+            bm_domain::Actor::default(),
+            t(13),
+        )
         .await
         .unwrap_err();
     assert!(matches!(missing, StoreError::OperationNotFound(_)));
@@ -661,7 +671,10 @@ pub(crate) async fn cancel_of_a_held_operation_is_seen_by_its_executor(s: S) {
     running.start(t(1)).unwrap();
     s.save_progress("exec", &running, vec![]).await.unwrap();
 
-    let requested = s.request_cancel(a.id, t(2)).await.unwrap();
+    let requested = s
+        .request_cancel(a.id, bm_domain::Actor::default(), t(2))
+        .await
+        .unwrap();
     assert_eq!(
         requested.phase,
         OperationPhase::Running,
@@ -677,7 +690,9 @@ pub(crate) async fn cancel_of_a_held_operation_is_seen_by_its_executor(s: S) {
     assert!(s.save_progress("exec", &running, vec![]).await.unwrap());
     assert!(s.get_operation(a.id).await.unwrap().cancel_requested);
     // Asking twice changes nothing more.
-    s.request_cancel(a.id, t(3)).await.unwrap();
+    s.request_cancel(a.id, bm_domain::Actor::default(), t(3))
+        .await
+        .unwrap();
     let cancel_events = s
         .events_after(0, &EventFilter::default(), 100)
         .await
@@ -787,7 +802,9 @@ pub(crate) async fn list_operations_newest_first(s: S) {
             .unwrap()
             .operation;
         ids.push(a.id);
-        s.request_cancel(a.id, t(100 + i)).await.unwrap();
+        s.request_cancel(a.id, bm_domain::Actor::default(), t(100 + i))
+            .await
+            .unwrap();
     }
     ids.reverse();
     let mut seen = Vec::new();
@@ -842,7 +859,9 @@ pub(crate) async fn events_replay_and_live_agree(s: S) {
             .await
             .unwrap()
             .operation;
-        s.request_cancel(a.id, t(i)).await.unwrap();
+        s.request_cancel(a.id, bm_domain::Actor::default(), t(i))
+            .await
+            .unwrap();
     }
     let stored = s
         .events_after(0, &EventFilter::default(), 1000)

@@ -333,5 +333,7 @@ async fn a_database_of_schema_version_1_opens_intact() {
     assert_eq!(logs.len(), 6);
     assert_eq!(logs[5].message, "repave step 1");
     // The migrated store takes writes.
-    s.request_cancel(ops.items[1].id, at(100)).await.unwrap();
+    s.request_cancel(ops.items[1].id, bm_domain::Actor::default(), at(100))
+        .await
+        .unwrap();
 }

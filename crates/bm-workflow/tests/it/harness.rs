@@ -95,6 +95,7 @@ impl Harness {
                     ..MachineSpec::default()
                 },
                 labels: Labels::from_pairs(labels.iter().copied()).unwrap(),
+                registered_by: bm_domain::Actor::new("harness", "test"),
             })
             .await
             .unwrap()
@@ -119,7 +120,12 @@ impl Harness {
     }
 
     pub(crate) async fn cancel(&self, op: OperationId) -> Result<Operation, WorkflowError> {
-        self.engine.cancel(CancelRequest { operation_id: op }).await
+        self.engine
+            .cancel(CancelRequest {
+                operation_id: op,
+                requested_by: bm_domain::Actor::default(),
+            })
+            .await
     }
 
     /// Submits and waits for the end.

@@ -130,8 +130,13 @@ impl Store for HoldingStore {
         self.inner.list_operations(query).await
     }
 
-    async fn request_cancel(&self, id: OperationId, now: Timestamp) -> Result<Operation> {
-        self.inner.request_cancel(id, now).await
+    async fn request_cancel(
+        &self,
+        id: OperationId,
+        by: bm_domain::Actor,
+        now: Timestamp,
+    ) -> Result<Operation> {
+        self.inner.request_cancel(id, by, now).await
     }
 
     async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {

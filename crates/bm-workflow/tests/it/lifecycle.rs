@@ -315,6 +315,7 @@ async fn cancel_pending() {
     let canceled = idle
         .cancel(bm_workflow::CancelRequest {
             operation_id: op.id,
+            requested_by: bm_domain::Actor::default(),
         })
         .await
         .unwrap();
@@ -576,6 +577,7 @@ async fn unknown_provider_is_refused() {
                 ..Default::default()
             },
             labels: bm_domain::Labels::default(),
+            registered_by: bm_domain::Actor::default(),
         })
         .await
         .unwrap_err();

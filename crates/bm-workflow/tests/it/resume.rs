@@ -189,6 +189,7 @@ async fn a_cancel_before_the_provider_is_called_leaves_the_disk_alone() {
             engine
                 .cancel(CancelRequest {
                     operation_id: op.id,
+                    requested_by: bm_domain::Actor::default(),
                 })
                 .await
         }
@@ -363,6 +364,7 @@ async fn a_cancel_requested_before_a_restart_is_honoured_after_it() {
     let requested = idle
         .cancel(bm_workflow::CancelRequest {
             operation_id: op.id,
+            requested_by: bm_domain::Actor::default(),
         })
         .await
         .unwrap();
