@@ -159,10 +159,27 @@ async fn connections_without_a_stream_are_closed_when_idle_and_clients_reconnect
         ServingStatus::Serving
     );
     wait_for_log(&server, "closing a connection without a stream", 1).await;
-    // ... is opened again by its next call.
-    assert_eq!(
-        health(&first.channel).await.unwrap(),
-        ServingStatus::Serving
+    // ... is opened again by its next call. The server's log line comes before the client has
+    // read the GOAWAY: a call sent in that window meets the closing connection and fails at the
+    // transport (as with any HTTP/2 server's idle close), and the one after it reconnects.
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let answer = health(&first.channel).await;
+        let done = answer.is_ok();
+        answers.push(answer);
+        if done {
+            break;
+        }
+    }
+    let (last, refused) = answers.split_last().expect("one call at least");
+    assert_eq!(last.clone().unwrap(), ServingStatus::Serving, "{answers:?}");
+    assert!(
+        refused.len() <= 1
+            && refused.iter().all(|a| matches!(
+                a.as_ref().map_err(tonic::Status::code),
+                Err(tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown)
+            )),
+        "more than the one call racing the close failed: {answers:?}"
     );
 
     // A connection with a live stream stays open while a bare one is closed.
@@ -180,9 +197,10 @@ async fn connections_without_a_stream_are_closed_when_idle_and_clients_reconnect
         .await
         .expect("the bare connection was closed");
     assert!(started.elapsed() >= Duration::from_millis(300));
-    let mut c = server.clients().await;
-    c.register(fake_machine("m-1", 1, &[])).await;
-    let op = c.enter_maintenance("m-1").await;
+    // On the watcher's own connection: its open stream keeps it from being idle, where a
+    // fresh client's connection could be closed between two calls on a loaded machine.
+    watcher.register(fake_machine("m-1", 1, &[])).await;
+    let op = watcher.enter_maintenance("m-1").await;
     let batch = tokio::time::timeout(Duration::from_secs(20), events.message())
         .await
         .expect("the watcher's connection is still open")
