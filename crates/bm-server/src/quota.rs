@@ -1,7 +1,8 @@
 //! Limits against abuse (issue 11): the size of a request, the server streams one principal
 //! holds open, and the operation requests one principal makes per second.
 //!
-//! [`QuotaLayer`] runs after authentication, so it knows the caller's [`Principal`]:
+//! [`QuotaLayer`] runs after authentication, so it knows the caller's principal (from the
+//! [`Caller`] the auth layer leaves in the request):
 //!
 //! - every request body is read through [`SizedBody`], which reads each gRPC message's
 //!   length prefix as it arrives and refuses a message over [`Limits::max_request_bytes`]
@@ -33,7 +34,7 @@ use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::codegen::Bytes;
 
-use crate::auth::{Principal, Role, role_table};
+use crate::auth::{Caller, Role, role_table};
 use crate::error::ApiError;
 use crate::limits::{Limits, Throttle};
 
@@ -262,7 +263,10 @@ where
             .iter()
             .find(|(p, _)| *p == path)
             .map(|(_, r)| *r);
-        let principal = req.extensions().get::<Principal>().map(|p| p.name.clone());
+        let principal = req
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.principal.name.clone());
         let name = principal.as_deref().unwrap_or("-");
         if principal.is_some()
             && role.is_some_and(|r| r >= Role::Operator)
