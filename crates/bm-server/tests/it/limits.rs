@@ -31,19 +31,6 @@ async fn connect(server: &Server) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
-/// Waits until the server's log has `needle` `times` times.
-async fn wait_for_log(server: &Server, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.log().matches(needle).count() < times {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} was not logged {times} times; log:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Reads (and drops) what the server sends until it closes the connection.
 async fn until_closed(mut socket: TcpStream) {
     let mut buf = [0u8; 1024];
@@ -71,7 +58,9 @@ async fn calls_beyond_the_stream_limit_wait_and_other_connections_go_on() {
                 .into_inner(),
         );
     }
-    wait_for_log(&server, "reached its limit of 4 concurrent streams", 1).await;
+    server
+        .wait_for_log("reached its limit of 4 concurrent streams", 1)
+        .await;
     // A fifth call on that connection waits for a stream to end...
     let mut machines = c.machines.clone();
     let mut fifth = tokio::spawn(async move {
@@ -158,7 +147,9 @@ async fn connections_without_a_stream_are_closed_when_idle_and_clients_reconnect
         health(&first.channel).await.unwrap(),
         ServingStatus::Serving
     );
-    wait_for_log(&server, "closing a connection without a stream", 1).await;
+    server
+        .wait_for_log("closing a connection without a stream", 1)
+        .await;
     // ... is opened again by its next call. The server's log line comes before the client has
     // read the GOAWAY: a call sent in that window meets the closing connection and fails at the
     // transport (as with any HTTP/2 server's idle close), and the one after it reconnects.
@@ -224,7 +215,9 @@ async fn at_the_connection_limit_new_connections_are_refused_and_open_ones_serve
         Err(e) => Err(tonic::Status::unavailable(e.to_string())),
     };
     assert!(third.is_err(), "a third connection was served");
-    wait_for_log(&server, "refusing a connection: 2 are open", 1).await;
+    server
+        .wait_for_log("refusing a connection: 2 are open", 1)
+        .await;
     assert_eq!(health(&one).await.unwrap(), ServingStatus::Serving);
     // Once one closes, a new one gets its slot.
     drop(two);
@@ -270,7 +263,7 @@ async fn at_the_open_files_limit_the_server_backs_off_warns_and_serves_its_conne
     for _ in 0..100 {
         sockets.push(TcpStream::connect(&server.addr).await.expect("connect"));
     }
-    wait_for_log(&server, "cannot accept connections", 1).await;
+    server.wait_for_log("cannot accept connections", 1).await;
     assert!(
         server.log().contains("Too many open files"),
         "the warning names the cause"

@@ -14,19 +14,6 @@ use tonic::transport::Channel;
 
 use crate::support::{Server, fake_machine};
 
-/// Waits until the server's log has `needle` `times` times.
-async fn wait_for_log(server: &Server, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.log().matches(needle).count() < times {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} was not logged {times} times; log:\n{}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 type Bearer =
     Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
 
@@ -100,7 +87,9 @@ async fn a_request_over_the_size_limit_is_refused_naming_the_flag_and_the_server
     // The connection and the server serve on.
     c.register(fake_machine("m-1", 1, &[])).await;
     assert_eq!(c.machine("m-1").await.id, "m-1");
-    wait_for_log(&server, "limit hit: the request message is", 1).await;
+    server
+        .wait_for_log("limit hit: the request message is", 1)
+        .await;
     assert!(server.log().contains("anonymous"), "{}", server.log());
 }
 
@@ -168,14 +157,18 @@ async fn streams_are_limited_per_principal_and_released_when_they_end_or_the_cli
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    wait_for_log(&server, "limit hit: alice has 2 streams open", 1).await;
+    server
+        .wait_for_log("limit hit: alice has 2 streams open", 1)
+        .await;
     // Bob is not held to Alice's streams.
     let (_, mut b_ops) = as_principal(&server.addr, &bob).await;
     let _bob_stream = b_ops.watch_operations(watch()).await.expect("bob's stream");
 
     // A stream the client drops (RST_STREAM) gives its slot back.
     drop(first);
-    wait_for_log(&server, "a server stream ended principal=alice open=1", 1).await;
+    server
+        .wait_for_log("a server stream ended principal=alice open=1", 1)
+        .await;
     let third = a_ops2
         .watch_operations(watch())
         .await
@@ -183,7 +176,9 @@ async fn streams_are_limited_per_principal_and_released_when_they_end_or_the_cli
 
     // A client that vanishes with its streams open gives them back too.
     drop((second, third, a_ops, a_ops2));
-    wait_for_log(&server, "a server stream ended principal=alice open=0", 1).await;
+    server
+        .wait_for_log("a server stream ended principal=alice open=0", 1)
+        .await;
     let (relayed, cut) = relay(&server.addr).await;
     let (_, mut vanishing) = as_principal(&relayed, &alice).await;
     let held = [
@@ -197,7 +192,9 @@ async fn streams_are_limited_per_principal_and_released_when_they_end_or_the_cli
     );
     cut.abort();
     let _ = cut.await;
-    wait_for_log(&server, "a server stream ended principal=alice open=0", 2).await;
+    server
+        .wait_for_log("a server stream ended principal=alice open=0", 2)
+        .await;
     let _again = a_ops
         .watch_operations(watch())
         .await
@@ -260,7 +257,9 @@ async fn operation_requests_are_rate_limited_per_principal_and_say_when_to_retry
     })
     .await
     .expect("bob registers");
-    wait_for_log(&server, "limit hit: alice requested operations faster", 1).await;
+    server
+        .wait_for_log("limit hit: alice requested operations faster", 1)
+        .await;
     // After the delay it said, Alice may go on.
     tokio::time::sleep(retry).await;
     a.register_machine(pb::RegisterMachineRequest {

@@ -147,6 +147,19 @@ impl Server {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
+    /// Waits until the server's log has `needle` `times` times (30 s at most).
+    pub(crate) async fn wait_for_log(&self, needle: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches(needle).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} was not logged {times} times; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub(crate) fn pid(&self) -> String {
         self.child.as_ref().expect("running").id().to_string()
     }
