@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub(crate) use bm_domain::MachineId;
 pub(crate) use bm_domain::snippet;
 use bm_domain::{
-    Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachineId,
-    MachinePatch, MachineSpec, Operation, OperationEvent, OperationId, OperationPhase,
-    OperationType, Phase, RequestId, StageOutcome, StageRecord, Timestamp,
+    Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachinePatch,
+    MachineSpec, Operation, OperationEvent, OperationId, OperationPhase, OperationType, Phase,
+    RequestId, StageOutcome, StageRecord, Timestamp,
 };
 use bm_proto::code_name;
 use bm_proto::v1 as pb;

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 
-use bm_domain::MachineId;
 use bm_proto::v1 as pb;
 use bm_workflow::{Engine, WorkflowError};
 use futures::{Stream, StreamExt};
@@ -97,7 +96,7 @@ impl Operations {
                         Ok(events) => events,
                         Err(e) => return Some((Err(Status::from(ApiError::from(e))), None)),
                     };
-                    let mut shown: HashMap<MachineId, bool> = HashMap::new();
+                    let mut shown: HashMap<convert::MachineId, bool> = HashMap::new();
                     let mut kept = Vec::with_capacity(events.len());
                     for e in events.iter() {
                         let visible = match shown.get(&e.machine_id) {
