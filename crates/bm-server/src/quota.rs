@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::codegen::Bytes;
 
-use crate::auth::{Caller, Role, role_table};
+use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::limits::{Limits, Throttle};
 
@@ -259,14 +259,11 @@ where
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let q = &self.quotas;
         let path = req.uri().path().to_owned();
-        let role = role_table()
-            .iter()
-            .find(|(p, _)| *p == path)
-            .map(|(_, r)| *r);
-        let principal = req
-            .extensions()
-            .get::<Caller>()
-            .map(|c| c.principal.name.clone());
+        // The auth layer in front left the caller, with the role its RPC needs, on every API
+        // call; health and reflection come without one.
+        let caller = req.extensions().get::<Caller>();
+        let role = caller.map(Caller::role);
+        let principal = caller.map(|c| c.principal.name.clone());
         let name = principal.as_deref().unwrap_or("-");
         if principal.is_some()
             && role.is_some_and(|r| r >= Role::Operator)
