@@ -83,6 +83,12 @@ struct Args {
     )]
     max_concurrent_operations: usize,
 
+    /// How long this server's claim on an operation lasts unless renewed (it renews every
+    /// third of it). When a server dies, other servers sharing its database take its
+    /// operations up after this long; a shorter lease fails over faster and renews more often.
+    #[arg(long, env = "BM_LEASE_DURATION", default_value = "15s", value_parser = lease_duration)]
+    lease_duration: Duration,
+
     /// Provider configuration (TOML): a [redfish] section enables the Redfish/SSH provider
     /// for machines with provider "redfish" (credentials, TLS, command templates, limits).
     #[arg(long, env = "BM_PROVIDER_CONFIG")]
@@ -440,6 +446,16 @@ fn duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A lease duration: long enough that renewals (every third of it) are not lost to a busy
+/// moment, short enough that a dead server's operations are taken up within the hour.
+fn lease_duration(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&d) {
+        return Err(format!("{s} is outside 1s..1h"));
+    }
+    Ok(d)
+}
+
 /// Sets the soft open files limit to `wanted`, or raises it to the hard limit: every
 /// connection takes a file descriptor, and distributions start services with a soft limit
 /// of 1024. Returns the limit in force.
@@ -603,6 +619,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let config = EngineConfig {
         max_concurrent_operations: args.max_concurrent_operations,
+        lease_duration: args.lease_duration,
+        // Expired leases of dead replicas are looked for this often.
+        poll_interval: (args.lease_duration / 4).min(EngineConfig::default().poll_interval),
         stream_buffer_bytes: args.stream_buffer_bytes,
         ..EngineConfig::default()
     };
@@ -666,6 +685,19 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("bm-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn lease_duration_is_bounded() {
+        assert_eq!(parse(&[]).unwrap().lease_duration, Duration::from_secs(15));
+        assert_eq!(
+            parse(&["--lease-duration", "2s"]).unwrap().lease_duration,
+            Duration::from_secs(2)
+        );
+        for bad in ["500ms", "2h", "0s", "soon"] {
+            let err = parse(&["--lease-duration", bad]).unwrap_err().to_string();
+            assert!(err.contains("--lease-duration"), "{bad}: {err}");
+        }
     }
 
     #[test]
