@@ -35,6 +35,7 @@ mod condition;
 mod error;
 mod logic;
 mod memory;
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -50,7 +51,30 @@ use tokio::sync::{broadcast, watch};
 pub use condition::StoreCondition;
 pub use error::StoreError;
 pub use memory::MemoryStore;
+pub use postgres::{PgConfig, PgStore};
 pub use sqlite::{BackupReport, OnDamage, SqliteConfig, SqliteStore, backup};
+
+/// A database's schema version beside the one this program knows: what
+/// `bm-server migrate --check` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// The version found (0: no schema yet).
+    pub found: i64,
+    /// The newest version this program knows.
+    pub supported: i64,
+}
+
+impl SchemaStatus {
+    /// True when the database is at the version this program knows.
+    pub fn is_current(&self) -> bool {
+        self.found == self.supported
+    }
+
+    /// True when the database was written by a newer program (it would be refused).
+    pub fn is_newer(&self) -> bool {
+        self.found > self.supported
+    }
+}
 
 /// The result type of the store.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -13,7 +13,7 @@
 //! lease found at start belongs to a process that is gone: they are released at once, so that
 //! interrupted operations resume without waiting for their leases to expire.
 
-mod codec;
+pub(crate) mod codec;
 mod files;
 mod list;
 mod schema;
