@@ -326,6 +326,25 @@ impl SqliteStore {
         })
     }
 
+    /// The schema version of the store in `dir` and the one this program knows, read
+    /// without changing anything (a directory without a database has version 0).
+    ///
+    /// # Errors
+    ///
+    /// A backend error (the database cannot be read).
+    pub fn schema_status(dir: &Path) -> Result<crate::SchemaStatus> {
+        let path = dir.join(files::DB_FILE);
+        let found = if path.exists() {
+            schema::version(&schema::open_read_only(&path, 1024)?)?
+        } else {
+            0
+        };
+        Ok(crate::SchemaStatus {
+            found,
+            supported: schema::known_version(),
+        })
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

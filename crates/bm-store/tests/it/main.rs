@@ -5,6 +5,7 @@ mod conformance;
 mod durability;
 mod fixtures;
 mod golden;
+mod postgres;
 mod storage;
 
 use std::sync::Arc;
