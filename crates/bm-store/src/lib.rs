@@ -16,9 +16,12 @@
 //!
 //! An executor works on an operation only while it holds the operation's lease (an owner id
 //! and an expiry). [`Store::claim`] hands out pending operations and operations whose lease
-//! expired; every write of the executor is fenced by the lease's owner, so an executor whose
-//! lease was taken over by another (it stalled past the expiry) can no longer change
-//! anything. This is what will let several servers share one database.
+//! expired, each with a [`Fence`]: the owner and the operation's fencing generation, a
+//! counter bumped at every claim. Every write of the executor is fenced by both, so an
+//! executor whose lease was taken over by another (it stalled past the expiry) can no longer
+//! change anything, not even after a later claim gave the operation back to it. A renewal
+//! ([`Store::renew`]) tells the executor which leases it lost. This is what lets several
+//! servers share one database.
 //!
 //! # Storage faults
 //!
@@ -202,6 +205,36 @@ pub struct Lease {
     pub expires_at: Timestamp,
 }
 
+/// The token an executor's writes on one operation carry: who claimed it, and the claim's
+/// fencing generation. A write whose fence is not the operation's current claim is refused
+/// with [`StoreError::LeaseLost`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The executor's id (the [`Lease::owner`] of the claim).
+    pub owner: String,
+    /// The operation's generation at the claim.
+    pub generation: u64,
+}
+
+/// An operation handed out by [`Store::claim`], with the fence its writes must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    /// The operation as stored.
+    pub operation: Operation,
+    /// The claim's fence.
+    pub fence: Fence,
+}
+
+/// What [`Store::renew`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// Renewed operations an operator asked to cancel.
+    pub canceled: Vec<OperationId>,
+    /// Operations whose lease the executor no longer holds at its generation (another claimed
+    /// them after the lease lapsed, or they ended): it must stop them and write nothing more.
+    pub lost: Vec<OperationId>,
+}
+
 /// Storage of the control plane. See the crate documentation for its guarantees.
 ///
 /// Reads see every write that returned before them. Writes are atomic: a call that returns
@@ -284,13 +317,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Operation>;
 
     /// Claims up to `limit` operations for `lease.owner`, oldest first: pending ones and
-    /// active ones whose lease has expired (their executor died). Returns them as stored.
-    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>>;
+    /// active ones whose lease has expired (their executor died). Each claim bumps the
+    /// operation's fencing generation. Returns them as stored, with their fences.
+    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Claimed>>;
 
-    /// Extends to `lease.expires_at` the leases `lease.owner` holds on `operations` (those it
-    /// is running; a lease it holds on anything else is left to expire, so that the operation
-    /// is taken up again). Returns those of `operations` an operator asked to cancel.
-    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>>;
+    /// Extends to `lease.expires_at` the leases `lease.owner` holds on `held` (the operations
+    /// it is running, with the generation of its claim; a lease it holds on anything else is
+    /// left to expire, so that the operation is taken up again). Reports those an operator
+    /// asked to cancel, and those it no longer holds at that generation.
+    async fn renew(&self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal>;
 
     /// Gives up every lease `owner` holds (on shutdown), so that the next claim takes the
     /// operations up at once. Returns how many were released.
@@ -301,24 +336,24 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`StoreError::LeaseLost`] if `owner` no longer holds it.
+    /// [`StoreError::LeaseLost`] if `fence` is not the operation's current claim.
     async fn save_progress(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: &Operation,
         events: Vec<OperationEvent>,
     ) -> Result<bool>;
 
-    /// Ends an operation `owner` holds: in one transaction, writes `events`, applies the
-    /// domain's effects of `outcome` to the operation and its machine, releases the lease
+    /// Ends an operation held under `fence`: in one transaction, writes `events`, applies
+    /// the domain's effects of `outcome` to the operation and its machine, releases the lease
     /// and appends the final `PhaseChanged` event. Returns both records as committed.
     ///
     /// # Errors
     ///
-    /// [`StoreError::LeaseLost`] if `owner` no longer holds it.
+    /// [`StoreError::LeaseLost`] if `fence` is not the operation's current claim.
     async fn finish(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: Operation,
         outcome: Outcome,
         events: Vec<OperationEvent>,

@@ -14,13 +14,15 @@ use bm_domain::{
     OperationEvent, OperationId, OperationPhase, RequestId, Timestamp,
 };
 
-use crate::{Admission, ImportOutcome, Lease, Result, StoreError};
+use crate::{Admission, Claimed, Fence, ImportOutcome, Lease, Renewal, Result, StoreError};
 
 /// An operation as stored: the record and who holds it.
 #[derive(Clone, Debug)]
 pub(crate) struct StoredOp {
     pub(crate) op: Operation,
     pub(crate) lease: Option<Lease>,
+    /// The fencing generation: bumped at every claim, kept when the lease is cleared.
+    pub(crate) generation: u64,
 }
 
 /// Who holds an operation, without its record: what a fenced write needs to know.
@@ -28,12 +30,18 @@ pub(crate) struct StoredOp {
 pub(crate) struct Holding {
     pub(crate) active: bool,
     pub(crate) lease: Option<Lease>,
+    pub(crate) generation: u64,
     pub(crate) cancel_requested: bool,
 }
 
 impl Holding {
-    fn held_by(&self, owner: &str) -> bool {
-        self.active && self.lease.as_ref().is_some_and(|l| l.owner == owner)
+    /// True when `fence` is the claim that holds the operation now: same owner AND same
+    /// generation (an owner whose lease lapsed and came back to it by a later claim holds a
+    /// newer generation, and its stale writes are refused all the same).
+    fn held_by(&self, fence: &Fence) -> bool {
+        self.active
+            && self.generation == fence.generation
+            && self.lease.as_ref().is_some_and(|l| l.owner == fence.owner)
     }
 }
 
@@ -66,13 +74,19 @@ pub(crate) trait Tx {
         machine: &MachineId,
         request: &RequestId,
     ) -> Result<Option<Operation>>;
-    /// Writes an operation (new or not), with its lease; the stored record's
-    /// `cancel_requested` becomes the one of `op`.
-    fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()>;
+    /// Writes an operation (new or not), with its lease and fencing generation; the stored
+    /// record's `cancel_requested` becomes the one of `op`.
+    fn put_operation(
+        &mut self,
+        op: &Operation,
+        lease: Option<&Lease>,
+        generation: u64,
+    ) -> Result<()>;
     /// Active operations with no lease or an expired one, oldest first.
     fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>>;
-    /// Extends the leases `lease.owner` holds on `ids`; returns those with a cancel request.
-    fn renew_leases(&mut self, lease: &Lease, ids: &[OperationId]) -> Result<Vec<OperationId>>;
+    /// Extends to `lease.expires_at` the leases of `held` that `lease.owner` still holds at
+    /// their generation; reports those with a cancel request and those no longer held.
+    fn renew_leases(&mut self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal>;
     /// Clears every lease of `owner`; returns how many.
     fn release_leases(&mut self, owner: &str) -> Result<usize>;
     /// Appends an event, assigning its revision; it is published after the commit.
@@ -191,7 +205,7 @@ pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
         .machine(&op.machine_id)?
         .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
     rules::begin(&mut m, &op, op.created_at)?;
-    tx.put_operation(&op, None)?;
+    tx.put_operation(&op, None, 0)?;
     tx.put_machine(&m, Indexed::Unchanged)?;
     tx.append_event(OperationEvent::new(
         &op,
@@ -233,12 +247,12 @@ pub(crate) fn request_cancel(
             },
             now,
         )?;
-        tx.put_operation(&op, None)?;
+        tx.put_operation(&op, None, stored.generation)?;
         tx.put_machine(&m, Indexed::Unchanged)?;
         tx.append_event(requested)?;
         tx.append_event(phase_changed(&op, now))?;
     } else {
-        tx.put_operation(&op, stored.lease.as_ref())?;
+        tx.put_operation(&op, stored.lease.as_ref(), stored.generation)?;
         tx.append_event(OperationEvent::new(
             &op,
             EventKind::CancelRequested,
@@ -263,19 +277,26 @@ pub(crate) fn claim(
     lease: &Lease,
     now: Timestamp,
     limit: usize,
-) -> Result<Vec<Operation>> {
+) -> Result<Vec<Claimed>> {
     let claimable = tx.claimable(now, limit)?;
     let mut out = Vec::with_capacity(claimable.len());
     for s in claimable {
-        tx.put_operation(&s.op, Some(lease))?;
-        out.push(s.op);
+        let generation = s.generation + 1;
+        tx.put_operation(&s.op, Some(lease), generation)?;
+        out.push(Claimed {
+            operation: s.op,
+            fence: Fence {
+                owner: lease.owner.clone(),
+                generation,
+            },
+        });
     }
     Ok(out)
 }
 
-fn held(tx: &mut impl Tx, owner: &str, id: OperationId) -> Result<Holding> {
+fn held(tx: &mut impl Tx, fence: &Fence, id: OperationId) -> Result<Holding> {
     let holding = tx.holding(id)?.ok_or(StoreError::OperationNotFound(id))?;
-    if !holding.held_by(owner) {
+    if !holding.held_by(fence) {
         return Err(StoreError::LeaseLost(id));
     }
     Ok(holding)
@@ -296,11 +317,11 @@ fn keep_cancel(tx: &mut impl Tx, op: &mut Operation, holding: &Holding) -> Resul
 
 pub(crate) fn save_progress(
     tx: &mut impl Tx,
-    owner: &str,
+    fence: &Fence,
     op: &Operation,
     events: Vec<OperationEvent>,
 ) -> Result<bool> {
-    let holding = held(tx, owner, op.id)?;
+    let holding = held(tx, fence, op.id)?;
     if !op.is_active() {
         // Only `finish` ends an operation: it also clears the machine's active operation.
         return Err(DomainError::AlreadyEnded {
@@ -311,7 +332,7 @@ pub(crate) fn save_progress(
     }
     let mut op = op.clone();
     keep_cancel(tx, &mut op, &holding)?;
-    tx.put_operation(&op, holding.lease.as_ref())?;
+    tx.put_operation(&op, holding.lease.as_ref(), holding.generation)?;
     for e in events {
         tx.append_event(e)?;
     }
@@ -320,19 +341,19 @@ pub(crate) fn save_progress(
 
 pub(crate) fn finish(
     tx: &mut impl Tx,
-    owner: &str,
+    fence: &Fence,
     mut op: Operation,
     outcome: Outcome,
     events: Vec<OperationEvent>,
     now: Timestamp,
 ) -> Result<(Operation, Machine)> {
-    let holding = held(tx, owner, op.id)?;
+    let holding = held(tx, fence, op.id)?;
     keep_cancel(tx, &mut op, &holding)?;
     let mut m = tx
         .machine(&op.machine_id)?
         .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
     rules::complete(&mut m, &mut op, outcome, now)?;
-    tx.put_operation(&op, None)?;
+    tx.put_operation(&op, None, holding.generation)?;
     tx.put_machine(&m, Indexed::Unchanged)?;
     for e in events {
         tx.append_event(e)?;

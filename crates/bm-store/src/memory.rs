@@ -14,8 +14,8 @@ use tokio::sync::{broadcast, watch};
 use crate::condition::ConditionCell;
 use crate::logic::{self, Holding, Indexed, StoredOp, Tx};
 use crate::{
-    Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
-    Page, Result, Store, StoreCondition,
+    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
+    OperationQuery, Page, Renewal, Result, Store, StoreCondition,
 };
 
 #[derive(Default)]
@@ -97,6 +97,7 @@ impl Tx for MemTx<'_> {
         Ok(self.state.operations.get(&id).map(|s| Holding {
             active: s.op.is_active(),
             lease: s.lease.clone(),
+            generation: s.generation,
             cancel_requested: s.op.cancel_requested,
         }))
     }
@@ -115,7 +116,12 @@ impl Tx for MemTx<'_> {
             .map(|s| s.op.clone()))
     }
 
-    fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+    fn put_operation(
+        &mut self,
+        op: &Operation,
+        lease: Option<&Lease>,
+        generation: u64,
+    ) -> Result<()> {
         if op.is_active() {
             self.state.active.insert(op.id);
         } else {
@@ -129,6 +135,7 @@ impl Tx for MemTx<'_> {
             StoredOp {
                 op: op.clone(),
                 lease: lease.cloned(),
+                generation,
             },
         );
         Ok(())
@@ -146,23 +153,26 @@ impl Tx for MemTx<'_> {
             .collect())
     }
 
-    fn renew_leases(&mut self, lease: &Lease, ids: &[OperationId]) -> Result<Vec<OperationId>> {
-        let mut canceled = Vec::new();
-        for id in ids {
-            let Some(s) = self.state.operations.get_mut(id) else {
+    fn renew_leases(&mut self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
+        let mut renewal = Renewal::default();
+        for &(id, generation) in held {
+            let Some(s) = self.state.operations.get_mut(&id) else {
+                renewal.lost.push(id);
                 continue;
             };
-            if let Some(l) = &mut s.lease
-                && l.owner == lease.owner
-                && s.op.is_active()
-            {
-                l.expires_at = lease.expires_at;
-                if s.op.cancel_requested {
-                    canceled.push(s.op.id);
+            match &mut s.lease {
+                Some(l)
+                    if l.owner == lease.owner && s.generation == generation && s.op.is_active() =>
+                {
+                    l.expires_at = lease.expires_at;
+                    if s.op.cancel_requested {
+                        renewal.canceled.push(id);
+                    }
                 }
+                _ => renewal.lost.push(id),
             }
         }
-        Ok(canceled)
+        Ok(renewal)
     }
 
     fn release_leases(&mut self, owner: &str) -> Result<usize> {
@@ -303,12 +313,12 @@ impl Store for MemoryStore {
         self.tx(|tx| logic::request_cancel(tx, id, by, now))
     }
 
-    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {
+    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Claimed>> {
         self.tx(|tx| logic::claim(tx, lease, now, limit))
     }
 
-    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>> {
-        self.tx(|tx| tx.renew_leases(lease, operations))
+    async fn renew(&self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
+        self.tx(|tx| tx.renew_leases(lease, held))
     }
 
     async fn release(&self, owner: &str) -> Result<usize> {
@@ -317,22 +327,22 @@ impl Store for MemoryStore {
 
     async fn save_progress(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: &Operation,
         events: Vec<OperationEvent>,
     ) -> Result<bool> {
-        self.tx(|tx| logic::save_progress(tx, owner, operation, events))
+        self.tx(|tx| logic::save_progress(tx, fence, operation, events))
     }
 
     async fn finish(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: Operation,
         outcome: Outcome,
         events: Vec<OperationEvent>,
         now: Timestamp,
     ) -> Result<(Operation, Machine)> {
-        self.tx(|tx| logic::finish(tx, owner, operation, outcome, events, now))
+        self.tx(|tx| logic::finish(tx, fence, operation, outcome, events, now))
     }
 
     async fn events_after(

@@ -399,8 +399,8 @@ impl Engine {
         if !op.is_active() {
             return Ok(op);
         }
-        if let Some(token) = self.inner.running().get(&id) {
-            token.cancel();
+        if let Some(running) = self.inner.running().get(&id) {
+            running.token.cancel();
         }
         let wait = tokio::time::sleep(self.inner.config.cancel_wait);
         tokio::pin!(wait);

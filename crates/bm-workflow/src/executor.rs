@@ -2,7 +2,7 @@
 //! providers, reconcile-style (see the crate documentation for its guarantees).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bm_domain::rules::Outcome;
@@ -10,7 +10,7 @@ use bm_domain::{
     EventKind, LogLine, Machine, Operation, OperationEvent, OperationId, OperationPhase,
 };
 use bm_provider::{ActionContext, ErrorKind, LogSink, Provider, ProviderError};
-use bm_store::StoreError;
+use bm_store::{Claimed, Fence, StoreError};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::now;
 use crate::plan::{ResumePolicy, StepKind, completed_prefix, plan};
 use crate::policy::{Decision, decide};
-use crate::shared::Inner;
+use crate::shared::{Inner, Running};
 use crate::steps;
 
 /// Starts the executor's tasks: the dispatcher and the lease renewal.
@@ -41,20 +41,24 @@ async fn dispatch(inner: Arc<Inner>) {
         let mut more = false;
         if free > 0 {
             match inner.store.claim(&inner.lease(), now(), free).await {
-                Ok(ops) => {
+                Ok(claims) => {
                     backoff = Duration::from_millis(50);
-                    more = ops.len() == free;
-                    for op in ops {
+                    more = claims.len() == free;
+                    for claim in claims {
                         // A claim during shutdown: the leases are released with the others.
                         if inner.shutdown.is_cancelled() {
                             break;
                         }
                         // Its lease lapsed while it ran here (renewals failed, or the clock
-                        // jumped): the claim renewed it; it must not run twice.
-                        if inner.running().contains_key(&op.id) {
+                        // jumped), and this claim superseded the run's: that run stops and
+                        // writes nothing more. The new claim is not run beside it: its lease
+                        // expires, and the operation is taken up again from what is stored.
+                        if let Some(old) = inner.running().get(&claim.operation.id) {
+                            tracing::warn!(operation_id = %claim.operation.id, "lease lapsed while the operation ran here; stopping that run, the operation is taken up again when the new lease expires");
+                            old.lose();
                             continue;
                         }
-                        spawn_operation(&inner, op);
+                        spawn_operation(&inner, claim);
                     }
                 }
                 Err(e) => {
@@ -93,10 +97,22 @@ impl Drop for Slot {
     }
 }
 
-fn spawn_operation(inner: &Arc<Inner>, op: Operation) {
-    // Fires on an operator's cancel only; a shutdown is the engine's own token.
+fn spawn_operation(inner: &Arc<Inner>, claim: Claimed) {
+    let Claimed {
+        operation: op,
+        fence,
+    } = claim;
+    // Fires on an operator's cancel or a lost lease; a shutdown is the engine's own token.
     let token = CancellationToken::new();
-    inner.running().insert(op.id, token.clone());
+    let lost = Arc::new(AtomicBool::new(false));
+    inner.running().insert(
+        op.id,
+        Running {
+            token: token.clone(),
+            generation: fence.generation,
+            lost: lost.clone(),
+        },
+    );
     let span = tracing::info_span!(
         "operation",
         operation_id = %op.id,
@@ -114,10 +130,12 @@ fn spawn_operation(inner: &Arc<Inner>, op: Operation) {
             let runner = Runner {
                 inner: inner.clone(),
                 op,
+                fence: fence.clone(),
+                lost,
                 token,
                 events: Vec::new(),
                 log_seq: Arc::new(AtomicU64::new(0)),
-                cut_short: std::sync::atomic::AtomicBool::new(false),
+                cut_short: AtomicBool::new(false),
             };
             // A panic (in a provider, say) must not leave the operation RUNNING with nobody
             // running it: it ends FAILED, for a person to look at.
@@ -142,7 +160,7 @@ fn spawn_operation(inner: &Arc<Inner>, op: Operation) {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
                     tracing::error!(panic = %what, "the operation's executor panicked; failing it");
-                    fail_after_panic(&inner, id, &what).await;
+                    fail_after_panic(&inner, &fence, id, &what).await;
                 }
             }
             drop(slot);
@@ -152,7 +170,7 @@ fn spawn_operation(inner: &Arc<Inner>, op: Operation) {
 }
 
 /// Ends an operation whose runner panicked: FAILED with NeedsIntervention.
-async fn fail_after_panic(inner: &Inner, id: OperationId, what: &str) {
+async fn fail_after_panic(inner: &Inner, fence: &Fence, id: OperationId, what: &str) {
     let store = &inner.store;
     let result = async {
         let op = store.get_operation(id).await?;
@@ -168,9 +186,7 @@ async fn fail_after_panic(inner: &Inner, id: OperationId, what: &str) {
             disk_touched: disk_touched(&op),
             unreachable: false,
         };
-        store
-            .finish(&inner.config.owner, op, outcome, Vec::new(), now())
-            .await
+        store.finish(fence, op, outcome, Vec::new(), now()).await
     }
     .await;
     if let Err(e) = result {
@@ -178,10 +194,12 @@ async fn fail_after_panic(inner: &Inner, id: OperationId, what: &str) {
     }
 }
 
-/// Renews the leases of the operations running here every third of their duration, and
-/// stops those an operator canceled through another server sharing the store. A lease this
-/// executor holds on anything else (an operation it gave up on) is left to expire, so that
-/// the operation is taken up again.
+/// Renews the leases of the operations running here every third of their duration, stops
+/// those an operator canceled through another server sharing the store, and stops for good
+/// those whose lease another claim superseded (this executor stalled past its lease): their
+/// provider action is canceled and they write nothing more. A lease this executor holds on
+/// anything else (an operation it gave up on) is left to expire, so that the operation is
+/// taken up again.
 async fn renew_leases(inner: Arc<Inner>) {
     let every = inner.config.lease_duration / 3;
     loop {
@@ -189,16 +207,26 @@ async fn renew_leases(inner: Arc<Inner>) {
             () = inner.shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let ids: Vec<OperationId> = inner.running().keys().copied().collect();
-        if ids.is_empty() {
+        let held: Vec<(OperationId, u64)> = inner
+            .running()
+            .iter()
+            .map(|(id, r)| (*id, r.generation))
+            .collect();
+        if held.is_empty() {
             continue;
         }
-        match inner.store.renew(&inner.lease(), &ids).await {
-            Ok(canceled) => {
+        match inner.store.renew(&inner.lease(), &held).await {
+            Ok(renewal) => {
                 let running = inner.running();
-                for id in canceled {
-                    if let Some(t) = running.get(&id) {
-                        t.cancel();
+                for id in renewal.canceled {
+                    if let Some(r) = running.get(&id) {
+                        r.token.cancel();
+                    }
+                }
+                for id in renewal.lost {
+                    if let Some(r) = running.get(&id) {
+                        tracing::warn!(operation_id = %id, "lease lost to another claim; stopping the operation's provider action, writing nothing more for it");
+                        r.lose();
                     }
                 }
             }
@@ -232,14 +260,18 @@ fn disk_touched(op: &Operation) -> bool {
 struct Runner {
     inner: Arc<Inner>,
     op: Operation,
-    /// Fires on an operator's cancel.
+    /// The claim this run holds: every write carries it.
+    fence: Fence,
+    /// Set when the claim was superseded: stop, write nothing.
+    lost: Arc<AtomicBool>,
+    /// Fires on an operator's cancel, and when the lease is lost.
     token: CancellationToken,
     /// Events to commit with the next write.
     events: Vec<OperationEvent>,
     log_seq: Arc<AtomicU64>,
     /// A step that is not safe to run twice was cut short by a shutdown: the next start
     /// must treat it as a crash, not as a graceful release.
-    cut_short: std::sync::atomic::AtomicBool,
+    cut_short: AtomicBool,
 }
 
 impl Runner {
@@ -498,8 +530,14 @@ impl Runner {
     fn log_sink(&self, stage: &'static str) -> LogSink {
         let store = self.inner.store.clone();
         let seq = self.log_seq.clone();
+        let lost = self.lost.clone();
         let operation_id = self.op.id;
         LogSink::new(move |tag, message| {
+            // A run whose claim was superseded writes nothing more, log lines included:
+            // the new holder numbers its own.
+            if lost.load(Ordering::Relaxed) {
+                return;
+            }
             store.append_log(LogLine {
                 operation_id,
                 sequence: seq.fetch_add(1, Ordering::Relaxed) + 1,
@@ -514,6 +552,9 @@ impl Runner {
     /// Stopping: a shutdown interrupts (and records that the stage was released, so the
     /// next start does not count it as a crash), an operator's cancel ends the operation.
     async fn end_stopped(&mut self) -> Result<OperationPhase, Stop> {
+        if self.lost.load(Ordering::Relaxed) {
+            return Err(Stop::LeaseLost);
+        }
         if self.shutting_down() && !self.token.is_cancelled() && !self.op.cancel_requested {
             if !self.cut_short.load(Ordering::Relaxed) {
                 self.op.release_stage();
@@ -544,9 +585,9 @@ impl Runner {
     /// operation's token.
     async fn save(&mut self) -> Result<(), Stop> {
         let events = std::mem::take(&mut self.events);
-        let (store, owner, op) = (&self.inner.store, &self.inner.config.owner, &self.op);
+        let (store, fence, op) = (&self.inner.store, &self.fence, &self.op);
         let canceled = self
-            .retry_store(|| store.save_progress(owner, op, events.clone()))
+            .retry_store(|| store.save_progress(fence, op, events.clone()))
             .await?;
         if canceled {
             self.token.cancel();
@@ -556,14 +597,14 @@ impl Runner {
 
     async fn finish(&mut self, outcome: Outcome) -> Result<OperationPhase, Stop> {
         let events = std::mem::take(&mut self.events);
-        let (store, owner, op) = (
+        let (store, fence, op) = (
             self.inner.store.clone(),
-            self.inner.config.owner.clone(),
+            self.fence.clone(),
             self.op.clone(),
         );
         let (op, _machine) = self
             .retry_store(|| {
-                store.finish(&owner, op.clone(), outcome.clone(), events.clone(), now())
+                store.finish(&fence, op.clone(), outcome.clone(), events.clone(), now())
             })
             .await?;
         Ok(op.phase)

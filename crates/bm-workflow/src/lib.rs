@@ -17,7 +17,8 @@
 //! # Guarantees of the executor
 //!
 //! - **One execution per operation.** An operation runs only while this engine holds its
-//!   lease in the store; every write is fenced by it.
+//!   lease in the store; every write is fenced by the lease's owner and generation, and a
+//!   run whose lease another claim superseded stops and writes nothing more.
 //! - **Durable progress.** Every stage start and end is committed (with its event) before the
 //!   next provider action; a restart resumes at the stage that was running, which runs again
 //!   (steps are idempotent), and never re-runs a stage that had succeeded.

@@ -2,7 +2,8 @@
 //! (`executor.rs`) both hold, so that neither reaches into the other.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bm_domain::OperationId;
 use bm_provider::ProviderRegistry;
@@ -13,6 +14,26 @@ use tokio_util::task::TaskTracker;
 
 use crate::{EngineConfig, now};
 
+/// An operation running here.
+pub(crate) struct Running {
+    /// Fires on an operator's cancel, and when the lease is lost.
+    pub(crate) token: CancellationToken,
+    /// The fencing generation of the claim it runs under.
+    pub(crate) generation: u64,
+    /// Set when a renewal found that another claim superseded this one: the runner stops
+    /// and writes nothing more (its writes would be refused anyway; its log lines are
+    /// dropped).
+    pub(crate) lost: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Stops the runner for good: its claim is no longer the operation's.
+    pub(crate) fn lose(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+        self.token.cancel();
+    }
+}
+
 /// The state every clone of an engine and every executor task shares.
 pub(crate) struct Inner {
     pub(crate) store: std::sync::Arc<dyn Store>,
@@ -20,8 +41,8 @@ pub(crate) struct Inner {
     pub(crate) config: EngineConfig,
     /// Wakes the dispatcher: new work was admitted or capacity freed.
     pub(crate) wake: Notify,
-    /// The operations running here, with the token that cancels each.
-    pub(crate) running: Mutex<HashMap<OperationId, CancellationToken>>,
+    /// The operations running here, with the claim each runs under.
+    pub(crate) running: Mutex<HashMap<OperationId, Running>>,
     /// Fires on shutdown; every operation's token is a child of it.
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
@@ -51,7 +72,7 @@ impl Inner {
         }
     }
 
-    pub(crate) fn running(&self) -> MutexGuard<'_, HashMap<OperationId, CancellationToken>> {
+    pub(crate) fn running(&self) -> MutexGuard<'_, HashMap<OperationId, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -228,16 +228,16 @@ impl Store for FaultyStore {
         lease: &Lease,
         now: Timestamp,
         limit: usize,
-    ) -> bm_store::Result<Vec<Operation>> {
+    ) -> bm_store::Result<Vec<bm_store::Claimed>> {
         self.inner.claim(lease, now, limit).await
     }
 
     async fn renew(
         &self,
         lease: &Lease,
-        operations: &[OperationId],
-    ) -> bm_store::Result<Vec<OperationId>> {
-        self.inner.renew(lease, operations).await
+        held: &[(OperationId, u64)],
+    ) -> bm_store::Result<bm_store::Renewal> {
+        self.inner.renew(lease, held).await
     }
 
     async fn release(&self, owner: &str) -> bm_store::Result<usize> {
@@ -246,23 +246,23 @@ impl Store for FaultyStore {
 
     async fn save_progress(
         &self,
-        owner: &str,
+        fence: &bm_store::Fence,
         operation: &Operation,
         events: Vec<OperationEvent>,
     ) -> bm_store::Result<bool> {
-        self.inner.save_progress(owner, operation, events).await
+        self.inner.save_progress(fence, operation, events).await
     }
 
     async fn finish(
         &self,
-        owner: &str,
+        fence: &bm_store::Fence,
         operation: Operation,
         outcome: Outcome,
         events: Vec<OperationEvent>,
         now: Timestamp,
     ) -> bm_store::Result<(Operation, Machine)> {
         self.inner
-            .finish(owner, operation, outcome, events, now)
+            .finish(fence, operation, outcome, events, now)
             .await
     }
 

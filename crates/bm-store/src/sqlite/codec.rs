@@ -69,7 +69,7 @@ pub(super) fn machine(row: &Row<'_>) -> rusqlite::Result<Result<Machine>> {
 
 /// The columns of an operations row, in the order [`stored_op`] reads them.
 pub(super) const OP_COLUMNS: &str =
-    "id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires";
+    "id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation";
 
 /// Reads an operations row selected with [`OP_COLUMNS`].
 pub(super) fn stored_op(row: &Row<'_>) -> rusqlite::Result<Result<StoredOp>> {
@@ -79,12 +79,14 @@ pub(super) fn stored_op(row: &Row<'_>) -> rusqlite::Result<Result<StoredOp>> {
     let cancel: bool = row.get(3)?;
     let owner: Option<String> = row.get(4)?;
     let expires: Option<i64> = row.get(5)?;
+    let generation: i64 = row.get(6)?;
     Ok(operation(&id, &doc, crc, cancel).map(|op| StoredOp {
         op,
         lease: owner.map(|owner| Lease {
             owner,
             expires_at: Timestamp::from_unix_micros(expires.unwrap_or(0)),
         }),
+        generation: generation.cast_unsigned(),
     }))
 }
 

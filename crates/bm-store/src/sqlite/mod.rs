@@ -35,8 +35,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 use crate::condition::ConditionCell;
 use crate::logic::{self, Tx};
 use crate::{
-    Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
-    Page, Result, Store, StoreCondition, StoreError,
+    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
+    OperationQuery, Page, Renewal, Result, Store, StoreCondition, StoreError,
 };
 use files::DataDir;
 pub use files::{BackupReport, backup};
@@ -609,15 +609,15 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {
+    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Claimed>> {
         let lease = lease.clone();
         self.write(move |tx| logic::claim(tx, &lease, now, limit))
             .await
     }
 
-    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>> {
-        let (lease, ids) = (lease.clone(), operations.to_vec());
-        self.write(move |tx| tx.renew_leases(&lease, &ids)).await
+    async fn renew(&self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
+        let (lease, held) = (lease.clone(), held.to_vec());
+        self.write(move |tx| tx.renew_leases(&lease, &held)).await
     }
 
     async fn release(&self, owner: &str) -> Result<usize> {
@@ -627,25 +627,25 @@ impl Store for SqliteStore {
 
     async fn save_progress(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: &Operation,
         events: Vec<OperationEvent>,
     ) -> Result<bool> {
-        let (owner, op) = (owner.to_owned(), operation.clone());
-        self.write(move |tx| logic::save_progress(tx, &owner, &op, events))
+        let (fence, op) = (fence.clone(), operation.clone());
+        self.write(move |tx| logic::save_progress(tx, &fence, &op, events))
             .await
     }
 
     async fn finish(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: Operation,
         outcome: Outcome,
         events: Vec<OperationEvent>,
         now: Timestamp,
     ) -> Result<(Operation, Machine)> {
-        let owner = owner.to_owned();
-        self.write(move |tx| logic::finish(tx, &owner, operation, outcome, events, now))
+        let fence = fence.clone();
+        self.write(move |tx| logic::finish(tx, &fence, operation, outcome, events, now))
             .await
     }
 

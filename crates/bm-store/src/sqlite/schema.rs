@@ -94,6 +94,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE machines ADD COLUMN doc_crc32 INTEGER;
     ALTER TABLE operations ADD COLUMN doc_crc32 INTEGER;
     "#,
+    // 3: the fencing generation of an operation's lease, bumped at every claim and kept when
+    // the lease is cleared, so that a write of an executor whose claim was superseded is
+    // refused even when the lease came back to the same owner.
+    r#"
+    ALTER TABLE operations ADD COLUMN lease_generation INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// How long a connection waits for a lock another one holds (the writer for a checkpoint,

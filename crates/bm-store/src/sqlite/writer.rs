@@ -28,7 +28,7 @@ use super::files::DataDir;
 use super::wal::WalWatch;
 use crate::condition::ConditionCell;
 use crate::logic::{Holding, Indexed, StoredOp, Tx};
-use crate::{Lease, Result, StoreError};
+use crate::{Lease, Renewal, Result, StoreError};
 
 /// Why a batch was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -410,15 +410,18 @@ impl Tx for SqlTx<'_> {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT phase IN ('PENDING', 'RUNNING'), cancel_requested, lease_owner, lease_expires
+                "SELECT phase IN ('PENDING', 'RUNNING'), cancel_requested, lease_owner, lease_expires,
+                        lease_generation
                  FROM operations WHERE id = ?1",
             )?
             .query_row([id.to_string()], |r| {
                 let owner: Option<String> = r.get(2)?;
                 let expires: Option<i64> = r.get(3)?;
+                let generation: i64 = r.get(4)?;
                 Ok(Holding {
                     active: r.get(0)?,
                     cancel_requested: r.get(1)?,
+                    generation: generation.cast_unsigned(),
                     lease: owner.map(|owner| Lease {
                         owner,
                         expires_at: Timestamp::from_unix_micros(expires.unwrap_or(0)),
@@ -444,17 +447,23 @@ impl Tx for SqlTx<'_> {
             .map(|s| s.op))
     }
 
-    fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+    fn put_operation(
+        &mut self,
+        op: &Operation,
+        lease: Option<&Lease>,
+        generation: u64,
+    ) -> Result<()> {
         let (doc, crc) = codec::to_json(op)?;
         self.wrote = true;
         self.conn
             .prepare_cached(
                 "INSERT INTO operations
-                   (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires, doc, doc_crc32)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                   (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires, doc, doc_crc32,
+                    lease_generation)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT (id) DO UPDATE SET
                    phase = ?4, cancel_requested = ?6, lease_owner = ?7, lease_expires = ?8,
-                   doc = ?9, doc_crc32 = ?10",
+                   doc = ?9, doc_crc32 = ?10, lease_generation = ?11",
             )?
             .execute(params![
                 op.id.to_string(),
@@ -466,7 +475,8 @@ impl Tx for SqlTx<'_> {
                 lease.map(|l| l.owner.as_str()),
                 lease.map(|l| l.expires_at.as_unix_micros()),
                 doc,
-                crc
+                crc,
+                generation.cast_signed()
             ])?;
         Ok(())
     }
@@ -495,30 +505,34 @@ impl Tx for SqlTx<'_> {
         Ok(out)
     }
 
-    fn renew_leases(&mut self, lease: &Lease, ids: &[OperationId]) -> Result<Vec<OperationId>> {
+    fn renew_leases(&mut self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
         self.wrote = true;
         let mut renew = self.conn.prepare_cached(
             "UPDATE operations SET lease_expires = ?3
-             WHERE id = ?1 AND lease_owner = ?2 AND phase IN ('PENDING', 'RUNNING')
+             WHERE id = ?1 AND lease_owner = ?2 AND lease_generation = ?4
+               AND phase IN ('PENDING', 'RUNNING')
              RETURNING cancel_requested",
         )?;
-        let mut canceled = Vec::new();
-        for id in ids {
+        let mut renewal = Renewal::default();
+        for &(id, generation) in held {
             let cancel: Option<bool> = renew
                 .query_row(
                     params![
                         id.to_string(),
                         lease.owner,
-                        lease.expires_at.as_unix_micros()
+                        lease.expires_at.as_unix_micros(),
+                        generation.cast_signed()
                     ],
                     |r| r.get(0),
                 )
                 .optional()?;
-            if cancel == Some(true) {
-                canceled.push(*id);
+            match cancel {
+                None => renewal.lost.push(id),
+                Some(true) => renewal.canceled.push(id),
+                Some(false) => {}
             }
         }
-        Ok(canceled)
+        Ok(renewal)
     }
 
     fn release_leases(&mut self, owner: &str) -> Result<usize> {

@@ -10,7 +10,8 @@ use bm_domain::{
     OperationEvent, OperationId, OperationPhase, OperationType, Phase,
 };
 use bm_store::{
-    EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery, Store, StoreError,
+    EventFilter, Fence, ImportOutcome, Lease, MachineQuery, OperationQuery, Renewal, Store,
+    StoreError,
 };
 
 use crate::fixtures::{machine, maintenance_machine, mid, op, t};
@@ -516,7 +517,12 @@ pub(crate) async fn leases_fence_writes(s: S) {
         .unwrap()
         .operation;
     let claimed = s.claim(&lease("exec-a", 100), t(0), 10).await.unwrap();
-    assert_eq!(claimed.iter().map(|o| o.id).collect::<Vec<_>>(), [a.id]);
+    assert_eq!(
+        claimed.iter().map(|c| c.operation.id).collect::<Vec<_>>(),
+        [a.id]
+    );
+    let fence_a = claimed[0].fence.clone();
+    assert_eq!(fence_a.owner, "exec-a");
     // Held: nobody else gets it before the lease expires.
     assert!(
         s.claim(&lease("exec-b", 100), t(50), 10)
@@ -525,11 +531,11 @@ pub(crate) async fn leases_fence_writes(s: S) {
             .is_empty()
     );
     // Renewal extends it past the time it would have expired.
-    assert!(
-        s.renew(&lease("exec-a", 300), &[a.id])
+    assert_eq!(
+        s.renew(&lease("exec-a", 300), &[(a.id, fence_a.generation)])
             .await
-            .unwrap()
-            .is_empty()
+            .unwrap(),
+        Renewal::default()
     );
     assert!(
         s.claim(&lease("exec-b", 400), t(200), 10)
@@ -542,24 +548,33 @@ pub(crate) async fn leases_fence_writes(s: S) {
     running.start(t(1)).unwrap();
     running.begin_stage("set-netboot", t(1));
     let ev = OperationEvent::new(&running, EventKind::StageStarted, "", t(1));
-    assert!(!s.save_progress("exec-a", &running, vec![ev]).await.unwrap());
+    assert!(!s.save_progress(&fence_a, &running, vec![ev]).await.unwrap());
+    let not_held = Fence {
+        owner: "exec-b".into(),
+        generation: fence_a.generation,
+    };
     assert!(matches!(
-        s.save_progress("exec-b", &running, vec![]).await,
+        s.save_progress(&not_held, &running, vec![]).await,
         Err(StoreError::LeaseLost(_))
     ));
 
     // Expired: exec-b takes over, exec-a's writes are refused from then on.
     let taken = s.claim(&lease("exec-b", 1000), t(301), 10).await.unwrap();
     assert_eq!(taken.len(), 1);
-    assert_eq!(taken[0].phase, OperationPhase::Running);
-    assert_eq!(taken[0].stages.len(), 1, "progress survives the hand-over");
+    assert_eq!(taken[0].operation.phase, OperationPhase::Running);
+    assert_eq!(
+        taken[0].operation.stages.len(),
+        1,
+        "progress survives the hand-over"
+    );
+    assert!(taken[0].fence.generation > fence_a.generation);
     assert!(matches!(
-        s.save_progress("exec-a", &running, vec![]).await,
+        s.save_progress(&fence_a, &running, vec![]).await,
         Err(StoreError::LeaseLost(_))
     ));
     assert!(matches!(
         s.finish(
-            "exec-a",
+            &fence_a,
             running.clone(),
             Outcome::Succeeded,
             vec![],
@@ -568,6 +583,14 @@ pub(crate) async fn leases_fence_writes(s: S) {
         .await,
         Err(StoreError::LeaseLost(_))
     ));
+    // Its renewal tells it so, and extends nothing.
+    assert_eq!(
+        s.renew(&lease("exec-a", 5000), &[(a.id, fence_a.generation)])
+            .await
+            .unwrap()
+            .lost,
+        [a.id]
+    );
     // Release hands it back at once.
     assert_eq!(s.release("exec-b").await.unwrap(), 1);
     assert_eq!(
@@ -577,6 +600,75 @@ pub(crate) async fn leases_fence_writes(s: S) {
             .len(),
         1
     );
+}
+
+/// The lease of an operation lapses and the same owner claims it again: the first claim's
+/// writes are still refused, only the newest claim may write.
+pub(crate) async fn a_lease_that_came_back_fences_the_stale_claim(s: S) {
+    s.register_machine(maintenance_machine("m-1", 1))
+        .await
+        .unwrap();
+    let a = s
+        .admit(op("m-1", OperationType::Reimage, "r"))
+        .await
+        .unwrap()
+        .operation;
+    let first = s
+        .claim(&lease("exec", 100), t(0), 10)
+        .await
+        .unwrap()
+        .remove(0);
+    let second = s
+        .claim(&lease("exec", 300), t(101), 10)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(second.operation.id, a.id);
+    assert_eq!(first.fence.owner, second.fence.owner);
+    assert!(second.fence.generation > first.fence.generation);
+
+    let mut stale = first.operation.clone();
+    stale.start(t(1)).unwrap();
+    assert!(matches!(
+        s.save_progress(&first.fence, &stale, vec![]).await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        s.finish(&first.fence, stale, Outcome::Succeeded, vec![], t(102))
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    let renewal = s
+        .renew(
+            &lease("exec", 400),
+            &[
+                (a.id, first.fence.generation),
+                (a.id, second.fence.generation),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewal.lost, [a.id], "only the stale claim is lost");
+    // Nothing the stale claim tried was written; the current one writes.
+    let stored = s.get_operation(a.id).await.unwrap();
+    assert_eq!(stored.phase, OperationPhase::Pending);
+    let mut current = second.operation;
+    current.start(t(103)).unwrap();
+    s.save_progress(&second.fence, &current, vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_operation(a.id).await.unwrap().phase,
+        OperationPhase::Running
+    );
+    // A release and a new claim bump the generation again: it never goes back.
+    assert_eq!(s.release("exec").await.unwrap(), 1);
+    let third = s
+        .claim(&lease("exec", 500), t(104), 10)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(third.fence.generation > second.fence.generation);
 }
 
 pub(crate) async fn cancel_of_a_pending_operation_ends_it(s: S) {
@@ -663,13 +755,14 @@ pub(crate) async fn cancel_of_a_held_operation_is_seen_by_its_executor(s: S) {
         .await
         .unwrap()
         .operation;
-    let mut running = s
+    let claimed = s
         .claim(&lease("exec", 1000), t(0), 1)
         .await
         .unwrap()
         .remove(0);
+    let (mut running, fence) = (claimed.operation, claimed.fence);
     running.start(t(1)).unwrap();
-    s.save_progress("exec", &running, vec![]).await.unwrap();
+    s.save_progress(&fence, &running, vec![]).await.unwrap();
 
     let requested = s
         .request_cancel(a.id, bm_domain::Actor::default(), t(2))
@@ -682,12 +775,15 @@ pub(crate) async fn cancel_of_a_held_operation_is_seen_by_its_executor(s: S) {
     );
     assert!(requested.cancel_requested);
     assert_eq!(
-        s.renew(&lease("exec", 2000), &[a.id]).await.unwrap(),
+        s.renew(&lease("exec", 2000), &[(a.id, fence.generation)])
+            .await
+            .unwrap()
+            .canceled,
         [a.id]
     );
     // The executor's copy does not know yet; its write keeps the request and reports it.
     assert!(!running.cancel_requested);
-    assert!(s.save_progress("exec", &running, vec![]).await.unwrap());
+    assert!(s.save_progress(&fence, &running, vec![]).await.unwrap());
     assert!(s.get_operation(a.id).await.unwrap().cancel_requested);
     // Asking twice changes nothing more.
     s.request_cancel(a.id, bm_domain::Actor::default(), t(3))
@@ -704,7 +800,7 @@ pub(crate) async fn cancel_of_a_held_operation_is_seen_by_its_executor(s: S) {
 
     let (done, m) = s
         .finish(
-            "exec",
+            &fence,
             running,
             Outcome::Canceled {
                 disk_touched: false,
@@ -730,15 +826,16 @@ pub(crate) async fn finish_applies_effects_and_events(s: S) {
     s.admit(op("m-1", OperationType::Reimage, "r"))
         .await
         .unwrap();
-    let mut o = s
+    let claimed = s
         .claim(&lease("exec", 1000), t(0), 1)
         .await
         .unwrap()
         .remove(0);
+    let (mut o, fence) = (claimed.operation, claimed.fence);
     o.start(t(1)).unwrap();
     o.begin_stage("verify-in-cluster", t(1));
     s.save_progress(
-        "exec",
+        &fence,
         &o,
         vec![OperationEvent::new(&o, EventKind::StageStarted, "", t(1))],
     )
@@ -746,7 +843,7 @@ pub(crate) async fn finish_applies_effects_and_events(s: S) {
     .unwrap();
     let succeeded = OperationEvent::new(&o, EventKind::StageSucceeded, "", t(2));
     let (done, m) = s
-        .finish("exec", o, Outcome::Succeeded, vec![succeeded], t(2))
+        .finish(&fence, o, Outcome::Succeeded, vec![succeeded], t(2))
         .await
         .unwrap();
     assert_eq!(done.phase, OperationPhase::Succeeded);

@@ -23,10 +23,11 @@ async fn state_survives_a_reopen_and_leases_are_released() {
             owner: "old".into(),
             expires_at: t(1_000_000_000),
         };
-        let mut o = s.claim(&lease, t(0), 1).await.unwrap().remove(0);
+        let claimed = s.claim(&lease, t(0), 1).await.unwrap().remove(0);
+        let mut o = claimed.operation;
         o.start(t(1)).unwrap();
         o.begin_stage("set-netboot", t(1));
-        s.save_progress("old", &o, vec![]).await.unwrap();
+        s.save_progress(&claimed.fence, &o, vec![]).await.unwrap();
         s.append_log(LogLine {
             operation_id: a.id,
             sequence: 1,
@@ -58,7 +59,7 @@ async fn state_survives_a_reopen_and_leases_are_released() {
     };
     let claimed = s.claim(&lease, t(10), 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].id, op_id);
+    assert_eq!(claimed[0].operation.id, op_id);
 }
 
 /// An operation record that cannot be read back is skipped by claims without taking the place
@@ -100,7 +101,10 @@ async fn an_unreadable_operation_does_not_hold_up_claims() {
         expires_at: t(1_000_000_000),
     };
     let claimed = s.claim(&lease, t(0), 1).await.unwrap();
-    assert_eq!(claimed.iter().map(|o| o.id).collect::<Vec<_>>(), [ids[1]]);
+    assert_eq!(
+        claimed.iter().map(|c| c.operation.id).collect::<Vec<_>>(),
+        [ids[1]]
+    );
     assert_eq!(s.logs_after(ids[1], 0, 10).await.unwrap().len(), 1);
     // A resume point past every sequence (a client's u64) reads nothing, not everything.
     assert!(s.logs_after(ids[1], u64::MAX, 10).await.unwrap().is_empty());

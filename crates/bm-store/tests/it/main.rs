@@ -86,6 +86,7 @@ conformance!(
     concurrent_identical_requests_create_one_operation,
     concurrent_different_requests_admit_one,
     leases_fence_writes,
+    a_lease_that_came_back_fences_the_stale_claim,
     cancel_of_a_pending_operation_ends_it,
     cancel_of_a_held_operation_is_seen_by_its_executor,
     finish_applies_effects_and_events,

@@ -75,12 +75,12 @@ impl HoldingStore {
 impl Store for HoldingStore {
     async fn save_progress(
         &self,
-        owner: &str,
+        fence: &bm_store::Fence,
         operation: &Operation,
         events: Vec<OperationEvent>,
     ) -> Result<bool> {
         let hold = self.take_hold(&events);
-        let canceled = self.inner.save_progress(owner, operation, events).await?;
+        let canceled = self.inner.save_progress(fence, operation, events).await?;
         if let Some(hold) = hold {
             let _ = hold.committed.send(());
             // A dropped sender (the test gave up) lets the executor go on as well.
@@ -139,12 +139,17 @@ impl Store for HoldingStore {
         self.inner.request_cancel(id, by, now).await
     }
 
-    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {
+    async fn claim(
+        &self,
+        lease: &Lease,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<bm_store::Claimed>> {
         self.inner.claim(lease, now, limit).await
     }
 
-    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>> {
-        self.inner.renew(lease, operations).await
+    async fn renew(&self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<bm_store::Renewal> {
+        self.inner.renew(lease, held).await
     }
 
     async fn release(&self, owner: &str) -> Result<usize> {
@@ -153,14 +158,14 @@ impl Store for HoldingStore {
 
     async fn finish(
         &self,
-        owner: &str,
+        fence: &bm_store::Fence,
         operation: Operation,
         outcome: Outcome,
         events: Vec<OperationEvent>,
         now: Timestamp,
     ) -> Result<(Operation, Machine)> {
         self.inner
-            .finish(owner, operation, outcome, events, now)
+            .finish(fence, operation, outcome, events, now)
             .await
     }
 

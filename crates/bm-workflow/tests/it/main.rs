@@ -2,6 +2,7 @@
 //! steps 5-9 and its FAQ, plus concurrency, cancellation, failure, resumption and streams.
 
 mod concurrency;
+mod fencing;
 mod harness;
 mod hold;
 mod lifecycle;

@@ -246,11 +246,11 @@ async fn crashed(
         owner: "dead".into(),
         expires_at: now.saturating_add(Duration::from_secs(60)),
     };
-    h.store.claim(&lease, now, 1).await.unwrap();
+    let fence = h.store.claim(&lease, now, 1).await.unwrap().remove(0).fence;
     op.start(now).unwrap();
     op.begin_stage(stage, now);
     op.stages.last_mut().unwrap().interruptions = crashes;
-    h.store.save_progress("dead", &op, vec![]).await.unwrap();
+    h.store.save_progress(&fence, &op, vec![]).await.unwrap();
     h.store.release("dead").await.unwrap();
     op.id
 }
