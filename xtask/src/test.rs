@@ -4,7 +4,9 @@
 //!
 //! The Redfish provider's tests start real peers: OpenSSH's `sshd` (Debian package
 //! `openssh-server`) and the sushy-tools emulator in a Python venv (`python3-venv`). They find
-//! those programs as this does: the `PATH`, then the sbin directories.
+//! those programs as this does: the `PATH`, then the sbin directories. The PostgreSQL store's
+//! tests start a throwaway cluster with Debian's `postgresql` binaries
+//! (`/usr/lib/postgresql/*/bin`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -72,6 +74,15 @@ fn missing_packages() -> Vec<&'static str> {
     });
     if !venv_works {
         missing.push("python3-venv");
+    }
+    // The PostgreSQL store's tests start a throwaway cluster (crates/bm-pg-cluster).
+    let has_postgres = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|versions| {
+        versions
+            .flatten()
+            .any(|v| v.path().join("bin/initdb").is_file())
+    });
+    if !has_postgres {
+        missing.push("postgresql");
     }
     missing
 }

@@ -38,6 +38,7 @@ mod condition;
 mod error;
 mod logic;
 mod memory;
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -53,7 +54,64 @@ use tokio::sync::{broadcast, watch};
 pub use condition::StoreCondition;
 pub use error::StoreError;
 pub use memory::MemoryStore;
+pub use postgres::{PgConfig, PgStore};
 pub use sqlite::{BackupReport, OnDamage, SqliteConfig, SqliteStore, backup};
+
+/// A database's schema version beside the one this program knows: what
+/// `bm-server migrate --check` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// The version found (0: no schema yet).
+    pub found: i64,
+    /// The newest version this program knows.
+    pub supported: i64,
+}
+
+impl SchemaStatus {
+    /// True when the database is at the version this program knows.
+    pub fn is_current(&self) -> bool {
+        self.found == self.supported
+    }
+
+    /// True when the database was written by a newer program (it would be refused).
+    pub fn is_newer(&self) -> bool {
+        self.found > self.supported
+    }
+}
+
+/// Where a store is: a SQLite data directory or a PostgreSQL database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A SQLite data directory.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database URL (`postgres://USER@HOST:PORT/DB`).
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// A `postgres://` or `postgresql://` URL names a PostgreSQL database; anything else is
+    /// a SQLite data directory (`sqlite://` in front of it is dropped).
+    pub fn parse(s: &str) -> StoreUrl {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            StoreUrl::Postgres(s.to_owned())
+        } else {
+            StoreUrl::Sqlite(s.strip_prefix("sqlite://").unwrap_or(s).into())
+        }
+    }
+}
+
+/// The schema version of the store at `url` beside the one this program knows, read without
+/// changing anything: for `bm-server migrate --check`.
+///
+/// # Errors
+///
+/// A backend error (the store cannot be reached or read).
+pub fn schema_status(url: &StoreUrl) -> Result<SchemaStatus> {
+    match url {
+        StoreUrl::Sqlite(dir) => SqliteStore::schema_status(dir),
+        StoreUrl::Postgres(url) => PgStore::schema_status(url),
+    }
+}
 
 /// The result type of the store.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -15,7 +15,7 @@ use crate::logic::StoredOp;
 use crate::{Lease, Result, StoreError};
 
 /// A record of `table` with primary key `id` cannot be read back.
-pub(super) fn corrupt_row(table: &str, id: &str, why: impl std::fmt::Display) -> StoreError {
+pub(crate) fn corrupt_row(table: &str, id: &str, why: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{table} row {id:?}: {why}"))
 }
 
@@ -25,7 +25,7 @@ pub(super) fn checksum(doc: &str) -> i64 {
 }
 
 /// Decodes a JSON document of `table` after checking it against its checksum.
-fn document<T: serde::de::DeserializeOwned>(
+pub(crate) fn document<T: serde::de::DeserializeOwned>(
     table: &str,
     id: &str,
     doc: &str,
@@ -90,7 +90,12 @@ pub(super) fn stored_op(row: &Row<'_>) -> rusqlite::Result<Result<StoredOp>> {
     }))
 }
 
-fn operation(id: &str, doc: &str, crc: Option<i64>, cancel_requested: bool) -> Result<Operation> {
+pub(crate) fn operation(
+    id: &str,
+    doc: &str,
+    crc: Option<i64>,
+    cancel_requested: bool,
+) -> Result<Operation> {
     let mut op: Operation = document("operations", id, doc, crc)?;
     if op.id.to_string() != id {
         return Err(corrupt_row(
@@ -162,7 +167,7 @@ pub(super) fn log_line(row: &Row<'_>) -> rusqlite::Result<Result<LogLine>> {
 }
 
 /// A document and its checksum, for writing.
-pub(super) fn to_json(v: &impl serde::Serialize) -> Result<(String, i64)> {
+pub(crate) fn to_json(v: &impl serde::Serialize) -> Result<(String, i64)> {
     let doc = serde_json::to_string(v)?;
     let crc = checksum(&doc);
     Ok((doc, crc))
@@ -187,7 +192,7 @@ const REPORTS_PER_SECOND: u64 = 10;
 
 /// Logs a record that cannot be read, at error level, rate-limited: a listing that pages over
 /// many damaged rows must not flood the log.
-pub(super) fn report_unreadable(e: &StoreError) {
+pub(crate) fn report_unreadable(e: &StoreError) {
     static SECOND: AtomicI64 = AtomicI64::new(0);
     static IN_SECOND: AtomicU64 = AtomicU64::new(0);
     static SUPPRESSED: AtomicU64 = AtomicU64::new(0);

@@ -13,7 +13,7 @@
 //! lease found at start belongs to a process that is gone: they are released at once, so that
 //! interrupted operations resume without waiting for their leases to expire.
 
-mod codec;
+pub(crate) mod codec;
 mod files;
 mod list;
 mod schema;
@@ -323,6 +323,25 @@ impl SqliteStore {
             condition,
             read_only: Some(why),
             path,
+        })
+    }
+
+    /// The schema version of the store in `dir` and the one this program knows, read
+    /// without changing anything (a directory without a database has version 0).
+    ///
+    /// # Errors
+    ///
+    /// A backend error (the database cannot be read).
+    pub fn schema_status(dir: &Path) -> Result<crate::SchemaStatus> {
+        let path = dir.join(files::DB_FILE);
+        let found = if path.exists() {
+            schema::version(&schema::open_read_only(&path, 1024)?)?
+        } else {
+            0
+        };
+        Ok(crate::SchemaStatus {
+            found,
+            supported: schema::known_version(),
         })
     }
 

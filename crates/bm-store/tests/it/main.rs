@@ -1,15 +1,16 @@
 //! The store conformance suite: every behaviour of the `Store` trait, run against every
-//! backend, plus what only a durable backend can show (surviving a reopen).
+//! backend (memory, SQLite, and PostgreSQL on a throwaway cluster), plus what only a durable backend can show (surviving a reopen).
 
 mod conformance;
 mod durability;
 mod fixtures;
 mod golden;
+mod postgres;
 mod storage;
 
 use std::sync::Arc;
 
-use bm_store::{MemoryStore, SqliteConfig, SqliteStore, Store};
+use bm_store::{MemoryStore, PgConfig, PgStore, SqliteConfig, SqliteStore, Store};
 
 /// A backend under test, with whatever must outlive it (a temp dir).
 pub(crate) struct Backend {
@@ -33,6 +34,15 @@ pub(crate) fn sqlite() -> Backend {
     }
 }
 
+/// A PostgreSQL store on a new database of the test binary's throwaway cluster.
+pub(crate) fn postgres() -> Backend {
+    let url = bm_pg_cluster::Cluster::shared().create_database().unwrap();
+    Backend {
+        store: Arc::new(PgStore::open(PgConfig::new(url)).unwrap()),
+        _dir: None,
+    }
+}
+
 /// Instantiates each conformance test once per backend.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -49,6 +59,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let backend = crate::sqlite();
+                    crate::conformance::$name(backend.store.clone()).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = crate::postgres();
                     crate::conformance::$name(backend.store.clone()).await;
                 }
             )*

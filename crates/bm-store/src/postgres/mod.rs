@@ -1,0 +1,859 @@
+//! The PostgreSQL backend: one database shared by any number of server replicas.
+//!
+//! Writes go through one writer thread per store that commits in batches, as on SQLite, and
+//! run the same transaction functions (`logic.rs`); what several writers on one database
+//! need (row locks, a savepoint per job, revisions taken at commit) is in `writer.rs`. Reads
+//! run on a small pool of connections on the blocking thread pool. The client is the
+//! synchronous `postgres` crate (see docs/ARCHITECTURE.md for why); its calls never run on
+//! an async worker thread.
+//!
+//! Events and log lines reach subscribers through a feed that reads the tables in revision
+//! order: after each local commit (its own rows are published straight away when nothing
+//! came between), and whenever another replica's commit `NOTIFY`s it, or at the latest
+//! every [`POLL`]. The table is the truth; a notification only says "look now". So a
+//! subscriber of any replica sees every event of every replica, in revision order, with no
+//! gap and no duplicate.
+//!
+//! Unlike SQLite, opening does not release leases: the other replicas holding them are
+//! alive; a dead one's leases expire.
+
+mod schema;
+mod writer;
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bm_domain::rules::Outcome;
+use bm_domain::{
+    LogLine, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId, Timestamp,
+};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row};
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::condition::ConditionCell;
+use crate::logic::{self, StoredOp, Tx};
+use crate::sqlite::codec as docs;
+use crate::{
+    Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
+    Page, Result, SchemaStatus, Store, StoreCondition, StoreError,
+};
+use writer::{Command, PgTx, Writer};
+
+/// How often a feed reads the tables when no notification came (a notification can be lost
+/// with a connection).
+pub(crate) const POLL: Duration = Duration::from_millis(250);
+
+/// Settings of a [`PgStore`].
+#[derive(Clone, Debug)]
+pub struct PgConfig {
+    /// The database, as a libpq-style URL (`postgres://USER@HOST:PORT/DB`).
+    pub url: String,
+    /// Read connections (reads beyond this many wait for one). The store also opens one
+    /// connection for its writer and one for its feed.
+    pub pool_size: usize,
+    /// The most a statement may run before the database cancels it (`None`: no limit).
+    pub statement_timeout: Option<Duration>,
+    /// The most writes committed together.
+    pub max_batch: usize,
+}
+
+impl PgConfig {
+    /// Defaults for a database URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        PgConfig {
+            url: url.into(),
+            pool_size: 4,
+            statement_timeout: Some(Duration::from_secs(30)),
+            max_batch: 1024,
+        }
+    }
+}
+
+/// The [`Store`] on a PostgreSQL database that several processes may share.
+pub struct PgStore {
+    writer: Mutex<Option<mpsc::Sender<Command>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Arc<Readers>,
+    feed: Arc<Feed>,
+    stop: Arc<AtomicBool>,
+    condition: ConditionCell,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgStore")
+    }
+}
+
+/// An error with its causes, on one line.
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
+}
+
+/// Parses a URL into a connection configuration.
+fn parse(url: &str) -> Result<postgres::Config> {
+    postgres::Config::from_str(url).map_err(|e| {
+        StoreError::backend(std::io::Error::other(format!(
+            "invalid PostgreSQL URL: {}",
+            chain(&e)
+        )))
+    })
+}
+
+/// Connects, with the statement timeout set for the session.
+fn connect(config: &postgres::Config, timeout: Option<Duration>) -> Result<Client> {
+    let mut config = config.clone();
+    if let Some(t) = timeout {
+        config.options(&format!("-c statement_timeout={}", t.as_millis()));
+    }
+    config
+        .application_name("bm-server")
+        .connect(NoTls)
+        .map_err(StoreError::from)
+}
+
+/// Runs blocking client work on a thread of its own: the synchronous client must not run on
+/// an async worker thread.
+fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::backend(std::io::Error::other("panicked"))))
+    })
+}
+
+/// Decoding of rows into domain values.
+pub(crate) struct Rows;
+
+impl Rows {
+    pub(crate) fn machine(r: &Row) -> Result<Machine> {
+        let id: String = r.get(0);
+        let m: Machine = docs::document("machines", &id, r.get(1), r.get(2))?;
+        if m.id.as_str() != id {
+            return Err(docs::corrupt_row(
+                "machines",
+                &id,
+                format_args!("the document is of machine {}", m.id),
+            ));
+        }
+        Ok(m)
+    }
+
+    pub(crate) fn stored_op(r: &Row) -> Result<StoredOp> {
+        let id: String = r.get(0);
+        let op = docs::operation(&id, r.get(1), r.get(2), r.get(3))?;
+        let owner: Option<String> = r.get(4);
+        let expires: Option<i64> = r.get(5);
+        Ok(StoredOp {
+            op,
+            lease: owner.map(|owner| Lease {
+                owner,
+                expires_at: Timestamp::from_unix_micros(expires.unwrap_or(0)),
+            }),
+        })
+    }
+
+    pub(crate) fn event(r: &Row) -> Result<OperationEvent> {
+        let revision: i64 = r.get(0);
+        let bad = |e: &dyn std::fmt::Display| docs::corrupt_row("events", &revision.to_string(), e);
+        Ok(OperationEvent {
+            revision: revision as u64,
+            operation_id: r.get::<_, &str>(1).parse().map_err(|e| bad(&e))?,
+            machine_id: MachineId::new(r.get::<_, String>(2)).map_err(|e| bad(&e))?,
+            time: Timestamp::from_unix_micros(r.get(3)),
+            operation_type: r.get::<_, &str>(4).parse().map_err(|e| bad(&e))?,
+            kind: r.get::<_, &str>(5).parse().map_err(|e| bad(&e))?,
+            phase: r.get::<_, &str>(6).parse().map_err(|e| bad(&e))?,
+            stage: r.get(7),
+            attempt: u32::try_from(r.get::<_, i64>(8)).map_err(|e| bad(&e))?,
+            message: r.get(9),
+        })
+    }
+
+    pub(crate) fn log_line(r: &Row) -> Result<LogLine> {
+        let op: &str = r.get(0);
+        let sequence: i64 = r.get(1);
+        Ok(LogLine {
+            operation_id: op
+                .parse()
+                .map_err(|e| docs::corrupt_row("logs", &format!("{op}/{sequence}"), e))?,
+            sequence: sequence as u64,
+            time: Timestamp::from_unix_micros(r.get(2)),
+            stage: r.get(3),
+            tag: r.get(4),
+            message: r.get(5),
+        })
+    }
+}
+
+const OP_COLUMNS: &str = "id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires";
+const EVENT_COLUMNS: &str = "revision, operation_id, machine_id, time, operation_type, kind, phase, stage, attempt, message";
+const LOG_COLUMNS: &str = "operation_id, sequence, time, stage, tag, message";
+
+/// Keeps the readable rows of a listing and reports the others.
+fn readable<T>(rows: &[Row], f: impl Fn(&Row) -> Result<T>) -> Vec<T> {
+    rows.iter()
+        .filter_map(|r| match f(r) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                docs::report_unreadable(&e);
+                None
+            }
+        })
+        .collect()
+}
+
+/// The read connections.
+struct Readers {
+    conns: Vec<Mutex<Client>>,
+    next: AtomicUsize,
+    config: postgres::Config,
+    timeout: Option<Duration>,
+}
+
+impl Readers {
+    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut conn = (0..n)
+            .find_map(|i| self.conns[(start + i) % n].try_lock().ok())
+            .unwrap_or_else(|| {
+                self.conns[start % n]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+            });
+        if conn.is_closed() {
+            *conn = connect(&self.config, self.timeout)?;
+        }
+        f(&mut conn)
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        // Closing a connection blocks, which panics on an async worker thread: there, they
+        // are closed on a thread of their own.
+        let conns = std::mem::take(&mut self.conns);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::Builder::new()
+                .name("bm-store-pg-close".into())
+                .spawn(move || drop(conns));
+        }
+    }
+}
+
+/// Where the feed has published up to.
+#[derive(Debug, Default)]
+struct Cursor {
+    events: u64,
+    logs: u64,
+}
+
+/// Publishes committed events and log lines, from every writer, in revision order.
+pub(crate) struct Feed {
+    cursor: Mutex<Cursor>,
+    events: broadcast::Sender<Arc<OperationEvent>>,
+    logs: broadcast::Sender<Arc<LogLine>>,
+}
+
+/// How many rows the feed reads at a time.
+const FEED_CHUNK: i64 = 1000;
+
+impl Feed {
+    fn lock(&self) -> MutexGuard<'_, Cursor> {
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A local batch committed revisions `first..=last` (0, 0: none) of each stream: they are
+    /// published straight away when the feed is just before them, else read from the table
+    /// with whatever came before them.
+    pub(crate) fn committed(
+        &self,
+        conn: &mut Client,
+        (ev_first, ev_last, events): (u64, u64, Vec<OperationEvent>),
+        (lg_first, lg_last, lines): (u64, u64, Vec<(u64, LogLine)>),
+    ) {
+        let mut cursor = self.lock();
+        if ev_last > cursor.events {
+            if cursor.events + 1 == ev_first {
+                for e in events {
+                    let _ = self.events.send(Arc::new(e));
+                }
+                cursor.events = ev_last;
+            } else if let Err(e) = self.read_events(conn, &mut cursor) {
+                tracing::warn!(error = %chain(&e), "could not read new events; the feed retries");
+            }
+        }
+        if lg_last > cursor.logs {
+            if cursor.logs + 1 == lg_first {
+                for (_, l) in lines {
+                    let _ = self.logs.send(Arc::new(l));
+                }
+                cursor.logs = lg_last;
+            } else if let Err(e) = self.read_logs(conn, &mut cursor) {
+                tracing::warn!(error = %chain(&e), "could not read new log lines; the feed retries");
+            }
+        }
+    }
+
+    /// Reads and publishes whatever was committed after the cursor.
+    fn catch_up(&self, conn: &mut Client) -> Result<()> {
+        let mut cursor = self.lock();
+        self.read_events(conn, &mut cursor)?;
+        self.read_logs(conn, &mut cursor)
+    }
+
+    fn read_events(&self, conn: &mut Client, cursor: &mut Cursor) -> Result<()> {
+        loop {
+            let rows = conn.query(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE revision > $1 ORDER BY revision LIMIT $2"
+                ),
+                &[&(cursor.events as i64), &FEED_CHUNK],
+            )?;
+            for r in &rows {
+                cursor.events = r.get::<_, i64>(0) as u64;
+                match Rows::event(r) {
+                    Ok(e) => {
+                        let _ = self.events.send(Arc::new(e));
+                    }
+                    Err(e) => docs::report_unreadable(&e),
+                }
+            }
+            if (rows.len() as i64) < FEED_CHUNK {
+                return Ok(());
+            }
+        }
+    }
+
+    fn read_logs(&self, conn: &mut Client, cursor: &mut Cursor) -> Result<()> {
+        loop {
+            let rows = conn.query(
+                &format!(
+                    "SELECT {LOG_COLUMNS}, log_revision FROM logs WHERE log_revision > $1 ORDER BY log_revision LIMIT $2"
+                ),
+                &[&(cursor.logs as i64), &FEED_CHUNK],
+            )?;
+            for r in &rows {
+                cursor.logs = r.get::<_, i64>(6) as u64;
+                match Rows::log_line(r) {
+                    Ok(l) => {
+                        let _ = self.logs.send(Arc::new(l));
+                    }
+                    Err(e) => docs::report_unreadable(&e),
+                }
+            }
+            if (rows.len() as i64) < FEED_CHUNK {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The feed's listener: wakes at every other writer's commit, or every [`POLL`], and reads
+/// what is new. Reconnects when its connection is lost; stops with the store.
+fn listen(
+    config: postgres::Config,
+    timeout: Option<Duration>,
+    feed: Weak<Feed>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut conn = match connect(&config, timeout).and_then(|mut c| {
+            c.batch_execute("LISTEN bm_store")?;
+            Ok(c)
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "the store's feed cannot reach the database; retrying");
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let Some(feed) = feed.upgrade() else { return };
+            if let Err(e) = feed.catch_up(&mut conn) {
+                tracing::warn!(error = %chain(&e), "the store's feed failed to read; reconnecting");
+                break;
+            }
+            drop(feed);
+            let mut notes = conn.notifications();
+            if notes.timeout_iter(POLL).next().is_err() {
+                break;
+            }
+            // Several commits may have notified meanwhile: one read serves them all.
+            while let Ok(Some(_)) = notes.iter().next() {}
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects to the database, applies pending migrations (under an advisory lock, so
+    /// that replicas starting together are safe), and starts the writer and the feed.
+    /// Leases are left as they are: other replicas may hold them.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::SchemaTooNew`], or a backend error (the database cannot be reached,
+    /// the URL is invalid).
+    pub fn open(config: PgConfig) -> Result<Self> {
+        off_runtime(move || Self::open_blocking(config))
+    }
+
+    fn open_blocking(config: PgConfig) -> Result<Self> {
+        let pg = parse(&config.url)?;
+        let timeout = config.statement_timeout;
+        let mut conn = connect(&pg, timeout)?;
+        schema::migrate(&mut conn)?;
+        let counters = conn.query("SELECT name, value FROM counters", &[])?;
+        let mut cursor = Cursor::default();
+        for r in counters {
+            match r.get::<_, &str>(0) {
+                "events" => cursor.events = r.get::<_, i64>(1) as u64,
+                "logs" => cursor.logs = r.get::<_, i64>(1) as u64,
+                _ => {}
+            }
+        }
+        let feed = Arc::new(Feed {
+            cursor: Mutex::new(cursor),
+            events: broadcast::channel(BROADCAST_CAPACITY).0,
+            logs: broadcast::channel(BROADCAST_CAPACITY).0,
+        });
+        let readers = (0..config.pool_size.max(1))
+            .map(|_| connect(&pg, timeout).map(Mutex::new))
+            .collect::<Result<Vec<_>>>()?;
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            connect: pg.clone(),
+            statement_timeout: timeout,
+            rx,
+            max_batch: config.max_batch.max(1),
+            feed: feed.clone(),
+            stmts: Default::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("bm-store-pg-writer".into())
+            .spawn(move || writer.run())
+            .map_err(StoreError::backend)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (listen_pg, listen_feed, listen_stop) =
+            (pg.clone(), Arc::downgrade(&feed), stop.clone());
+        std::thread::Builder::new()
+            .name("bm-store-pg-feed".into())
+            .spawn(move || listen(listen_pg, timeout, listen_feed, listen_stop))
+            .map_err(StoreError::backend)?;
+        Ok(PgStore {
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(thread)),
+            readers: Arc::new(Readers {
+                conns: readers,
+                next: AtomicUsize::new(0),
+                config: pg,
+                timeout,
+            }),
+            feed,
+            stop,
+            condition: ConditionCell::new(StoreCondition::Ok),
+        })
+    }
+
+    /// The schema version of the database at `url` and the one this program knows, read
+    /// without changing anything.
+    ///
+    /// # Errors
+    ///
+    /// A backend error (the database cannot be reached, the URL is invalid).
+    pub fn schema_status(url: &str) -> Result<SchemaStatus> {
+        let pg = parse(url)?;
+        off_runtime(move || {
+            let mut conn = connect(&pg, Some(Duration::from_secs(30)))?;
+            Ok(SchemaStatus {
+                found: schema::version(&mut conn)?,
+                supported: schema::known_version(),
+            })
+        })
+    }
+
+    /// Commits what is queued, stops the writer thread and waits for it; stops the feed.
+    /// Later calls fail with [`StoreError::Closed`].
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+    }
+
+    fn send(&self, cmd: Command) -> Result<()> {
+        let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(cmd)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `f` in the writer's batch transaction (again, should it meet a conflict with
+    /// another writer); keeps its writes when `keep` says so.
+    async fn write_with<T: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut PgTx<'_>) -> (Result<T>, bool) + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Write(writer::job(f, tx)))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        mut f: impl FnMut(&mut PgTx<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.write_with(move |tx| (f(tx), true)).await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(f))
+            .await
+            .map_err(StoreError::backend)?
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Parameters of a query built at run time.
+type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn register_machine(&self, machine: Machine) -> Result<Machine> {
+        self.write(move |tx| logic::register(tx, machine.clone()))
+            .await
+    }
+
+    async fn import_machines(
+        &self,
+        machines: Vec<Machine>,
+        dry_run: bool,
+    ) -> Result<Vec<Result<ImportOutcome>>> {
+        self.write_with(move |tx| (logic::import(tx, machines.clone(), dry_run), !dry_run))
+            .await
+    }
+
+    async fn get_machine(&self, id: &MachineId) -> Result<Machine> {
+        let id = id.clone();
+        self.read(move |conn| {
+            let rows = conn.query(
+                "SELECT id, doc, doc_crc32 FROM machines WHERE id = $1",
+                &[&id.as_str()],
+            )?;
+            match rows.first() {
+                Some(r) => Rows::machine(r),
+                None => Err(StoreError::MachineNotFound(id)),
+            }
+        })
+        .await
+    }
+
+    async fn list_machines(&self, q: &MachineQuery) -> Result<Page<Machine>> {
+        let q = q.clone();
+        self.read(move |conn| {
+            // Phase and state are filtered by the database, labels here, reading in id
+            // order until the page (and one more, to know there is more) is full.
+            let chunk = (q.limit as i64 + 1).clamp(64, 1024);
+            let mut after = q.after.as_ref().map(|a| a.as_str().to_owned());
+            let mut items = Vec::new();
+            loop {
+                let mut sql = "SELECT id, doc, doc_crc32 FROM machines WHERE TRUE".to_owned();
+                let mut params: Params = Vec::new();
+                if let Some(a) = &after {
+                    params.push(Box::new(a.clone()));
+                    sql.push_str(&format!(" AND id > ${}", params.len()));
+                }
+                if let Some(p) = q.phase {
+                    params.push(Box::new(p.as_str()));
+                    sql.push_str(&format!(" AND phase = ${}", params.len()));
+                }
+                if let Some(s) = q.effective_state {
+                    params.push(Box::new(s.as_str()));
+                    sql.push_str(&format!(" AND effective_state = ${}", params.len()));
+                }
+                params.push(Box::new(chunk));
+                sql.push_str(&format!(" ORDER BY id LIMIT ${}", params.len()));
+                let rows = conn.query(&sql, &refs(&params))?;
+                if let Some(last) = rows.last() {
+                    after = Some(last.get(0));
+                }
+                for m in readable(&rows, Rows::machine) {
+                    if q.selector.matches(&m.labels) && items.len() <= q.limit {
+                        items.push(m);
+                    }
+                }
+                if items.len() > q.limit || (rows.len() as i64) < chunk {
+                    break;
+                }
+            }
+            let more = items.len() > q.limit;
+            items.truncate(q.limit);
+            Ok(Page { items, more })
+        })
+        .await
+    }
+
+    async fn update_machine(
+        &self,
+        id: &MachineId,
+        patch: &MachinePatch,
+        now: Timestamp,
+    ) -> Result<Machine> {
+        let (id, patch) = (id.clone(), patch.clone());
+        self.write(move |tx| logic::update(tx, &id, &patch, now))
+            .await
+    }
+
+    async fn admit(&self, operation: Operation) -> Result<Admission> {
+        self.write(move |tx| logic::admit(tx, operation.clone()))
+            .await
+    }
+
+    async fn get_operation(&self, id: OperationId) -> Result<Operation> {
+        self.read(move |conn| {
+            let rows = conn.query(
+                &format!("SELECT {OP_COLUMNS} FROM operations WHERE id = $1"),
+                &[&id.to_string()],
+            )?;
+            match rows.first() {
+                Some(r) => Rows::stored_op(r).map(|s| s.op),
+                None => Err(StoreError::OperationNotFound(id)),
+            }
+        })
+        .await
+    }
+
+    async fn list_operations(&self, q: &OperationQuery) -> Result<Page<Operation>> {
+        let q = q.clone();
+        self.read(move |conn| {
+            let mut sql = format!("SELECT {OP_COLUMNS} FROM operations WHERE TRUE");
+            let mut params: Params = Vec::new();
+            if let Some(b) = q.before {
+                params.push(Box::new(b.to_string()));
+                sql.push_str(&format!(" AND id < ${}", params.len()));
+            }
+            if let Some(m) = &q.machine_id {
+                params.push(Box::new(m.as_str().to_owned()));
+                sql.push_str(&format!(" AND machine_id = ${}", params.len()));
+            }
+            if let Some(t) = q.op_type {
+                params.push(Box::new(t.as_str()));
+                sql.push_str(&format!(" AND type = ${}", params.len()));
+            }
+            if let Some(p) = q.phase {
+                params.push(Box::new(p.as_str()));
+                sql.push_str(&format!(" AND phase = ${}", params.len()));
+            }
+            params.push(Box::new(q.limit as i64 + 1));
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+            let rows = conn.query(&sql, &refs(&params))?;
+            let mut items: Vec<Operation> = readable(&rows, Rows::stored_op)
+                .into_iter()
+                .map(|s| s.op)
+                .collect();
+            let more = items.len() > q.limit;
+            items.truncate(q.limit);
+            Ok(Page { items, more })
+        })
+        .await
+    }
+
+    async fn request_cancel(
+        &self,
+        id: OperationId,
+        by: bm_domain::Actor,
+        now: Timestamp,
+    ) -> Result<Operation> {
+        self.write(move |tx| logic::request_cancel(tx, id, by.clone(), now))
+            .await
+    }
+
+    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {
+        let lease = lease.clone();
+        self.write(move |tx| logic::claim(tx, &lease, now, limit))
+            .await
+    }
+
+    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>> {
+        let (lease, ids) = (lease.clone(), operations.to_vec());
+        self.write(move |tx| tx.renew_leases(&lease, &ids)).await
+    }
+
+    async fn release(&self, owner: &str) -> Result<usize> {
+        let owner = owner.to_owned();
+        self.write(move |tx| tx.release_leases(&owner)).await
+    }
+
+    async fn save_progress(
+        &self,
+        owner: &str,
+        operation: &Operation,
+        events: Vec<OperationEvent>,
+    ) -> Result<bool> {
+        let (owner, op) = (owner.to_owned(), operation.clone());
+        self.write(move |tx| logic::save_progress(tx, &owner, &op, events.clone()))
+            .await
+    }
+
+    async fn finish(
+        &self,
+        owner: &str,
+        operation: Operation,
+        outcome: Outcome,
+        events: Vec<OperationEvent>,
+        now: Timestamp,
+    ) -> Result<(Operation, Machine)> {
+        let owner = owner.to_owned();
+        self.write(move |tx| {
+            logic::finish(
+                tx,
+                &owner,
+                operation.clone(),
+                outcome.clone(),
+                events.clone(),
+                now,
+            )
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        after: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<OperationEvent>> {
+        let filter = filter.clone();
+        self.read(move |conn| {
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let limit = limit as i64;
+            let rows = match (&filter.operation_id, &filter.machine_id) {
+                (Some(op), _) => conn.query(
+                    &format!("SELECT {EVENT_COLUMNS} FROM events WHERE operation_id = $2 AND revision > $1 ORDER BY revision LIMIT $3"),
+                    &[&after, &op.to_string(), &limit],
+                )?,
+                (None, Some(m)) => conn.query(
+                    &format!("SELECT {EVENT_COLUMNS} FROM events WHERE machine_id = $2 AND revision > $1 ORDER BY revision LIMIT $3"),
+                    &[&after, &m.as_str(), &limit],
+                )?,
+                (None, None) => conn.query(
+                    &format!("SELECT {EVENT_COLUMNS} FROM events WHERE revision > $1 ORDER BY revision LIMIT $2"),
+                    &[&after, &limit],
+                )?,
+            };
+            Ok(readable(&rows, Rows::event)
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect())
+        })
+        .await
+    }
+
+    async fn last_revision(&self) -> Result<u64> {
+        self.read(|conn| {
+            let v: i64 = conn
+                .query_one("SELECT value FROM counters WHERE name = 'events'", &[])?
+                .get(0);
+            Ok(v as u64)
+        })
+        .await
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<OperationEvent>> {
+        self.feed.events.subscribe()
+    }
+
+    fn append_log(&self, line: LogLine) {
+        if let Err(e) = self.send(Command::Log(line)) {
+            tracing::warn!(error = %e, "log line dropped");
+        }
+    }
+
+    async fn logs_after(
+        &self,
+        operation: OperationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LogLine>> {
+        self.read(move |conn| {
+            let rows = conn.query(
+                &format!("SELECT {LOG_COLUMNS} FROM logs WHERE operation_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3"),
+                &[
+                    &operation.to_string(),
+                    &i64::try_from(after).unwrap_or(i64::MAX),
+                    &(limit as i64),
+                ],
+            )?;
+            Ok(readable(&rows, Rows::log_line))
+        })
+        .await
+    }
+
+    async fn last_log_sequence(&self, operation: OperationId) -> Result<u64> {
+        self.read(move |conn| {
+            let seq: Option<i64> = conn
+                .query_one(
+                    "SELECT MAX(sequence) FROM logs WHERE operation_id = $1",
+                    &[&operation.to_string()],
+                )?
+                .get(0);
+            Ok(seq.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    fn subscribe_logs(&self) -> broadcast::Receiver<Arc<LogLine>> {
+        self.feed.logs.subscribe()
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.write(|_| Ok(())).await
+    }
+
+    fn condition(&self) -> StoreCondition {
+        self.condition.get()
+    }
+
+    fn watch_condition(&self) -> watch::Receiver<StoreCondition> {
+        self.condition.watch()
+    }
+}
