@@ -39,8 +39,8 @@ use crate::condition::ConditionCell;
 use crate::logic::{self, StoredOp, Tx};
 use crate::sqlite::codec as docs;
 use crate::{
-    Admission, BROADCAST_CAPACITY, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery,
-    Page, Result, SchemaStatus, Store, StoreCondition, StoreError,
+    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
+    OperationQuery, Page, Renewal, Result, SchemaStatus, Store, StoreCondition, StoreError,
 };
 use writer::{Command, PgTx, Writer};
 
@@ -158,6 +158,7 @@ impl Rows {
         let expires: Option<i64> = r.get(5);
         Ok(StoredOp {
             op,
+            generation: r.get::<_, i64>(6).cast_unsigned(),
             lease: owner.map(|owner| Lease {
                 owner,
                 expires_at: Timestamp::from_unix_micros(expires.unwrap_or(0)),
@@ -198,7 +199,8 @@ impl Rows {
     }
 }
 
-const OP_COLUMNS: &str = "id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires";
+const OP_COLUMNS: &str =
+    "id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation";
 const EVENT_COLUMNS: &str = "revision, operation_id, machine_id, time, operation_type, kind, phase, stage, attempt, message";
 const LOG_COLUMNS: &str = "operation_id, sequence, time, stage, tag, message";
 
@@ -707,15 +709,15 @@ impl Store for PgStore {
             .await
     }
 
-    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Operation>> {
+    async fn claim(&self, lease: &Lease, now: Timestamp, limit: usize) -> Result<Vec<Claimed>> {
         let lease = lease.clone();
         self.write(move |tx| logic::claim(tx, &lease, now, limit))
             .await
     }
 
-    async fn renew(&self, lease: &Lease, operations: &[OperationId]) -> Result<Vec<OperationId>> {
-        let (lease, ids) = (lease.clone(), operations.to_vec());
-        self.write(move |tx| tx.renew_leases(&lease, &ids)).await
+    async fn renew(&self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
+        let (lease, held) = (lease.clone(), held.to_vec());
+        self.write(move |tx| tx.renew_leases(&lease, &held)).await
     }
 
     async fn release(&self, owner: &str) -> Result<usize> {
@@ -725,28 +727,28 @@ impl Store for PgStore {
 
     async fn save_progress(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: &Operation,
         events: Vec<OperationEvent>,
     ) -> Result<bool> {
-        let (owner, op) = (owner.to_owned(), operation.clone());
-        self.write(move |tx| logic::save_progress(tx, &owner, &op, events.clone()))
+        let (fence, op) = (fence.clone(), operation.clone());
+        self.write(move |tx| logic::save_progress(tx, &fence, &op, events.clone()))
             .await
     }
 
     async fn finish(
         &self,
-        owner: &str,
+        fence: &Fence,
         operation: Operation,
         outcome: Outcome,
         events: Vec<OperationEvent>,
         now: Timestamp,
     ) -> Result<(Operation, Machine)> {
-        let owner = owner.to_owned();
+        let fence = fence.clone();
         self.write(move |tx| {
             logic::finish(
                 tx,
-                &owner,
+                &fence,
                 operation.clone(),
                 outcome.clone(),
                 events.clone(),

@@ -32,7 +32,7 @@ use postgres::{Client, Statement};
 use super::{Feed, Rows, connect};
 use crate::logic::{Holding, Indexed, StoredOp, Tx};
 use crate::sqlite::codec as docs;
-use crate::{Lease, Result, StoreError};
+use crate::{Lease, Renewal, Result, StoreError};
 
 /// How often a job that met a conflict with another writer is run again before its error
 /// is returned.
@@ -469,7 +469,7 @@ impl Tx for PgTx<'_> {
 
     fn operation(&mut self, id: OperationId) -> Result<Option<StoredOp>> {
         let rows = self.query(
-            "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires
+            "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation
              FROM operations WHERE id = $1 FOR UPDATE",
             &[&id.to_string()],
         )?;
@@ -479,7 +479,8 @@ impl Tx for PgTx<'_> {
     fn holding(&mut self, id: OperationId) -> Result<Option<Holding>> {
         // Locked: a claim by another replica waits for this write, or this write sees it.
         let rows = self.query(
-            "SELECT phase IN ('PENDING', 'RUNNING'), cancel_requested, lease_owner, lease_expires
+            "SELECT phase IN ('PENDING', 'RUNNING'), cancel_requested, lease_owner, lease_expires,
+                    lease_generation
              FROM operations WHERE id = $1 FOR UPDATE",
             &[&id.to_string()],
         )?;
@@ -489,6 +490,7 @@ impl Tx for PgTx<'_> {
             Holding {
                 active: r.get(0),
                 cancel_requested: r.get(1),
+                generation: r.get::<_, i64>(4).cast_unsigned(),
                 lease: owner.map(|owner| Lease {
                     owner,
                     expires_at: Timestamp::from_unix_micros(expires.unwrap_or(0)),
@@ -509,22 +511,28 @@ impl Tx for PgTx<'_> {
             &[&machine.as_str()],
         )?;
         let rows = self.query(
-            "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires
+            "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation
              FROM operations WHERE machine_id = $1 AND request_id = $2",
             &[&machine.as_str(), &request.as_str()],
         )?;
         Ok(rows.first().map(Rows::stored_op).transpose()?.map(|s| s.op))
     }
 
-    fn put_operation(&mut self, op: &Operation, lease: Option<&Lease>) -> Result<()> {
+    fn put_operation(
+        &mut self,
+        op: &Operation,
+        lease: Option<&Lease>,
+        generation: u64,
+    ) -> Result<()> {
         let (doc, crc) = docs::to_json(op)?;
         self.execute(
             "INSERT INTO operations
-               (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires, doc, doc_crc32)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+               (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires, doc, doc_crc32,
+                lease_generation)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (id) DO UPDATE SET
                phase = $4, cancel_requested = $6, lease_owner = $7, lease_expires = $8,
-               doc = $9, doc_crc32 = $10",
+               doc = $9, doc_crc32 = $10, lease_generation = $11",
             &[
                 &op.id.to_string(),
                 &op.machine_id.as_str(),
@@ -536,6 +544,7 @@ impl Tx for PgTx<'_> {
                 &lease.map(|l| l.expires_at.as_unix_micros()),
                 &doc,
                 &crc,
+                &generation.cast_signed(),
             ],
         )?;
         Ok(())
@@ -546,7 +555,7 @@ impl Tx for PgTx<'_> {
         let mut out = Vec::new();
         let lim = limit as i64;
         let rows = self.query(
-            "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires
+            "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation
              FROM operations
              WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NULL
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -555,7 +564,7 @@ impl Tx for PgTx<'_> {
         take_readable(&rows, limit, &mut out);
         if out.len() < limit {
             let rows = self.query(
-                "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires
+                "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation
                  FROM operations
                  WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NOT NULL
                    AND lease_expires < $1
@@ -567,26 +576,36 @@ impl Tx for PgTx<'_> {
         Ok(out)
     }
 
-    fn renew_leases(&mut self, lease: &Lease, asked: &[OperationId]) -> Result<Vec<OperationId>> {
-        let ids: Vec<String> = asked.iter().map(ToString::to_string).collect();
+    fn renew_leases(&mut self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
+        let ids: Vec<String> = held.iter().map(|(id, _)| id.to_string()).collect();
+        let generations: Vec<i64> = held.iter().map(|(_, g)| g.cast_signed()).collect();
         let rows = self.query(
-            "UPDATE operations SET lease_expires = $3
-             WHERE id = ANY($1) AND lease_owner = $2 AND phase IN ('PENDING', 'RUNNING')
-             RETURNING id, cancel_requested",
-            &[&ids, &lease.owner, &lease.expires_at.as_unix_micros()],
+            "UPDATE operations AS o SET lease_expires = $4
+             FROM UNNEST($1::text[], $2::bigint[]) AS h (id, generation)
+             WHERE o.id = h.id AND o.lease_generation = h.generation AND o.lease_owner = $3
+               AND o.phase IN ('PENDING', 'RUNNING')
+             RETURNING o.id, o.lease_generation, o.cancel_requested",
+            &[
+                &ids,
+                &generations,
+                &lease.owner,
+                &lease.expires_at.as_unix_micros(),
+            ],
         )?;
-        let flagged: std::collections::HashSet<String> = rows
+        let renewed: HashMap<(String, i64), bool> = rows
             .iter()
-            .filter(|r| r.get::<_, bool>(1))
-            .map(|r| r.get(0))
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
             .collect();
         // In the order asked, as the other backends answer.
-        Ok(asked
-            .iter()
-            .zip(&ids)
-            .filter(|(_, s)| flagged.contains(*s))
-            .map(|(id, _)| *id)
-            .collect())
+        let mut renewal = Renewal::default();
+        for (((id, _), key), generation) in held.iter().zip(ids).zip(generations) {
+            match renewed.get(&(key, generation)) {
+                None => renewal.lost.push(*id),
+                Some(true) => renewal.canceled.push(*id),
+                Some(false) => {}
+            }
+        }
+        Ok(renewal)
     }
 
     fn release_leases(&mut self, owner: &str) -> Result<usize> {
