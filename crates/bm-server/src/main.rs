@@ -49,9 +49,25 @@ struct Args {
     #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data")]
     data_dir: PathBuf,
 
-    /// Which store to use: the durable embedded one, or memory (lost at exit).
-    #[arg(long, env = "BM_STORE", value_enum, default_value_t = StoreKind::Sqlite)]
-    store: StoreKind,
+    /// Which store to use: `sqlite` (the durable embedded one, in --data-dir), `memory`
+    /// (lost at exit), or a PostgreSQL database that several servers may share
+    /// (`postgres://USER@HOST:PORT/DB`, with `?sslmode=require` or `verify-full` for TLS).
+    #[arg(long, env = "BM_STORE", default_value = "sqlite", value_parser = store_choice)]
+    store: StoreChoice,
+
+    /// PostgreSQL: read connections per server (besides one for the writer and one for the
+    /// feed of events and log lines).
+    #[arg(
+        long,
+        env = "BM_DB_POOL_SIZE",
+        default_value_t = bm_store::PgConfig::new("").pool_size,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000)
+    )]
+    db_pool_size: usize,
+
+    /// PostgreSQL: the most one statement may run before the database cancels it.
+    #[arg(long, env = "BM_DB_STATEMENT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    db_statement_timeout: Duration,
 
     /// Start even if the database fails its integrity check, read-only: reads serve what can
     /// be read, writes are refused, no operation runs (see docs/operations.md).
@@ -225,6 +241,20 @@ enum Subcommand {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Bring the store's schema up to date (what a server also does when it starts), or with
+    /// --check only say whether it is: exit status 0 when current, 1 when migrations are
+    /// pending, 2 when the store is newer than this program.
+    Migrate {
+        /// Report only; change nothing.
+        #[arg(long)]
+        check: bool,
+        /// The store: `sqlite` (in --data-dir) or a `postgres://` URL.
+        #[arg(long, env = "BM_STORE", default_value = "sqlite", value_parser = store_choice)]
+        store: StoreChoice,
+        /// The data directory of a SQLite store.
+        #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data")]
+        data_dir: PathBuf,
+    },
     /// Manage bearer tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -255,10 +285,51 @@ enum TokenCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum StoreKind {
+/// The store a server runs on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum StoreChoice {
     Sqlite,
     Memory,
+    /// A PostgreSQL URL.
+    Postgres(String),
+}
+
+impl StoreChoice {
+    /// Where the store is, for the schema commands (memory has no schema).
+    fn location(&self, data_dir: &std::path::Path) -> Option<bm_store::StoreUrl> {
+        match self {
+            StoreChoice::Sqlite => Some(bm_store::StoreUrl::Sqlite(data_dir.to_owned())),
+            StoreChoice::Memory => None,
+            StoreChoice::Postgres(url) => Some(bm_store::StoreUrl::Postgres(url.clone())),
+        }
+    }
+}
+
+fn store_choice(s: &str) -> Result<StoreChoice, String> {
+    match s {
+        "sqlite" => Ok(StoreChoice::Sqlite),
+        "memory" => Ok(StoreChoice::Memory),
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(StoreChoice::Postgres(url.to_owned()))
+        }
+        other => Err(format!(
+            "{other:?} is not a store: write sqlite, memory or postgres://USER@HOST:PORT/DB"
+        )),
+    }
+}
+
+/// A database URL without its password, for logs and messages.
+fn redacted(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user, host)) => {
+                let user = user.split_once(':').map_or(user, |(u, _)| u);
+                format!("{scheme}://{user}@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -523,6 +594,15 @@ fn main() -> anyhow::Result<()> {
     if let Some(Subcommand::Backup { data_dir, to }) = &args.command {
         return backup(data_dir, to);
     }
+    if let Some(Subcommand::Migrate {
+        check,
+        store,
+        data_dir,
+    }) = &args.command
+    {
+        let code = migrate(store, data_dir, *check)?;
+        std::process::exit(code);
+    }
     // One worker per core; a small blocking pool (store scans), since every extra thread
     // may get an allocator arena of its own and keep its memory.
     tokio::runtime::Builder::new_multi_thread()
@@ -531,6 +611,52 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?
         .block_on(run(args))
+}
+
+/// `bm-server migrate [--check]`; returns the exit status.
+fn migrate(store: &StoreChoice, data_dir: &std::path::Path, check: bool) -> anyhow::Result<i32> {
+    let Some(location) = store.location(data_dir) else {
+        anyhow::bail!(
+            "the memory store has no schema: name a sqlite data directory or a postgres:// URL"
+        );
+    };
+    let shown = match &location {
+        bm_store::StoreUrl::Sqlite(dir) => dir.display().to_string(),
+        bm_store::StoreUrl::Postgres(url) => redacted(url),
+    };
+    let status = bm_store::schema_status(&location)
+        .with_context(|| format!("reading the schema version of {shown}"))?;
+    let (found, supported) = (status.found, status.supported);
+    if status.is_newer() {
+        println!(
+            "{shown}: schema version {found} is newer than the {supported} this bm-server knows; run a newer bm-server"
+        );
+        return Ok(2);
+    }
+    if status.is_current() {
+        println!("{shown}: schema version {found}, current");
+        return Ok(0);
+    }
+    if check {
+        println!(
+            "{shown}: schema version {found}, {} migration(s) pending to reach {supported}; `bm-server migrate` applies them (a starting server does too)",
+            supported - found
+        );
+        return Ok(1);
+    }
+    // Opening applies the migrations, under the store's lock.
+    match &location {
+        bm_store::StoreUrl::Sqlite(dir) => SqliteStore::open(SqliteConfig::new(dir))
+            .with_context(|| format!("migrating {shown}"))?
+            .close(),
+        bm_store::StoreUrl::Postgres(url) => {
+            bm_store::PgStore::open(bm_store::PgConfig::new(url.clone()))
+                .with_context(|| format!("migrating {shown}"))?
+                .close();
+        }
+    }
+    println!("{shown}: migrated from schema version {found} to {supported}");
+    Ok(0)
 }
 
 /// `bm-server backup`.
@@ -564,8 +690,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "the open files limit is below --max-connections plus {RESERVED_FILES} for the store and providers: accepting will fail (EMFILE) before the connection limit is reached"
         );
     }
-    let store: Arc<dyn Store> = match args.store {
-        StoreKind::Sqlite => {
+    let store: Arc<dyn Store> = match &args.store {
+        StoreChoice::Sqlite => {
             let config = SqliteConfig {
                 on_damage: if args.read_only_on_corruption {
                     OnDamage::ReadOnly
@@ -589,9 +715,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!(path = %store.path().display(), condition = %store.condition(), "store opened");
             Arc::new(store)
         }
-        StoreKind::Memory => {
+        StoreChoice::Memory => {
             tracing::warn!("memory store: nothing survives this process");
             Arc::new(MemoryStore::new())
+        }
+        StoreChoice::Postgres(url) => {
+            let config = bm_store::PgConfig {
+                pool_size: args.db_pool_size,
+                statement_timeout: Some(args.db_statement_timeout),
+                ..bm_store::PgConfig::new(url.clone())
+            };
+            let store = bm_store::PgStore::open(config)
+                .with_context(|| format!("opening the store {}", redacted(url)))?;
+            tracing::info!(database = %redacted(url), condition = %store.condition(), "store opened");
+            Arc::new(store)
         }
     };
 
@@ -685,6 +822,40 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("bm-server").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_store_is_sqlite_memory_or_a_postgres_url() {
+        assert_eq!(parse(&[]).unwrap().store, StoreChoice::Sqlite);
+        assert_eq!(
+            parse(&["--store", "memory"]).unwrap().store,
+            StoreChoice::Memory
+        );
+        let url = "postgres://bm@db.example:5432/fleet?sslmode=verify-full";
+        assert_eq!(
+            parse(&["--store", url]).unwrap().store,
+            StoreChoice::Postgres(url.into())
+        );
+        let err = parse(&["--store", "mysql://x"]).unwrap_err().to_string();
+        assert!(err.contains("postgres://USER@HOST:PORT/DB"), "{err}");
+        let m = parse(&["migrate", "--check", "--store", url]).unwrap();
+        assert!(matches!(
+            m.command,
+            Some(Subcommand::Migrate {
+                check: true,
+                store: StoreChoice::Postgres(_),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redacted("postgres://bm:s3cret@db:5432/fleet"),
+            "postgres://bm@db:5432/fleet"
+        );
+        assert_eq!(redacted("postgres://db/fleet"), "postgres://db/fleet");
     }
 
     #[test]

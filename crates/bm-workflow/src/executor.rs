@@ -2,12 +2,12 @@
 //! providers, reconcile-style (see the crate documentation for its guarantees).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    EventKind, LogLine, Machine, Operation, OperationEvent, OperationId, OperationPhase,
+    EventKind, LogLine, Machine, Operation, OperationEvent, OperationId, OperationPhase, Timestamp,
 };
 use bm_provider::{ActionContext, ErrorKind, LogSink, Provider, ProviderError};
 use bm_store::{Claimed, Fence, StoreError};
@@ -40,7 +40,8 @@ async fn dispatch(inner: Arc<Inner>) {
             .saturating_sub(inner.running().len());
         let mut more = false;
         if free > 0 {
-            match inner.store.claim(&inner.lease(), now(), free).await {
+            let lease = inner.lease();
+            match inner.store.claim(&lease, now(), free).await {
                 Ok(claims) => {
                     backoff = Duration::from_millis(50);
                     more = claims.len() == free;
@@ -58,7 +59,7 @@ async fn dispatch(inner: Arc<Inner>) {
                             old.lose();
                             continue;
                         }
-                        spawn_operation(&inner, claim);
+                        spawn_operation(&inner, claim, lease.expires_at);
                     }
                 }
                 Err(e) => {
@@ -97,7 +98,7 @@ impl Drop for Slot {
     }
 }
 
-fn spawn_operation(inner: &Arc<Inner>, claim: Claimed) {
+fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
     let Claimed {
         operation: op,
         fence,
@@ -105,12 +106,14 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed) {
     // Fires on an operator's cancel or a lost lease; a shutdown is the engine's own token.
     let token = CancellationToken::new();
     let lost = Arc::new(AtomicBool::new(false));
+    let expires = Arc::new(AtomicI64::new(expires.as_unix_micros()));
     inner.running().insert(
         op.id,
         Running {
             token: token.clone(),
             generation: fence.generation,
             lost: lost.clone(),
+            expires: expires.clone(),
         },
     );
     let span = tracing::info_span!(
@@ -132,6 +135,7 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed) {
                 op,
                 fence: fence.clone(),
                 lost,
+                expires,
                 token,
                 events: Vec::new(),
                 log_seq: Arc::new(AtomicU64::new(0)),
@@ -215,9 +219,18 @@ async fn renew_leases(inner: Arc<Inner>) {
         if held.is_empty() {
             continue;
         }
-        match inner.store.renew(&inner.lease(), &held).await {
+        let lease = inner.lease();
+        match inner.store.renew(&lease, &held).await {
             Ok(renewal) => {
                 let running = inner.running();
+                for (id, _) in &held {
+                    if let Some(r) = running.get(id)
+                        && !renewal.lost.contains(id)
+                    {
+                        r.expires
+                            .store(lease.expires_at.as_unix_micros(), Ordering::Relaxed);
+                    }
+                }
                 for id in renewal.canceled {
                     if let Some(r) = running.get(&id) {
                         r.token.cancel();
@@ -264,6 +277,8 @@ struct Runner {
     fence: Fence,
     /// Set when the claim was superseded: stop, write nothing.
     lost: Arc<AtomicBool>,
+    /// The lease's expiry as last known (see [`Running::expires`]).
+    expires: Arc<AtomicI64>,
     /// Fires on an operator's cancel, and when the lease is lost.
     token: CancellationToken,
     /// Events to commit with the next write.
@@ -392,6 +407,8 @@ impl Runner {
                 t,
             ));
             self.save().await?;
+            // A run another replica took over (this one stalled) never calls the provider.
+            self.confirm_lease().await?;
             // The last point where a stop keeps the provider from being called: the attempt
             // whose start was just committed never ran, so it must not count (otherwise the
             // resumption counts a second attempt of a step that ran once). Past this check
@@ -530,12 +547,15 @@ impl Runner {
     fn log_sink(&self, stage: &'static str) -> LogSink {
         let store = self.inner.store.clone();
         let seq = self.log_seq.clone();
-        let lost = self.lost.clone();
+        let (lost, expires) = (self.lost.clone(), self.expires.clone());
         let operation_id = self.op.id;
         LogSink::new(move |tag, message| {
             // A run whose claim was superseded writes nothing more, log lines included:
-            // the new holder numbers its own.
-            if lost.load(Ordering::Relaxed) {
+            // the new holder numbers its own. Past the lease's expiry (this process
+            // stalled) it may have been: lines are dropped until a renewal confirms it.
+            if lost.load(Ordering::Relaxed)
+                || now().as_unix_micros() >= expires.load(Ordering::Relaxed)
+            {
                 return;
             }
             store.append_log(LogLine {
@@ -547,6 +567,32 @@ impl Runner {
                 message: message.to_owned(),
             });
         })
+    }
+
+    /// Before a provider call: if the lease is past its expiry as this executor knows it
+    /// (this process stalled, or renewals failed), asks the store whether the claim still
+    /// holds, so that a run another replica took over never touches the hardware again.
+    async fn confirm_lease(&self) -> Result<(), Stop> {
+        if now().as_unix_micros() < self.expires.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let lease = self.inner.lease();
+        let held = [(self.op.id, self.fence.generation)];
+        let store = &self.inner.store;
+        let renewal = self.retry_store(|| store.renew(&lease, &held)).await?;
+        if renewal.lost.contains(&self.op.id) {
+            tracing::warn!(
+                "lease lost while this server stalled: another took the operation over; writing nothing more for it"
+            );
+            self.lost.store(true, Ordering::Relaxed);
+            return Err(Stop::LeaseLost);
+        }
+        self.expires
+            .store(lease.expires_at.as_unix_micros(), Ordering::Relaxed);
+        if renewal.canceled.contains(&self.op.id) {
+            self.token.cancel();
+        }
+        Ok(())
     }
 
     /// Stopping: a shutdown interrupts (and records that the stage was released, so the

@@ -2,7 +2,7 @@
 //! (`executor.rs`) both hold, so that neither reaches into the other.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bm_domain::OperationId;
@@ -24,6 +24,11 @@ pub(crate) struct Running {
     /// and writes nothing more (its writes would be refused anyway; its log lines are
     /// dropped).
     pub(crate) lost: Arc<AtomicBool>,
+    /// When its lease expires as far as this executor knows (unix microseconds): set at the
+    /// claim, moved on by each renewal. Past it, another replica may have taken the
+    /// operation over: the run logs nothing and calls no provider until a renewal confirms
+    /// the claim.
+    pub(crate) expires: Arc<AtomicI64>,
 }
 
 impl Running {

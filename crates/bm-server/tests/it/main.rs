@@ -15,6 +15,7 @@ mod limits;
 mod pki;
 mod quota;
 mod random_requests;
+mod replicas;
 mod restart;
 mod scopes;
 mod store;
