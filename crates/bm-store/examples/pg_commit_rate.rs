@@ -51,7 +51,18 @@ async fn main() {
     assert!(psql.status().unwrap().success());
     let out = cluster
         .command("pgbench")
-        .args(["-n", "-c", "1", "-T", "5", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+        .args([
+            "-n",
+            "-c",
+            "1",
+            "-T",
+            "5",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+        ])
         .arg(cluster.port().to_string())
         .arg("-f")
         .arg(&script)
