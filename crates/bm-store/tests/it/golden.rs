@@ -3,7 +3,8 @@
 //! Stored machines and operations are the serde form of the domain types, so renaming a
 //! field, a variant or a condition type would silently break every existing database. The
 //! JSON files in `golden/` are records as the store writes them; `store-v1.db` is a database
-//! written by the store at schema version 1 (see `golden/README.md`). When a test here fails,
+//! written by the store at schema version 1, `store-pg-v1.sql` the same records in a
+//! PostgreSQL database at its schema version 1 (see `golden/README.md`). When a test here fails,
 //! do not edit the fixture: keep reading the old form (a serde alias, a migration) and add a
 //! fixture for the new one.
 
@@ -211,7 +212,32 @@ async fn a_database_of_schema_version_1_opens_intact() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(golden("store-v1.db"), dir.path().join("baremetal.db")).unwrap();
     let s = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+    holds_the_v1_fixture(&s).await;
+}
 
+/// A PostgreSQL database written at schema version 1 (a plain `pg_dump`, see
+/// `golden/README.md`) loads and opens with today's code and holds everything it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_database_of_schema_version_1_opens_intact() {
+    let cluster = bm_pg_cluster::Cluster::shared();
+    let url = cluster.create_database().unwrap();
+    let mut psql = cluster.command("psql");
+    psql.args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"])
+        .arg(golden("store-pg-v1.sql"))
+        .stdin(std::process::Stdio::null());
+    let out = psql.output().unwrap();
+    assert!(
+        out.status.success(),
+        "loading the dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = bm_store::PgStore::open(bm_store::PgConfig::new(url)).unwrap();
+    holds_the_v1_fixture(&s).await;
+}
+
+/// The machines, operations, events and log lines of the version-1 fixture (the SQLite file
+/// and the PostgreSQL dump hold the same records), and the store takes writes.
+async fn holds_the_v1_fixture(s: &dyn Store) {
     let all = s
         .list_machines(&MachineQuery {
             limit: 100,
@@ -336,4 +362,121 @@ async fn a_database_of_schema_version_1_opens_intact() {
     s.request_cancel(ops.items[1].id, bm_domain::Actor::default(), at(100))
         .await
         .unwrap();
+}
+
+/// Writes `golden/store-pg-v1.sql`: the records of `store-v1.db` (read through today's
+/// SqliteStore) put into a PostgreSQL database that today's PgStore created, then dumped.
+/// Run by hand (`cargo test -p bm-store --test it make_postgres_fixture -- --ignored`), once
+/// per PostgreSQL schema version; never to refresh a fixture that has shipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "writes the fixture; run by hand"]
+async fn make_postgres_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(golden("store-v1.db"), dir.path().join("baremetal.db")).unwrap();
+    let s = SqliteStore::open(SqliteConfig::new(dir.path())).unwrap();
+    let machines = s
+        .list_machines(&MachineQuery {
+            limit: 100,
+            ..MachineQuery::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    let ops = s
+        .list_operations(&OperationQuery {
+            limit: 100,
+            ..OperationQuery::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    let events = s
+        .events_after(0, &EventFilter::default(), 10_000)
+        .await
+        .unwrap();
+    let mut logs = Vec::new();
+    for o in &ops {
+        logs.extend(s.logs_after(o.id, 0, 10_000).await.unwrap());
+    }
+    let cluster = bm_pg_cluster::Cluster::shared();
+    let url = cluster.create_database().unwrap();
+    drop(bm_store::PgStore::open(bm_store::PgConfig::new(url.clone())).unwrap());
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let doc = |v: &dyn erased::Json| {
+            let d = v.json();
+            let crc = i64::from(crc32fast::hash(d.as_bytes()));
+            (d, crc)
+        };
+        for m in &machines {
+            let (d, crc) = doc(m);
+            c.execute(
+                "INSERT INTO machines (id, phase, effective_state, doc, doc_crc32) VALUES ($1, $2, $3, $4, $5)",
+                &[&m.id.as_str(), &m.status.phase.as_str(), &m.effective_state().as_str(), &d, &crc],
+            )
+            .unwrap();
+            for mac in &m.spec.mac_addresses {
+                c.execute(
+                    "INSERT INTO machine_macs (mac, machine_id) VALUES ($1, $2)",
+                    &[&mac.to_string(), &m.id.as_str()],
+                )
+                .unwrap();
+            }
+        }
+        for o in &ops {
+            let (d, crc) = doc(o);
+            c.execute(
+                "INSERT INTO operations (id, machine_id, type, phase, request_id, cancel_requested, doc, doc_crc32)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[&o.id.to_string(), &o.machine_id.as_str(), &o.op_type.as_str(), &o.phase.as_str(),
+                  &o.request_id.as_str(), &o.cancel_requested, &d, &crc],
+            )
+            .unwrap();
+        }
+        for e in &events {
+            c.execute(
+                "INSERT INTO events (revision, operation_id, machine_id, time, operation_type, kind, phase, stage, attempt, message)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                &[&(e.revision as i64), &e.operation_id.to_string(), &e.machine_id.as_str(), &e.time.as_unix_micros(),
+                  &e.operation_type.as_str(), &e.kind.as_str(), &e.phase.as_str(), &e.stage, &i64::from(e.attempt), &e.message],
+            )
+            .unwrap();
+        }
+        for (i, l) in logs.iter().enumerate() {
+            c.execute(
+                "INSERT INTO logs (operation_id, sequence, time, stage, tag, message, log_revision)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&l.operation_id.to_string(), &(l.sequence as i64), &l.time.as_unix_micros(), &l.stage, &l.tag,
+                  &l.message, &(i as i64 + 1)],
+            )
+            .unwrap();
+        }
+        let last = events.last().map_or(0, |e| e.revision as i64);
+        c.execute("UPDATE counters SET value = $1 WHERE name = 'events'", &[&last]).unwrap();
+        c.execute("UPDATE counters SET value = $1 WHERE name = 'logs'", &[&(logs.len() as i64)]).unwrap();
+        let db = url.rsplit('/').next().unwrap().to_owned();
+        let out = cluster
+            .command("pg_dump")
+            .args(["--no-owner", "--no-privileges", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(cluster.port().to_string())
+            .arg(db)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(golden("store-pg-v1.sql"), out.stdout).unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// Serialising records of either type behind one reference.
+mod erased {
+    pub(super) trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap()
+        }
+    }
 }
