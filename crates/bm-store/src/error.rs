@@ -85,6 +85,10 @@ pub enum StoreError {
     /// The database or the filesystem failed.
     #[error("storage failure")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The database cannot be reached (it is down or restarting, or the network to it is
+    /// cut). Nothing of the call was kept; calls succeed again once it is back.
+    #[error("the database cannot be reached; calls succeed again once it is back")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store was shut down.
     #[error("the store is closed")]
     Closed,
@@ -97,10 +101,14 @@ impl StoreError {
     }
 
     /// True when the same call may succeed later without anyone changing the request: the
-    /// storage failed ([`StoreError::Backend`]) or its disk is full. Writes are atomic, so
-    /// retrying one is safe.
+    /// storage failed ([`StoreError::Backend`]), cannot be reached
+    /// ([`StoreError::Unavailable`]) or its disk is full. Writes are atomic, so retrying one
+    /// is safe.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Backend(_) | StoreError::DiskFull)
+        matches!(
+            self,
+            StoreError::Backend(_) | StoreError::Unavailable(_) | StoreError::DiskFull
+        )
     }
 
     /// The SQLite error code inside a backend failure.
@@ -125,8 +133,41 @@ impl From<rusqlite::Error> for StoreError {
 
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
-        StoreError::backend(e)
+        if database_unreachable(&e) {
+            StoreError::Unavailable(Box::new(e))
+        } else {
+            StoreError::backend(e)
+        }
     }
+}
+
+/// True when a PostgreSQL error says that the server is not there to answer: the connection
+/// could not be made or was lost, or the server is shutting down or starting up.
+fn database_unreachable(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    if let Some(code) = e.code() {
+        // Class 08: connection exception.
+        return code.code().starts_with("08")
+            || [
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::TOO_MANY_CONNECTIONS,
+            ]
+            .contains(code);
+    }
+    if e.is_closed() {
+        return true;
+    }
+    // A failed connect or a broken socket carries the IO error.
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl From<serde_json::Error> for StoreError {

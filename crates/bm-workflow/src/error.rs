@@ -135,7 +135,9 @@ fn store_kind(e: &StoreError) -> ErrorKind {
         | StoreError::MacInUse { .. }
         | StoreError::ImportConflict { .. }
         | StoreError::RequestIdReused { .. } => ErrorKind::AlreadyExists,
-        StoreError::Closed { .. } | StoreError::DiskFull { .. } => ErrorKind::Unavailable,
+        StoreError::Closed { .. }
+        | StoreError::DiskFull { .. }
+        | StoreError::Unavailable { .. } => ErrorKind::Unavailable,
         // A damaged database started read-only: writes wait for a restore.
         StoreError::ReadOnly { .. } => ErrorKind::WrongState,
         // The engine handles a lost lease itself; one that reached a caller is a bug.

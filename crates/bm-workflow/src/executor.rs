@@ -2,7 +2,7 @@
 //! providers, reconcile-style (see the crate documentation for its guarantees).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bm_domain::rules::Outcome;
@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::now;
 use crate::plan::{ResumePolicy, StepKind, completed_prefix, plan};
 use crate::policy::{Decision, decide};
-use crate::shared::{Inner, Running};
+use crate::shared::{Claim, Inner, Running};
 use crate::steps;
 
 /// Starts the executor's tasks: the dispatcher and the lease renewal.
@@ -50,13 +50,17 @@ async fn dispatch(inner: Arc<Inner>) {
                         if inner.shutdown.is_cancelled() {
                             break;
                         }
-                        // Its lease lapsed while it ran here (renewals failed, or the clock
-                        // jumped), and this claim superseded the run's: that run stops and
-                        // writes nothing more. The new claim is not run beside it: its lease
-                        // expires, and the operation is taken up again from what is stored.
+                        // Its lease lapsed while it ran here (renewals failed, the store was
+                        // unreachable for a while, or the clock jumped). If nobody claimed it
+                        // in between, the run goes on under this claim. Otherwise that run
+                        // is stale: it stops and writes nothing more, and the new claim is
+                        // not run beside it: its lease expires, and the operation is taken
+                        // up again from what is stored.
                         if let Some(old) = inner.running().get(&claim.operation.id) {
-                            tracing::warn!(operation_id = %claim.operation.id, "lease lapsed while the operation ran here; stopping that run, the operation is taken up again when the new lease expires");
-                            old.lose();
+                            if !old.claim.adopt(&claim.fence, lease.expires_at) {
+                                tracing::warn!(operation_id = %claim.operation.id, "lease lapsed while the operation ran here and another claimed it meanwhile; stopping that run, the operation is taken up again when the new lease expires");
+                                old.lose();
+                            }
                             continue;
                         }
                         spawn_operation(&inner, claim, lease.expires_at);
@@ -105,15 +109,12 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
     } = claim;
     // Fires on an operator's cancel or a lost lease; a shutdown is the engine's own token.
     let token = CancellationToken::new();
-    let lost = Arc::new(AtomicBool::new(false));
-    let expires = Arc::new(AtomicI64::new(expires.as_unix_micros()));
+    let claim = Arc::new(Claim::new(&fence, expires, inner.store.clone()));
     inner.running().insert(
         op.id,
         Running {
             token: token.clone(),
-            generation: fence.generation,
-            lost: lost.clone(),
-            expires: expires.clone(),
+            claim: claim.clone(),
         },
     );
     let span = tracing::info_span!(
@@ -133,9 +134,7 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
             let runner = Runner {
                 inner: inner.clone(),
                 op,
-                fence: fence.clone(),
-                lost,
-                expires,
+                claim: claim.clone(),
                 token,
                 events: Vec::new(),
                 log_seq: Arc::new(AtomicU64::new(0)),
@@ -164,7 +163,7 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
                     tracing::error!(panic = %what, "the operation's executor panicked; failing it");
-                    fail_after_panic(&inner, &fence, id, &what).await;
+                    fail_after_panic(&inner, &claim.fence(), id, &what).await;
                 }
             }
             drop(slot);
@@ -214,7 +213,7 @@ async fn renew_leases(inner: Arc<Inner>) {
         let held: Vec<(OperationId, u64)> = inner
             .running()
             .iter()
-            .map(|(id, r)| (*id, r.generation))
+            .map(|(id, r)| (*id, r.claim.generation()))
             .collect();
         if held.is_empty() {
             continue;
@@ -223,23 +222,23 @@ async fn renew_leases(inner: Arc<Inner>) {
         match inner.store.renew(&lease, &held).await {
             Ok(renewal) => {
                 let running = inner.running();
-                for (id, _) in &held {
-                    if let Some(r) = running.get(id)
-                        && !renewal.lost.contains(id)
-                    {
-                        r.expires
-                            .store(lease.expires_at.as_unix_micros(), Ordering::Relaxed);
-                    }
-                }
-                for id in renewal.canceled {
-                    if let Some(r) = running.get(&id) {
-                        r.token.cancel();
-                    }
-                }
-                for id in renewal.lost {
-                    if let Some(r) = running.get(&id) {
+                // Judged against the generation that was sent: a claim adopted meanwhile
+                // is not the one the answer is about.
+                for (id, generation) in &held {
+                    let Some(r) = running
+                        .get(id)
+                        .filter(|r| r.claim.generation() == *generation)
+                    else {
+                        continue;
+                    };
+                    if renewal.lost.contains(id) {
                         tracing::warn!(operation_id = %id, "lease lost to another claim; stopping the operation's provider action, writing nothing more for it");
                         r.lose();
+                    } else {
+                        r.claim.renewed(lease.expires_at);
+                        if renewal.canceled.contains(id) {
+                            r.token.cancel();
+                        }
                     }
                 }
             }
@@ -273,12 +272,8 @@ fn disk_touched(op: &Operation) -> bool {
 struct Runner {
     inner: Arc<Inner>,
     op: Operation,
-    /// The claim this run holds: every write carries it.
-    fence: Fence,
-    /// Set when the claim was superseded: stop, write nothing.
-    lost: Arc<AtomicBool>,
-    /// The lease's expiry as last known (see [`Running::expires`]).
-    expires: Arc<AtomicI64>,
+    /// The claim this run holds: every write carries its fence.
+    claim: Arc<Claim>,
     /// Fires on an operator's cancel, and when the lease is lost.
     token: CancellationToken,
     /// Events to commit with the next write.
@@ -545,20 +540,18 @@ impl Runner {
     }
 
     fn log_sink(&self, stage: &'static str) -> LogSink {
-        let store = self.inner.store.clone();
         let seq = self.log_seq.clone();
-        let (lost, expires) = (self.lost.clone(), self.expires.clone());
+        let claim = self.claim.clone();
         let operation_id = self.op.id;
         LogSink::new(move |tag, message| {
             // A run whose claim was superseded writes nothing more, log lines included:
             // the new holder numbers its own. Past the lease's expiry (this process
-            // stalled) it may have been: lines are dropped until a renewal confirms it.
-            if lost.load(Ordering::Relaxed)
-                || now().as_unix_micros() >= expires.load(Ordering::Relaxed)
-            {
+            // stalled, or the store was unreachable) lines wait for a renewal that confirms
+            // the claim (see `Claim::log`).
+            if claim.is_lost() {
                 return;
             }
-            store.append_log(LogLine {
+            claim.log(LogLine {
                 operation_id,
                 sequence: seq.fetch_add(1, Ordering::Relaxed) + 1,
                 time: now(),
@@ -573,22 +566,24 @@ impl Runner {
     /// (this process stalled, or renewals failed), asks the store whether the claim still
     /// holds, so that a run another replica took over never touches the hardware again.
     async fn confirm_lease(&self) -> Result<(), Stop> {
-        if now().as_unix_micros() < self.expires.load(Ordering::Relaxed) {
+        if self.claim.is_current() {
             return Ok(());
         }
+        if self.claim.is_lost() {
+            return Err(Stop::LeaseLost);
+        }
         let lease = self.inner.lease();
-        let held = [(self.op.id, self.fence.generation)];
+        let held = [(self.op.id, self.claim.generation())];
         let store = &self.inner.store;
         let renewal = self.retry_store(|| store.renew(&lease, &held)).await?;
         if renewal.lost.contains(&self.op.id) {
             tracing::warn!(
                 "lease lost while this server stalled: another took the operation over; writing nothing more for it"
             );
-            self.lost.store(true, Ordering::Relaxed);
+            self.claim.mark_lost();
             return Err(Stop::LeaseLost);
         }
-        self.expires
-            .store(lease.expires_at.as_unix_micros(), Ordering::Relaxed);
+        self.claim.renewed(lease.expires_at);
         if renewal.canceled.contains(&self.op.id) {
             self.token.cancel();
         }
@@ -598,7 +593,7 @@ impl Runner {
     /// Stopping: a shutdown interrupts (and records that the stage was released, so the
     /// next start does not count it as a crash), an operator's cancel ends the operation.
     async fn end_stopped(&mut self) -> Result<OperationPhase, Stop> {
-        if self.lost.load(Ordering::Relaxed) {
+        if self.claim.is_lost() {
             return Err(Stop::LeaseLost);
         }
         if self.shutting_down() && !self.token.is_cancelled() && !self.op.cancel_requested {
@@ -631,9 +626,12 @@ impl Runner {
     /// operation's token.
     async fn save(&mut self) -> Result<(), Stop> {
         let events = std::mem::take(&mut self.events);
-        let (store, fence, op) = (&self.inner.store, &self.fence, &self.op);
+        let (store, claim, op) = (&self.inner.store, &self.claim, &self.op);
         let canceled = self
-            .retry_store(|| store.save_progress(fence, op, events.clone()))
+            .retry_store(|| {
+                let events = events.clone();
+                async move { store.save_progress(&claim.fence(), op, events).await }
+            })
             .await?;
         if canceled {
             self.token.cancel();
@@ -643,14 +641,16 @@ impl Runner {
 
     async fn finish(&mut self, outcome: Outcome) -> Result<OperationPhase, Stop> {
         let events = std::mem::take(&mut self.events);
-        let (store, fence, op) = (
+        let (store, claim, op) = (
             self.inner.store.clone(),
-            self.fence.clone(),
+            self.claim.clone(),
             self.op.clone(),
         );
         let (op, _machine) = self
             .retry_store(|| {
-                store.finish(&fence, op.clone(), outcome.clone(), events.clone(), now())
+                let (store, fence) = (store.clone(), claim.fence());
+                let (op, outcome, events) = (op.clone(), outcome.clone(), events.clone());
+                async move { store.finish(&fence, op, outcome, events, now()).await }
             })
             .await?;
         Ok(op.phase)

@@ -226,7 +226,9 @@ struct Readers {
 }
 
 impl Readers {
-    fn with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    /// Runs `f` on a read connection. A connection that the database dropped (it restarted)
+    /// is found out by its first use: then `f` runs once more on a new one.
+    fn with<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
         let n = self.conns.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut conn = (0..n)
@@ -238,8 +240,15 @@ impl Readers {
             });
         if conn.is_closed() {
             *conn = connect(&self.config, self.timeout)?;
+            return f(&mut conn);
         }
-        f(&mut conn)
+        match f(&mut conn) {
+            Err(StoreError::Unavailable(_)) if conn.is_closed() => {
+                *conn = connect(&self.config, self.timeout)?;
+                f(&mut conn)
+            }
+            r => r,
+        }
     }
 }
 
@@ -445,6 +454,8 @@ impl PgStore {
             max_batch: config.max_batch.max(1),
             feed: feed.clone(),
             stmts: Default::default(),
+            unwritten: Vec::new(),
+            last_used: std::time::Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("bm-store-pg-writer".into())
@@ -533,7 +544,7 @@ impl PgStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T> + Send + 'static,
+        f: impl FnMut(&mut Client) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || readers.with(f))
@@ -583,7 +594,7 @@ impl Store for PgStore {
             )?;
             match rows.first() {
                 Some(r) => Rows::machine(r),
-                None => Err(StoreError::MachineNotFound(id)),
+                None => Err(StoreError::MachineNotFound(id.clone())),
             }
         })
         .await

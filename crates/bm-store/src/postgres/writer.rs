@@ -100,6 +100,9 @@ pub(super) fn job<T: Send + 'static>(
         let out = match (r, commit) {
             (Some(r), Ok(())) => r,
             (Some(Err(e)), Err(_)) if !e.is_transient() => Err(e),
+            (_, Err(c)) if matches!(*c, StoreError::Unavailable(_)) => {
+                Err(StoreError::Unavailable(Box::new(CommitFailed(c))))
+            }
             (_, Err(c)) => Err(StoreError::Backend(Box::new(CommitFailed(c)))),
             (None, Ok(())) => Err(StoreError::Backend("the store job panicked".into())),
         };
@@ -165,6 +168,11 @@ pub(super) struct Writer {
     pub(super) max_batch: usize,
     pub(super) feed: Arc<Feed>,
     pub(super) stmts: HashMap<&'static str, Statement>,
+    /// Log lines of a batch whose commit failed because the database could not be reached:
+    /// written with the next batch, so that an outage loses none.
+    pub(super) unwritten: Vec<LogLine>,
+    /// When the connection was last used.
+    pub(super) last_used: std::time::Instant,
 }
 
 impl Writer {
@@ -183,6 +191,21 @@ impl Writer {
     }
 
     fn reconnect(&mut self) -> Result<()> {
+        // A connection the database dropped while idle (it restarted) is found out only by
+        // using it: after a quiet second, check it first, so that the batch does not fail.
+        let idle = self.last_used.elapsed() > std::time::Duration::from_secs(1);
+        if idle
+            && !self.conn.is_closed()
+            && self
+                .conn
+                .is_valid(std::time::Duration::from_secs(2))
+                .is_err()
+        {
+            tracing::warn!("the store's database connection was lost while idle; reconnecting");
+            self.conn = connect(&self.connect, self.statement_timeout)?;
+            self.stmts.clear();
+        }
+        self.last_used = std::time::Instant::now();
         if self.conn.is_closed() {
             tracing::warn!("the store's database connection was lost; reconnecting");
             self.conn = connect(&self.connect, self.statement_timeout)?;
@@ -194,7 +217,7 @@ impl Writer {
     fn run_batch(&mut self, batch: Vec<Command>) {
         let mut replies = Vec::with_capacity(batch.len());
         let mut jobs = Vec::with_capacity(batch.len());
-        let mut lines = Vec::new();
+        let mut lines = std::mem::take(&mut self.unwritten);
         for cmd in batch {
             match cmd {
                 Command::Write(job) => jobs.push(job),
@@ -275,7 +298,12 @@ impl Writer {
                     let _ = self.conn.batch_execute("ROLLBACK");
                 }
                 if !lines.is_empty() {
-                    tracing::warn!(lines = lines.len(), "log lines dropped");
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        // Kept for the next batch (the executors' writes retry, so one comes).
+                        self.unwritten = lines;
+                    } else {
+                        tracing::warn!(lines = lines.len(), "log lines dropped");
+                    }
                 }
                 let e = Arc::new(e);
                 for r in replies {
