@@ -302,7 +302,10 @@ async fn tls_as_the_url_asks() {
         other.display()
     ))
     .unwrap_err();
-    assert!(format!("{wrong:?}").contains("InvalidCertificate"), "{wrong:?}");
+    assert!(
+        format!("{wrong:?}").contains("InvalidCertificate"),
+        "{wrong:?}"
+    );
     let missing = with("sslmode=verify-full".into()).unwrap_err();
     assert!(
         format!("{:?}", missing).contains("sslrootcert"),
