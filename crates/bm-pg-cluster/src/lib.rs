@@ -64,6 +64,9 @@ pub struct Options {
     pub durable: bool,
     /// More `postgresql.conf` settings (name, value as written in the file, e.g. `'on'`).
     pub settings: Vec<(String, String)>,
+    /// The whole `pg_hba.conf`, replacing initdb's (e.g. `hostssl` lines only, so that a test
+    /// knows a connection that works used TLS).
+    pub hba: Option<String>,
 }
 
 /// A running throwaway cluster; stopped and deleted on drop.
@@ -214,6 +217,10 @@ impl Cluster {
             .map_err(io(format!("opening {}", conf_path.display())))?;
         std::io::Write::write_all(&mut file, conf.as_bytes())
             .map_err(io(format!("writing {}", conf_path.display())))?;
+        if let Some(hba) = &options.hba {
+            let path = cluster.data.join("pg_hba.conf");
+            std::fs::write(&path, hba).map_err(io(format!("writing {}", path.display())))?;
+        }
         // The port is free when probed; another process may take it before the server
         // binds it, so a failed start is tried again on another port.
         let mut last = None;

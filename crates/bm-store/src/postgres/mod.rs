@@ -18,6 +18,7 @@
 //! alive; a dead one's leases expire.
 
 mod schema;
+mod tls;
 mod writer;
 
 use std::str::FromStr;
@@ -102,26 +103,45 @@ pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Parses a URL into a connection configuration.
-fn parse(url: &str) -> Result<postgres::Config> {
-    postgres::Config::from_str(url).map_err(|e| {
-        StoreError::backend(std::io::Error::other(format!(
-            "invalid PostgreSQL URL: {}",
-            chain(&e)
-        )))
-    })
+/// Where and how to connect: the database (with the session's statement timeout) and TLS.
+#[derive(Clone)]
+pub(crate) struct Target {
+    config: postgres::Config,
+    tls: tls::Tls,
 }
 
-/// Connects, with the statement timeout set for the session.
-fn connect(config: &postgres::Config, timeout: Option<Duration>) -> Result<Client> {
-    let mut config = config.clone();
-    if let Some(t) = timeout {
-        config.options(&format!("-c statement_timeout={}", t.as_millis()));
+impl Target {
+    /// Parses a URL (with libpq's `sslmode` and `sslrootcert`, see `tls.rs`).
+    fn parse(url: &str, timeout: Option<Duration>) -> Result<Target> {
+        let (rest, mode, root) = tls::split(url)?;
+        let mut config = postgres::Config::from_str(&rest).map_err(|e| {
+            StoreError::backend(std::io::Error::other(format!(
+                "invalid PostgreSQL URL: {}",
+                chain(&e)
+            )))
+        })?;
+        config.ssl_mode(match mode {
+            tls::Mode::Disable => postgres::config::SslMode::Disable,
+            tls::Mode::Prefer => postgres::config::SslMode::Prefer,
+            _ => postgres::config::SslMode::Require,
+        });
+        if let Some(t) = timeout {
+            config.options(&format!("-c statement_timeout={}", t.as_millis()));
+        }
+        config.application_name("bm-server");
+        Ok(Target {
+            config,
+            tls: tls::connector(mode, root.as_deref())?,
+        })
     }
-    config
-        .application_name("bm-server")
-        .connect(NoTls)
-        .map_err(StoreError::from)
+
+    /// Connects, with the statement timeout set for the session.
+    fn connect(&self) -> Result<Client> {
+        Ok(match &self.tls.connector {
+            Some(c) => self.config.connect(c.clone())?,
+            None => self.config.connect(NoTls)?,
+        })
+    }
 }
 
 /// Runs blocking client work on a thread of its own: the synchronous client must not run on
@@ -221,8 +241,7 @@ fn readable<T>(rows: &[Row], f: impl Fn(&Row) -> Result<T>) -> Vec<T> {
 struct Readers {
     conns: Vec<Mutex<Client>>,
     next: AtomicUsize,
-    config: postgres::Config,
-    timeout: Option<Duration>,
+    target: Target,
 }
 
 impl Readers {
@@ -239,12 +258,12 @@ impl Readers {
                     .unwrap_or_else(|e| e.into_inner())
             });
         if conn.is_closed() {
-            *conn = connect(&self.config, self.timeout)?;
+            *conn = self.target.connect()?;
             return f(&mut conn);
         }
         match f(&mut conn) {
             Err(StoreError::Unavailable(_)) if conn.is_closed() => {
-                *conn = connect(&self.config, self.timeout)?;
+                *conn = self.target.connect()?;
                 f(&mut conn)
             }
             r => r,
@@ -375,14 +394,9 @@ impl Feed {
 
 /// The feed's listener: wakes at every other writer's commit, or every [`POLL`], and reads
 /// what is new. Reconnects when its connection is lost; stops with the store.
-fn listen(
-    config: postgres::Config,
-    timeout: Option<Duration>,
-    feed: Weak<Feed>,
-    stop: Arc<AtomicBool>,
-) {
+fn listen(target: Target, feed: Weak<Feed>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
-        let mut conn = match connect(&config, timeout).and_then(|mut c| {
+        let mut conn = match target.connect().and_then(|mut c| {
             c.batch_execute("LISTEN bm_store")?;
             Ok(c)
         }) {
@@ -424,9 +438,8 @@ impl PgStore {
     }
 
     fn open_blocking(config: PgConfig) -> Result<Self> {
-        let pg = parse(&config.url)?;
-        let timeout = config.statement_timeout;
-        let mut conn = connect(&pg, timeout)?;
+        let target = Target::parse(&config.url, config.statement_timeout)?;
+        let mut conn = target.connect()?;
         schema::migrate(&mut conn)?;
         let counters = conn.query("SELECT name, value FROM counters", &[])?;
         let mut cursor = Cursor::default();
@@ -443,13 +456,12 @@ impl PgStore {
             logs: broadcast::channel(BROADCAST_CAPACITY).0,
         });
         let readers = (0..config.pool_size.max(1))
-            .map(|_| connect(&pg, timeout).map(Mutex::new))
+            .map(|_| target.connect().map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             conn,
-            connect: pg.clone(),
-            statement_timeout: timeout,
+            target: target.clone(),
             rx,
             max_batch: config.max_batch.max(1),
             feed: feed.clone(),
@@ -462,11 +474,11 @@ impl PgStore {
             .spawn(move || writer.run())
             .map_err(StoreError::backend)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let (listen_pg, listen_feed, listen_stop) =
-            (pg.clone(), Arc::downgrade(&feed), stop.clone());
+        let (listen_target, listen_feed, listen_stop) =
+            (target.clone(), Arc::downgrade(&feed), stop.clone());
         std::thread::Builder::new()
             .name("bm-store-pg-feed".into())
-            .spawn(move || listen(listen_pg, timeout, listen_feed, listen_stop))
+            .spawn(move || listen(listen_target, listen_feed, listen_stop))
             .map_err(StoreError::backend)?;
         Ok(PgStore {
             writer: Mutex::new(Some(tx)),
@@ -474,8 +486,7 @@ impl PgStore {
             readers: Arc::new(Readers {
                 conns: readers,
                 next: AtomicUsize::new(0),
-                config: pg,
-                timeout,
+                target,
             }),
             feed,
             stop,
@@ -490,9 +501,9 @@ impl PgStore {
     ///
     /// A backend error (the database cannot be reached, the URL is invalid).
     pub fn schema_status(url: &str) -> Result<SchemaStatus> {
-        let pg = parse(url)?;
+        let target = Target::parse(url, Some(Duration::from_secs(30)))?;
         off_runtime(move || {
-            let mut conn = connect(&pg, Some(Duration::from_secs(30)))?;
+            let mut conn = target.connect()?;
             Ok(SchemaStatus {
                 found: schema::version(&mut conn)?,
                 supported: schema::known_version(),

@@ -29,7 +29,7 @@ use postgres::error::SqlState;
 use postgres::types::ToSql;
 use postgres::{Client, Statement};
 
-use super::{Feed, Rows, connect};
+use super::{Feed, Rows, Target};
 use crate::logic::{Holding, Indexed, StoredOp, Tx};
 use crate::sqlite::codec as docs;
 use crate::{Lease, Renewal, Result, StoreError};
@@ -162,8 +162,7 @@ fn prepared(
 
 pub(super) struct Writer {
     pub(super) conn: Client,
-    pub(super) connect: postgres::Config,
-    pub(super) statement_timeout: Option<std::time::Duration>,
+    pub(super) target: Target,
     pub(super) rx: Receiver<Command>,
     pub(super) max_batch: usize,
     pub(super) feed: Arc<Feed>,
@@ -202,13 +201,13 @@ impl Writer {
                 .is_err()
         {
             tracing::warn!("the store's database connection was lost while idle; reconnecting");
-            self.conn = connect(&self.connect, self.statement_timeout)?;
+            self.conn = self.target.connect()?;
             self.stmts.clear();
         }
         self.last_used = std::time::Instant::now();
         if self.conn.is_closed() {
             tracing::warn!("the store's database connection was lost; reconnecting");
-            self.conn = connect(&self.connect, self.statement_timeout)?;
+            self.conn = self.target.connect()?;
             self.stmts.clear();
         }
         Ok(())

@@ -237,3 +237,78 @@ fn sqlite_schema_status() {
     let status = schema_status(&url).unwrap();
     assert!(status.is_current(), "{status:?}");
 }
+
+/// Writes a self-signed certificate for 127.0.0.1 and its key, readable by the server (which
+/// runs as `postgres` when the tests run as root); returns the certificate's path.
+fn certificate(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&crt, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if std::fs::metadata("/proc/self").unwrap().uid() == 0 {
+        let ok = std::process::Command::new("chown")
+            .arg("postgres:")
+            .arg(&crt)
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    (crt, key)
+}
+
+/// A server that takes TLS connections only: `sslmode=require` connects without checking the
+/// certificate, `verify-full` checks it against `sslrootcert`, refuses another CA's, and asks
+/// for the file when it is missing; `disable` is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_as_the_url_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (crt, key) = certificate(dir.path(), "server");
+    let (other, _) = certificate(dir.path(), "other");
+    let quoted = |p: &std::path::Path| format!("'{}'", p.display());
+    let cluster = Cluster::start_with(&bm_pg_cluster::Options {
+        settings: vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_cert_file".into(), quoted(&crt)),
+            ("ssl_key_file".into(), quoted(&key)),
+        ],
+        hba: Some("hostssl all all 127.0.0.1/32 trust\n".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let url = cluster.create_database().unwrap();
+    let with = |query: String| PgStore::open(PgConfig::new(format!("{url}?{query}")));
+
+    let plain = with("sslmode=disable".into()).unwrap_err();
+    assert!(format!("{plain:?}").contains("pg_hba.conf"), "{plain:?}");
+
+    let s = with("sslmode=require".into()).unwrap();
+    s.register_machine(machine("m-1", 1)).await.unwrap();
+    drop(s);
+    let s = with(format!("sslmode=verify-full&sslrootcert={}", crt.display())).unwrap();
+    assert_eq!(s.get_machine(&mid("m-1")).await.unwrap().id, mid("m-1"));
+    drop(s);
+
+    let wrong = with(format!(
+        "sslmode=verify-full&sslrootcert={}",
+        other.display()
+    ))
+    .unwrap_err();
+    assert!(
+        format!("{wrong:?}").contains("InvalidCertificate"),
+        "{wrong:?}"
+    );
+    let missing = with("sslmode=verify-full".into()).unwrap_err();
+    assert!(
+        format!("{:?}", missing).contains("sslrootcert"),
+        "{missing:?}"
+    );
+}
