@@ -640,6 +640,7 @@ async fn postgres_fleet(
             )),
         );
         let pg_cpu0 = pg::cpu(&cluster)?;
+        let syncs0 = pg::wal_syncs(&cluster)?;
         let re = control::run_phase(
             &clients,
             &pids,
@@ -650,6 +651,7 @@ async fn postgres_fleet(
         )
         .await?;
         let pg_cpu = pg::cpu(&cluster)?.saturating_sub(pg_cpu0);
+        let syncs = pg::wal_syncs(&cluster)?.saturating_sub(syncs0);
         control::check_fleet(&mut clients[0], n)
             .await
             .with_context(|| format!("after the fleet reimage on PostgreSQL, {label}"))?;
@@ -693,6 +695,18 @@ async fn postgres_fleet(
             .vs(format!(
                 "{:.1}x the single-row commit rate",
                 changes / commits
+            )),
+        );
+        rows.push(
+            Row::new(
+                "fleet-pg",
+                format!("{label}: WAL flushes (durable commits) during the reimages"),
+                fmt_count(syncs as f64),
+            )
+            .vs(format!(
+                "{:.1} per reimage; {} /s",
+                syncs as f64 / f64::from(n),
+                fmt_count(syncs as f64 / re.wall.as_secs_f64())
             )),
         );
         // CPU seconds per 1,000 reimages: what a reader multiplies to size real hosts.

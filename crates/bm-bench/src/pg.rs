@@ -47,6 +47,37 @@ pub(crate) fn commit_rate(cluster: &Cluster, run_for: Duration) -> anyhow::Resul
     parse_tps(&text).with_context(|| format!("no tps in pgbench's output: {text}"))
 }
 
+/// How many times the cluster has flushed its WAL to disk so far (`pg_stat_wal.wal_sync`):
+/// one per durable commit, or per group of commits that PostgreSQL flushed together.
+pub(crate) fn wal_syncs(cluster: &Cluster) -> anyhow::Result<u64> {
+    let port = cluster.port().to_string();
+    let out = cluster
+        .command("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &port,
+            "-tAq",
+            "-c",
+        ])
+        .arg("SELECT wal_sync FROM pg_stat_wal")
+        .arg("postgres")
+        .output()
+        .context("running psql")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "reading pg_stat_wal failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.trim()
+        .parse()
+        .with_context(|| format!("pg_stat_wal.wal_sync is {text:?}"))
+}
+
 /// The transactions per second of pgbench's report (`tps = 242.51 (without initial
 /// connection time)`).
 fn parse_tps(report: &str) -> Option<f64> {
