@@ -704,8 +704,8 @@ async fn postgres_fleet(
                 fmt_count(syncs as f64),
             )
             .vs(format!(
-                "{:.1} per reimage; {} /s",
-                syncs as f64 / f64::from(n),
+                "{:.0} per 1,000 reimages; {} /s",
+                syncs as f64 * 1000.0 / f64::from(n),
                 fmt_count(syncs as f64 / re.wall.as_secs_f64())
             )),
         );
