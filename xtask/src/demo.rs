@@ -17,12 +17,23 @@ use crate::proc::{self, Run};
 struct Options {
     slow: bool,
     timing: String,
+    /// Which store the server runs on.
+    store: StoreKind,
+}
+
+/// The demo's store: the embedded SQLite (the default) or a local PostgreSQL that the demo
+/// starts itself (a throwaway cluster, stopped at the end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreKind {
+    Sqlite,
+    Postgres,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
         slow: false,
         timing: "normal".into(),
+        store: StoreKind::Sqlite,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -38,7 +49,16 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
                     "--fake-timing is normal, slow or instant"
                 );
             }
-            other => bail!("unknown demo option {other:?} (options: --slow, --fake-timing T)"),
+            "--store" => {
+                o.store = match it.next().map(String::as_str) {
+                    Some("sqlite") => StoreKind::Sqlite,
+                    Some("postgres") => StoreKind::Postgres,
+                    _ => bail!("--store is sqlite or postgres"),
+                };
+            }
+            other => bail!(
+                "unknown demo option {other:?} (options: --slow, --fake-timing T, --store sqlite|postgres)"
+            ),
         }
     }
     Ok(o)
@@ -67,12 +87,31 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<i32> {
     let bin = proc::build(&["bm-server", "bm-cli"], false)?;
     let dir = std::env::temp_dir().join(format!("bm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (mut server, addr) = start_server(&bin, &dir, &options)?;
-    println!(
-        "Server listening on {addr} (data in {}, log in {})",
-        dir.join("data").display(),
-        dir.join("server.log").display()
-    );
+    // A PostgreSQL of its own, stopped (and deleted) when `cluster` is dropped at the end.
+    let (cluster, store) = match options.store {
+        StoreKind::Sqlite => (None, None),
+        StoreKind::Postgres => {
+            println!("Starting a throwaway PostgreSQL...");
+            let cluster = bm_pg_cluster::Cluster::start()
+                .context("starting a local PostgreSQL for the demo")?;
+            let url = cluster
+                .create_database()
+                .context("creating the demo's database")?;
+            (Some(cluster), Some(url))
+        }
+    };
+    let (mut server, addr) = start_server(&bin, &dir, &options, store.as_deref())?;
+    match &store {
+        None => println!(
+            "Server listening on {addr} (data in {}, log in {})",
+            dir.join("data").display(),
+            dir.join("server.log").display()
+        ),
+        Some(url) => println!(
+            "Server listening on {addr} (store {url}, log in {})",
+            dir.join("server.log").display()
+        ),
+    }
 
     let mut demo = Demo {
         bin,
@@ -126,18 +165,27 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<i32> {
         }
     };
     let _ = std::fs::remove_dir_all(&dir);
+    drop(cluster);
     Ok(code)
 }
 
-fn start_server(bin: &Path, dir: &Path, o: &Options) -> anyhow::Result<(Child, String)> {
+/// Starts bm-server on `dir/data` (where it keeps the local admin token bmctl reads), on
+/// the PostgreSQL database `store` when given.
+fn start_server(
+    bin: &Path,
+    dir: &Path,
+    o: &Options,
+    store: Option<&str>,
+) -> anyhow::Result<(Child, String)> {
     let log = std::fs::File::create(dir.join("server.log"))?;
     let mut cmd = Command::new(bin.join("bm-server"));
     cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
-        .args(["--fake-timing", &o.timing])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(log);
+        .args(["--fake-timing", &o.timing]);
+    if let Some(url) = store {
+        cmd.args(["--store", url]);
+    }
+    cmd.env("NO_COLOR", "1").stdout(Stdio::piped()).stderr(log);
     let mut child = cmd.spawn().context("starting bm-server")?;
     let mut line = String::new();
     let read = child

@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's tasks, in Rust so they run wherever cargo does.
 //!
-//! - `demo [--slow]`: plays spec 000's presenter script against a fresh server.
-//! - `bench [--quick] [--scenario NAME]`: builds in release mode and runs `bm-bench`.
+//! - `demo [--slow] [--store postgres]`: plays spec 000's presenter script against a fresh
+//!   server (on SQLite, or on a throwaway local PostgreSQL that it starts and stops).
+//! - `bench [--quick] [--scenario NAME] [--store postgres]`: builds in release mode and runs
+//!   `bm-bench`.
 //! - `test [ARGS]`: installs the system packages the tests need, then `cargo test --workspace
 //!   ARGS`.
 //! - `ci`: runs `.ci/run` (formatting, lints, docs, the tests).
@@ -23,10 +25,12 @@ fn usage() -> &'static str {
     "usage: cargo xtask <task>
 
 tasks:
-  demo [--slow] [--fake-timing normal|slow|instant]
-        play spec 000's presenter script (steps 3-10) against a fresh server
-  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory]
-        build in release mode, run the benchmarks against a real server, print one table
+  demo [--slow] [--fake-timing normal|slow|instant] [--store sqlite|postgres]
+        play spec 000's presenter script (steps 3-10) against a fresh server; with
+        --store postgres, on a local PostgreSQL that it starts and stops itself
+  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory] [--store postgres]
+        build in release mode, run the benchmarks against a real server, print one table;
+        --store postgres adds the fleet on a throwaway PostgreSQL, 1 and 3 replicas
   test [ARGS]
         install the system packages the tests need (openssh-server, python3-venv) when
         missing, then run cargo test --workspace ARGS

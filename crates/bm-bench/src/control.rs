@@ -109,8 +109,10 @@ pub(crate) struct Phase {
     pub(crate) latency: Latency,
     /// Events committed during the phase.
     pub(crate) events: u64,
-    /// Server CPU time used during the phase.
+    /// Server CPU time used during the phase, over all the servers.
     pub(crate) cpu: Duration,
+    /// The same, per server (in the order of the `pids` given).
+    pub(crate) cpu_each: Vec<Duration>,
 }
 
 fn micros(t: &Option<bm_proto::pbjson_types::Timestamp>) -> i64 {
@@ -120,14 +122,25 @@ fn micros(t: &Option<bm_proto::pbjson_types::Timestamp>) -> i64 {
 
 /// Starts `kind` on every machine `0..n` with at most `in_flight` requests outstanding and
 /// waits until every operation has ended; every one must succeed.
+///
+/// `servers` are replicas of one store: request `i` goes to `servers[i % len]` (round robin);
+/// the first one is watched and lists the outcome. `pids` are the processes whose CPU time
+/// the phase reports (summed).
 pub(crate) async fn run_phase(
-    c: &mut Clients,
-    server_pid: u32,
+    servers: &[Clients],
+    pids: &[u32],
     n: u32,
     kind: Kind,
     in_flight: usize,
     tag: &str,
 ) -> anyhow::Result<Phase> {
+    ensure!(!servers.is_empty(), "no server to run the phase on");
+    let mut c = servers[0].clone();
+    let cpu_of = |pids: &[u32]| {
+        pids.iter()
+            .map(|pid| crate::procs::cpu(*pid))
+            .collect::<anyhow::Result<Vec<Duration>>>()
+    };
     // Watch everything from now on, to know when the phase is over and how many durable state
     // changes (events) it made.
     let mut watch = c
@@ -138,7 +151,7 @@ pub(crate) async fn run_phase(
         })
         .await?
         .into_inner();
-    let cpu0 = crate::procs::cpu(server_pid)?;
+    let cpu0 = cpu_of(pids)?;
     let t0 = SystemTime::now();
     let started = Instant::now();
     let mut submitted: HashSet<String> = HashSet::with_capacity(n as usize);
@@ -171,8 +184,9 @@ pub(crate) async fn run_phase(
         Ok::<_, tonic::Status>(op.id)
     };
     let mut next = 0u32;
+    let replica = |i: u32| servers[i as usize % servers.len()].clone();
     while next < n && pending.len() < in_flight {
-        pending.push(start(c.clone(), next));
+        pending.push(start(replica(next), next));
         next += 1;
     }
     loop {
@@ -186,7 +200,7 @@ pub(crate) async fn run_phase(
             Some(r) = pending.next(), if !pending.is_empty() => {
                 submitted.insert(r.context("starting an operation")?);
                 if next < n {
-                    pending.push(start(c.clone(), next));
+                    pending.push(start(replica(next), next));
                     next += 1;
                 }
             }
@@ -212,7 +226,11 @@ pub(crate) async fn run_phase(
             "the phase did not end within 10 minutes"
         );
     }
-    let cpu = crate::procs::cpu(server_pid)?.saturating_sub(cpu0);
+    let cpu_each: Vec<Duration> = cpu_of(pids)?
+        .into_iter()
+        .zip(cpu0)
+        .map(|(now, before)| now.saturating_sub(before))
+        .collect();
     // Latencies and the end from the server's own timestamps.
     let wanted = match kind {
         Kind::EnterMaintenance => pb::OperationType::EnterMaintenance,
@@ -258,7 +276,8 @@ pub(crate) async fn run_phase(
         } else {
             0
         },
-        cpu,
+        cpu: cpu_each.iter().sum(),
+        cpu_each,
     })
 }
 
@@ -470,7 +489,15 @@ pub(crate) async fn fan_out(
             })
         })
         .collect();
-    let phase = run_phase(c, server_pid, n, Kind::Reimage, 512, "fanout").await?;
+    let phase = run_phase(
+        std::slice::from_ref(c),
+        &[server_pid],
+        n,
+        Kind::Reimage,
+        512,
+        "fanout",
+    )
+    .await?;
     let mut all_latencies = Vec::new();
     let mut reference: Option<Vec<u64>> = None;
     for (w, t) in tasks.into_iter().enumerate() {

@@ -5,6 +5,7 @@
 //!
 //! `cargo xtask bench` builds everything in release mode and runs it; `--quick` runs small
 //! sizes (CI runs it to catch a broken invariant; timings are never asserted).
+//! `--store postgres` adds the fleet on PostgreSQL, with one replica and with three.
 
 #![allow(
     clippy::print_stdout,
@@ -14,6 +15,7 @@
 
 mod control;
 mod echo;
+mod pg;
 mod procs;
 mod stats;
 mod wal;
@@ -61,6 +63,17 @@ struct RunArgs {
     /// Only this scenario.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     scenario: Scenario,
+    /// `postgres`: the fleet scenario also runs on a durable throwaway PostgreSQL, with one
+    /// bm-server and with three sharing the database, beside SQLite, with the database's own
+    /// single-row commit rate as their limit.
+    #[arg(long, value_enum, default_value_t = StoreArg::Sqlite)]
+    store: StoreArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StoreArg {
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -207,16 +220,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             &work,
             // One anonymous principal makes every call: the limits per principal against
             // abuse (docs/security.md) would measure themselves, so they are lifted.
-            &[
-                "--max-concurrent-operations",
-                "4096",
-                "--op-rate-per-principal",
-                "1000000000",
-                "--op-burst-per-principal",
-                "1000000000",
-                "--max-streams-per-principal",
-                "1000000",
-            ],
+            &LIFTED,
         )?;
         let pid = server.pid();
         let endpoint = format!("http://{}", server.addr);
@@ -243,8 +247,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
             let wal = wal::WalWatch::start(&work.join("data"));
             let enter = control::run_phase(
-                &mut c,
-                pid,
+                std::slice::from_ref(&c),
+                &[pid],
                 n,
                 Kind::EnterMaintenance,
                 sizes.client_in_flight,
@@ -264,8 +268,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 )),
             );
             let re = control::run_phase(
-                &mut c,
-                pid,
+                std::slice::from_ref(&c),
+                &[pid],
                 n,
                 Kind::Reimage,
                 sizes.client_in_flight,
@@ -390,8 +394,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             if in_maintenance < n {
                 control::run_phase(
-                    &mut c,
-                    pid,
+                    std::slice::from_ref(&c),
+                    &[pid],
                     n,
                     Kind::EnterMaintenance,
                     sizes.client_in_flight,
@@ -526,6 +530,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    if args.store == StoreArg::Postgres && want(Scenario::Fleet) {
+        postgres_fleet(&args, &sizes, &work, &mut rows).await?;
+    }
+
     println!(
         "\nbm-bench {} on {}, {}\n",
         if args.quick { "--quick" } else { "(full)" },
@@ -534,6 +542,219 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     println!("{}", stats::table(&rows));
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// The server flags that lift the limits per principal against abuse (docs/security.md):
+/// one anonymous principal makes every call, so they would measure themselves.
+const LIFTED: [&str; 8] = [
+    "--max-concurrent-operations",
+    "4096",
+    "--op-rate-per-principal",
+    "1000000000",
+    "--op-burst-per-principal",
+    "1000000000",
+    "--max-streams-per-principal",
+    "1000000",
+];
+
+/// The fleet on a durable throwaway PostgreSQL, on a fresh database each time: with one
+/// bm-server, then with three sharing the database (requests round robin over them), each
+/// measured against the database's own single-row commit rate.
+async fn postgres_fleet(
+    args: &RunArgs,
+    sizes: &Sizes,
+    work: &std::path::Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let cluster = bm_pg_cluster::Cluster::start_with(&bm_pg_cluster::Options {
+        durable: true,
+        ..bm_pg_cluster::Options::default()
+    })
+    .context("starting a durable throwaway PostgreSQL")?;
+    let commits = pg::commit_rate(
+        &cluster,
+        if args.quick {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        },
+    )?;
+    rows.push(Row::new(
+        "fleet-pg",
+        "PostgreSQL: single-row durable commits/s, 1 client (pgbench)",
+        fmt_count(commits),
+    ));
+    let n = sizes.fleet;
+    let mut one_replica = None;
+    for replicas in [1usize, 3] {
+        let label = if replicas == 1 {
+            "1 replica".to_owned()
+        } else {
+            format!("{replicas} replicas")
+        };
+        let url = cluster.create_database()?;
+        let mut servers = Vec::with_capacity(replicas);
+        for r in 0..replicas {
+            let dir = work.join(format!("pg{replicas}-{r}"));
+            std::fs::create_dir_all(&dir)?;
+            let mut flags = vec!["--store", url.as_str()];
+            flags.extend(LIFTED);
+            servers.push((start_server(&args.server_bin, &dir, &flags)?, dir));
+        }
+        let pids: Vec<u32> = servers.iter().map(|(s, _)| s.pid()).collect();
+        let mut clients = Vec::with_capacity(replicas);
+        for (s, _) in &servers {
+            clients.push(Clients::new(connect(&s.addr).await?));
+        }
+        let took = control::import(&mut clients[0], 0, n).await?;
+        rows.push(
+            Row::new(
+                "fleet-pg",
+                format!("{label}: import {} machines", fmt_count(f64::from(n))),
+                fmt_duration(took),
+            )
+            .vs(format!(
+                "{} machines/s",
+                fmt_count(f64::from(n) / took.as_secs_f64())
+            )),
+        );
+        let enter = control::run_phase(
+            &clients,
+            &pids,
+            n,
+            Kind::EnterMaintenance,
+            sizes.client_in_flight,
+            "enter",
+        )
+        .await?;
+        rows.push(
+            Row::new(
+                "fleet-pg",
+                format!("{label}: enter maintenance x {}", fmt_count(f64::from(n))),
+                fmt_duration(enter.wall),
+            )
+            .vs(format!(
+                "{} ops/s",
+                fmt_count(f64::from(n) / enter.wall.as_secs_f64())
+            )),
+        );
+        let pg_cpu0 = pg::cpu(&cluster)?;
+        let syncs0 = pg::wal_syncs(&cluster)?;
+        let re = control::run_phase(
+            &clients,
+            &pids,
+            n,
+            Kind::Reimage,
+            sizes.client_in_flight,
+            "reimage",
+        )
+        .await?;
+        let pg_cpu = pg::cpu(&cluster)?.saturating_sub(pg_cpu0);
+        let syncs = pg::wal_syncs(&cluster)?.saturating_sub(syncs0);
+        control::check_fleet(&mut clients[0], n)
+            .await
+            .with_context(|| format!("after the fleet reimage on PostgreSQL, {label}"))?;
+        let ops = f64::from(n) / re.wall.as_secs_f64();
+        rows.push(Row::new(
+            "fleet-pg",
+            format!("{label}: reimage x {}, end to end", fmt_count(f64::from(n))),
+            fmt_duration(re.wall),
+        ));
+        let row = Row::new("fleet-pg", format!("{label}: reimages/s"), fmt_count(ops))
+            .vs(format!("{:.1}x the single-row commit rate", ops / commits));
+        rows.push(match one_replica {
+            None => row.target("≥ 1,000"),
+            Some(one) => row
+                .vs(format!(
+                    "{:.2}x one replica's; {:.1}x the single-row commit rate",
+                    ops / one,
+                    ops / commits
+                ))
+                .target("≥ one replica's"),
+        });
+        rows.push(Row::new(
+            "fleet-pg",
+            format!("{label}: reimage latency p50 / p99"),
+            format!(
+                "{} / {}",
+                fmt_duration(re.latency.p50),
+                fmt_duration(re.latency.p99)
+            ),
+        ));
+        let changes = re.events as f64 / re.wall.as_secs_f64();
+        rows.push(
+            Row::new(
+                "fleet-pg",
+                format!(
+                    "{label}: durable state changes/s ({} events)",
+                    fmt_count(re.events as f64)
+                ),
+                fmt_count(changes),
+            )
+            .vs(format!(
+                "{:.1}x the single-row commit rate",
+                changes / commits
+            )),
+        );
+        rows.push(
+            Row::new(
+                "fleet-pg",
+                format!("{label}: WAL flushes (durable commits) during the reimages"),
+                fmt_count(syncs as f64),
+            )
+            .vs(format!(
+                "{:.0} per 1,000 reimages; {} /s",
+                syncs as f64 * 1000.0 / f64::from(n),
+                fmt_count(syncs as f64 / re.wall.as_secs_f64())
+            )),
+        );
+        // CPU seconds per 1,000 reimages: what a reader multiplies to size real hosts.
+        let thousands = f64::from(n) / 1000.0;
+        let each: Vec<String> = re
+            .cpu_each
+            .iter()
+            .map(|c| format!("{:.2}", c.as_secs_f64() / thousands))
+            .collect();
+        rows.push(
+            Row::new(
+                "fleet-pg",
+                format!("{label}: bm-server CPU s per 1,000 reimages, all (each replica)"),
+                format!(
+                    "{:.2} s ({})",
+                    re.cpu.as_secs_f64() / thousands,
+                    each.join(" / ")
+                ),
+            )
+            .vs(format!(
+                "{:.2} cores busy",
+                re.cpu.as_secs_f64() / re.wall.as_secs_f64()
+            )),
+        );
+        rows.push(
+            Row::new(
+                "fleet-pg",
+                format!("{label}: PostgreSQL CPU s per 1,000 reimages"),
+                format!("{:.2} s", pg_cpu.as_secs_f64() / thousands),
+            )
+            .vs(format!(
+                "{:.2} cores busy",
+                pg_cpu.as_secs_f64() / re.wall.as_secs_f64()
+            )),
+        );
+        println!(
+            "fleet on PostgreSQL, {label}: done ({n} reimages in {})",
+            fmt_duration(re.wall)
+        );
+        for (server, dir) in servers {
+            ensure!(
+                server.stop(Duration::from_secs(15)),
+                "a bm-server on PostgreSQL did not shut down cleanly (log: {})",
+                dir.join("server.log").display()
+            );
+        }
+        one_replica.get_or_insert(ops);
+    }
     Ok(())
 }
 

@@ -95,6 +95,18 @@ pub(crate) fn cpu(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
 }
 
+/// The parent of a process, from its `/proc/<pid>/stat`; None when it is gone.
+pub(crate) fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state, then the parent's pid, after the command name in parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 fn clock_ticks() -> u64 {
     Command::new("getconf")
         .arg("CLK_TCK")
