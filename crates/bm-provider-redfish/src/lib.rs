@@ -71,13 +71,16 @@ mod ssh;
 mod template;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bm_domain::{MacAddress, Machine};
 use bm_provider::{
-    ActionContext, ErrorKind, JoinToken, Notice, PowerAction, PowerState, Provider, ProviderError,
+    ActionContext, BootWitness, ErrorKind, JoinToken, Notice, PowerAction, PowerState, Provider,
+    ProviderError,
 };
 
 pub use config::{
@@ -111,7 +114,22 @@ pub struct RedfishProvider {
     steps: HashMap<&'static str, StepPlan>,
     ssh: Option<SshRunner>,
     notifier: Notifier,
+    /// Learns of deploy-environment check-ins, to prove warm resets.
+    witness: Option<Witness>,
 }
+
+/// A [`BootWitness`] in the provider (which is `Debug`).
+#[derive(Clone)]
+struct Witness(Arc<dyn BootWitness>);
+
+impl std::fmt::Debug for Witness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BootWitness")
+    }
+}
+
+/// The command that prints the kernel's boot id, new at every boot.
+const BOOT_ID_COMMAND: &str = "cat /proc/sys/kernel/random/boot_id";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -136,7 +154,34 @@ impl RedfishProvider {
             steps: c.steps,
             ssh: c.ssh.map(SshRunner::new),
             notifier: Notifier::new(&config.notify)?,
+            witness: None,
         })
+    }
+
+    /// Takes a deploy-environment check-in seen by `witness` after a warm reset as proof of
+    /// the reboot (the BMC may report `On` throughout one). Without a witness, warm resets
+    /// are proven by the BMC's `LastResetTime` / `BootProgress` or the boot id over SSH.
+    #[must_use]
+    pub fn with_boot_witness(mut self, witness: Arc<dyn BootWitness>) -> Self {
+        self.witness = Some(Witness(witness));
+        self
+    }
+
+    /// The machine's boot id read over SSH; `None` when SSH is not configured, the machine
+    /// has no `ssh_endpoint` or it does not answer (it may be rebooting).
+    async fn read_boot_id(&self, ctx: &ActionContext<'_>) -> Option<String> {
+        let runner = self.ssh.as_ref()?;
+        let target = parse_ssh_endpoint(&ctx.machine.spec.ssh_endpoint).ok()?;
+        let cmd = ssh::Command {
+            tag: TAG,
+            command: BOOT_ID_COMMAND.to_owned(),
+            display: BOOT_ID_COMMAND.to_owned(),
+            stdin: None,
+            capture_stdout: true,
+        };
+        let out = runner.run(ctx, &target, cmd).await.ok()?;
+        let id = out.stdout.trim();
+        (!id.is_empty()).then(|| id.to_owned())
     }
 
     fn endpoint(machine: &Machine) -> Result<BmcEndpoint, ProviderError> {
@@ -351,12 +396,20 @@ impl Provider for RedfishProvider {
             TAG,
             format!("power {action:?} of {} via BMC {}", sys.path, bmc.name()),
         );
+        let read_boot_id = || -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+            Box::pin(self.read_boot_id(&ctx))
+        };
         let ops = SystemPower {
             bmc: &bmc,
             cancel: ctx.cancel,
             log: ctx.log,
             system_path: &sys.path,
             reset_target: &target,
+            boot_id: Some(&read_boot_id),
+            witness: self
+                .witness
+                .as_ref()
+                .map(|w| (w.0.as_ref(), &ctx.machine.id)),
         };
         // The system was just read: its PowerState is the first reading.
         let current = Reading::parse(sys.str("PowerState"));
@@ -371,6 +424,8 @@ impl Provider for RedfishProvider {
             log: ctx.log,
             system_path: &sys.path,
             reset_target: "",
+            boot_id: None,
+            witness: None,
         };
         let first = Reading::parse(sys.str("PowerState"));
         let reading = power::read_settled(&ops, ctx.cancel, &self.power, first).await?;

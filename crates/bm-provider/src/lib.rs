@@ -12,6 +12,8 @@ mod error;
 mod log;
 mod registry;
 
+use std::time::SystemTime;
+
 use async_trait::async_trait;
 use bm_domain::{Machine, OperationId};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,21 @@ pub struct ActionContext<'a> {
     pub cancel: &'a CancellationToken,
     /// Where the action reports progress, line by line, as it happens.
     pub log: &'a LogSink,
+}
+
+/// Something that learns, outside the BMC, that a machine booted: the deploy environment
+/// checking in with a netboot service. A provider that cannot see a warm reset in the
+/// power state (many BMCs report On throughout one) takes a check-in after the reset as
+/// proof of the reboot.
+///
+/// The binary that wires the server hands one to the providers that accept it; none is
+/// needed: without it, a provider proves reboots by what the hardware reports, or fails
+/// the step as unverified.
+#[async_trait]
+pub trait BootWitness: Send + Sync + 'static {
+    /// Whether the machine's deploy environment checked in after `since`. Must answer at
+    /// once (it is polled), never block.
+    async fn checked_in_since(&self, machine: &bm_domain::MachineId, since: SystemTime) -> bool;
 }
 
 /// A power action.

@@ -9,6 +9,13 @@
 //! A BMC that reports no `PowerState` at all cannot confirm anything: that is a permanent
 //! error at once.
 //!
+//! A warm reset (`ForceRestart`, `PowerCycle`) is the hard case: Dell and HPE keep reporting
+//! `On` through it, so `PowerState` cannot tell a reboot from a reset the BMC ignored. A
+//! restart that shows no power transition is proven another way ([`Evidence`]): the BMC's
+//! `LastResetTime` / `BootProgress` changed, the kernel's boot id read over SSH changed, or
+//! the deploy environment checked in (a [`bm_provider::BootWitness`]). Where nothing can
+//! prove it, the stage fails with "unverified" rather than pass.
+//!
 //! The logic is written against [`PowerOps`] so that it can be tested with a scripted BMC
 //! and paused time.
 
@@ -59,6 +66,19 @@ impl Reading {
     }
 }
 
+/// What can prove that a machine rebooted when `PowerState` shows nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Evidence {
+    /// The BMC's `LastResetTime` and `BootProgress` (state and time), as one string; `None`
+    /// when it reports neither.
+    pub(crate) bmc: Option<String>,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`) read over SSH; `None` when
+    /// it could not be read (no SSH, the machine is booting, ...).
+    pub(crate) boot_id: Option<String>,
+    /// The machine's deploy environment checked in since the reset was sent.
+    pub(crate) checked_in: bool,
+}
+
 /// What the power logic needs from a BMC.
 pub(crate) trait PowerOps: Sync {
     /// Reads the power state.
@@ -69,6 +89,16 @@ pub(crate) trait PowerOps: Sync {
     fn log(&self, line: &str);
     /// The BMC's name in messages.
     fn bmc(&self) -> &str;
+    /// Reads what could prove a reboot. `since` is when the reset was sent (`None` before
+    /// it): the check-in is asked for only then. With `boot_id`, the boot id is read over
+    /// SSH when the BMC reports no reset markers (only then: it costs a connection).
+    fn evidence(
+        &self,
+        since: Option<std::time::SystemTime>,
+        boot_id: bool,
+    ) -> impl Future<Output = Result<Evidence, ProviderError>> + Send;
+    /// Whether a check-in of the deploy environment can prove a reboot.
+    fn awaits_check_in(&self) -> bool;
 }
 
 /// The timing of power actions.
@@ -413,26 +443,27 @@ impl<P: PowerOps> Poller<'_, P> {
         }
     }
 
-    /// A warm reset: sent once; done when the state left On and came back, or when it never
-    /// visibly left On within `reissue_after` (many BMCs keep reporting On through a
-    /// restart).
+    /// A warm reset: sent once; done when the state left On and came back, or, when it
+    /// never visibly left On within `reissue_after` (many BMCs keep reporting On through a
+    /// restart), when [`Evidence`] proves the reboot.
     async fn restart(
         &self,
         reset_type: &str,
         allowed: &Allowed,
         deadline: Instant,
     ) -> Result<(), ProviderError> {
+        let before = self.ops.evidence(None, true).await?;
         self.ops.log(&format!("Reset {reset_type}"));
+        let sent_at = std::time::SystemTime::now();
         self.ops.reset(reset_type).await?;
         let watch_until = (Instant::now() + self.timing.reissue_after).min(deadline);
         let mut interval = self.timing.poll_interval;
         loop {
             let now = Instant::now();
             if now >= watch_until {
-                self.ops.log(&format!(
-                    "PowerState stayed On after {reset_type}; the BMC reports no power transition for a warm reset"
-                ));
-                return Ok(());
+                return self
+                    .prove_warm_reset(reset_type, &before, sent_at, deadline)
+                    .await;
             }
             self.wait(interval.min(watch_until - now)).await?;
             interval = self.grow(interval);
@@ -454,6 +485,85 @@ impl<P: PowerOps> Poller<'_, P> {
             Outcome::Reached => Ok(()),
             Outcome::TimedOut(last) => Err(self.timeout_error("On", last)),
         }
+    }
+
+    /// Waits (up to the deadline) for proof that a warm reset that showed no power
+    /// transition rebooted the machine: the BMC's reset markers or the boot id changed, or
+    /// the deploy environment checked in. Without any of them the reset is unverified: a
+    /// permanent error at once when nothing could prove it, a transient one at the deadline.
+    async fn prove_warm_reset(
+        &self,
+        reset_type: &str,
+        before: &Evidence,
+        sent_at: std::time::SystemTime,
+        deadline: Instant,
+    ) -> Result<(), ProviderError> {
+        let bmc = self.ops.bmc();
+        let check_in = self.ops.awaits_check_in();
+        if before.bmc.is_none() && before.boot_id.is_none() && !check_in {
+            self.ops.log(&format!(
+                "reboot unverified: PowerState stayed On after {reset_type}"
+            ));
+            return Err(ProviderError::permanent(format!(
+                "reboot unverified: BMC {bmc} reported PowerState On throughout {reset_type}, and nothing else can prove the machine rebooted (the BMC reports no LastResetTime or BootProgress, no boot id could be read over SSH, no deploy-environment check-in is awaited); set power.cycle = \"off-on\" or give the machine an ssh_endpoint"
+            )));
+        }
+        self.ops.log(&format!(
+            "PowerState stayed On after {reset_type}: waiting for proof of the reboot ({})",
+            [
+                before
+                    .bmc
+                    .as_ref()
+                    .map(|_| "the BMC's LastResetTime/BootProgress"),
+                before.boot_id.as_ref().map(|_| "the boot id over SSH"),
+                check_in.then_some("the deploy environment's check-in"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ")
+        ));
+        let mut interval = self.timing.poll_interval;
+        loop {
+            let now = match self.ops.evidence(Some(sent_at), before.bmc.is_none()).await {
+                Ok(e) => e,
+                Err(e) if e.is_retryable() => Evidence::default(),
+                Err(e) => return Err(e),
+            };
+            let changed = |a: &Option<String>, b: &Option<String>| matches!((a, b), (Some(a), Some(b)) if a != b);
+            let proof = if changed(&before.bmc, &now.bmc) {
+                Some(format!(
+                    "the BMC's reset record changed ({} -> {})",
+                    before.bmc.as_deref().unwrap_or_default(),
+                    now.bmc.as_deref().unwrap_or_default()
+                ))
+            } else if changed(&before.boot_id, &now.boot_id) {
+                Some("the boot id read over SSH changed".to_owned())
+            } else if now.checked_in {
+                Some("the deploy environment checked in".to_owned())
+            } else {
+                None
+            };
+            if let Some(proof) = proof {
+                self.ops
+                    .log(&format!("reboot confirmed after {reset_type}: {proof}"));
+                return Ok(());
+            }
+            let t = Instant::now();
+            if t >= deadline {
+                break;
+            }
+            self.wait(interval.min(deadline - t)).await?;
+            interval = self.grow(interval);
+        }
+        self.ops.log(&format!(
+            "reboot unverified: nothing changed within {}s of {reset_type}",
+            self.timing.deadline.as_secs()
+        ));
+        Err(ProviderError::transient(format!(
+            "reboot unverified: BMC {bmc} reported PowerState On throughout {reset_type} and nothing proved a reboot within {}s (the BMC may have ignored the reset): check the machine's console",
+            self.timing.deadline.as_secs()
+        )))
     }
 }
 
@@ -484,6 +594,12 @@ mod tests {
         restart_shows: Option<Reading>,
         /// How many times PowerState was read.
         reads: Mutex<usize>,
+        /// The BMC's reset record (`LastResetTime`); `None`: it keeps none.
+        marker: Mutex<Option<String>>,
+        /// A restart updates the reset record (a real reboot); false: the BMC ignores it.
+        restart_reboots: bool,
+        /// The boot id over SSH, if it can be read.
+        boot_id: Mutex<Option<String>>,
     }
 
     impl Scripted {
@@ -496,6 +612,9 @@ mod tests {
                 lines: Mutex::new(Vec::new()),
                 restart_shows: Some(Reading::Off),
                 reads: Mutex::new(0),
+                marker: Mutex::new(None),
+                restart_reboots: true,
+                boot_id: Mutex::new(None),
             }
         }
         fn resets(&self) -> Vec<String> {
@@ -527,6 +646,14 @@ mod tests {
                 "PushPowerButton" if s.0 == Reading::On => Reading::Off,
                 "PushPowerButton" => Reading::On,
                 "ForceRestart" => {
+                    if self.restart_reboots {
+                        if let Some(m) = self.marker.lock().unwrap().as_mut() {
+                            m.push('+');
+                        }
+                        if let Some(b) = self.boot_id.lock().unwrap().as_mut() {
+                            b.push('+');
+                        }
+                    }
                     if let Some(shown) = self.restart_shows {
                         *s = (shown, Some((Instant::now() + self.delay, Reading::On)));
                     }
@@ -545,6 +672,26 @@ mod tests {
         }
         fn bmc(&self) -> &str {
             "bmc-1"
+        }
+        async fn evidence(
+            &self,
+            _since: Option<std::time::SystemTime>,
+            boot_id: bool,
+        ) -> Result<Evidence, ProviderError> {
+            let bmc = self.marker.lock().unwrap().clone();
+            let boot_id = if boot_id && bmc.is_none() {
+                self.boot_id.lock().unwrap().clone()
+            } else {
+                None
+            };
+            Ok(Evidence {
+                bmc,
+                boot_id,
+                checked_in: false,
+            })
+        }
+        fn awaits_check_in(&self) -> bool {
+            false
         }
     }
 
@@ -659,16 +806,25 @@ mod tests {
         assert_eq!(bmc.read().await.unwrap(), Reading::On);
         let lines = bmc.lines.lock().unwrap().clone();
         assert!(lines.iter().any(|l| l == "PowerState Off"), "{lines:?}");
-        // A BMC that reports On throughout a warm reset.
+        // A BMC that reports On throughout a warm reset: its LastResetTime proves it.
         let mut bmc = Scripted::new(Reading::On, Duration::from_secs(5));
         bmc.restart_shows = None;
+        *bmc.marker.lock().unwrap() = Some("2026-01-01T00:00:00Z".into());
         run(&bmc, t, Allowed(None), PowerAction::Cycle)
             .await
             .unwrap();
         assert_eq!(bmc.resets(), ["ForceRestart"]);
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(
+            lines.iter().any(|l| l
+                .contains("reboot confirmed after ForceRestart: the BMC's reset record changed")),
+            "{lines:?}"
+        );
         // Without Off/On allowed, off-on falls back to a restart.
         let allowed = Allowed(Some(vec!["ForceRestart".into()]));
-        let bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        *bmc.boot_id.lock().unwrap() = Some("b1".into());
         run(&bmc, timing(), allowed, PowerAction::Cycle)
             .await
             .unwrap();
@@ -854,6 +1010,58 @@ mod tests {
             start.elapsed() < Duration::from_secs(5),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_reset_that_did_nothing_is_not_a_reboot() {
+        let t = PowerTiming {
+            cycle: CycleMethod::Restart,
+            ..timing()
+        };
+        // The BMC keeps a reset record, but the reset changes nothing: at the deadline, a
+        // transient "unverified" error.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        bmc.restart_reboots = false;
+        *bmc.marker.lock().unwrap() = Some("2026-01-01T00:00:00Z".into());
+        let start = Instant::now();
+        let e = run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+        assert!(e.to_string().starts_with("reboot unverified"), "{e}");
+        assert_eq!(start.elapsed(), t.deadline);
+        assert_eq!(bmc.resets(), ["ForceRestart"]);
+        // Nothing can prove a reboot: a permanent error once the watch is over, which says
+        // what to change.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        let start = Instant::now();
+        let e = run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert!(e.to_string().contains("power.cycle = \"off-on\""), "{e}");
+        assert_eq!(start.elapsed(), t.reissue_after);
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(
+            lines.iter().any(|l| l.starts_with("reboot unverified")),
+            "{lines:?}"
+        );
+        // The boot id over SSH proves it where the BMC keeps no record.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        *bmc.boot_id.lock().unwrap() = Some("b1".into());
+        run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap();
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("the boot id read over SSH changed")),
+            "{lines:?}"
         );
     }
 }

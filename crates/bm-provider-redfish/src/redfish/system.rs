@@ -1,15 +1,17 @@
 //! What the provider does on a BMC: find the machine's ComputerSystem, power it, set a
 //! one-time boot override, insert and eject virtual media, list its MAC addresses.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
-use bm_domain::MacAddress;
-use bm_provider::{LogSink, ProviderError};
+use bm_domain::{MacAddress, MachineId};
+use bm_provider::{BootWitness, LogSink, ProviderError};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::power::{Allowed, PowerOps, Reading};
+use super::power::{Allowed, Evidence, PowerOps, Reading};
 use super::{Bmc, Resource, nic};
 use crate::endpoint::SystemSelector;
 
@@ -207,6 +209,10 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Reads the machine's boot id over SSH: `None` when it cannot (no SSH, not up).
+pub(crate) type BootIdReader<'a> =
+    dyn Fn() -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> + Send + Sync + 'a;
+
 /// [`PowerOps`] on one system of a BMC.
 pub(crate) struct SystemPower<'a> {
     pub(crate) bmc: &'a Bmc,
@@ -214,6 +220,30 @@ pub(crate) struct SystemPower<'a> {
     pub(crate) log: &'a LogSink,
     pub(crate) system_path: &'a str,
     pub(crate) reset_target: &'a str,
+    /// Reads the boot id over SSH, if the machine can be reached that way.
+    pub(crate) boot_id: Option<&'a BootIdReader<'a>>,
+    /// Learns of the deploy environment's check-in, with the machine it is for.
+    pub(crate) witness: Option<(&'a dyn BootWitness, &'a MachineId)>,
+}
+
+/// The BMC's record of the last reset and boot: `LastResetTime` and `BootProgress`
+/// (`LastState`, `LastStateTime`, `OemLastState`), as one string; `None` when it keeps none.
+pub(crate) fn reset_marker(system: &Value) -> Option<String> {
+    let progress = system.get("BootProgress");
+    let parts: Vec<String> = [
+        system.get("LastResetTime"),
+        progress.and_then(|p| p.get("LastStateTime")),
+        progress.and_then(|p| p.get("LastState")),
+        progress.and_then(|p| p.get("OemLastState")),
+    ]
+    .into_iter()
+    .map(|v| v.and_then(Value::as_str).unwrap_or_default().to_owned())
+    .collect();
+    if parts.iter().all(String::is_empty) {
+        None
+    } else {
+        Some(parts.join(" "))
+    }
 }
 
 impl PowerOps for SystemPower<'_> {
@@ -241,6 +271,32 @@ impl PowerOps for SystemPower<'_> {
 
     fn bmc(&self) -> &str {
         self.bmc.name()
+    }
+
+    async fn evidence(
+        &self,
+        since: Option<SystemTime>,
+        boot_id: bool,
+    ) -> Result<Evidence, ProviderError> {
+        let res = self.bmc.get(self.cancel, self.system_path).await?;
+        let bmc = reset_marker(&res.body);
+        let boot_id = match self.boot_id {
+            Some(read) if boot_id && bmc.is_none() => read().await,
+            _ => None,
+        };
+        let checked_in = match (since, self.witness) {
+            (Some(since), Some((w, machine))) => w.checked_in_since(machine, since).await,
+            _ => false,
+        };
+        Ok(Evidence {
+            bmc,
+            boot_id,
+            checked_in,
+        })
+    }
+
+    fn awaits_check_in(&self) -> bool {
+        self.witness.is_some()
     }
 }
 

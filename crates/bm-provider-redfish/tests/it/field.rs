@@ -380,3 +380,52 @@ async fn requests_to_one_bmc_are_limited() {
         "at most 2 requests in flight to the BMC at once, and the limit was reached"
     );
 }
+
+/// Dell and HPE report `On` through a warm reset: the restart is proven by the BMC's
+/// `LastResetTime`, and a reset that changes nothing is not a reboot.
+#[tokio::test]
+async fn a_warm_reset_is_proven_by_last_reset_time() {
+    fn warm(reboots: bool) -> Box<crate::support::OnWrite> {
+        Box::new(move |method, path, body, res| {
+            if method == "POST"
+                && path.ends_with("ComputerSystem.Reset/")
+                && body["ResetType"] == "GracefulRestart"
+                && reboots
+            {
+                res.get_mut(SYS).unwrap()["LastResetTime"] = json!("2026-12-01T06:00:00Z");
+            }
+        })
+    }
+    let mut res = resources();
+    res.get_mut(SYS).unwrap()["PowerState"] = json!("On");
+    res.get_mut(SYS).unwrap()["LastResetTime"] = json!("2026-11-30T22:00:00Z");
+    let mut config = config();
+    config.power.cycle = bm_provider_redfish::CycleMethod::Restart;
+    config.power.reissue_after = Duration::from_millis(200);
+    config.power.deadline = Duration::from_secs(2);
+    let bmc = ScriptedBmc::start(res.clone(), warm(true)).await;
+    let p = RedfishProvider::new(config.clone()).unwrap();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.power(h.ctx(), PowerAction::Cycle).await.unwrap();
+    assert!(
+        h.logged("reboot confirmed after GracefulRestart: the BMC's reset record changed"),
+        "{:#?}",
+        h.lines()
+    );
+    // The BMC accepts the reset and does nothing.
+    let bmc = ScriptedBmc::start(res.clone(), warm(false)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::Cycle).await.unwrap_err();
+    assert!(e.to_string().starts_with("reboot unverified"), "{e}");
+    assert!(h.logged("reboot unverified"), "{:#?}", h.lines());
+    // No reset record, no SSH: nothing can prove it.
+    res.get_mut(SYS)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove("LastResetTime");
+    let bmc = ScriptedBmc::start(res, warm(true)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::Cycle).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+}
