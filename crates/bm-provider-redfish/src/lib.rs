@@ -5,6 +5,7 @@
 //! | Provider method | How |
 //! |---|---|
 //! | `power`, `power_state` | `ComputerSystem.Reset` (a reset type the BMC advertises), confirmed by reading `PowerState` back |
+//! | `disarm_netboot` | `BootSourceOverrideEnabled: Disabled` (read back); with virtual media, the deploy ISO ejected too |
 //! | `set_netboot` | one-time boot override to `Pxe` (after logging how the record's MAC addresses compare with the NICs the BMC reports); or, with `boot.method = "virtual-media"`, the deploy ISO inserted as virtual media (ejecting other media first) and a one-time override to `Cd` |
 //! | `repave`, `mint_join_token`, `join_cluster`, `verify_in_cluster`, `drain`, `uncordon`, `wipe_disks`, `apply_network_config`, `verify_connectivity` | the step's command template from `[redfish.commands]`, run over SSH on `spec.ssh_endpoint` |
 //! | `notify` | a JSON POST to `notify.webhook_url` with `Idempotency-Key: <operation id>`; without a webhook, a log line |
@@ -460,6 +461,26 @@ impl Provider for RedfishProvider {
                 system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Cd").await
             }
         }
+    }
+
+    async fn disarm_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
+        let (bmc, sys) = self.system(&ctx).await?;
+        system::disable_boot_override(&bmc, ctx.cancel, ctx.log, &sys).await?;
+        if let Boot::VirtualMedia(t) = &self.boot {
+            let url = self.iso_url(&ctx, t)?;
+            let dev = system::find_cd(&bmc, ctx.cancel, &sys).await?;
+            if dev.str("Image") == Some(url.as_str()) {
+                system::eject_media(&bmc, ctx.cancel, ctx.log, &dev).await?;
+                ctx.log
+                    .line(TAG, format!("virtual media {} ejected", dev.path));
+            } else {
+                ctx.log.line(
+                    TAG,
+                    format!("virtual media {} does not hold the deploy ISO", dev.path),
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn repave(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {

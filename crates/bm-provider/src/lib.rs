@@ -153,6 +153,22 @@ pub trait Provider: Send + Sync + 'static {
     /// Makes the next boot (only the next) a network boot.
     async fn set_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError>;
 
+    /// Undoes what [`Provider::set_netboot`] armed (a one-time boot override, virtual media)
+    /// so that the machine's next boot is from its disk again. The engine calls it when an
+    /// operation that ran `set_netboot` ends failed or canceled, or is given up: otherwise
+    /// the operator's next reboot would network-boot the machine into the deploy
+    /// environment. Idempotent; succeeds at once when nothing is armed.
+    ///
+    /// The default does nothing: a provider whose netboot leaves nothing armed keeps it.
+    ///
+    /// # Errors
+    ///
+    /// Whatever kept the override from being disarmed; the engine records it on the machine.
+    async fn disarm_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
+        let _ = ctx;
+        Ok(())
+    }
+
     /// Writes `spec.image` to the machine's disk and sets up its bootloader (from the deploy
     /// ramdisk the machine netbooted into).
     async fn repave(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError>;

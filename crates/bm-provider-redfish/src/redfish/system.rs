@@ -373,6 +373,57 @@ pub(crate) async fn boot_once(
     Ok(())
 }
 
+/// Disables the system's boot override (`BootSourceOverrideEnabled: Disabled`) unless it is
+/// already, and checks the BMC took it.
+pub(crate) async fn disable_boot_override(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    system: &Resource,
+) -> Result<(), ProviderError> {
+    let enabled = |r: &Resource| {
+        r.body
+            .get("Boot")
+            .and_then(|b| b.get("BootSourceOverrideEnabled"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    match enabled(system).as_deref() {
+        None => {
+            log.line(TAG, "no boot override to disarm (no Boot property)");
+            return Ok(());
+        }
+        Some("Disabled") => {
+            log.line(TAG, "boot override is already disabled");
+            return Ok(());
+        }
+        Some(other) => log.line(
+            TAG,
+            format!("disarming the boot override (it was {other}): next boot from disk"),
+        ),
+    }
+    bmc.write(
+        cancel,
+        Method::PATCH,
+        &system.path,
+        &json!({"Boot": {"BootSourceOverrideEnabled": "Disabled"}}),
+        system.etag.as_deref(),
+        None,
+    )
+    .await?;
+    let after = bmc.get(cancel, &system.path).await?;
+    match enabled(&after).as_deref() {
+        Some("Disabled") | None => {
+            log.line(TAG, "boot override disabled");
+            Ok(())
+        }
+        Some(other) => Err(ProviderError::transient(format!(
+            "BMC {} accepted disabling the boot override but still reports it {other}",
+            bmc.name()
+        ))),
+    }
+}
+
 /// Finds the system's CD/DVD virtual media device: under the system first, then under each
 /// of its managers.
 pub(crate) async fn find_cd(

@@ -429,3 +429,31 @@ async fn a_warm_reset_is_proven_by_last_reset_time() {
     let e = p.power(h.ctx(), PowerAction::Cycle).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
 }
+
+/// Issue 13: disarming after a failed reimage reads back Disabled and ejects the deploy ISO.
+#[tokio::test]
+async fn disarm_disables_the_override_and_ejects_the_iso() {
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let p = virtual_media(config());
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.set_netboot(h.ctx()).await.unwrap();
+    assert_eq!(
+        bmc.resource(SYS)["Boot"]["BootSourceOverrideEnabled"],
+        "Once"
+    );
+    p.disarm_netboot(h.ctx()).await.unwrap();
+    assert_eq!(
+        bmc.resource(SYS)["Boot"]["BootSourceOverrideEnabled"],
+        "Disabled"
+    );
+    assert_eq!(bmc.resource(CD)["Inserted"], false);
+    // Again: nothing armed, nothing written.
+    let writes = bmc.writes().len();
+    p.disarm_netboot(h.ctx()).await.unwrap();
+    assert_eq!(bmc.writes().len(), writes);
+    assert!(
+        h.logged("boot override is already disabled"),
+        "{:#?}",
+        h.lines()
+    );
+}
