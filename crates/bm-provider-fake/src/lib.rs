@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | `fake.baremetal.dev/fail-action` | an [`Action`] name, e.g. `repave` | that action fails |
 //! | `fake.baremetal.dev/fail-times` | `N` or `always` (default) | only its first N calls fail |
-//! | `fake.baremetal.dev/fail-kind` | `transient` (default), `unreachable`, `permanent`, or `panic` (a provider bug) | the kind of error |
+//! | `fake.baremetal.dev/fail-kind` | `transient` (default), `unreachable`, `unavailable` (retried for minutes), `permanent`, or `panic` (a provider bug) | the kind of error |
 //! | `fake.baremetal.dev/hang-action` | an [`Action`] name | that action runs until canceled |
 //! | `fake.baremetal.dev/delay-ms` | `N` | every action takes N ms longer |
 //!
@@ -315,6 +315,7 @@ impl FakeProvider {
                     Some("panic") => panic!("injected panic of {} (call {call})", action.name()),
                     Some("permanent") => ErrorKind::Permanent,
                     Some("unreachable") => ErrorKind::Unreachable,
+                    Some("unavailable") => ErrorKind::Unavailable,
                     _ => ErrorKind::Transient,
                 };
                 return Err(ProviderError::new(

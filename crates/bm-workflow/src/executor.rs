@@ -347,6 +347,7 @@ impl Runner {
         // Failed attempts in this run: the retry budget starts over when an operation
         // resumes after a restart (crash loops have their own limit).
         let mut failures = 0u32;
+        let mut first_failure: Option<tokio::time::Instant> = None;
         loop {
             if self.stopping() {
                 return self.end_stopped().await.map(Flow::Ended);
@@ -387,10 +388,14 @@ impl Runner {
                 Err(e) => e,
             };
             failures += 1;
+            let failing_for = first_failure
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed();
             let message = error.to_string();
             match decide(
                 &self.inner.config.retry,
                 failures,
+                failing_for,
                 &error,
                 rand::random::<f64>(),
             ) {
@@ -633,6 +638,7 @@ impl Runner {
             .step_timeout
             .unwrap_or_else(|| StepKind::SetNetboot.default_timeout());
         let mut failures = 0u32;
+        let first_failure = tokio::time::Instant::now();
         loop {
             let cancel = self.inner.shutdown.child_token();
             let ctx = ActionContext {
@@ -655,6 +661,7 @@ impl Runner {
             match decide(
                 &self.inner.config.retry,
                 failures,
+                first_failure.elapsed(),
                 &error,
                 rand::random::<f64>(),
             ) {

@@ -214,13 +214,10 @@ impl Bmc {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(error::status_error(
-                &self.name,
-                "GET",
-                path,
-                status.as_u16(),
-                &body,
-            ));
+            return Err(
+                error::status_error(&self.name, "GET", path, status.as_u16(), &body)
+                    .with_retry_after(error::retry_after(&headers)),
+            );
         }
         let body: Value = serde_json::from_slice(&body).map_err(|e| {
             ProviderError::permanent(format!(
@@ -258,19 +255,16 @@ impl Bmc {
         timeout: Option<Duration>,
     ) -> Result<(), ProviderError> {
         let timeout = timeout.unwrap_or(self.timeout);
-        let (status, _, resp) = self
+        let (status, headers, resp) = self
             .send(cancel, method.clone(), path, Some(body), etag, timeout)
             .await?;
         if status.is_success() {
             return Ok(());
         }
-        Err(error::status_error(
-            &self.name,
-            method.as_str(),
-            path,
-            status.as_u16(),
-            &resp,
-        ))
+        Err(
+            error::status_error(&self.name, method.as_str(), path, status.as_u16(), &resp)
+                .with_retry_after(error::retry_after(&headers)),
+        )
     }
 
     /// The URL of a path the BMC gave; refuses links to another host (the credentials go
@@ -353,7 +347,7 @@ impl Bmc {
                 "the TLS certificate of BMC {bmc} is not trusted ({detail}): set tls.ca_file to the CA that signed it, or insecure_skip_verify for this BMC in a lab"
             ))
         } else if e.is_timeout() {
-            ProviderError::transient(format!(
+            ProviderError::unavailable(format!(
                 "BMC {bmc} did not answer {method} {path} within {}s",
                 timeout.as_secs_f32()
             ))

@@ -457,3 +457,22 @@ async fn disarm_disables_the_override_and_ejects_the_iso() {
         h.lines()
     );
 }
+
+/// Issue 13: a BMC that is rebooting itself answers 503 with `Retry-After`: unavailable
+/// (retried for minutes by the engine), after the wait it asked for; 405 fails at once.
+#[tokio::test]
+async fn a_busy_bmc_is_unavailable_and_says_when_to_retry() {
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    bmc.answer_next(503, "Retry-After: 120\r\n");
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(120)));
+    assert!(e.to_string().contains("unavailable for now"), "{e}");
+    // It is back.
+    p.power_state(h.ctx()).await.unwrap();
+    bmc.answer_next(405, "");
+    let e = p.power(h.ctx(), PowerAction::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+}

@@ -711,3 +711,37 @@ async fn a_netboot_that_cannot_be_disarmed_is_on_the_machine_record() {
         .unwrap();
     assert!(c.message.contains("disarm it on the BMC"), "{}", c.message);
 }
+
+/// Issue 13: a BMC that is unavailable for a while (rebooting, updating its firmware) is
+/// retried past `max_attempts`, within the budget; a transient error is not.
+#[tokio::test]
+async fn an_unavailable_bmc_is_retried_within_the_budget() {
+    let h = start(
+        std::sync::Arc::new(bm_store::MemoryStore::new()),
+        bm_workflow::EngineConfig {
+            retry: bm_workflow::RetryPolicy {
+                unavailable_budget: std::time::Duration::from_secs(600),
+                ..config().retry
+            },
+            ..config()
+        },
+    );
+    let labels = |kind| {
+        [
+            (LABEL_FAIL_ACTION, "power-cycle"),
+            (LABEL_FAIL_TIMES, "5"),
+            (LABEL_FAIL_KIND, kind),
+        ]
+    };
+    h.machine("busy-bmc", &labels("unavailable")).await;
+    h.machine("flaky", &labels("transient")).await;
+    h.run("busy-bmc", OperationType::EnterMaintenance, "e")
+        .await;
+    h.run("flaky", OperationType::EnterMaintenance, "e").await;
+    let op = h.run("busy-bmc", OperationType::Reboot, "r").await;
+    assert_eq!(op.phase, OperationPhase::Succeeded, "{:?}", op.error);
+    assert_eq!(h.fake.calls("busy-bmc", Action::PowerCycle), 6);
+    let op = h.run("flaky", OperationType::Reboot, "r").await;
+    assert_eq!(op.phase, OperationPhase::Failed);
+    assert_eq!(h.fake.calls("flaky", Action::PowerCycle), 3);
+}

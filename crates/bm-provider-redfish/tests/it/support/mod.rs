@@ -264,6 +264,9 @@ pub(crate) type OnWrite = dyn Fn(&str, &str, &Value, &mut HashMap<String, Value>
 pub(crate) struct ScriptedBmc {
     pub(crate) port: u16,
     resources: Arc<Mutex<HashMap<String, Value>>>,
+    /// Answers given before any other, in order: status and extra header lines (a BMC that
+    /// is rebooting itself answers 503 for a while).
+    canned: Arc<Mutex<std::collections::VecDeque<(u16, String)>>>,
     writes: Arc<Mutex<Vec<(String, String, Value)>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -292,6 +295,8 @@ impl ScriptedBmc {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let on_write: Arc<OnWrite> = Arc::from(on_write);
         let (res, wr) = (resources.clone(), writes.clone());
+        let canned = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let canned2 = canned.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
@@ -299,10 +304,20 @@ impl ScriptedBmc {
                 };
                 let (res, wr, on_write) = (res.clone(), wr.clone(), on_write.clone());
                 let slow_prefix = slow_prefix.clone();
+                let canned = canned2.clone();
                 tokio::spawn(async move {
                     let Some(req) = read_request(&mut sock).await else {
                         return;
                     };
+                    let next = lock(&canned).pop_front();
+                    if let Some((status, extra)) = next {
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Length: 0\r\n{extra}Connection: close\r\n\r\n"
+                        );
+                        let _ = sock.write_all(head.as_bytes()).await;
+                        let _ = sock.shutdown().await;
+                        return;
+                    }
                     let (status, body) = if req.method == "GET" {
                         match lock(&res).get(&req.path) {
                             Some(v) => (200, v.to_string()),
@@ -333,9 +348,16 @@ impl ScriptedBmc {
         ScriptedBmc {
             port,
             resources,
+            canned,
             writes,
             task,
         }
+    }
+
+    /// The next request gets `status` with the header lines `extra` (each ending in
+    /// `\r\n`), before anything else queued so.
+    pub(crate) fn answer_next(&self, status: u16, extra: &str) {
+        lock(&self.canned).push_back((status, extra.to_owned()));
     }
 
     /// `redfish+http://127.0.0.1:PORT`.
