@@ -470,7 +470,8 @@ impl Provider for RedfishProvider {
             let url = self.iso_url(&ctx, t)?;
             let dev = system::find_cd(&bmc, ctx.cancel, &sys).await?;
             if dev.str("Image") == Some(url.as_str()) {
-                system::eject_media(&bmc, ctx.cancel, ctx.log, &dev).await?;
+                system::eject_media(&bmc, ctx.cancel, ctx.log, &dev, self.insert_media_timeout)
+                    .await?;
                 ctx.log
                     .line(TAG, format!("virtual media {} ejected", dev.path));
             } else {

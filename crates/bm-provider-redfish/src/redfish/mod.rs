@@ -244,7 +244,8 @@ impl Bmc {
 
     /// Sends a JSON body (a POST to an action target, a PATCH of a resource) and checks the
     /// answer is a success. `etag` goes in `If-Match`; `timeout` replaces the BMC's request
-    /// timeout (a media insert may take minutes).
+    /// timeout (a media insert may take minutes). Returns the task monitor to follow when
+    /// the BMC answered 202 Accepted with a `Location` (it carries the request out later).
     pub(crate) async fn write(
         &self,
         cancel: &CancellationToken,
@@ -253,18 +254,46 @@ impl Bmc {
         body: &Value,
         etag: Option<&str>,
         timeout: Option<Duration>,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<Option<String>, ProviderError> {
         let timeout = timeout.unwrap_or(self.timeout);
         let (status, headers, resp) = self
             .send(cancel, method.clone(), path, Some(body), etag, timeout)
             .await?;
+        if status == StatusCode::ACCEPTED {
+            return Ok(headers
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned));
+        }
         if status.is_success() {
-            return Ok(());
+            return Ok(None);
         }
         Err(
             error::status_error(&self.name, method.as_str(), path, status.as_u16(), &resp)
                 .with_retry_after(error::retry_after(&headers)),
         )
+    }
+
+    /// Reads a task monitor: `None` while the BMC still answers 202 (the task runs), else
+    /// the task (or the result of the request, which some BMCs return instead).
+    pub(crate) async fn poll_task(
+        &self,
+        cancel: &CancellationToken,
+        path: &str,
+    ) -> Result<Option<Value>, ProviderError> {
+        let (status, headers, body) = self
+            .send(cancel, Method::GET, path, None, None, self.timeout)
+            .await?;
+        if status == StatusCode::ACCEPTED {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(
+                error::status_error(&self.name, "GET", path, status.as_u16(), &body)
+                    .with_retry_after(error::retry_after(&headers)),
+            );
+        }
+        Ok(Some(serde_json::from_slice(&body).unwrap_or(Value::Null)))
     }
 
     /// The URL of a path the BMC gave; refuses links to another host (the credentials go

@@ -9,6 +9,7 @@ use bm_domain::{MacAddress, MachineId};
 use bm_provider::{BootWitness, LogSink, ProviderError};
 use reqwest::Method;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::power::{Allowed, Evidence, PowerOps, Reading};
@@ -263,6 +264,7 @@ impl PowerOps for SystemPower<'_> {
                 None,
             )
             .await
+            .map(drop)
     }
 
     fn log(&self, line: &str) {
@@ -446,6 +448,7 @@ pub(crate) async fn find_cd(
         .map(str::to_owned)
         .collect();
     let mut looked = Vec::new();
+    let mut by_name: Option<Resource> = None;
     let mut next_manager = managers.iter();
     loop {
         let Some(collection) = collections.pop() else {
@@ -485,7 +488,14 @@ pub(crate) async fn find_cd(
             if types.iter().any(|t| t == "CD" || t == "DVD") {
                 return Ok(dev);
             }
+            if types.is_empty() && named_like_a_cd(&dev) && by_name.is_none() {
+                by_name = Some(dev);
+            }
         }
+    }
+    // Some BMCs (AMI) list no MediaTypes: a device named like a CD drive will do.
+    if let Some(dev) = by_name {
+        return Ok(dev);
     }
     Err(ProviderError::permanent(format!(
         "BMC {} offers no CD/DVD virtual media for {} (looked in {})",
@@ -493,6 +503,24 @@ pub(crate) async fn find_cd(
         system.path,
         list(&looked)
     )))
+}
+
+/// Whether a device without `MediaTypes` is a CD/DVD drive by its `Id`, `Name` or path
+/// (`CD1`, `Virtual CD`, `.../VirtualMedia/Cd`, `DVD`).
+fn named_like_a_cd(dev: &Resource) -> bool {
+    let last = dev
+        .path
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    [dev.str("Id"), dev.str("Name"), Some(last)]
+        .into_iter()
+        .flatten()
+        .map(str::to_ascii_lowercase)
+        .any(|n| {
+            n.starts_with("cd") || n.starts_with("dvd") || n.contains(" cd") || n.contains("dvd")
+        })
 }
 
 /// The target of the device's action whose name ends with `suffix` (`InsertMedia`,
@@ -516,61 +544,188 @@ fn media_request<'a>(dev: &'a Resource, suffix: &str) -> (Method, &'a str, Optio
     }
 }
 
-fn inserted(dev: &Resource) -> bool {
-    dev.body.get("Inserted").and_then(Value::as_bool) == Some(true)
-        || dev.str("Image").is_some_and(|i| !i.is_empty())
+/// The image a device shows, `None` when it shows none: AMI BMCs write `"None"` (or an
+/// empty string) for an empty drive.
+fn image(dev: &Resource) -> Option<&str> {
+    dev.str("Image")
+        .map(str::trim)
+        .filter(|i| !i.is_empty() && !i.eq_ignore_ascii_case("none"))
 }
 
-/// Inserts `image` into the CD device (ejecting other media first) and checks it took.
+fn inserted(dev: &Resource) -> bool {
+    dev.body.get("Inserted").and_then(Value::as_bool) == Some(true) || image(dev).is_some()
+}
+
+/// How a device was last seen, for messages.
+fn media_state(dev: &Resource) -> String {
+    format!(
+        "Image {}, Inserted {}",
+        image(dev).unwrap_or("none"),
+        dev.body
+            .get("Inserted")
+            .and_then(Value::as_bool)
+            .map_or("missing".to_owned(), |b| b.to_string())
+    )
+}
+
+/// The first wait between two reads of a device or task; it grows by half each time.
+const MEDIA_POLL: Duration = Duration::from_millis(250);
+/// The longest wait between two reads of a device or task.
+const MEDIA_POLL_MAX: Duration = Duration::from_secs(5);
+
+async fn pause(cancel: &CancellationToken, d: Duration) -> Result<(), ProviderError> {
+    tokio::select! {
+        () = tokio::time::sleep(d) => Ok(()),
+        () = cancel.cancelled() => Err(ProviderError::canceled()),
+    }
+}
+
+/// Follows the task monitor of a request the BMC accepted with 202 until the task ends or
+/// `deadline`; an error names the task's state and messages.
+pub(crate) async fn wait_task(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    monitor: &str,
+    deadline: Instant,
+) -> Result<(), ProviderError> {
+    log.line(
+        TAG,
+        format!("BMC accepted the request: following task {monitor}"),
+    );
+    let mut interval = MEDIA_POLL;
+    let mut last = "New".to_owned();
+    loop {
+        if let Some(task) = bmc.poll_task(cancel, monitor).await? {
+            let state = task.get("TaskState").and_then(Value::as_str);
+            match state {
+                None | Some("Completed") => return Ok(()),
+                Some("Exception" | "Killed" | "Cancelled" | "Interrupted") => {
+                    let said = task
+                        .get("Messages")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|m| m.get("Message").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    return Err(ProviderError::transient(format!(
+                        "BMC {} task {monitor} ended {}{}",
+                        bmc.name(),
+                        state.unwrap_or_default(),
+                        if said.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {said}")
+                        }
+                    )));
+                }
+                Some(other) => last = other.to_owned(),
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ProviderError::transient(format!(
+                "BMC {} task {monitor} had not ended at the deadline (last state {last})",
+                bmc.name()
+            )));
+        }
+        pause(cancel, interval.min(deadline - now)).await?;
+        interval = (interval * 3 / 2).min(MEDIA_POLL_MAX);
+    }
+}
+
+/// Reads the device until `done` holds or `deadline`; the error says what it was waiting for
+/// and how the device was last seen.
+async fn wait_media(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    path: &str,
+    deadline: Instant,
+    want: &str,
+    done: impl Fn(&Resource) -> bool,
+) -> Result<Resource, ProviderError> {
+    let mut interval = MEDIA_POLL;
+    loop {
+        let dev = bmc.get(cancel, path).await?;
+        if done(&dev) {
+            return Ok(dev);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ProviderError::transient(format!(
+                "BMC {} accepted the request but {path} did not show {want} in time; last seen: {}",
+                bmc.name(),
+                media_state(&dev)
+            )));
+        }
+        pause(cancel, interval.min(deadline - now)).await?;
+        interval = (interval * 3 / 2).min(MEDIA_POLL_MAX);
+    }
+}
+
+/// Inserts `image` into the CD device (ejecting other media first) and waits, up to
+/// `timeout`, until the device shows it (following the task monitor if the BMC mounts
+/// asynchronously).
 pub(crate) async fn insert_media(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     dev: &Resource,
-    image: &str,
+    image_url: &str,
     timeout: Duration,
 ) -> Result<(), ProviderError> {
-    if inserted(dev) && dev.str("Image") == Some(image) {
+    let deadline = Instant::now() + timeout;
+    if inserted(dev) && image(dev) == Some(image_url) {
         log.line(
             TAG,
-            format!("virtual media {} already holds {image}", dev.path),
+            format!("virtual media {} already holds {image_url}", dev.path),
         );
         return Ok(());
     }
     // Ejecting reads the device back: that reading has the current ETag.
-    let dev = eject_media(bmc, cancel, log, dev).await?;
-    let body = json!({"Image": image, "Inserted": true, "WriteProtected": true});
+    let dev = eject_media(bmc, cancel, log, dev, timeout).await?;
+    let body = json!({"Image": image_url, "Inserted": true, "WriteProtected": true});
     log.line(
         TAG,
-        format!("virtual media {}: inserting {image}", dev.path),
+        format!("virtual media {}: inserting {image_url}", dev.path),
     );
     // Either way the BMC may fetch the image before it answers: the insert timeout.
     let (method, path, etag) = media_request(&dev, "InsertMedia");
-    bmc.write(cancel, method, path, &body, etag, Some(timeout))
-        .await?;
-    let after = bmc.get(cancel, &dev.path).await?;
-    let shown = after.str("Image").unwrap_or_default();
-    let inserted_flag = after.body.get("Inserted").and_then(Value::as_bool);
-    if inserted_flag == Some(false) || (!shown.is_empty() && shown != image) {
-        return Err(ProviderError::transient(format!(
-            "BMC {} accepted the insert but {} shows Image {shown:?}, Inserted {}",
-            bmc.name(),
-            dev.path,
-            inserted_flag.map_or("missing".to_owned(), |b| b.to_string())
-        )));
+    if let Some(task) = bmc
+        .write(cancel, method, path, &body, etag, Some(timeout))
+        .await?
+    {
+        wait_task(bmc, cancel, log, &task, deadline).await?;
     }
-    log.line(TAG, format!("virtual media {} holds {image}", dev.path));
+    wait_media(
+        bmc,
+        cancel,
+        &dev.path,
+        deadline,
+        &format!("Image {image_url}"),
+        |after| {
+            let inserted_flag = after.body.get("Inserted").and_then(Value::as_bool);
+            inserted_flag != Some(false)
+                && image(after).is_none_or(|i| i == image_url)
+                && (inserted_flag == Some(true) || image(after).is_some())
+        },
+    )
+    .await?;
+    log.line(TAG, format!("virtual media {} holds {image_url}", dev.path));
     Ok(())
 }
 
-/// Ejects whatever the device holds, checks it is empty and returns the device as read
-/// back.
+/// Ejects whatever the device holds, waits (up to `timeout`) until it shows empty and
+/// returns the device as read back.
 pub(crate) async fn eject_media(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     dev: &Resource,
+    timeout: Duration,
 ) -> Result<Resource, ProviderError> {
+    let deadline = Instant::now() + timeout;
     if !inserted(dev) {
         log.line(TAG, format!("virtual media {} is empty", dev.path));
         return Ok(dev.clone());
@@ -580,7 +735,7 @@ pub(crate) async fn eject_media(
         format!(
             "virtual media {}: ejecting {}",
             dev.path,
-            dev.str("Image").unwrap_or("the media")
+            image(dev).unwrap_or("the media")
         ),
     );
     let (method, path, etag) = media_request(dev, "EjectMedia");
@@ -589,16 +744,13 @@ pub(crate) async fn eject_media(
     } else {
         json!({"Image": null, "Inserted": false})
     };
-    bmc.write(cancel, method, path, &body, etag, None).await?;
-    let after = bmc.get(cancel, &dev.path).await?;
-    if inserted(&after) {
-        return Err(ProviderError::transient(format!(
-            "BMC {} accepted the eject but {} still shows media",
-            bmc.name(),
-            dev.path
-        )));
+    if let Some(task) = bmc.write(cancel, method, path, &body, etag, None).await? {
+        wait_task(bmc, cancel, log, &task, deadline).await?;
     }
-    Ok(after)
+    wait_media(bmc, cancel, &dev.path, deadline, "no media", |after| {
+        !inserted(after)
+    })
+    .await
 }
 
 /// The normalised MAC addresses of the system's EthernetInterfaces.

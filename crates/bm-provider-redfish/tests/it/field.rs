@@ -476,3 +476,99 @@ async fn a_busy_bmc_is_unavailable_and_says_when_to_retry() {
     let e = p.power(h.ctx(), PowerAction::On).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
 }
+
+/// Issue 13: a BMC that mounts asynchronously answers the insert with 202 and a task
+/// monitor, and shows the image only once the task completed: followed and polled.
+#[tokio::test]
+async fn an_asynchronous_mount_is_followed_to_its_end() {
+    const TASK: &str = "/redfish/v1/TaskService/Tasks/7/";
+    // The insert starts a mount that ends after the task was read twice.
+    fn mounting(method: &str, path: &str, body: &Value, res: &mut HashMap<String, Value>) {
+        if method == "POST" && path == INSERT {
+            let cd = res.get_mut(CD).unwrap();
+            cd["Image"] = json!("None");
+            cd["Inserted"] = json!(false);
+            res.insert("pending".into(), body["Image"].clone());
+            res.insert(TASK.into(), json!({"TaskState": "Running", "polls": 0}));
+        } else {
+            behave(method, path, body, res);
+        }
+    }
+    let bmc = ScriptedBmc::start(resources(), Box::new(mounting)).await;
+    bmc.on_get(Box::new(|path, res| {
+        if path != TASK {
+            return;
+        }
+        let polls = res[TASK]["polls"].as_u64().unwrap() + 1;
+        res.get_mut(TASK).unwrap()["polls"] = json!(polls);
+        if polls >= 2 {
+            res.get_mut(TASK).unwrap()["TaskState"] = json!("Completed");
+            let image = res["pending"].clone();
+            let cd = res.get_mut(CD).unwrap();
+            cd["Image"] = image;
+            cd["Inserted"] = json!(true);
+        }
+    }));
+    bmc.answer_on("POST", INSERT, 202, &format!("Location: {TASK}\r\n"));
+    let p = virtual_media(config());
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.set_netboot(h.ctx()).await.unwrap();
+    assert!(
+        h.logged(&format!("following task {TASK}")),
+        "{:#?}",
+        h.lines()
+    );
+    assert_eq!(bmc.resource(TASK)["polls"], 2);
+    assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
+}
+
+/// Issue 13: media that never shows up: the error says how the device was last seen.
+#[tokio::test]
+async fn a_mount_that_never_shows_says_what_was_seen() {
+    fn never(method: &str, path: &str, body: &Value, res: &mut HashMap<String, Value>) {
+        if method == "POST" && path == INSERT {
+            return;
+        }
+        behave(method, path, body, res);
+    }
+    let bmc = ScriptedBmc::start(resources(), Box::new(never)).await;
+    let p = virtual_media(RedfishConfig {
+        insert_media_timeout: Duration::from_secs(1),
+        ..config()
+    });
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.set_netboot(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+    assert!(
+        e.to_string()
+            .contains("did not show Image http://images/deploy.iso in time; last seen: Image none, Inserted false"),
+        "{e}"
+    );
+}
+
+/// Issue 13: AMI shapes: a CD device without `MediaTypes` is found by its id, and
+/// `Image: "None"` is an empty drive (nothing to eject).
+#[tokio::test]
+async fn ami_virtual_media_without_media_types() {
+    let mut res = resources();
+    res.insert(
+        CD.to_owned(),
+        json!({
+            "Id": "CD1", "Name": "Virtual CD", "Image": "None", "Inserted": false,
+            "Actions": {
+                "#VirtualMedia.InsertMedia": {"target": INSERT},
+                "#VirtualMedia.EjectMedia": {"target": "/redfish/v1/Managers/BMC/VirtualMedia/CD1/Actions/VM.EjectMedia/"}
+            }
+        }),
+    );
+    res.insert(
+        "/redfish/v1/Managers/BMC/VirtualMedia/Floppy1/".into(),
+        json!({"Id": "Floppy1", "Name": "Virtual Floppy"}),
+    );
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let p = virtual_media(config());
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.set_netboot(h.ctx()).await.unwrap();
+    assert_eq!(media_writes(&bmc), [format!("POST {INSERT}")]);
+    assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
+}
