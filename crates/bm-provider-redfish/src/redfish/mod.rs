@@ -190,6 +190,11 @@ impl Bmc {
         &self.name
     }
 
+    /// `http` or `https`, as the endpoint says.
+    pub(crate) fn scheme(&self) -> &str {
+        self.base.scheme()
+    }
+
     /// GETs a resource.
     pub(crate) async fn get(
         &self,
@@ -371,7 +376,25 @@ impl Bmc {
         let bmc = &self.name;
         let detail = error::chain_detail(&e);
         let lower = detail.to_ascii_lowercase();
-        let err = if lower.contains("certificate") || lower.contains("unknownissuer") {
+        let port = self.base.port_or_known_default().unwrap_or_default();
+        let err = if lower.contains("invalidcontenttype")
+            || lower.contains("corrupt message")
+            || lower.contains("wrong version number")
+            || lower.contains("record overflow")
+        {
+            ProviderError::permanent(format!(
+                "BMC {bmc} does not speak TLS on port {port} ({detail}): it likely answers plain HTTP there; use the BMC's https port in the endpoint, or redfish+http:// with allow_plaintext for a lab BMC"
+            ))
+        } else if lower.contains("invalid http version")
+            || lower.contains("unexpected message from connection")
+            || lower.contains("invalid status code")
+            || lower.contains("invalid header")
+            || lower.contains("invalid response")
+        {
+            ProviderError::permanent(format!(
+                "port {port} of BMC {bmc} does not answer HTTP ({detail}): check the port in the machine's BMC endpoint"
+            ))
+        } else if lower.contains("certificate") || lower.contains("unknownissuer") {
             ProviderError::permanent(format!(
                 "the TLS certificate of BMC {bmc} is not trusted ({detail}): set tls.ca_file to the CA that signed it, or insecure_skip_verify for this BMC in a lab"
             ))

@@ -6,8 +6,9 @@
 //! action polls `PowerState` with a growing interval until it shows the target, sends the
 //! reset again when nothing changed for a while (except `PushPowerButton`: a press toggles,
 //! so a second one could undo the first), and fails with a transient error at its deadline.
-//! A BMC that reports no `PowerState` at all cannot confirm anything: that is a permanent
-//! error at once.
+//! A BMC that reports no `PowerState` (missing or null) cannot confirm anything; many omit
+//! it while the BMC or the host boots, so it is an unavailable error (the engine retries it
+//! for minutes) at the first read, and no reading at all while polling.
 //!
 //! A warm reset (`ForceRestart`, `PowerCycle`) is the hard case: Dell and HPE keep reporting
 //! `On` through it, so `PowerState` cannot tell a reboot from a reset the BMC ignored. A
@@ -20,6 +21,7 @@
 //! and paused time.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bm_provider::{PowerAction, ProviderError};
@@ -163,12 +165,12 @@ fn may_send(reset_type: &str, sent: bool) -> bool {
     !sent || !is_toggle(reset_type)
 }
 
-/// The reading, or a permanent error if the BMC gave no usable `PowerState`: polling longer
-/// would not make one appear.
+/// The reading, or an unavailable error if the BMC gave no usable `PowerState`: many omit
+/// it for a while when they or the host boot.
 fn known(bmc: &str, reading: Reading) -> Result<Reading, ProviderError> {
     if reading == Reading::Unknown {
-        return Err(ProviderError::permanent(format!(
-            "BMC {bmc} reports no PowerState (missing, null or not a Redfish value) for the system: power actions cannot be confirmed on it"
+        return Err(ProviderError::unavailable(format!(
+            "BMC {bmc} reports no PowerState (missing, null or not a Redfish value) for the system, as BMCs do while they or the host boot: power actions cannot be confirmed until it does"
         )));
     }
     Ok(reading)
@@ -196,6 +198,7 @@ pub(crate) async fn apply<P: PowerOps>(
         ops,
         cancel,
         timing,
+        resets: AtomicU32::new(0),
     };
     match action {
         PowerAction::On => {
@@ -237,6 +240,7 @@ pub(crate) async fn read_settled<P: PowerOps>(
         ops,
         cancel,
         timing,
+        resets: AtomicU32::new(0),
     };
     poller
         .settle(Instant::now() + timing.deadline, Some(first))
@@ -247,6 +251,8 @@ struct Poller<'a, P> {
     ops: &'a P,
     cancel: &'a CancellationToken,
     timing: &'a PowerTiming,
+    /// Resets sent so far, for messages.
+    resets: AtomicU32,
 }
 
 impl<P: PowerOps> Poller<'_, P> {
@@ -261,7 +267,12 @@ impl<P: PowerOps> Poller<'_, P> {
     /// is not the end of the action.
     async fn read_tolerant(&self) -> Result<Option<Reading>, ProviderError> {
         match self.ops.read().await {
-            Ok(r) => known(self.ops.bmc(), r).map(Some),
+            Ok(Reading::Unknown) => {
+                self.ops
+                    .log("the BMC reports no PowerState for now, will read it again");
+                Ok(None)
+            }
+            Ok(r) => Ok(Some(r)),
             Err(e) if e.is_retryable() => {
                 self.ops
                     .log(&format!("reading PowerState failed, will retry: {e}"));
@@ -271,12 +282,19 @@ impl<P: PowerOps> Poller<'_, P> {
         }
     }
 
+    /// Sends a reset and counts it.
+    async fn send_reset(&self, reset_type: &str) -> Result<(), ProviderError> {
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        self.ops.reset(reset_type).await
+    }
+
     fn timeout_error(&self, what: &str, last: Reading) -> ProviderError {
         ProviderError::transient(format!(
-            "BMC {} did not reach PowerState {what} within {}s (last reported: {})",
+            "BMC {} did not reach PowerState {what} within {}s (last reported: {}; {} resets sent): check the BMC's event log, that the machine has power and that no BMC job or front-panel lock holds it",
             self.ops.bmc(),
             self.timing.deadline.as_secs(),
-            last.name()
+            last.name(),
+            self.resets.load(Ordering::Relaxed)
         ))
     }
 
@@ -398,7 +416,7 @@ impl<P: PowerOps> Poller<'_, P> {
         let mut sent = false;
         if send_first && let Some(rt) = reset_type {
             self.ops.log(&format!("Reset {rt}"));
-            self.ops.reset(rt).await?;
+            self.send_reset(rt).await?;
             sent = true;
         }
         let mut last_event = Instant::now();
@@ -435,7 +453,7 @@ impl<P: PowerOps> Poller<'_, P> {
                     state.name(),
                     last_event.elapsed().as_secs()
                 ));
-                self.ops.reset(rt).await?;
+                self.send_reset(rt).await?;
                 sent = true;
                 last_event = Instant::now();
                 interval = self.timing.poll_interval;
@@ -455,7 +473,7 @@ impl<P: PowerOps> Poller<'_, P> {
         let before = self.ops.evidence(None, true).await?;
         self.ops.log(&format!("Reset {reset_type}"));
         let sent_at = std::time::SystemTime::now();
-        self.ops.reset(reset_type).await?;
+        self.send_reset(reset_type).await?;
         let watch_until = (Instant::now() + self.timing.reissue_after).min(deadline);
         let mut interval = self.timing.poll_interval;
         loop {
@@ -773,7 +791,11 @@ mod tests {
             .await
             .unwrap_err();
         assert!(is_deadline(&e), "{e}");
-        assert!(e.to_string().contains("last reported: Off"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("last reported: Off; 4 resets sent): check the BMC's event log"),
+            "{e}"
+        );
         // 60 s deadline, reissued every 15 s.
         assert_eq!(bmc.resets().len(), 4, "{:?}", bmc.resets());
     }
@@ -960,9 +982,9 @@ mod tests {
     }
 
     #[test]
-    fn no_power_state_is_a_permanent_error() {
+    fn no_power_state_is_unavailable_for_now() {
         let e = known("bmc-1", Reading::Unknown).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Permanent);
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.to_string().contains("reports no PowerState"), "{e}");
         for r in [
             Reading::On,
@@ -983,20 +1005,21 @@ mod tests {
             let e = run(&bmc, timing(), Allowed(None), action)
                 .await
                 .unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Permanent, "{action:?}: {e}");
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "{action:?}: {e}");
             assert!(bmc.resets().is_empty(), "{action:?}");
         }
         let bmc = Scripted::new(Reading::Unknown, Duration::from_secs(1));
         let e = read_settled(&bmc, &CancellationToken::new(), &timing(), Reading::Unknown)
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
         assert_eq!(start.elapsed(), Duration::ZERO, "no waiting");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn power_state_lost_while_polling_is_a_permanent_error() {
-        // The BMC stops reporting PowerState after the reset: no use waiting for the deadline.
+    async fn power_state_lost_while_polling_is_waited_out() {
+        // The BMC stops reporting PowerState after the reset (it boots): polling goes on, to
+        // the deadline here since it never comes back.
         let mut bmc = Scripted::new(Reading::Off, Duration::from_secs(1));
         bmc.drop = vec![0];
         let soon = Instant::now() + Duration::from_secs(1);
@@ -1005,11 +1028,14 @@ mod tests {
         let e = run(&bmc, timing(), Allowed(None), PowerAction::On)
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert!(is_deadline(&e), "{e}");
+        assert_eq!(start.elapsed(), timing().deadline);
+        let lines = bmc.lines.lock().unwrap().clone();
         assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            start.elapsed()
+            lines
+                .iter()
+                .any(|l| l.contains("reports no PowerState for now")),
+            "{lines:?}"
         );
     }
 

@@ -89,11 +89,15 @@ pub(crate) async fn find_system(
             let mut seen = Vec::new();
             for m in members(bmc, cancel, &collection).await? {
                 let res = bmc.get(cancel, &m).await?;
-                let their = res.str("UUID").unwrap_or_default().to_owned();
-                if their.eq_ignore_ascii_case(uuid) {
-                    return Ok(res);
+                let their = res.str("UUID").unwrap_or_default().trim().to_owned();
+                if !their.is_empty() && their.eq_ignore_ascii_case(uuid) {
+                    return check_is_system(bmc, res);
                 }
-                seen.push(their);
+                seen.push(if their.is_empty() {
+                    format!("{m} (no UUID)")
+                } else {
+                    format!("{m} ({their})")
+                });
             }
             Err(ProviderError::permanent(format!(
                 "BMC {} has no system with UUID {uuid}; its systems have {}",
@@ -111,11 +115,13 @@ pub(crate) async fn find_system(
                     bmc.name()
                 ))),
                 many => Err(ProviderError::permanent(format!(
-                    "BMC {} has {} systems ({}): name one in the BMC endpoint, by path (redfish+https://{}/redfish/v1/Systems/<id>) or by UUID (?uuid=...)",
+                    "BMC {} has {} systems ({}): name one in the BMC endpoint, by path (redfish+{}://{}{}) or by UUID (?uuid=...)",
                     bmc.name(),
                     many.len(),
                     list(many),
-                    bmc.name()
+                    bmc.scheme(),
+                    bmc.name(),
+                    many[0]
                 ))),
             }
         }
@@ -130,19 +136,34 @@ fn list(items: &[String]) -> String {
     }
 }
 
+/// Checks the resource is a ComputerSystem: its `@odata.type` says so, or (without one)
+/// it has a `PowerState` and is not under Managers or Chassis, which carry `PowerState`
+/// too (Dell names both its system and its chassis `System.Embedded.1`).
 fn check_is_system(bmc: &Bmc, res: Resource) -> Result<Resource, ProviderError> {
-    let typed = res
-        .str("@odata.type")
-        .is_some_and(|t| t.contains("ComputerSystem"));
-    if typed || res.body.get("PowerState").is_some() {
-        Ok(res)
-    } else {
-        Err(ProviderError::permanent(format!(
-            "wrong system path: {} on BMC {} is not a ComputerSystem",
-            res.path,
-            bmc.name()
-        )))
+    let kind = res.str("@odata.type").map(|t| {
+        t.trim_start_matches('#')
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    });
+    let is_system = match kind.as_deref() {
+        Some(k) => k == "ComputerSystem",
+        None => {
+            res.body.get("PowerState").is_some()
+                && !res.path.contains("/Managers/")
+                && !res.path.contains("/Chassis/")
+        }
+    };
+    if is_system {
+        return Ok(res);
     }
+    let what = kind.unwrap_or_else(|| "some other resource".to_owned());
+    Err(ProviderError::permanent(format!(
+        "wrong system path: {} on BMC {} is a {what}, not a ComputerSystem: give the path of the system under /redfish/v1/Systems in the BMC endpoint",
+        res.path,
+        bmc.name()
+    )))
 }
 
 /// The reset action of a system: its target and the allowed `ResetType`s (inline, or from

@@ -572,3 +572,101 @@ async fn ami_virtual_media_without_media_types() {
     assert_eq!(media_writes(&bmc), [format!("POST {INSERT}")]);
     assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
 }
+
+/// Issue 13 item 7: Dell names both its system and its chassis `System.Embedded.1`: a
+/// Chassis path (which carries PowerState too) is refused at discovery, saying so.
+#[tokio::test]
+async fn a_chassis_path_is_not_taken_for_the_system() {
+    const CHASSIS: &str = "/redfish/v1/Chassis/System.Embedded.1";
+    let mut res = resources();
+    res.insert(
+        CHASSIS.into(),
+        json!({"@odata.type": "#Chassis.v1_14_0.Chassis", "PowerState": "On"}),
+    );
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{CHASSIS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(
+        e.to_string()
+            .contains("is a Chassis, not a ComputerSystem: give the path of the system under /redfish/v1/Systems"),
+        "{e}"
+    );
+}
+
+/// Issue 13 item 9: a system that omits PowerState while it boots is unavailable for now
+/// (the engine retries it for minutes), not a permanent failure.
+#[tokio::test]
+async fn a_missing_power_state_is_unavailable_for_now() {
+    let mut res = resources();
+    res.get_mut(SYS).unwrap()["PowerState"] = Value::Null;
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(bmc.writes().is_empty());
+}
+
+/// A TCP server that writes `banner` to every connection and closes it.
+async fn banner_server(banner: &'static [u8]) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = sock.write_all(banner).await;
+                let mut buf = [0u8; 1024];
+                let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Issue 13 item 8: https to a plain-HTTP port and a port that does not speak HTTP are
+/// permanent errors that name the likely cause.
+#[tokio::test]
+async fn wrong_ports_say_what_to_fix() {
+    let p = provider();
+    let (port, plain) = banner_server(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let h = Harness::new(machine(
+        &format!("redfish+https://127.0.0.1:{port}/redfish/v1/Systems/1"),
+        "",
+        &[],
+    ));
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("does not speak TLS on port"), "{e}");
+    plain.abort();
+    let (port, ssh) = banner_server(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+    let h = Harness::new(machine(
+        &format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/1"),
+        "",
+        &[],
+    ));
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("does not answer HTTP"), "{e}");
+    ssh.abort();
+}
+
+/// Issue 13 item 8: `?uuid=` on systems without a UUID lists them by path.
+#[tokio::test]
+async fn uuid_selection_names_systems_without_uuid() {
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}/?uuid=1234", bmc.base()), "", &[]));
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("its systems have {SYS} (no UUID)")),
+        "{e}"
+    );
+}
