@@ -85,8 +85,9 @@ use bm_provider::{
 };
 
 pub use config::{
-    BmcConfig, BootConfig, BootMethod, CommandsConfig, ConfigError, Credentials, CycleMethod,
-    NotifyConfig, PowerConfig, RedfishConfig, Secret, SshConfig, StepCommand, TlsConfig,
+    BmcConfig, BootConfig, BootMethod, BootMode, CommandsConfig, ConfigError, Credentials,
+    CycleMethod, NotifyConfig, PowerConfig, RedfishConfig, Secret, SshConfig, StepCommand,
+    TlsConfig,
 };
 
 use crate::config::{BmcTable, Boot, Step, StepPlan};
@@ -112,6 +113,7 @@ pub struct RedfishProvider {
     power: PowerTiming,
     insert_media_timeout: Duration,
     boot: Boot,
+    boot_mode: Option<BootMode>,
     steps: HashMap<&'static str, StepPlan>,
     ssh: Option<SshRunner>,
     notifier: Notifier,
@@ -128,6 +130,10 @@ impl std::fmt::Debug for Witness {
         f.write_str("BootWitness")
     }
 }
+
+/// The label that chooses a machine's firmware boot mode (`uefi`, `legacy`), over
+/// `boot.mode`.
+pub const LABEL_BOOT_MODE: &str = "redfish.baremetal.dev/boot-mode";
 
 /// The command that prints the kernel's boot id, new at every boot.
 const BOOT_ID_COMMAND: &str = "cat /proc/sys/kernel/random/boot_id";
@@ -152,6 +158,7 @@ impl RedfishProvider {
             power: c.power,
             insert_media_timeout: c.insert_media_timeout,
             boot: c.boot,
+            boot_mode: c.boot_mode,
             steps: c.steps,
             ssh: c.ssh.map(SshRunner::new),
             notifier: Notifier::new(&config.notify)?,
@@ -347,6 +354,19 @@ impl RedfishProvider {
         Ok(())
     }
 
+    /// The boot mode for the machine: its label, else `boot.mode`.
+    fn boot_mode(&self, machine: &Machine) -> Result<Option<BootMode>, ProviderError> {
+        match machine.labels.get(LABEL_BOOT_MODE) {
+            None => Ok(self.boot_mode),
+            Some(v) => BootMode::parse(v).map(Some).ok_or_else(|| {
+                ProviderError::permanent(format!(
+                    "machine {}: label {LABEL_BOOT_MODE} is {v:?}; it must be uefi or legacy",
+                    machine.id
+                ))
+            }),
+        }
+    }
+
     fn iso_url(&self, ctx: &ActionContext<'_>, t: &Template) -> Result<String, ProviderError> {
         let url = t.render_raw(&Self::values(ctx, None));
         match reqwest::Url::parse(&url) {
@@ -439,10 +459,11 @@ impl Provider for RedfishProvider {
 
     async fn set_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
         let (bmc, sys) = self.system(&ctx).await?;
+        let mode = self.boot_mode(ctx.machine)?;
         match &self.boot {
             Boot::Pxe => {
                 self.check_macs(&ctx, &bmc, &sys).await?;
-                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Pxe").await
+                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Pxe", mode).await
             }
             Boot::VirtualMedia(t) => {
                 let url = self.iso_url(&ctx, t)?;
@@ -458,7 +479,7 @@ impl Provider for RedfishProvider {
                 .await?;
                 // Fresh, for a current ETag.
                 let sys = bmc.get(ctx.cancel, &sys.path).await?;
-                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Cd").await
+                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Cd", mode).await
             }
         }
     }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::power::{Allowed, Evidence, PowerOps, Reading};
 use super::{Bmc, Resource, nic};
+use crate::config::BootMode;
 use crate::endpoint::SystemSelector;
 
 /// The log tag of BMC actions.
@@ -323,14 +324,16 @@ impl PowerOps for SystemPower<'_> {
     }
 }
 
-/// Makes the next boot (only the next) boot from `target` (`Pxe` or `Cd`), and checks the
-/// BMC took it.
+/// Makes the next boot (only the next) boot from `target` (`Pxe` or `Cd`), in the firmware
+/// boot `mode` if one is asked, and checks the BMC took it. A mode the BMC cannot set is a
+/// permanent error.
 pub(crate) async fn boot_once(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     system: &Resource,
     target: &str,
+    mode: Option<BootMode>,
 ) -> Result<(), ProviderError> {
     let boot = system.body.get("Boot").ok_or_else(|| {
         ProviderError::permanent(format!(
@@ -350,25 +353,64 @@ pub(crate) async fn boot_once(
             )));
         }
     }
+    let mode = mode.map(BootMode::redfish_value);
+    if let Some(mode) = mode {
+        if boot.get("BootSourceOverrideMode").is_none() {
+            return Err(ProviderError::permanent(format!(
+                "BMC {} cannot set the boot mode of {} (it reports no BootSourceOverrideMode): set {mode} in the machine's firmware setup and unset boot.mode (or its boot-mode label)",
+                bmc.name(),
+                system.path
+            )));
+        }
+        if let Some(values) = boot.get("BootSourceOverrideMode@Redfish.AllowableValues") {
+            let values = strings(values);
+            if !values.iter().any(|v| v == mode) {
+                return Err(ProviderError::permanent(format!(
+                    "BMC {} does not offer boot mode {mode} for {} (it offers {})",
+                    bmc.name(),
+                    system.path,
+                    list(&values)
+                )));
+            }
+        }
+    }
     let current = |b: &Value, k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
     if current(boot, "BootSourceOverrideTarget").as_deref() == Some(target)
         && current(boot, "BootSourceOverrideEnabled").as_deref() == Some("Once")
+        && mode.is_none_or(|m| current(boot, "BootSourceOverrideMode").as_deref() == Some(m))
     {
         log.line(TAG, format!("boot override is already {target} (once)"));
         return Ok(());
     }
-    log.line(TAG, format!("boot override: {target}, once"));
+    let mut patch =
+        json!({"BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": "Once"});
+    if let Some(mode) = mode {
+        patch["BootSourceOverrideMode"] = json!(mode);
+        log.line(TAG, format!("boot override: {target}, once, {mode}"));
+    } else {
+        log.line(TAG, format!("boot override: {target}, once"));
+    }
     bmc.write(
         cancel,
         Method::PATCH,
         &system.path,
-        &json!({"Boot": {"BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": "Once"}}),
+        &json!({ "Boot": patch }),
         system.etag.as_deref(),
         None,
     )
     .await?;
     let after = bmc.get(cancel, &system.path).await?;
     let boot = after.body.get("Boot").cloned().unwrap_or_default();
+    if let Some(mode) = mode {
+        let got = current(&boot, "BootSourceOverrideMode");
+        if got.as_deref() != Some(mode) {
+            return Err(ProviderError::permanent(format!(
+                "BMC {} accepted boot mode {mode} but reports BootSourceOverrideMode {}: it cannot switch it; set {mode} in the machine's firmware setup",
+                bmc.name(),
+                got.as_deref().unwrap_or("missing")
+            )));
+        }
+    }
     let got_target = current(&boot, "BootSourceOverrideTarget");
     if got_target.as_deref() != Some(target) {
         return Err(ProviderError::transient(format!(

@@ -156,6 +156,7 @@ fn virtual_media(config: RedfishConfig) -> RedfishProvider {
         boot: BootConfig {
             method: BootMethod::VirtualMedia,
             iso_url: Some("http://images/deploy.iso".into()),
+            mode: None,
         },
         ..config
     })
@@ -669,4 +670,51 @@ async fn uuid_selection_names_systems_without_uuid() {
             .contains(&format!("its systems have {SYS} (no UUID)")),
         "{e}"
     );
+}
+
+/// Issue 13 item 5: the configured boot mode is set with the override (AMI and Intel stay
+/// Legacy otherwise), a machine's label overrides it, and a BMC that cannot set it is refused.
+#[tokio::test]
+async fn the_boot_mode_is_set_or_refused() {
+    let uefi = RedfishProvider::new(RedfishConfig {
+        boot: BootConfig {
+            mode: Some(bm_provider_redfish::BootMode::Uefi),
+            ..BootConfig::default()
+        },
+        ..config()
+    })
+    .unwrap();
+    let mut res = resources();
+    res.get_mut(SYS).unwrap()["Boot"]["BootSourceOverrideMode"] = json!("Legacy");
+    res.get_mut(SYS).unwrap()["Boot"]["BootSourceOverrideMode@Redfish.AllowableValues"] =
+        json!(["Legacy", "UEFI"]);
+    let bmc = ScriptedBmc::start(res.clone(), Box::new(behave)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    uefi.set_netboot(h.ctx()).await.unwrap();
+    let boot = &bmc.resource(SYS)["Boot"];
+    assert_eq!(
+        (
+            &boot["BootSourceOverrideTarget"],
+            &boot["BootSourceOverrideMode"]
+        ),
+        (&json!("Pxe"), &json!("UEFI"))
+    );
+    // The machine's label chooses Legacy.
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let mut m = machine(&format!("{}{SYS}", bmc.base()), "", &[]);
+    m.labels =
+        bm_domain::Labels::from_pairs([(bm_provider_redfish::LABEL_BOOT_MODE, "legacy")]).unwrap();
+    let h = Harness::new(m);
+    uefi.set_netboot(h.ctx()).await.unwrap();
+    assert_eq!(
+        bmc.resource(SYS)["Boot"]["BootSourceOverrideMode"],
+        "Legacy"
+    );
+    // A BMC without BootSourceOverrideMode cannot set it: refused, nothing written.
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = uefi.set_netboot(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("cannot set the boot mode"), "{e}");
+    assert!(bmc.writes().is_empty());
 }
