@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | `fake.baremetal.dev/fail-action` | an [`Action`] name, e.g. `repave` | that action fails |
 //! | `fake.baremetal.dev/fail-times` | `N` or `always` (default) | only its first N calls fail |
-//! | `fake.baremetal.dev/fail-kind` | `transient` (default), `unreachable`, `permanent`, or `panic` (a provider bug) | the kind of error |
+//! | `fake.baremetal.dev/fail-kind` | `transient` (default), `unreachable`, `unavailable` (retried for minutes), `permanent`, or `panic` (a provider bug) | the kind of error |
 //! | `fake.baremetal.dev/hang-action` | an [`Action`] name | that action runs until canceled |
 //! | `fake.baremetal.dev/delay-ms` | `N` | every action takes N ms longer |
 //!
@@ -99,11 +99,13 @@ pub enum Action {
     ApplyNetConfig,
     /// Verify connectivity.
     VerifyConnectivity,
+    /// Disarm the one-time PXE boot after a failed or canceled operation.
+    DisarmNetboot,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 16] = [
         Action::PowerOn,
         Action::PowerOff,
         Action::PowerCycle,
@@ -119,6 +121,7 @@ impl Action {
         Action::Notify,
         Action::ApplyNetConfig,
         Action::VerifyConnectivity,
+        Action::DisarmNetboot,
     ];
 
     /// The name used in labels, e.g. `repave`.
@@ -139,6 +142,7 @@ impl Action {
             Action::Notify => "notify",
             Action::ApplyNetConfig => "apply-net-config",
             Action::VerifyConnectivity => "verify-connectivity",
+            Action::DisarmNetboot => "disarm-netboot",
         }
     }
 
@@ -152,7 +156,7 @@ impl Action {
         match self {
             Action::PowerStatus | Action::MintJoinToken => 50,
             Action::Notify | Action::Uncordon => 150,
-            Action::SetNetboot | Action::PowerOn | Action::PowerOff => 200,
+            Action::SetNetboot | Action::DisarmNetboot | Action::PowerOn | Action::PowerOff => 200,
             Action::JoinCluster | Action::VerifyInCluster | Action::Drain => 300,
             Action::ApplyNetConfig | Action::VerifyConnectivity => 300,
             Action::PowerCycle => 500,
@@ -165,7 +169,7 @@ impl Action {
     fn tag(self) -> &'static str {
         match self {
             Action::PowerOn | Action::PowerOff | Action::PowerCycle | Action::PowerStatus => "bmc",
-            Action::SetNetboot => "pxe",
+            Action::SetNetboot | Action::DisarmNetboot => "pxe",
             Action::Repave => "repave",
             Action::MintJoinToken | Action::JoinCluster => "kubeadm",
             Action::VerifyInCluster | Action::Drain | Action::Uncordon => "k8s",
@@ -311,6 +315,7 @@ impl FakeProvider {
                     Some("panic") => panic!("injected panic of {} (call {call})", action.name()),
                     Some("permanent") => ErrorKind::Permanent,
                     Some("unreachable") => ErrorKind::Unreachable,
+                    Some("unavailable") => ErrorKind::Unavailable,
                     _ => ErrorKind::Transient,
                 };
                 return Err(ProviderError::new(
@@ -407,6 +412,14 @@ impl Provider for FakeProvider {
             format!("DHCP reservation for {mac} points at the iPXE deploy ramdisk"),
         ];
         self.act(ctx, Action::SetNetboot, &lines).await
+    }
+
+    async fn disarm_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
+        let lines = [format!(
+            "Boot override: disabled on {} (next boot from disk)",
+            bmc(ctx.machine)
+        )];
+        self.act(ctx, Action::DisarmNetboot, &lines).await
     }
 
     async fn repave(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {

@@ -253,6 +253,40 @@ pub struct BootConfig {
     /// For virtual media: the URL of the deploy ISO, a template with the machine's fields
     /// (`{machine_id}`, `{image}`, `{mac}`, ...), e.g. `http://10.0.0.2/deploy/{machine_id}.iso`.
     pub iso_url: Option<String>,
+    /// The firmware boot mode of the network boot (`BootSourceOverrideMode`): `uefi` or
+    /// `legacy`; unset leaves the BMC's. A machine's label
+    /// `redfish.baremetal.dev/boot-mode` overrides it. Set, the netboot fails (permanent
+    /// error) on a BMC that cannot set it.
+    pub mode: Option<BootMode>,
+}
+
+/// A firmware boot mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootMode {
+    /// UEFI.
+    Uefi,
+    /// Legacy BIOS.
+    Legacy,
+}
+
+impl BootMode {
+    /// The `BootSourceOverrideMode` value.
+    pub fn redfish_value(self) -> &'static str {
+        match self {
+            BootMode::Uefi => "UEFI",
+            BootMode::Legacy => "Legacy",
+        }
+    }
+
+    /// The mode a label value names (`uefi`, `legacy`, any case).
+    pub fn parse(s: &str) -> Option<BootMode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "uefi" => Some(BootMode::Uefi),
+            "legacy" => Some(BootMode::Legacy),
+            _ => None,
+        }
+    }
 }
 
 /// How the in-band steps reach the machines over SSH.
@@ -657,6 +691,7 @@ pub(crate) struct Checked {
     pub(crate) power: PowerTiming,
     pub(crate) insert_media_timeout: Duration,
     pub(crate) boot: Boot,
+    pub(crate) boot_mode: Option<BootMode>,
     pub(crate) steps: HashMap<&'static str, StepPlan>,
     /// Set exactly when some in-band step runs a command.
     pub(crate) ssh: Option<SshSettings>,
@@ -834,6 +869,7 @@ impl RedfishConfig {
             power,
             insert_media_timeout: positive("insert_media_timeout", c.insert_media_timeout)?,
             boot,
+            boot_mode: c.boot.mode,
             steps,
             ssh,
         })

@@ -5,6 +5,7 @@
 //! | Provider method | How |
 //! |---|---|
 //! | `power`, `power_state` | `ComputerSystem.Reset` (a reset type the BMC advertises), confirmed by reading `PowerState` back |
+//! | `disarm_netboot` | `BootSourceOverrideEnabled: Disabled` (read back); with virtual media, the deploy ISO ejected too |
 //! | `set_netboot` | one-time boot override to `Pxe` (after logging how the record's MAC addresses compare with the NICs the BMC reports); or, with `boot.method = "virtual-media"`, the deploy ISO inserted as virtual media (ejecting other media first) and a one-time override to `Cd` |
 //! | `repave`, `mint_join_token`, `join_cluster`, `verify_in_cluster`, `drain`, `uncordon`, `wipe_disks`, `apply_network_config`, `verify_connectivity` | the step's command template from `[redfish.commands]`, run over SSH on `spec.ssh_endpoint` |
 //! | `notify` | a JSON POST to `notify.webhook_url` with `Idempotency-Key: <operation id>`; without a webhook, a log line |
@@ -71,18 +72,22 @@ mod ssh;
 mod template;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bm_domain::{MacAddress, Machine};
 use bm_provider::{
-    ActionContext, ErrorKind, JoinToken, Notice, PowerAction, PowerState, Provider, ProviderError,
+    ActionContext, BootWitness, ErrorKind, JoinToken, Notice, PowerAction, PowerState, Provider,
+    ProviderError,
 };
 
 pub use config::{
-    BmcConfig, BootConfig, BootMethod, CommandsConfig, ConfigError, Credentials, CycleMethod,
-    NotifyConfig, PowerConfig, RedfishConfig, Secret, SshConfig, StepCommand, TlsConfig,
+    BmcConfig, BootConfig, BootMethod, BootMode, CommandsConfig, ConfigError, Credentials,
+    CycleMethod, NotifyConfig, PowerConfig, RedfishConfig, Secret, SshConfig, StepCommand,
+    TlsConfig,
 };
 
 use crate::config::{BmcTable, Boot, Step, StepPlan};
@@ -108,10 +113,30 @@ pub struct RedfishProvider {
     power: PowerTiming,
     insert_media_timeout: Duration,
     boot: Boot,
+    boot_mode: Option<BootMode>,
     steps: HashMap<&'static str, StepPlan>,
     ssh: Option<SshRunner>,
     notifier: Notifier,
+    /// Learns of deploy-environment check-ins, to prove warm resets.
+    witness: Option<Witness>,
 }
+
+/// A [`BootWitness`] in the provider (which is `Debug`).
+#[derive(Clone)]
+struct Witness(Arc<dyn BootWitness>);
+
+impl std::fmt::Debug for Witness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BootWitness")
+    }
+}
+
+/// The label that chooses a machine's firmware boot mode (`uefi`, `legacy`), over
+/// `boot.mode`.
+pub const LABEL_BOOT_MODE: &str = "redfish.baremetal.dev/boot-mode";
+
+/// The command that prints the kernel's boot id, new at every boot.
+const BOOT_ID_COMMAND: &str = "cat /proc/sys/kernel/random/boot_id";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -133,10 +158,38 @@ impl RedfishProvider {
             power: c.power,
             insert_media_timeout: c.insert_media_timeout,
             boot: c.boot,
+            boot_mode: c.boot_mode,
             steps: c.steps,
             ssh: c.ssh.map(SshRunner::new),
             notifier: Notifier::new(&config.notify)?,
+            witness: None,
         })
+    }
+
+    /// Takes a deploy-environment check-in seen by `witness` after a warm reset as proof of
+    /// the reboot (the BMC may report `On` throughout one). Without a witness, warm resets
+    /// are proven by the BMC's `LastResetTime` / `BootProgress` or the boot id over SSH.
+    #[must_use]
+    pub fn with_boot_witness(mut self, witness: Arc<dyn BootWitness>) -> Self {
+        self.witness = Some(Witness(witness));
+        self
+    }
+
+    /// The machine's boot id read over SSH; `None` when SSH is not configured, the machine
+    /// has no `ssh_endpoint` or it does not answer (it may be rebooting).
+    async fn read_boot_id(&self, ctx: &ActionContext<'_>) -> Option<String> {
+        let runner = self.ssh.as_ref()?;
+        let target = parse_ssh_endpoint(&ctx.machine.spec.ssh_endpoint).ok()?;
+        let cmd = ssh::Command {
+            tag: TAG,
+            command: BOOT_ID_COMMAND.to_owned(),
+            display: BOOT_ID_COMMAND.to_owned(),
+            stdin: None,
+            capture_stdout: true,
+        };
+        let out = runner.run(ctx, &target, cmd).await.ok()?;
+        let id = out.stdout.trim();
+        (!id.is_empty()).then(|| id.to_owned())
     }
 
     fn endpoint(machine: &Machine) -> Result<BmcEndpoint, ProviderError> {
@@ -301,6 +354,19 @@ impl RedfishProvider {
         Ok(())
     }
 
+    /// The boot mode for the machine: its label, else `boot.mode`.
+    fn boot_mode(&self, machine: &Machine) -> Result<Option<BootMode>, ProviderError> {
+        match machine.labels.get(LABEL_BOOT_MODE) {
+            None => Ok(self.boot_mode),
+            Some(v) => BootMode::parse(v).map(Some).ok_or_else(|| {
+                ProviderError::permanent(format!(
+                    "machine {}: label {LABEL_BOOT_MODE} is {v:?}; it must be uefi or legacy",
+                    machine.id
+                ))
+            }),
+        }
+    }
+
     fn iso_url(&self, ctx: &ActionContext<'_>, t: &Template) -> Result<String, ProviderError> {
         let url = t.render_raw(&Self::values(ctx, None));
         match reqwest::Url::parse(&url) {
@@ -351,12 +417,20 @@ impl Provider for RedfishProvider {
             TAG,
             format!("power {action:?} of {} via BMC {}", sys.path, bmc.name()),
         );
+        let read_boot_id = || -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+            Box::pin(self.read_boot_id(&ctx))
+        };
         let ops = SystemPower {
             bmc: &bmc,
             cancel: ctx.cancel,
             log: ctx.log,
             system_path: &sys.path,
             reset_target: &target,
+            boot_id: Some(&read_boot_id),
+            witness: self
+                .witness
+                .as_ref()
+                .map(|w| (w.0.as_ref(), &ctx.machine.id)),
         };
         // The system was just read: its PowerState is the first reading.
         let current = Reading::parse(sys.str("PowerState"));
@@ -371,6 +445,8 @@ impl Provider for RedfishProvider {
             log: ctx.log,
             system_path: &sys.path,
             reset_target: "",
+            boot_id: None,
+            witness: None,
         };
         let first = Reading::parse(sys.str("PowerState"));
         let reading = power::read_settled(&ops, ctx.cancel, &self.power, first).await?;
@@ -383,10 +459,11 @@ impl Provider for RedfishProvider {
 
     async fn set_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
         let (bmc, sys) = self.system(&ctx).await?;
+        let mode = self.boot_mode(ctx.machine)?;
         match &self.boot {
             Boot::Pxe => {
                 self.check_macs(&ctx, &bmc, &sys).await?;
-                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Pxe").await
+                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Pxe", mode).await
             }
             Boot::VirtualMedia(t) => {
                 let url = self.iso_url(&ctx, t)?;
@@ -402,9 +479,30 @@ impl Provider for RedfishProvider {
                 .await?;
                 // Fresh, for a current ETag.
                 let sys = bmc.get(ctx.cancel, &sys.path).await?;
-                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Cd").await
+                system::boot_once(&bmc, ctx.cancel, ctx.log, &sys, "Cd", mode).await
             }
         }
+    }
+
+    async fn disarm_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
+        let (bmc, sys) = self.system(&ctx).await?;
+        system::disable_boot_override(&bmc, ctx.cancel, ctx.log, &sys).await?;
+        if let Boot::VirtualMedia(t) = &self.boot {
+            let url = self.iso_url(&ctx, t)?;
+            let dev = system::find_cd(&bmc, ctx.cancel, &sys).await?;
+            if dev.str("Image") == Some(url.as_str()) {
+                system::eject_media(&bmc, ctx.cancel, ctx.log, &dev, self.insert_media_timeout)
+                    .await?;
+                ctx.log
+                    .line(TAG, format!("virtual media {} ejected", dev.path));
+            } else {
+                ctx.log.line(
+                    TAG,
+                    format!("virtual media {} does not hold the deploy ISO", dev.path),
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn repave(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {

@@ -1,15 +1,22 @@
 //! The error every provider action returns.
 
 use std::error::Error as StdError;
+use std::time::Duration;
 
 /// What kind of failure, which decides whether the engine retries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     /// A retry may help: a timeout, a busy BMC, a server error.
     Transient,
-    /// The machine or its BMC did not answer. A retry may help; if none does, the machine
-    /// is marked not Reachable.
+    /// The machine or its BMC did not answer. A retry may help (for minutes: the engine's
+    /// retry budget for unavailable services); if none does, the machine is marked not
+    /// Reachable.
     Unreachable,
+    /// The BMC (or another service the action needs) answered that it is unavailable for
+    /// now, or did not answer in time: it is rebooting itself, updating its firmware,
+    /// overloaded (HTTP 503, a timeout). Retried with backoff for minutes (the engine's
+    /// retry budget), after [`ProviderError::retry_after`] when the service said when.
+    Unavailable,
     /// A retry will not help until a person changes something: bad credentials, a wrong
     /// system path, an unsupported action, a missing field in the spec.
     Permanent,
@@ -23,6 +30,7 @@ pub enum ErrorKind {
 pub struct ProviderError {
     kind: ErrorKind,
     message: String,
+    retry_after: Option<Duration>,
     #[source]
     source: Option<Box<dyn StdError + Send + Sync>>,
 }
@@ -33,6 +41,7 @@ impl ProviderError {
         ProviderError {
             kind,
             message: message.into(),
+            retry_after: None,
             source: None,
         }
     }
@@ -45,6 +54,11 @@ impl ProviderError {
     /// The machine or its BMC did not answer.
     pub fn unreachable(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unreachable, message)
+    }
+
+    /// A service that is unavailable for now (a rebooting or busy BMC).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
     }
 
     /// A failure no retry will fix.
@@ -63,6 +77,18 @@ impl ProviderError {
         self
     }
 
+    /// Says when a retry may succeed, as the service did (HTTP `Retry-After`).
+    #[must_use]
+    pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
+        self.retry_after = after;
+        self
+    }
+
+    /// When a retry may succeed, if the service said: the engine waits at least this long.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     /// The kind of failure.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -70,7 +96,10 @@ impl ProviderError {
 
     /// True when another attempt may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self.kind, ErrorKind::Transient | ErrorKind::Unreachable)
+        matches!(
+            self.kind,
+            ErrorKind::Transient | ErrorKind::Unreachable | ErrorKind::Unavailable
+        )
     }
 
     /// The message, without the source chain.

@@ -12,6 +12,8 @@ mod error;
 mod log;
 mod registry;
 
+use std::time::SystemTime;
+
 use async_trait::async_trait;
 use bm_domain::{Machine, OperationId};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,21 @@ pub struct ActionContext<'a> {
     pub cancel: &'a CancellationToken,
     /// Where the action reports progress, line by line, as it happens.
     pub log: &'a LogSink,
+}
+
+/// Something that learns, outside the BMC, that a machine booted: the deploy environment
+/// checking in with a netboot service. A provider that cannot see a warm reset in the
+/// power state (many BMCs report On throughout one) takes a check-in after the reset as
+/// proof of the reboot.
+///
+/// The binary that wires the server hands one to the providers that accept it; none is
+/// needed: without it, a provider proves reboots by what the hardware reports, or fails
+/// the step as unverified.
+#[async_trait]
+pub trait BootWitness: Send + Sync + 'static {
+    /// Whether the machine's deploy environment checked in after `since`. Must answer at
+    /// once (it is polled), never block.
+    async fn checked_in_since(&self, machine: &bm_domain::MachineId, since: SystemTime) -> bool;
 }
 
 /// A power action.
@@ -135,6 +152,22 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Makes the next boot (only the next) a network boot.
     async fn set_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError>;
+
+    /// Undoes what [`Provider::set_netboot`] armed (a one-time boot override, virtual media)
+    /// so that the machine's next boot is from its disk again. The engine calls it when an
+    /// operation that ran `set_netboot` ends failed or canceled, or is given up: otherwise
+    /// the operator's next reboot would network-boot the machine into the deploy
+    /// environment. Idempotent; succeeds at once when nothing is armed.
+    ///
+    /// The default does nothing: a provider whose netboot leaves nothing armed keeps it.
+    ///
+    /// # Errors
+    ///
+    /// Whatever kept the override from being disarmed; the engine records it on the machine.
+    async fn disarm_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
+        let _ = ctx;
+        Ok(())
+    }
 
     /// Writes `spec.image` to the machine's disk and sets up its bootloader (from the deploy
     /// ramdisk the machine netbooted into).

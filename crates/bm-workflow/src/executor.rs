@@ -389,6 +389,7 @@ impl Runner {
         // Failed attempts in this run: the retry budget starts over when an operation
         // resumes after a restart (crash loops have their own limit).
         let mut failures = 0u32;
+        let mut first_failure: Option<tokio::time::Instant> = None;
         loop {
             if self.stopping() {
                 return self.end_stopped().await.map(Flow::Ended);
@@ -431,10 +432,14 @@ impl Runner {
                 Err(e) => e,
             };
             failures += 1;
+            let failing_for = first_failure
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed();
             let message = error.to_string();
             match decide(
                 &self.inner.config.retry,
                 failures,
+                failing_for,
                 &error,
                 rand::random::<f64>(),
             ) {
@@ -640,6 +645,7 @@ impl Runner {
     }
 
     async fn finish(&mut self, outcome: Outcome) -> Result<OperationPhase, Stop> {
+        let outcome = self.disarm_netboot(outcome).await;
         let events = std::mem::take(&mut self.events);
         let (store, claim, op) = (
             self.inner.store.clone(),
@@ -654,6 +660,107 @@ impl Runner {
             })
             .await?;
         Ok(op.phase)
+    }
+
+    /// An operation that ran `set-netboot` and ends failed or canceled (or is given up) must
+    /// not leave the machine armed to network-boot: the provider disarms it (its lines go
+    /// to the operation's log under the stage `disarm-netboot`). When that fails too, the
+    /// outcome says so, so that the machine's record does: a failure's error names it, and
+    /// a cancel becomes a failure (NeedsIntervention), since a person must disarm it.
+    async fn disarm_netboot(&self, outcome: Outcome) -> Outcome {
+        let armed = self
+            .op
+            .stages
+            .iter()
+            .any(|s| s.name == StepKind::SetNetboot.name() && s.attempts > 0);
+        if matches!(outcome, Outcome::Succeeded) || !armed {
+            return outcome;
+        }
+        let error = match self.try_disarm_netboot().await {
+            Ok(()) => return outcome,
+            Err(e) => e,
+        };
+        tracing::warn!(error = %error, "could not disarm the netboot override");
+        let what = format!(
+            "the netboot override could not be disarmed ({error}): disarm it on the BMC before the machine boots again, or it network-boots into the deploy environment"
+        );
+        match outcome {
+            Outcome::Failed {
+                error,
+                disk_touched,
+                unreachable,
+            } => Outcome::Failed {
+                error: format!("{error}; and {what}"),
+                disk_touched,
+                unreachable,
+            },
+            Outcome::Canceled { disk_touched } => Outcome::Failed {
+                error: format!("canceled by an operator, but {what}"),
+                disk_touched,
+                unreachable: false,
+            },
+            Outcome::Succeeded => Outcome::Succeeded,
+        }
+    }
+
+    /// Calls the provider's `disarm_netboot`, retrying per the policy; stopped only by a
+    /// shutdown (an operator's cancel is what brought it here).
+    async fn try_disarm_netboot(&self) -> Result<(), String> {
+        let machine = self
+            .inner
+            .store
+            .get_machine(&self.op.machine_id)
+            .await
+            .map_err(|e| format!("the machine could not be read: {e}"))?;
+        let provider = self
+            .inner
+            .providers
+            .get(&machine.spec.provider)
+            .map_err(|e| e.to_string())?
+            .clone();
+        let log = self.log_sink("disarm-netboot");
+        let timeout = self
+            .inner
+            .config
+            .step_timeout
+            .unwrap_or_else(|| StepKind::SetNetboot.default_timeout());
+        let mut failures = 0u32;
+        let first_failure = tokio::time::Instant::now();
+        loop {
+            let cancel = self.inner.shutdown.child_token();
+            let ctx = ActionContext {
+                machine: &machine,
+                operation_id: self.op.id,
+                cancel: &cancel,
+                log: &log,
+            };
+            let error = match tokio::time::timeout(timeout, provider.disarm_netboot(ctx)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => ProviderError::transient(format!(
+                    "disarm-netboot timed out after {} s",
+                    timeout.as_secs_f64()
+                )),
+            };
+            cancel.cancel();
+            failures += 1;
+            log.line("disarm-netboot", format!("failed: {error}"));
+            match decide(
+                &self.inner.config.retry,
+                failures,
+                first_failure.elapsed(),
+                &error,
+                rand::random::<f64>(),
+            ) {
+                Decision::Retry { after } => {
+                    tokio::select! {
+                        () = tokio::time::sleep(after) => {}
+                        () = self.inner.shutdown.cancelled() => return Err(error.to_string()),
+                    }
+                }
+                Decision::GiveUp => return Err(error.to_string()),
+            }
+        }
     }
 
     /// Runs a store call, retrying failures of the storage itself (a full disk, a locked

@@ -1,6 +1,8 @@
 //! HTTP failures of a BMC as [`ProviderError`]s a person can act on: the kind decides whether
 //! the engine retries, the message says what to fix and quotes the BMC's own words.
 
+use std::time::Duration;
+
 use bm_provider::ProviderError;
 use serde_json::Value;
 
@@ -9,8 +11,9 @@ const MAX_QUOTE: usize = 300;
 
 /// The error for an HTTP answer with a non-success `status`.
 ///
-/// 401 is bad credentials, 404 a wrong path (both permanent); 408, 429 and 5xx are
-/// transient (a busy or rebooting BMC); other 4xx are permanent.
+/// 401 is bad credentials, 404 a wrong path (both permanent); 502, 503 and 504 are a BMC
+/// that is unavailable for now (rebooting itself, updating its firmware: retried for
+/// minutes); 408, 429 and other 5xx are transient; other 4xx (405 included) are permanent.
 pub(crate) fn status_error(
     bmc: &str,
     method: &str,
@@ -31,6 +34,9 @@ pub(crate) fn status_error(
         404 => ProviderError::permanent(format!(
             "wrong system path: BMC {bmc} has no {path} (HTTP 404 on {method}){said}"
         )),
+        502..=504 => ProviderError::unavailable(format!(
+            "BMC {bmc} is unavailable for now: it answered {method} {path} with HTTP {status}{said} (rebooting, updating its firmware or overloaded)"
+        )),
         408 | 429 | 500..=599 => ProviderError::transient(format!(
             "BMC {bmc} answered {method} {path} with HTTP {status}{said}"
         )),
@@ -38,6 +44,19 @@ pub(crate) fn status_error(
             "BMC {bmc} answered {method} {path} with HTTP {status}{said}"
         )),
     }
+}
+
+/// The wait a `Retry-After` header asks for, in seconds (the HTTP-date form is not used by
+/// BMCs and is ignored).
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
 }
 
 /// What the BMC said in an error body: the `Message`s of `error.@Message.ExtendedInfo`,
@@ -153,7 +172,9 @@ mod tests {
             Permanent,
             "HTTP 400: The value Bogus for the property ResetType is not in the list of acceptable values.; Second.",
         );
-        check(503, "", Transient, "HTTP 503");
+        check(503, "", ErrorKind::Unavailable, "is unavailable for now");
+        check(500, "", Transient, "HTTP 500");
+        check(405, "", Permanent, "HTTP 405");
         check(429, "slow down", Transient, "HTTP 429: slow down");
         check(409, "{}", Permanent, "HTTP 409");
         // Plain text labelled JSON, as sushy does for some 400s.

@@ -190,6 +190,11 @@ impl Bmc {
         &self.name
     }
 
+    /// `http` or `https`, as the endpoint says.
+    pub(crate) fn scheme(&self) -> &str {
+        self.base.scheme()
+    }
+
     /// GETs a resource.
     pub(crate) async fn get(
         &self,
@@ -214,13 +219,10 @@ impl Bmc {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(error::status_error(
-                &self.name,
-                "GET",
-                path,
-                status.as_u16(),
-                &body,
-            ));
+            return Err(
+                error::status_error(&self.name, "GET", path, status.as_u16(), &body)
+                    .with_retry_after(error::retry_after(&headers)),
+            );
         }
         let body: Value = serde_json::from_slice(&body).map_err(|e| {
             ProviderError::permanent(format!(
@@ -247,7 +249,8 @@ impl Bmc {
 
     /// Sends a JSON body (a POST to an action target, a PATCH of a resource) and checks the
     /// answer is a success. `etag` goes in `If-Match`; `timeout` replaces the BMC's request
-    /// timeout (a media insert may take minutes).
+    /// timeout (a media insert may take minutes). Returns the task monitor to follow when
+    /// the BMC answered 202 Accepted with a `Location` (it carries the request out later).
     pub(crate) async fn write(
         &self,
         cancel: &CancellationToken,
@@ -256,21 +259,46 @@ impl Bmc {
         body: &Value,
         etag: Option<&str>,
         timeout: Option<Duration>,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<Option<String>, ProviderError> {
         let timeout = timeout.unwrap_or(self.timeout);
-        let (status, _, resp) = self
+        let (status, headers, resp) = self
             .send(cancel, method.clone(), path, Some(body), etag, timeout)
             .await?;
-        if status.is_success() {
-            return Ok(());
+        if status == StatusCode::ACCEPTED {
+            return Ok(headers
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned));
         }
-        Err(error::status_error(
-            &self.name,
-            method.as_str(),
-            path,
-            status.as_u16(),
-            &resp,
-        ))
+        if status.is_success() {
+            return Ok(None);
+        }
+        Err(
+            error::status_error(&self.name, method.as_str(), path, status.as_u16(), &resp)
+                .with_retry_after(error::retry_after(&headers)),
+        )
+    }
+
+    /// Reads a task monitor: `None` while the BMC still answers 202 (the task runs), else
+    /// the task (or the result of the request, which some BMCs return instead).
+    pub(crate) async fn poll_task(
+        &self,
+        cancel: &CancellationToken,
+        path: &str,
+    ) -> Result<Option<Value>, ProviderError> {
+        let (status, headers, body) = self
+            .send(cancel, Method::GET, path, None, None, self.timeout)
+            .await?;
+        if status == StatusCode::ACCEPTED {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(
+                error::status_error(&self.name, "GET", path, status.as_u16(), &body)
+                    .with_retry_after(error::retry_after(&headers)),
+            );
+        }
+        Ok(Some(serde_json::from_slice(&body).unwrap_or(Value::Null)))
     }
 
     /// The URL of a path the BMC gave; refuses links to another host (the credentials go
@@ -348,12 +376,30 @@ impl Bmc {
         let bmc = &self.name;
         let detail = error::chain_detail(&e);
         let lower = detail.to_ascii_lowercase();
-        let err = if lower.contains("certificate") || lower.contains("unknownissuer") {
+        let port = self.base.port_or_known_default().unwrap_or_default();
+        let err = if lower.contains("invalidcontenttype")
+            || lower.contains("corrupt message")
+            || lower.contains("wrong version number")
+            || lower.contains("record overflow")
+        {
+            ProviderError::permanent(format!(
+                "BMC {bmc} does not speak TLS on port {port} ({detail}): it likely answers plain HTTP there; use the BMC's https port in the endpoint, or redfish+http:// with allow_plaintext for a lab BMC"
+            ))
+        } else if lower.contains("invalid http version")
+            || lower.contains("unexpected message from connection")
+            || lower.contains("invalid status code")
+            || lower.contains("invalid header")
+            || lower.contains("invalid response")
+        {
+            ProviderError::permanent(format!(
+                "port {port} of BMC {bmc} does not answer HTTP ({detail}): check the port in the machine's BMC endpoint"
+            ))
+        } else if lower.contains("certificate") || lower.contains("unknownissuer") {
             ProviderError::permanent(format!(
                 "the TLS certificate of BMC {bmc} is not trusted ({detail}): set tls.ca_file to the CA that signed it, or insecure_skip_verify for this BMC in a lab"
             ))
         } else if e.is_timeout() {
-            ProviderError::transient(format!(
+            ProviderError::unavailable(format!(
                 "BMC {bmc} did not answer {method} {path} within {}s",
                 timeout.as_secs_f32()
             ))

@@ -6,13 +6,22 @@
 //! action polls `PowerState` with a growing interval until it shows the target, sends the
 //! reset again when nothing changed for a while (except `PushPowerButton`: a press toggles,
 //! so a second one could undo the first), and fails with a transient error at its deadline.
-//! A BMC that reports no `PowerState` at all cannot confirm anything: that is a permanent
-//! error at once.
+//! A BMC that reports no `PowerState` (missing or null) cannot confirm anything; many omit
+//! it while the BMC or the host boots, so it is an unavailable error (the engine retries it
+//! for minutes) at the first read, and no reading at all while polling.
+//!
+//! A warm reset (`ForceRestart`, `PowerCycle`) is the hard case: Dell and HPE keep reporting
+//! `On` through it, so `PowerState` cannot tell a reboot from a reset the BMC ignored. A
+//! restart that shows no power transition is proven another way ([`Evidence`]): the BMC's
+//! `LastResetTime` / `BootProgress` changed, the kernel's boot id read over SSH changed, or
+//! the deploy environment checked in (a [`bm_provider::BootWitness`]). Where nothing can
+//! prove it, the stage fails with "unverified" rather than pass.
 //!
 //! The logic is written against [`PowerOps`] so that it can be tested with a scripted BMC
 //! and paused time.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bm_provider::{PowerAction, ProviderError};
@@ -59,6 +68,19 @@ impl Reading {
     }
 }
 
+/// What can prove that a machine rebooted when `PowerState` shows nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Evidence {
+    /// The BMC's `LastResetTime` and `BootProgress` (state and time), as one string; `None`
+    /// when it reports neither.
+    pub(crate) bmc: Option<String>,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`) read over SSH; `None` when
+    /// it could not be read (no SSH, the machine is booting, ...).
+    pub(crate) boot_id: Option<String>,
+    /// The machine's deploy environment checked in since the reset was sent.
+    pub(crate) checked_in: bool,
+}
+
 /// What the power logic needs from a BMC.
 pub(crate) trait PowerOps: Sync {
     /// Reads the power state.
@@ -69,6 +91,16 @@ pub(crate) trait PowerOps: Sync {
     fn log(&self, line: &str);
     /// The BMC's name in messages.
     fn bmc(&self) -> &str;
+    /// Reads what could prove a reboot. `since` is when the reset was sent (`None` before
+    /// it): the check-in is asked for only then. With `boot_id`, the boot id is read over
+    /// SSH when the BMC reports no reset markers (only then: it costs a connection).
+    fn evidence(
+        &self,
+        since: Option<std::time::SystemTime>,
+        boot_id: bool,
+    ) -> impl Future<Output = Result<Evidence, ProviderError>> + Send;
+    /// Whether a check-in of the deploy environment can prove a reboot.
+    fn awaits_check_in(&self) -> bool;
 }
 
 /// The timing of power actions.
@@ -133,12 +165,12 @@ fn may_send(reset_type: &str, sent: bool) -> bool {
     !sent || !is_toggle(reset_type)
 }
 
-/// The reading, or a permanent error if the BMC gave no usable `PowerState`: polling longer
-/// would not make one appear.
+/// The reading, or an unavailable error if the BMC gave no usable `PowerState`: many omit
+/// it for a while when they or the host boot.
 fn known(bmc: &str, reading: Reading) -> Result<Reading, ProviderError> {
     if reading == Reading::Unknown {
-        return Err(ProviderError::permanent(format!(
-            "BMC {bmc} reports no PowerState (missing, null or not a Redfish value) for the system: power actions cannot be confirmed on it"
+        return Err(ProviderError::unavailable(format!(
+            "BMC {bmc} reports no PowerState (missing, null or not a Redfish value) for the system, as BMCs do while they or the host boot: power actions cannot be confirmed until it does"
         )));
     }
     Ok(reading)
@@ -166,6 +198,7 @@ pub(crate) async fn apply<P: PowerOps>(
         ops,
         cancel,
         timing,
+        resets: AtomicU32::new(0),
     };
     match action {
         PowerAction::On => {
@@ -207,6 +240,7 @@ pub(crate) async fn read_settled<P: PowerOps>(
         ops,
         cancel,
         timing,
+        resets: AtomicU32::new(0),
     };
     poller
         .settle(Instant::now() + timing.deadline, Some(first))
@@ -217,6 +251,8 @@ struct Poller<'a, P> {
     ops: &'a P,
     cancel: &'a CancellationToken,
     timing: &'a PowerTiming,
+    /// Resets sent so far, for messages.
+    resets: AtomicU32,
 }
 
 impl<P: PowerOps> Poller<'_, P> {
@@ -231,7 +267,12 @@ impl<P: PowerOps> Poller<'_, P> {
     /// is not the end of the action.
     async fn read_tolerant(&self) -> Result<Option<Reading>, ProviderError> {
         match self.ops.read().await {
-            Ok(r) => known(self.ops.bmc(), r).map(Some),
+            Ok(Reading::Unknown) => {
+                self.ops
+                    .log("the BMC reports no PowerState for now, will read it again");
+                Ok(None)
+            }
+            Ok(r) => Ok(Some(r)),
             Err(e) if e.is_retryable() => {
                 self.ops
                     .log(&format!("reading PowerState failed, will retry: {e}"));
@@ -241,12 +282,19 @@ impl<P: PowerOps> Poller<'_, P> {
         }
     }
 
+    /// Sends a reset and counts it.
+    async fn send_reset(&self, reset_type: &str) -> Result<(), ProviderError> {
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        self.ops.reset(reset_type).await
+    }
+
     fn timeout_error(&self, what: &str, last: Reading) -> ProviderError {
         ProviderError::transient(format!(
-            "BMC {} did not reach PowerState {what} within {}s (last reported: {})",
+            "BMC {} did not reach PowerState {what} within {}s (last reported: {}; {} resets sent): check the BMC's event log, that the machine has power and that no BMC job or front-panel lock holds it",
             self.ops.bmc(),
             self.timing.deadline.as_secs(),
-            last.name()
+            last.name(),
+            self.resets.load(Ordering::Relaxed)
         ))
     }
 
@@ -368,7 +416,7 @@ impl<P: PowerOps> Poller<'_, P> {
         let mut sent = false;
         if send_first && let Some(rt) = reset_type {
             self.ops.log(&format!("Reset {rt}"));
-            self.ops.reset(rt).await?;
+            self.send_reset(rt).await?;
             sent = true;
         }
         let mut last_event = Instant::now();
@@ -405,7 +453,7 @@ impl<P: PowerOps> Poller<'_, P> {
                     state.name(),
                     last_event.elapsed().as_secs()
                 ));
-                self.ops.reset(rt).await?;
+                self.send_reset(rt).await?;
                 sent = true;
                 last_event = Instant::now();
                 interval = self.timing.poll_interval;
@@ -413,26 +461,27 @@ impl<P: PowerOps> Poller<'_, P> {
         }
     }
 
-    /// A warm reset: sent once; done when the state left On and came back, or when it never
-    /// visibly left On within `reissue_after` (many BMCs keep reporting On through a
-    /// restart).
+    /// A warm reset: sent once; done when the state left On and came back, or, when it
+    /// never visibly left On within `reissue_after` (many BMCs keep reporting On through a
+    /// restart), when [`Evidence`] proves the reboot.
     async fn restart(
         &self,
         reset_type: &str,
         allowed: &Allowed,
         deadline: Instant,
     ) -> Result<(), ProviderError> {
+        let before = self.ops.evidence(None, true).await?;
         self.ops.log(&format!("Reset {reset_type}"));
-        self.ops.reset(reset_type).await?;
+        let sent_at = std::time::SystemTime::now();
+        self.send_reset(reset_type).await?;
         let watch_until = (Instant::now() + self.timing.reissue_after).min(deadline);
         let mut interval = self.timing.poll_interval;
         loop {
             let now = Instant::now();
             if now >= watch_until {
-                self.ops.log(&format!(
-                    "PowerState stayed On after {reset_type}; the BMC reports no power transition for a warm reset"
-                ));
-                return Ok(());
+                return self
+                    .prove_warm_reset(reset_type, &before, sent_at, deadline)
+                    .await;
             }
             self.wait(interval.min(watch_until - now)).await?;
             interval = self.grow(interval);
@@ -454,6 +503,85 @@ impl<P: PowerOps> Poller<'_, P> {
             Outcome::Reached => Ok(()),
             Outcome::TimedOut(last) => Err(self.timeout_error("On", last)),
         }
+    }
+
+    /// Waits (up to the deadline) for proof that a warm reset that showed no power
+    /// transition rebooted the machine: the BMC's reset markers or the boot id changed, or
+    /// the deploy environment checked in. Without any of them the reset is unverified: a
+    /// permanent error at once when nothing could prove it, a transient one at the deadline.
+    async fn prove_warm_reset(
+        &self,
+        reset_type: &str,
+        before: &Evidence,
+        sent_at: std::time::SystemTime,
+        deadline: Instant,
+    ) -> Result<(), ProviderError> {
+        let bmc = self.ops.bmc();
+        let check_in = self.ops.awaits_check_in();
+        if before.bmc.is_none() && before.boot_id.is_none() && !check_in {
+            self.ops.log(&format!(
+                "reboot unverified: PowerState stayed On after {reset_type}"
+            ));
+            return Err(ProviderError::permanent(format!(
+                "reboot unverified: BMC {bmc} reported PowerState On throughout {reset_type}, and nothing else can prove the machine rebooted (the BMC reports no LastResetTime or BootProgress, no boot id could be read over SSH, no deploy-environment check-in is awaited); set power.cycle = \"off-on\" or give the machine an ssh_endpoint"
+            )));
+        }
+        self.ops.log(&format!(
+            "PowerState stayed On after {reset_type}: waiting for proof of the reboot ({})",
+            [
+                before
+                    .bmc
+                    .as_ref()
+                    .map(|_| "the BMC's LastResetTime/BootProgress"),
+                before.boot_id.as_ref().map(|_| "the boot id over SSH"),
+                check_in.then_some("the deploy environment's check-in"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ")
+        ));
+        let mut interval = self.timing.poll_interval;
+        loop {
+            let now = match self.ops.evidence(Some(sent_at), before.bmc.is_none()).await {
+                Ok(e) => e,
+                Err(e) if e.is_retryable() => Evidence::default(),
+                Err(e) => return Err(e),
+            };
+            let changed = |a: &Option<String>, b: &Option<String>| matches!((a, b), (Some(a), Some(b)) if a != b);
+            let proof = if changed(&before.bmc, &now.bmc) {
+                Some(format!(
+                    "the BMC's reset record changed ({} -> {})",
+                    before.bmc.as_deref().unwrap_or_default(),
+                    now.bmc.as_deref().unwrap_or_default()
+                ))
+            } else if changed(&before.boot_id, &now.boot_id) {
+                Some("the boot id read over SSH changed".to_owned())
+            } else if now.checked_in {
+                Some("the deploy environment checked in".to_owned())
+            } else {
+                None
+            };
+            if let Some(proof) = proof {
+                self.ops
+                    .log(&format!("reboot confirmed after {reset_type}: {proof}"));
+                return Ok(());
+            }
+            let t = Instant::now();
+            if t >= deadline {
+                break;
+            }
+            self.wait(interval.min(deadline - t)).await?;
+            interval = self.grow(interval);
+        }
+        self.ops.log(&format!(
+            "reboot unverified: nothing changed within {}s of {reset_type}",
+            self.timing.deadline.as_secs()
+        ));
+        Err(ProviderError::transient(format!(
+            "reboot unverified: BMC {bmc} reported PowerState On throughout {reset_type} and nothing proved a reboot within {}s (the BMC may have ignored the reset): check the machine's console",
+            self.timing.deadline.as_secs()
+        )))
     }
 }
 
@@ -484,6 +612,12 @@ mod tests {
         restart_shows: Option<Reading>,
         /// How many times PowerState was read.
         reads: Mutex<usize>,
+        /// The BMC's reset record (`LastResetTime`); `None`: it keeps none.
+        marker: Mutex<Option<String>>,
+        /// A restart updates the reset record (a real reboot); false: the BMC ignores it.
+        restart_reboots: bool,
+        /// The boot id over SSH, if it can be read.
+        boot_id: Mutex<Option<String>>,
     }
 
     impl Scripted {
@@ -496,6 +630,9 @@ mod tests {
                 lines: Mutex::new(Vec::new()),
                 restart_shows: Some(Reading::Off),
                 reads: Mutex::new(0),
+                marker: Mutex::new(None),
+                restart_reboots: true,
+                boot_id: Mutex::new(None),
             }
         }
         fn resets(&self) -> Vec<String> {
@@ -527,6 +664,14 @@ mod tests {
                 "PushPowerButton" if s.0 == Reading::On => Reading::Off,
                 "PushPowerButton" => Reading::On,
                 "ForceRestart" => {
+                    if self.restart_reboots {
+                        if let Some(m) = self.marker.lock().unwrap().as_mut() {
+                            m.push('+');
+                        }
+                        if let Some(b) = self.boot_id.lock().unwrap().as_mut() {
+                            b.push('+');
+                        }
+                    }
                     if let Some(shown) = self.restart_shows {
                         *s = (shown, Some((Instant::now() + self.delay, Reading::On)));
                     }
@@ -545,6 +690,26 @@ mod tests {
         }
         fn bmc(&self) -> &str {
             "bmc-1"
+        }
+        async fn evidence(
+            &self,
+            _since: Option<std::time::SystemTime>,
+            boot_id: bool,
+        ) -> Result<Evidence, ProviderError> {
+            let bmc = self.marker.lock().unwrap().clone();
+            let boot_id = if boot_id && bmc.is_none() {
+                self.boot_id.lock().unwrap().clone()
+            } else {
+                None
+            };
+            Ok(Evidence {
+                bmc,
+                boot_id,
+                checked_in: false,
+            })
+        }
+        fn awaits_check_in(&self) -> bool {
+            false
         }
     }
 
@@ -626,7 +791,11 @@ mod tests {
             .await
             .unwrap_err();
         assert!(is_deadline(&e), "{e}");
-        assert!(e.to_string().contains("last reported: Off"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("last reported: Off; 4 resets sent): check the BMC's event log"),
+            "{e}"
+        );
         // 60 s deadline, reissued every 15 s.
         assert_eq!(bmc.resets().len(), 4, "{:?}", bmc.resets());
     }
@@ -659,16 +828,25 @@ mod tests {
         assert_eq!(bmc.read().await.unwrap(), Reading::On);
         let lines = bmc.lines.lock().unwrap().clone();
         assert!(lines.iter().any(|l| l == "PowerState Off"), "{lines:?}");
-        // A BMC that reports On throughout a warm reset.
+        // A BMC that reports On throughout a warm reset: its LastResetTime proves it.
         let mut bmc = Scripted::new(Reading::On, Duration::from_secs(5));
         bmc.restart_shows = None;
+        *bmc.marker.lock().unwrap() = Some("2026-01-01T00:00:00Z".into());
         run(&bmc, t, Allowed(None), PowerAction::Cycle)
             .await
             .unwrap();
         assert_eq!(bmc.resets(), ["ForceRestart"]);
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(
+            lines.iter().any(|l| l
+                .contains("reboot confirmed after ForceRestart: the BMC's reset record changed")),
+            "{lines:?}"
+        );
         // Without Off/On allowed, off-on falls back to a restart.
         let allowed = Allowed(Some(vec!["ForceRestart".into()]));
-        let bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        *bmc.boot_id.lock().unwrap() = Some("b1".into());
         run(&bmc, timing(), allowed, PowerAction::Cycle)
             .await
             .unwrap();
@@ -804,9 +982,9 @@ mod tests {
     }
 
     #[test]
-    fn no_power_state_is_a_permanent_error() {
+    fn no_power_state_is_unavailable_for_now() {
         let e = known("bmc-1", Reading::Unknown).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Permanent);
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.to_string().contains("reports no PowerState"), "{e}");
         for r in [
             Reading::On,
@@ -827,20 +1005,21 @@ mod tests {
             let e = run(&bmc, timing(), Allowed(None), action)
                 .await
                 .unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Permanent, "{action:?}: {e}");
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "{action:?}: {e}");
             assert!(bmc.resets().is_empty(), "{action:?}");
         }
         let bmc = Scripted::new(Reading::Unknown, Duration::from_secs(1));
         let e = read_settled(&bmc, &CancellationToken::new(), &timing(), Reading::Unknown)
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
         assert_eq!(start.elapsed(), Duration::ZERO, "no waiting");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn power_state_lost_while_polling_is_a_permanent_error() {
-        // The BMC stops reporting PowerState after the reset: no use waiting for the deadline.
+    async fn power_state_lost_while_polling_is_waited_out() {
+        // The BMC stops reporting PowerState after the reset (it boots): polling goes on, to
+        // the deadline here since it never comes back.
         let mut bmc = Scripted::new(Reading::Off, Duration::from_secs(1));
         bmc.drop = vec![0];
         let soon = Instant::now() + Duration::from_secs(1);
@@ -849,11 +1028,66 @@ mod tests {
         let e = run(&bmc, timing(), Allowed(None), PowerAction::On)
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert!(is_deadline(&e), "{e}");
+        assert_eq!(start.elapsed(), timing().deadline);
+        let lines = bmc.lines.lock().unwrap().clone();
         assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            start.elapsed()
+            lines
+                .iter()
+                .any(|l| l.contains("reports no PowerState for now")),
+            "{lines:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_reset_that_did_nothing_is_not_a_reboot() {
+        let t = PowerTiming {
+            cycle: CycleMethod::Restart,
+            ..timing()
+        };
+        // The BMC keeps a reset record, but the reset changes nothing: at the deadline, a
+        // transient "unverified" error.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        bmc.restart_reboots = false;
+        *bmc.marker.lock().unwrap() = Some("2026-01-01T00:00:00Z".into());
+        let start = Instant::now();
+        let e = run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+        assert!(e.to_string().starts_with("reboot unverified"), "{e}");
+        assert_eq!(start.elapsed(), t.deadline);
+        assert_eq!(bmc.resets(), ["ForceRestart"]);
+        // Nothing can prove a reboot: a permanent error once the watch is over, which says
+        // what to change.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        let start = Instant::now();
+        let e = run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+        assert!(e.to_string().contains("power.cycle = \"off-on\""), "{e}");
+        assert_eq!(start.elapsed(), t.reissue_after);
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(
+            lines.iter().any(|l| l.starts_with("reboot unverified")),
+            "{lines:?}"
+        );
+        // The boot id over SSH proves it where the BMC keeps no record.
+        let mut bmc = Scripted::new(Reading::On, Duration::from_secs(1));
+        bmc.restart_shows = None;
+        *bmc.boot_id.lock().unwrap() = Some("b1".into());
+        run(&bmc, t, Allowed(None), PowerAction::Cycle)
+            .await
+            .unwrap();
+        let lines = bmc.lines.lock().unwrap().clone();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with("the boot id read over SSH changed")),
+            "{lines:?}"
         );
     }
 }

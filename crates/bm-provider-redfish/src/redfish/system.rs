@@ -1,16 +1,20 @@
 //! What the provider does on a BMC: find the machine's ComputerSystem, power it, set a
 //! one-time boot override, insert and eject virtual media, list its MAC addresses.
 
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
-use bm_domain::MacAddress;
-use bm_provider::{LogSink, ProviderError};
+use bm_domain::{MacAddress, MachineId};
+use bm_provider::{BootWitness, LogSink, ProviderError};
 use reqwest::Method;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::power::{Allowed, PowerOps, Reading};
+use super::power::{Allowed, Evidence, PowerOps, Reading};
 use super::{Bmc, Resource, nic};
+use crate::config::BootMode;
 use crate::endpoint::SystemSelector;
 
 /// The log tag of BMC actions.
@@ -86,11 +90,15 @@ pub(crate) async fn find_system(
             let mut seen = Vec::new();
             for m in members(bmc, cancel, &collection).await? {
                 let res = bmc.get(cancel, &m).await?;
-                let their = res.str("UUID").unwrap_or_default().to_owned();
-                if their.eq_ignore_ascii_case(uuid) {
-                    return Ok(res);
+                let their = res.str("UUID").unwrap_or_default().trim().to_owned();
+                if !their.is_empty() && their.eq_ignore_ascii_case(uuid) {
+                    return check_is_system(bmc, res);
                 }
-                seen.push(their);
+                seen.push(if their.is_empty() {
+                    format!("{m} (no UUID)")
+                } else {
+                    format!("{m} ({their})")
+                });
             }
             Err(ProviderError::permanent(format!(
                 "BMC {} has no system with UUID {uuid}; its systems have {}",
@@ -108,11 +116,13 @@ pub(crate) async fn find_system(
                     bmc.name()
                 ))),
                 many => Err(ProviderError::permanent(format!(
-                    "BMC {} has {} systems ({}): name one in the BMC endpoint, by path (redfish+https://{}/redfish/v1/Systems/<id>) or by UUID (?uuid=...)",
+                    "BMC {} has {} systems ({}): name one in the BMC endpoint, by path (redfish+{}://{}{}) or by UUID (?uuid=...)",
                     bmc.name(),
                     many.len(),
                     list(many),
-                    bmc.name()
+                    bmc.scheme(),
+                    bmc.name(),
+                    many[0]
                 ))),
             }
         }
@@ -127,19 +137,34 @@ fn list(items: &[String]) -> String {
     }
 }
 
+/// Checks the resource is a ComputerSystem: its `@odata.type` says so, or (without one)
+/// it has a `PowerState` and is not under Managers or Chassis, which carry `PowerState`
+/// too (Dell names both its system and its chassis `System.Embedded.1`).
 fn check_is_system(bmc: &Bmc, res: Resource) -> Result<Resource, ProviderError> {
-    let typed = res
-        .str("@odata.type")
-        .is_some_and(|t| t.contains("ComputerSystem"));
-    if typed || res.body.get("PowerState").is_some() {
-        Ok(res)
-    } else {
-        Err(ProviderError::permanent(format!(
-            "wrong system path: {} on BMC {} is not a ComputerSystem",
-            res.path,
-            bmc.name()
-        )))
+    let kind = res.str("@odata.type").map(|t| {
+        t.trim_start_matches('#')
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    });
+    let is_system = match kind.as_deref() {
+        Some(k) => k == "ComputerSystem",
+        None => {
+            res.body.get("PowerState").is_some()
+                && !res.path.contains("/Managers/")
+                && !res.path.contains("/Chassis/")
+        }
+    };
+    if is_system {
+        return Ok(res);
     }
+    let what = kind.unwrap_or_else(|| "some other resource".to_owned());
+    Err(ProviderError::permanent(format!(
+        "wrong system path: {} on BMC {} is a {what}, not a ComputerSystem: give the path of the system under /redfish/v1/Systems in the BMC endpoint",
+        res.path,
+        bmc.name()
+    )))
 }
 
 /// The reset action of a system: its target and the allowed `ResetType`s (inline, or from
@@ -207,6 +232,10 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Reads the machine's boot id over SSH: `None` when it cannot (no SSH, not up).
+pub(crate) type BootIdReader<'a> =
+    dyn Fn() -> Pin<Box<dyn Future<Output = Option<String>> + Send + 'a>> + Send + Sync + 'a;
+
 /// [`PowerOps`] on one system of a BMC.
 pub(crate) struct SystemPower<'a> {
     pub(crate) bmc: &'a Bmc,
@@ -214,6 +243,30 @@ pub(crate) struct SystemPower<'a> {
     pub(crate) log: &'a LogSink,
     pub(crate) system_path: &'a str,
     pub(crate) reset_target: &'a str,
+    /// Reads the boot id over SSH, if the machine can be reached that way.
+    pub(crate) boot_id: Option<&'a BootIdReader<'a>>,
+    /// Learns of the deploy environment's check-in, with the machine it is for.
+    pub(crate) witness: Option<(&'a dyn BootWitness, &'a MachineId)>,
+}
+
+/// The BMC's record of the last reset and boot: `LastResetTime` and `BootProgress`
+/// (`LastState`, `LastStateTime`, `OemLastState`), as one string; `None` when it keeps none.
+pub(crate) fn reset_marker(system: &Value) -> Option<String> {
+    let progress = system.get("BootProgress");
+    let parts: Vec<String> = [
+        system.get("LastResetTime"),
+        progress.and_then(|p| p.get("LastStateTime")),
+        progress.and_then(|p| p.get("LastState")),
+        progress.and_then(|p| p.get("OemLastState")),
+    ]
+    .into_iter()
+    .map(|v| v.and_then(Value::as_str).unwrap_or_default().to_owned())
+    .collect();
+    if parts.iter().all(String::is_empty) {
+        None
+    } else {
+        Some(parts.join(" "))
+    }
 }
 
 impl PowerOps for SystemPower<'_> {
@@ -233,6 +286,7 @@ impl PowerOps for SystemPower<'_> {
                 None,
             )
             .await
+            .map(drop)
     }
 
     fn log(&self, line: &str) {
@@ -242,16 +296,44 @@ impl PowerOps for SystemPower<'_> {
     fn bmc(&self) -> &str {
         self.bmc.name()
     }
+
+    async fn evidence(
+        &self,
+        since: Option<SystemTime>,
+        boot_id: bool,
+    ) -> Result<Evidence, ProviderError> {
+        let res = self.bmc.get(self.cancel, self.system_path).await?;
+        let bmc = reset_marker(&res.body);
+        let boot_id = match self.boot_id {
+            Some(read) if boot_id && bmc.is_none() => read().await,
+            _ => None,
+        };
+        let checked_in = match (since, self.witness) {
+            (Some(since), Some((w, machine))) => w.checked_in_since(machine, since).await,
+            _ => false,
+        };
+        Ok(Evidence {
+            bmc,
+            boot_id,
+            checked_in,
+        })
+    }
+
+    fn awaits_check_in(&self) -> bool {
+        self.witness.is_some()
+    }
 }
 
-/// Makes the next boot (only the next) boot from `target` (`Pxe` or `Cd`), and checks the
-/// BMC took it.
+/// Makes the next boot (only the next) boot from `target` (`Pxe` or `Cd`), in the firmware
+/// boot `mode` if one is asked, and checks the BMC took it. A mode the BMC cannot set is a
+/// permanent error.
 pub(crate) async fn boot_once(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     system: &Resource,
     target: &str,
+    mode: Option<BootMode>,
 ) -> Result<(), ProviderError> {
     let boot = system.body.get("Boot").ok_or_else(|| {
         ProviderError::permanent(format!(
@@ -271,25 +353,64 @@ pub(crate) async fn boot_once(
             )));
         }
     }
+    let mode = mode.map(BootMode::redfish_value);
+    if let Some(mode) = mode {
+        if boot.get("BootSourceOverrideMode").is_none() {
+            return Err(ProviderError::permanent(format!(
+                "BMC {} cannot set the boot mode of {} (it reports no BootSourceOverrideMode): set {mode} in the machine's firmware setup and unset boot.mode (or its boot-mode label)",
+                bmc.name(),
+                system.path
+            )));
+        }
+        if let Some(values) = boot.get("BootSourceOverrideMode@Redfish.AllowableValues") {
+            let values = strings(values);
+            if !values.iter().any(|v| v == mode) {
+                return Err(ProviderError::permanent(format!(
+                    "BMC {} does not offer boot mode {mode} for {} (it offers {})",
+                    bmc.name(),
+                    system.path,
+                    list(&values)
+                )));
+            }
+        }
+    }
     let current = |b: &Value, k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
     if current(boot, "BootSourceOverrideTarget").as_deref() == Some(target)
         && current(boot, "BootSourceOverrideEnabled").as_deref() == Some("Once")
+        && mode.is_none_or(|m| current(boot, "BootSourceOverrideMode").as_deref() == Some(m))
     {
         log.line(TAG, format!("boot override is already {target} (once)"));
         return Ok(());
     }
-    log.line(TAG, format!("boot override: {target}, once"));
+    let mut patch =
+        json!({"BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": "Once"});
+    if let Some(mode) = mode {
+        patch["BootSourceOverrideMode"] = json!(mode);
+        log.line(TAG, format!("boot override: {target}, once, {mode}"));
+    } else {
+        log.line(TAG, format!("boot override: {target}, once"));
+    }
     bmc.write(
         cancel,
         Method::PATCH,
         &system.path,
-        &json!({"Boot": {"BootSourceOverrideTarget": target, "BootSourceOverrideEnabled": "Once"}}),
+        &json!({ "Boot": patch }),
         system.etag.as_deref(),
         None,
     )
     .await?;
     let after = bmc.get(cancel, &system.path).await?;
     let boot = after.body.get("Boot").cloned().unwrap_or_default();
+    if let Some(mode) = mode {
+        let got = current(&boot, "BootSourceOverrideMode");
+        if got.as_deref() != Some(mode) {
+            return Err(ProviderError::permanent(format!(
+                "BMC {} accepted boot mode {mode} but reports BootSourceOverrideMode {}: it cannot switch it; set {mode} in the machine's firmware setup",
+                bmc.name(),
+                got.as_deref().unwrap_or("missing")
+            )));
+        }
+    }
     let got_target = current(&boot, "BootSourceOverrideTarget");
     if got_target.as_deref() != Some(target) {
         return Err(ProviderError::transient(format!(
@@ -317,6 +438,57 @@ pub(crate) async fn boot_once(
     Ok(())
 }
 
+/// Disables the system's boot override (`BootSourceOverrideEnabled: Disabled`) unless it is
+/// already, and checks the BMC took it.
+pub(crate) async fn disable_boot_override(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    system: &Resource,
+) -> Result<(), ProviderError> {
+    let enabled = |r: &Resource| {
+        r.body
+            .get("Boot")
+            .and_then(|b| b.get("BootSourceOverrideEnabled"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    match enabled(system).as_deref() {
+        None => {
+            log.line(TAG, "no boot override to disarm (no Boot property)");
+            return Ok(());
+        }
+        Some("Disabled") => {
+            log.line(TAG, "boot override is already disabled");
+            return Ok(());
+        }
+        Some(other) => log.line(
+            TAG,
+            format!("disarming the boot override (it was {other}): next boot from disk"),
+        ),
+    }
+    bmc.write(
+        cancel,
+        Method::PATCH,
+        &system.path,
+        &json!({"Boot": {"BootSourceOverrideEnabled": "Disabled"}}),
+        system.etag.as_deref(),
+        None,
+    )
+    .await?;
+    let after = bmc.get(cancel, &system.path).await?;
+    match enabled(&after).as_deref() {
+        Some("Disabled") | None => {
+            log.line(TAG, "boot override disabled");
+            Ok(())
+        }
+        Some(other) => Err(ProviderError::transient(format!(
+            "BMC {} accepted disabling the boot override but still reports it {other}",
+            bmc.name()
+        ))),
+    }
+}
+
 /// Finds the system's CD/DVD virtual media device: under the system first, then under each
 /// of its managers.
 pub(crate) async fn find_cd(
@@ -339,6 +511,7 @@ pub(crate) async fn find_cd(
         .map(str::to_owned)
         .collect();
     let mut looked = Vec::new();
+    let mut by_name: Option<Resource> = None;
     let mut next_manager = managers.iter();
     loop {
         let Some(collection) = collections.pop() else {
@@ -378,7 +551,14 @@ pub(crate) async fn find_cd(
             if types.iter().any(|t| t == "CD" || t == "DVD") {
                 return Ok(dev);
             }
+            if types.is_empty() && named_like_a_cd(&dev) && by_name.is_none() {
+                by_name = Some(dev);
+            }
         }
+    }
+    // Some BMCs (AMI) list no MediaTypes: a device named like a CD drive will do.
+    if let Some(dev) = by_name {
+        return Ok(dev);
     }
     Err(ProviderError::permanent(format!(
         "BMC {} offers no CD/DVD virtual media for {} (looked in {})",
@@ -386,6 +566,24 @@ pub(crate) async fn find_cd(
         system.path,
         list(&looked)
     )))
+}
+
+/// Whether a device without `MediaTypes` is a CD/DVD drive by its `Id`, `Name` or path
+/// (`CD1`, `Virtual CD`, `.../VirtualMedia/Cd`, `DVD`).
+fn named_like_a_cd(dev: &Resource) -> bool {
+    let last = dev
+        .path
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    [dev.str("Id"), dev.str("Name"), Some(last)]
+        .into_iter()
+        .flatten()
+        .map(str::to_ascii_lowercase)
+        .any(|n| {
+            n.starts_with("cd") || n.starts_with("dvd") || n.contains(" cd") || n.contains("dvd")
+        })
 }
 
 /// The target of the device's action whose name ends with `suffix` (`InsertMedia`,
@@ -409,61 +607,188 @@ fn media_request<'a>(dev: &'a Resource, suffix: &str) -> (Method, &'a str, Optio
     }
 }
 
-fn inserted(dev: &Resource) -> bool {
-    dev.body.get("Inserted").and_then(Value::as_bool) == Some(true)
-        || dev.str("Image").is_some_and(|i| !i.is_empty())
+/// The image a device shows, `None` when it shows none: AMI BMCs write `"None"` (or an
+/// empty string) for an empty drive.
+fn image(dev: &Resource) -> Option<&str> {
+    dev.str("Image")
+        .map(str::trim)
+        .filter(|i| !i.is_empty() && !i.eq_ignore_ascii_case("none"))
 }
 
-/// Inserts `image` into the CD device (ejecting other media first) and checks it took.
+fn inserted(dev: &Resource) -> bool {
+    dev.body.get("Inserted").and_then(Value::as_bool) == Some(true) || image(dev).is_some()
+}
+
+/// How a device was last seen, for messages.
+fn media_state(dev: &Resource) -> String {
+    format!(
+        "Image {}, Inserted {}",
+        image(dev).unwrap_or("none"),
+        dev.body
+            .get("Inserted")
+            .and_then(Value::as_bool)
+            .map_or("missing".to_owned(), |b| b.to_string())
+    )
+}
+
+/// The first wait between two reads of a device or task; it grows by half each time.
+const MEDIA_POLL: Duration = Duration::from_millis(250);
+/// The longest wait between two reads of a device or task.
+const MEDIA_POLL_MAX: Duration = Duration::from_secs(5);
+
+async fn pause(cancel: &CancellationToken, d: Duration) -> Result<(), ProviderError> {
+    tokio::select! {
+        () = tokio::time::sleep(d) => Ok(()),
+        () = cancel.cancelled() => Err(ProviderError::canceled()),
+    }
+}
+
+/// Follows the task monitor of a request the BMC accepted with 202 until the task ends or
+/// `deadline`; an error names the task's state and messages.
+pub(crate) async fn wait_task(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    monitor: &str,
+    deadline: Instant,
+) -> Result<(), ProviderError> {
+    log.line(
+        TAG,
+        format!("BMC accepted the request: following task {monitor}"),
+    );
+    let mut interval = MEDIA_POLL;
+    let mut last = "New".to_owned();
+    loop {
+        if let Some(task) = bmc.poll_task(cancel, monitor).await? {
+            let state = task.get("TaskState").and_then(Value::as_str);
+            match state {
+                None | Some("Completed") => return Ok(()),
+                Some("Exception" | "Killed" | "Cancelled" | "Interrupted") => {
+                    let said = task
+                        .get("Messages")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|m| m.get("Message").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    return Err(ProviderError::transient(format!(
+                        "BMC {} task {monitor} ended {}{}",
+                        bmc.name(),
+                        state.unwrap_or_default(),
+                        if said.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {said}")
+                        }
+                    )));
+                }
+                Some(other) => last = other.to_owned(),
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ProviderError::transient(format!(
+                "BMC {} task {monitor} had not ended at the deadline (last state {last})",
+                bmc.name()
+            )));
+        }
+        pause(cancel, interval.min(deadline - now)).await?;
+        interval = (interval * 3 / 2).min(MEDIA_POLL_MAX);
+    }
+}
+
+/// Reads the device until `done` holds or `deadline`; the error says what it was waiting for
+/// and how the device was last seen.
+async fn wait_media(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    path: &str,
+    deadline: Instant,
+    want: &str,
+    done: impl Fn(&Resource) -> bool,
+) -> Result<Resource, ProviderError> {
+    let mut interval = MEDIA_POLL;
+    loop {
+        let dev = bmc.get(cancel, path).await?;
+        if done(&dev) {
+            return Ok(dev);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ProviderError::transient(format!(
+                "BMC {} accepted the request but {path} did not show {want} in time; last seen: {}",
+                bmc.name(),
+                media_state(&dev)
+            )));
+        }
+        pause(cancel, interval.min(deadline - now)).await?;
+        interval = (interval * 3 / 2).min(MEDIA_POLL_MAX);
+    }
+}
+
+/// Inserts `image` into the CD device (ejecting other media first) and waits, up to
+/// `timeout`, until the device shows it (following the task monitor if the BMC mounts
+/// asynchronously).
 pub(crate) async fn insert_media(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     dev: &Resource,
-    image: &str,
+    image_url: &str,
     timeout: Duration,
 ) -> Result<(), ProviderError> {
-    if inserted(dev) && dev.str("Image") == Some(image) {
+    let deadline = Instant::now() + timeout;
+    if inserted(dev) && image(dev) == Some(image_url) {
         log.line(
             TAG,
-            format!("virtual media {} already holds {image}", dev.path),
+            format!("virtual media {} already holds {image_url}", dev.path),
         );
         return Ok(());
     }
     // Ejecting reads the device back: that reading has the current ETag.
-    let dev = eject_media(bmc, cancel, log, dev).await?;
-    let body = json!({"Image": image, "Inserted": true, "WriteProtected": true});
+    let dev = eject_media(bmc, cancel, log, dev, timeout).await?;
+    let body = json!({"Image": image_url, "Inserted": true, "WriteProtected": true});
     log.line(
         TAG,
-        format!("virtual media {}: inserting {image}", dev.path),
+        format!("virtual media {}: inserting {image_url}", dev.path),
     );
     // Either way the BMC may fetch the image before it answers: the insert timeout.
     let (method, path, etag) = media_request(&dev, "InsertMedia");
-    bmc.write(cancel, method, path, &body, etag, Some(timeout))
-        .await?;
-    let after = bmc.get(cancel, &dev.path).await?;
-    let shown = after.str("Image").unwrap_or_default();
-    let inserted_flag = after.body.get("Inserted").and_then(Value::as_bool);
-    if inserted_flag == Some(false) || (!shown.is_empty() && shown != image) {
-        return Err(ProviderError::transient(format!(
-            "BMC {} accepted the insert but {} shows Image {shown:?}, Inserted {}",
-            bmc.name(),
-            dev.path,
-            inserted_flag.map_or("missing".to_owned(), |b| b.to_string())
-        )));
+    if let Some(task) = bmc
+        .write(cancel, method, path, &body, etag, Some(timeout))
+        .await?
+    {
+        wait_task(bmc, cancel, log, &task, deadline).await?;
     }
-    log.line(TAG, format!("virtual media {} holds {image}", dev.path));
+    wait_media(
+        bmc,
+        cancel,
+        &dev.path,
+        deadline,
+        &format!("Image {image_url}"),
+        |after| {
+            let inserted_flag = after.body.get("Inserted").and_then(Value::as_bool);
+            inserted_flag != Some(false)
+                && image(after).is_none_or(|i| i == image_url)
+                && (inserted_flag == Some(true) || image(after).is_some())
+        },
+    )
+    .await?;
+    log.line(TAG, format!("virtual media {} holds {image_url}", dev.path));
     Ok(())
 }
 
-/// Ejects whatever the device holds, checks it is empty and returns the device as read
-/// back.
+/// Ejects whatever the device holds, waits (up to `timeout`) until it shows empty and
+/// returns the device as read back.
 pub(crate) async fn eject_media(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     dev: &Resource,
+    timeout: Duration,
 ) -> Result<Resource, ProviderError> {
+    let deadline = Instant::now() + timeout;
     if !inserted(dev) {
         log.line(TAG, format!("virtual media {} is empty", dev.path));
         return Ok(dev.clone());
@@ -473,7 +798,7 @@ pub(crate) async fn eject_media(
         format!(
             "virtual media {}: ejecting {}",
             dev.path,
-            dev.str("Image").unwrap_or("the media")
+            image(dev).unwrap_or("the media")
         ),
     );
     let (method, path, etag) = media_request(dev, "EjectMedia");
@@ -482,16 +807,13 @@ pub(crate) async fn eject_media(
     } else {
         json!({"Image": null, "Inserted": false})
     };
-    bmc.write(cancel, method, path, &body, etag, None).await?;
-    let after = bmc.get(cancel, &dev.path).await?;
-    if inserted(&after) {
-        return Err(ProviderError::transient(format!(
-            "BMC {} accepted the eject but {} still shows media",
-            bmc.name(),
-            dev.path
-        )));
+    if let Some(task) = bmc.write(cancel, method, path, &body, etag, None).await? {
+        wait_task(bmc, cancel, log, &task, deadline).await?;
     }
-    Ok(after)
+    wait_media(bmc, cancel, &dev.path, deadline, "no media", |after| {
+        !inserted(after)
+    })
+    .await
 }
 
 /// The normalised MAC addresses of the system's EthernetInterfaces.

@@ -156,6 +156,7 @@ fn virtual_media(config: RedfishConfig) -> RedfishProvider {
         boot: BootConfig {
             method: BootMethod::VirtualMedia,
             iso_url: Some("http://images/deploy.iso".into()),
+            mode: None,
         },
         ..config
     })
@@ -379,4 +380,341 @@ async fn requests_to_one_bmc_are_limited() {
         seen, 2,
         "at most 2 requests in flight to the BMC at once, and the limit was reached"
     );
+}
+
+/// Dell and HPE report `On` through a warm reset: the restart is proven by the BMC's
+/// `LastResetTime`, and a reset that changes nothing is not a reboot.
+#[tokio::test]
+async fn a_warm_reset_is_proven_by_last_reset_time() {
+    fn warm(reboots: bool) -> Box<crate::support::OnWrite> {
+        Box::new(move |method, path, body, res| {
+            if method == "POST"
+                && path.ends_with("ComputerSystem.Reset/")
+                && body["ResetType"] == "GracefulRestart"
+                && reboots
+            {
+                res.get_mut(SYS).unwrap()["LastResetTime"] = json!("2026-12-01T06:00:00Z");
+            }
+        })
+    }
+    let mut res = resources();
+    res.get_mut(SYS).unwrap()["PowerState"] = json!("On");
+    res.get_mut(SYS).unwrap()["LastResetTime"] = json!("2026-11-30T22:00:00Z");
+    let mut config = config();
+    config.power.cycle = bm_provider_redfish::CycleMethod::Restart;
+    config.power.reissue_after = Duration::from_millis(200);
+    config.power.deadline = Duration::from_secs(2);
+    let bmc = ScriptedBmc::start(res.clone(), warm(true)).await;
+    let p = RedfishProvider::new(config.clone()).unwrap();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.power(h.ctx(), PowerAction::Cycle).await.unwrap();
+    assert!(
+        h.logged("reboot confirmed after GracefulRestart: the BMC's reset record changed"),
+        "{:#?}",
+        h.lines()
+    );
+    // The BMC accepts the reset and does nothing.
+    let bmc = ScriptedBmc::start(res.clone(), warm(false)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::Cycle).await.unwrap_err();
+    assert!(e.to_string().starts_with("reboot unverified"), "{e}");
+    assert!(h.logged("reboot unverified"), "{:#?}", h.lines());
+    // No reset record, no SSH: nothing can prove it.
+    res.get_mut(SYS)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove("LastResetTime");
+    let bmc = ScriptedBmc::start(res, warm(true)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::Cycle).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+}
+
+/// Issue 13: disarming after a failed reimage reads back Disabled and ejects the deploy ISO.
+#[tokio::test]
+async fn disarm_disables_the_override_and_ejects_the_iso() {
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let p = virtual_media(config());
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.set_netboot(h.ctx()).await.unwrap();
+    assert_eq!(
+        bmc.resource(SYS)["Boot"]["BootSourceOverrideEnabled"],
+        "Once"
+    );
+    p.disarm_netboot(h.ctx()).await.unwrap();
+    assert_eq!(
+        bmc.resource(SYS)["Boot"]["BootSourceOverrideEnabled"],
+        "Disabled"
+    );
+    assert_eq!(bmc.resource(CD)["Inserted"], false);
+    // Again: nothing armed, nothing written.
+    let writes = bmc.writes().len();
+    p.disarm_netboot(h.ctx()).await.unwrap();
+    assert_eq!(bmc.writes().len(), writes);
+    assert!(
+        h.logged("boot override is already disabled"),
+        "{:#?}",
+        h.lines()
+    );
+}
+
+/// Issue 13: a BMC that is rebooting itself answers 503 with `Retry-After`: unavailable
+/// (retried for minutes by the engine), after the wait it asked for; 405 fails at once.
+#[tokio::test]
+async fn a_busy_bmc_is_unavailable_and_says_when_to_retry() {
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    bmc.answer_next(503, "Retry-After: 120\r\n");
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(120)));
+    assert!(e.to_string().contains("unavailable for now"), "{e}");
+    // It is back.
+    p.power_state(h.ctx()).await.unwrap();
+    bmc.answer_next(405, "");
+    let e = p.power(h.ctx(), PowerAction::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+}
+
+/// Issue 13: a BMC that mounts asynchronously answers the insert with 202 and a task
+/// monitor, and shows the image only once the task completed: followed and polled.
+#[tokio::test]
+async fn an_asynchronous_mount_is_followed_to_its_end() {
+    const TASK: &str = "/redfish/v1/TaskService/Tasks/7/";
+    // The insert starts a mount that ends after the task was read twice.
+    fn mounting(method: &str, path: &str, body: &Value, res: &mut HashMap<String, Value>) {
+        if method == "POST" && path == INSERT {
+            let cd = res.get_mut(CD).unwrap();
+            cd["Image"] = json!("None");
+            cd["Inserted"] = json!(false);
+            res.insert("pending".into(), body["Image"].clone());
+            res.insert(TASK.into(), json!({"TaskState": "Running", "polls": 0}));
+        } else {
+            behave(method, path, body, res);
+        }
+    }
+    let bmc = ScriptedBmc::start(resources(), Box::new(mounting)).await;
+    bmc.on_get(Box::new(|path, res| {
+        if path != TASK {
+            return;
+        }
+        let polls = res[TASK]["polls"].as_u64().unwrap() + 1;
+        res.get_mut(TASK).unwrap()["polls"] = json!(polls);
+        if polls >= 2 {
+            res.get_mut(TASK).unwrap()["TaskState"] = json!("Completed");
+            let image = res["pending"].clone();
+            let cd = res.get_mut(CD).unwrap();
+            cd["Image"] = image;
+            cd["Inserted"] = json!(true);
+        }
+    }));
+    bmc.answer_on("POST", INSERT, 202, &format!("Location: {TASK}\r\n"));
+    let p = virtual_media(config());
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.set_netboot(h.ctx()).await.unwrap();
+    assert!(
+        h.logged(&format!("following task {TASK}")),
+        "{:#?}",
+        h.lines()
+    );
+    assert_eq!(bmc.resource(TASK)["polls"], 2);
+    assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
+}
+
+/// Issue 13: media that never shows up: the error says how the device was last seen.
+#[tokio::test]
+async fn a_mount_that_never_shows_says_what_was_seen() {
+    fn never(method: &str, path: &str, body: &Value, res: &mut HashMap<String, Value>) {
+        if method == "POST" && path == INSERT {
+            return;
+        }
+        behave(method, path, body, res);
+    }
+    let bmc = ScriptedBmc::start(resources(), Box::new(never)).await;
+    let p = virtual_media(RedfishConfig {
+        insert_media_timeout: Duration::from_secs(1),
+        ..config()
+    });
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.set_netboot(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+    assert!(
+        e.to_string()
+            .contains("did not show Image http://images/deploy.iso in time; last seen: Image none, Inserted false"),
+        "{e}"
+    );
+}
+
+/// Issue 13: AMI shapes: a CD device without `MediaTypes` is found by its id, and
+/// `Image: "None"` is an empty drive (nothing to eject).
+#[tokio::test]
+async fn ami_virtual_media_without_media_types() {
+    let mut res = resources();
+    res.insert(
+        CD.to_owned(),
+        json!({
+            "Id": "CD1", "Name": "Virtual CD", "Image": "None", "Inserted": false,
+            "Actions": {
+                "#VirtualMedia.InsertMedia": {"target": INSERT},
+                "#VirtualMedia.EjectMedia": {"target": "/redfish/v1/Managers/BMC/VirtualMedia/CD1/Actions/VM.EjectMedia/"}
+            }
+        }),
+    );
+    res.insert(
+        "/redfish/v1/Managers/BMC/VirtualMedia/Floppy1/".into(),
+        json!({"Id": "Floppy1", "Name": "Virtual Floppy"}),
+    );
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let p = virtual_media(config());
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.set_netboot(h.ctx()).await.unwrap();
+    assert_eq!(media_writes(&bmc), [format!("POST {INSERT}")]);
+    assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
+}
+
+/// Issue 13 item 7: Dell names both its system and its chassis `System.Embedded.1`: a
+/// Chassis path (which carries PowerState too) is refused at discovery, saying so.
+#[tokio::test]
+async fn a_chassis_path_is_not_taken_for_the_system() {
+    const CHASSIS: &str = "/redfish/v1/Chassis/System.Embedded.1";
+    let mut res = resources();
+    res.insert(
+        CHASSIS.into(),
+        json!({"@odata.type": "#Chassis.v1_14_0.Chassis", "PowerState": "On"}),
+    );
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{CHASSIS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(
+        e.to_string()
+            .contains("is a Chassis, not a ComputerSystem: give the path of the system under /redfish/v1/Systems"),
+        "{e}"
+    );
+}
+
+/// Issue 13 item 9: a system that omits PowerState while it boots is unavailable for now
+/// (the engine retries it for minutes), not a permanent failure.
+#[tokio::test]
+async fn a_missing_power_state_is_unavailable_for_now() {
+    let mut res = resources();
+    res.get_mut(SYS).unwrap()["PowerState"] = Value::Null;
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = p.power(h.ctx(), PowerAction::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(bmc.writes().is_empty());
+}
+
+/// A TCP server that writes `banner` to every connection and closes it.
+async fn banner_server(banner: &'static [u8]) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = sock.write_all(banner).await;
+                let mut buf = [0u8; 1024];
+                let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Issue 13 item 8: https to a plain-HTTP port and a port that does not speak HTTP are
+/// permanent errors that name the likely cause.
+#[tokio::test]
+async fn wrong_ports_say_what_to_fix() {
+    let p = provider();
+    let (port, plain) = banner_server(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let h = Harness::new(machine(
+        &format!("redfish+https://127.0.0.1:{port}/redfish/v1/Systems/1"),
+        "",
+        &[],
+    ));
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("does not speak TLS on port"), "{e}");
+    plain.abort();
+    let (port, ssh) = banner_server(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+    let h = Harness::new(machine(
+        &format!("redfish+http://127.0.0.1:{port}/redfish/v1/Systems/1"),
+        "",
+        &[],
+    ));
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("does not answer HTTP"), "{e}");
+    ssh.abort();
+}
+
+/// Issue 13 item 8: `?uuid=` on systems without a UUID lists them by path.
+#[tokio::test]
+async fn uuid_selection_names_systems_without_uuid() {
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}/?uuid=1234", bmc.base()), "", &[]));
+    let e = p.power_state(h.ctx()).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("its systems have {SYS} (no UUID)")),
+        "{e}"
+    );
+}
+
+/// Issue 13 item 5: the configured boot mode is set with the override (AMI and Intel stay
+/// Legacy otherwise), a machine's label overrides it, and a BMC that cannot set it is refused.
+#[tokio::test]
+async fn the_boot_mode_is_set_or_refused() {
+    let uefi = RedfishProvider::new(RedfishConfig {
+        boot: BootConfig {
+            mode: Some(bm_provider_redfish::BootMode::Uefi),
+            ..BootConfig::default()
+        },
+        ..config()
+    })
+    .unwrap();
+    let mut res = resources();
+    res.get_mut(SYS).unwrap()["Boot"]["BootSourceOverrideMode"] = json!("Legacy");
+    res.get_mut(SYS).unwrap()["Boot"]["BootSourceOverrideMode@Redfish.AllowableValues"] =
+        json!(["Legacy", "UEFI"]);
+    let bmc = ScriptedBmc::start(res.clone(), Box::new(behave)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    uefi.set_netboot(h.ctx()).await.unwrap();
+    let boot = &bmc.resource(SYS)["Boot"];
+    assert_eq!(
+        (
+            &boot["BootSourceOverrideTarget"],
+            &boot["BootSourceOverrideMode"]
+        ),
+        (&json!("Pxe"), &json!("UEFI"))
+    );
+    // The machine's label chooses Legacy.
+    let bmc = ScriptedBmc::start(res, Box::new(behave)).await;
+    let mut m = machine(&format!("{}{SYS}", bmc.base()), "", &[]);
+    m.labels =
+        bm_domain::Labels::from_pairs([(bm_provider_redfish::LABEL_BOOT_MODE, "legacy")]).unwrap();
+    let h = Harness::new(m);
+    uefi.set_netboot(h.ctx()).await.unwrap();
+    assert_eq!(
+        bmc.resource(SYS)["Boot"]["BootSourceOverrideMode"],
+        "Legacy"
+    );
+    // A BMC without BootSourceOverrideMode cannot set it: refused, nothing written.
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let e = uefi.set_netboot(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("cannot set the boot mode"), "{e}");
+    assert!(bmc.writes().is_empty());
 }

@@ -161,6 +161,7 @@ fn virtual_media(iso_url: String) -> RedfishProvider {
     config.boot = BootConfig {
         method: BootMethod::VirtualMedia,
         iso_url: Some(iso_url),
+        mode: None,
     };
     provider(config)
 }

@@ -28,6 +28,7 @@ pub(crate) fn config() -> EngineConfig {
             max_attempts: 3,
             base_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(5),
+            unavailable_budget: Duration::from_millis(20),
         },
         poll_interval: Duration::from_millis(100),
         ..EngineConfig::default()

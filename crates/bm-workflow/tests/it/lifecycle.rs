@@ -624,3 +624,124 @@ async fn a_panicking_provider_fails_its_operation() {
         EffectiveState::Attention
     );
 }
+
+/// Issue 13: an operation that armed a netboot and then failed or was canceled disarms it,
+/// so that the operator's next reboot does not network-boot the machine; the log says so.
+#[tokio::test]
+async fn a_failed_or_canceled_reimage_disarms_the_netboot() {
+    let h = memory();
+    h.machine(
+        "machine-1",
+        &[
+            (LABEL_FAIL_ACTION, "power-cycle"),
+            (LABEL_FAIL_KIND, "permanent"),
+        ],
+    )
+    .await;
+    h.run("machine-1", OperationType::EnterMaintenance, "e")
+        .await;
+    let op = h.run("machine-1", OperationType::Reimage, "r").await;
+    assert_eq!(op.phase, OperationPhase::Failed);
+    assert_eq!(h.fake.calls("machine-1", Action::DisarmNetboot), 1);
+    h.wait_log(op.id, "Boot override: disabled").await;
+
+    // Canceled while it reboots into the deploy environment.
+    h.machine("machine-2", &[(LABEL_HANG_ACTION, "power-cycle")])
+        .await;
+    h.run("machine-2", OperationType::EnterMaintenance, "e")
+        .await;
+    let op = h
+        .submit("machine-2", OperationType::Reimage, "r")
+        .await
+        .unwrap();
+    h.wait_stage(op.id, "reboot-to-netboot").await;
+    h.cancel(op.id).await.unwrap();
+    let op = h.wait_end(op.id).await;
+    assert_eq!(op.phase, OperationPhase::Canceled);
+    assert_eq!(h.fake.calls("machine-2", Action::DisarmNetboot), 1);
+
+    // An operation that never armed one has nothing to disarm.
+    h.machine(
+        "machine-3",
+        &[(LABEL_FAIL_ACTION, "drain"), (LABEL_FAIL_KIND, "permanent")],
+    )
+    .await;
+    let op = h
+        .run("machine-3", OperationType::EnterMaintenance, "e")
+        .await;
+    assert_eq!(op.phase, OperationPhase::Failed);
+    assert_eq!(h.fake.calls("machine-3", Action::DisarmNetboot), 0);
+}
+
+/// When the override cannot be disarmed, the machine's record says so: a canceled reimage
+/// ends FAILED (NeedsIntervention) with a message that says what to do.
+#[tokio::test]
+async fn a_netboot_that_cannot_be_disarmed_is_on_the_machine_record() {
+    let h = memory();
+    h.machine(
+        "machine-1",
+        &[
+            (LABEL_HANG_ACTION, "repave"),
+            (LABEL_FAIL_ACTION, "disarm-netboot"),
+            (LABEL_FAIL_KIND, "permanent"),
+        ],
+    )
+    .await;
+    h.run("machine-1", OperationType::EnterMaintenance, "e")
+        .await;
+    let op = h
+        .submit("machine-1", OperationType::Reimage, "r")
+        .await
+        .unwrap();
+    h.wait_stage(op.id, "repave-image").await;
+    h.cancel(op.id).await.unwrap();
+    let op = h.wait_end(op.id).await;
+    assert_eq!(op.phase, OperationPhase::Failed);
+    let error = op.error.unwrap_or_default();
+    assert!(
+        error.contains("canceled by an operator, but the netboot override could not be disarmed"),
+        "{error}"
+    );
+    let m = h.get("machine-1").await;
+    assert_eq!(m.effective_state(), EffectiveState::Attention);
+    let c = m
+        .status
+        .conditions
+        .get(&ConditionType::NeedsIntervention)
+        .unwrap();
+    assert!(c.message.contains("disarm it on the BMC"), "{}", c.message);
+}
+
+/// Issue 13: a BMC that is unavailable for a while (rebooting, updating its firmware) is
+/// retried past `max_attempts`, within the budget; a transient error is not.
+#[tokio::test]
+async fn an_unavailable_bmc_is_retried_within_the_budget() {
+    let h = start(
+        std::sync::Arc::new(bm_store::MemoryStore::new()),
+        bm_workflow::EngineConfig {
+            retry: bm_workflow::RetryPolicy {
+                unavailable_budget: std::time::Duration::from_secs(600),
+                ..config().retry
+            },
+            ..config()
+        },
+    );
+    let labels = |kind| {
+        [
+            (LABEL_FAIL_ACTION, "power-cycle"),
+            (LABEL_FAIL_TIMES, "5"),
+            (LABEL_FAIL_KIND, kind),
+        ]
+    };
+    h.machine("busy-bmc", &labels("unavailable")).await;
+    h.machine("flaky", &labels("transient")).await;
+    h.run("busy-bmc", OperationType::EnterMaintenance, "e")
+        .await;
+    h.run("flaky", OperationType::EnterMaintenance, "e").await;
+    let op = h.run("busy-bmc", OperationType::Reboot, "r").await;
+    assert_eq!(op.phase, OperationPhase::Succeeded, "{:?}", op.error);
+    assert_eq!(h.fake.calls("busy-bmc", Action::PowerCycle), 6);
+    let op = h.run("flaky", OperationType::Reboot, "r").await;
+    assert_eq!(op.phase, OperationPhase::Failed);
+    assert_eq!(h.fake.calls("flaky", Action::PowerCycle), 3);
+}

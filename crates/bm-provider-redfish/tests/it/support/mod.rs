@@ -255,6 +255,18 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Request> {
 // ---------------------------------------------------------------------------------------
 // A scripted BMC with the quirks of real ones.
 
+/// What the scripted BMC does to its resources when a GET of the path arrives.
+pub(crate) type OnGet = dyn Fn(&str, &mut HashMap<String, Value>) + Send + Sync;
+
+/// A canned answer: to the next request (`on` empty) or the next `METHOD path`; with
+/// `apply`, a write still changes the resources and is recorded.
+struct Canned {
+    on: String,
+    status: u16,
+    extra: String,
+    apply: bool,
+}
+
 /// What a write did to the scripted BMC's resources.
 pub(crate) type OnWrite = dyn Fn(&str, &str, &Value, &mut HashMap<String, Value>) + Send + Sync;
 
@@ -264,6 +276,11 @@ pub(crate) type OnWrite = dyn Fn(&str, &str, &Value, &mut HashMap<String, Value>
 pub(crate) struct ScriptedBmc {
     pub(crate) port: u16,
     resources: Arc<Mutex<HashMap<String, Value>>>,
+    /// Answers given before any other, in order: status and extra header lines (a BMC that
+    /// is rebooting itself answers 503 for a while).
+    canned: Arc<Mutex<std::collections::VecDeque<Canned>>>,
+    /// Called before each GET is answered (a BMC whose state moves by itself).
+    on_get: Arc<Mutex<Option<Box<OnGet>>>>,
     writes: Arc<Mutex<Vec<(String, String, Value)>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -292,6 +309,10 @@ impl ScriptedBmc {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let on_write: Arc<OnWrite> = Arc::from(on_write);
         let (res, wr) = (resources.clone(), writes.clone());
+        let canned = Arc::new(Mutex::new(std::collections::VecDeque::<Canned>::new()));
+        let canned2 = canned.clone();
+        let on_get: Arc<Mutex<Option<Box<OnGet>>>> = Arc::new(Mutex::new(None));
+        let on_get2 = on_get.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
@@ -299,10 +320,38 @@ impl ScriptedBmc {
                 };
                 let (res, wr, on_write) = (res.clone(), wr.clone(), on_write.clone());
                 let slow_prefix = slow_prefix.clone();
+                let canned = canned2.clone();
+                let on_get = on_get2.clone();
                 tokio::spawn(async move {
                     let Some(req) = read_request(&mut sock).await else {
                         return;
                     };
+                    let key = format!("{} {}", req.method, req.path);
+                    let next = {
+                        let mut c = lock(&canned);
+                        let i = c.iter().position(|a| a.on.is_empty() || a.on == key);
+                        i.and_then(|i| c.remove(i))
+                    };
+                    let mut extra = String::new();
+                    let mut replace = None;
+                    if let Some(a) = next {
+                        if !a.apply || req.method == "GET" {
+                            let head = format!(
+                                "HTTP/1.1 {} X\r\nContent-Length: 0\r\n{}Connection: close\r\n\r\n",
+                                a.status, a.extra
+                            );
+                            let _ = sock.write_all(head.as_bytes()).await;
+                            let _ = sock.shutdown().await;
+                            return;
+                        }
+                        extra = a.extra;
+                        replace = Some(a.status);
+                    }
+                    if req.method == "GET"
+                        && let Some(f) = lock(&on_get).as_ref()
+                    {
+                        f(&req.path, &mut lock(&res));
+                    }
                     let (status, body) = if req.method == "GET" {
                         match lock(&res).get(&req.path) {
                             Some(v) => (200, v.to_string()),
@@ -320,8 +369,9 @@ impl ScriptedBmc {
                         lock(&wr).push((req.method.clone(), req.path.clone(), body));
                         (204, String::new())
                     };
+                    let status = replace.unwrap_or(status);
                     let head = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nContent-Type: application/json\r\n{extra}Connection: close\r\n\r\n",
                         body.len()
                     );
                     let _ = sock.write_all(head.as_bytes()).await;
@@ -333,9 +383,38 @@ impl ScriptedBmc {
         ScriptedBmc {
             port,
             resources,
+            canned,
+            on_get,
             writes,
             task,
         }
+    }
+
+    /// The next request gets `status` with the header lines `extra` (each ending in
+    /// `\r\n`), before anything else queued so.
+    pub(crate) fn answer_next(&self, status: u16, extra: &str) {
+        lock(&self.canned).push_back(Canned {
+            on: String::new(),
+            status,
+            extra: extra.to_owned(),
+            apply: false,
+        });
+    }
+
+    /// The next `method` of `path` is carried out (a write changes the resources) but
+    /// answered with `status` and the header lines `extra`: a 202 with a task monitor.
+    pub(crate) fn answer_on(&self, method: &str, path: &str, status: u16, extra: &str) {
+        lock(&self.canned).push_back(Canned {
+            on: format!("{method} {path}"),
+            status,
+            extra: extra.to_owned(),
+            apply: true,
+        });
+    }
+
+    /// Calls `f(path, resources)` before answering each GET.
+    pub(crate) fn on_get(&self, f: Box<OnGet>) {
+        *lock(&self.on_get) = Some(f);
     }
 
     /// `redfish+http://127.0.0.1:PORT`.
