@@ -21,12 +21,20 @@ pub enum StoreCondition {
     /// The store cannot serve (its database was found damaged while running); a restart
     /// checks it and refuses to start or starts it read-only.
     Unusable(String),
+    /// The store's database server cannot be reached (a PostgreSQL store): reads and writes
+    /// fail with [`crate::StoreError::Unavailable`] until it answers again, and the
+    /// condition goes back to [`StoreCondition::Ok`] at the first read or write that
+    /// reaches it.
+    Unreachable(String),
 }
 
 impl StoreCondition {
     /// True unless the store is unusable: reads work.
     pub fn serves_reads(&self) -> bool {
-        !matches!(self, StoreCondition::Unusable(_))
+        !matches!(
+            self,
+            StoreCondition::Unusable(_) | StoreCondition::Unreachable(_)
+        )
     }
 
     /// True when writes are expected to work.
@@ -42,6 +50,7 @@ impl fmt::Display for StoreCondition {
             StoreCondition::DiskFull => f.write_str("the data directory's disk is full"),
             StoreCondition::ReadOnly(why) => write!(f, "read-only: {why}"),
             StoreCondition::Unusable(why) => write!(f, "unusable: {why}"),
+            StoreCondition::Unreachable(why) => write!(f, "the database is unreachable: {why}"),
         }
     }
 }
@@ -110,6 +119,37 @@ impl ConditionCell {
                 reason = why,
                 "the store is unusable; restart the server: it checks the database and refuses to start or starts read-only"
             );
+        }
+    }
+
+    /// The database could not be reached. Logged once per episode.
+    pub(crate) fn unreachable(&self, why: &str) {
+        let changed = self.0.send_if_modified(|c| {
+            let first = matches!(c, StoreCondition::Ok | StoreCondition::DiskFull);
+            if first {
+                *c = StoreCondition::Unreachable(why.to_owned());
+            }
+            first
+        });
+        if changed {
+            tracing::error!(
+                reason = why,
+                "the store's database is unreachable: requests fail with UNAVAILABLE and operations wait until it answers"
+            );
+        }
+    }
+
+    /// A read or a write reached the database.
+    pub(crate) fn reached(&self) {
+        let changed = self.0.send_if_modified(|c| {
+            let was = matches!(c, StoreCondition::Unreachable(_));
+            if was {
+                *c = StoreCondition::Ok;
+            }
+            was
+        });
+        if changed {
+            tracing::info!("the store's database answers again");
         }
     }
 }

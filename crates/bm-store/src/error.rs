@@ -86,8 +86,11 @@ pub enum StoreError {
     #[error("storage failure")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The database cannot be reached (it is down or restarting, or the network to it is
-    /// cut). Nothing of the call was kept; calls succeed again once it is back.
-    #[error("the database cannot be reached; calls succeed again once it is back")]
+    /// cut) or cannot take the call now (failing over, out of disk, past the statement
+    /// timeout). Nothing of the call was kept; calls succeed again once it can.
+    #[error(
+        "the database cannot be reached or cannot take the call now (down, restarting, failing over, out of disk or too slow); calls succeed again once it can"
+    )]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store was shut down.
     #[error("the store is closed")]
@@ -141,8 +144,11 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
-/// True when a PostgreSQL error says that the server is not there to answer: the connection
-/// could not be made or was lost, or the server is shutting down or starting up.
+/// True when a PostgreSQL error says that the server is not there to answer, or cannot
+/// take the write now, and that trying again later can succeed: the connection could not be
+/// made or was lost, the server is shutting down or starting up, it has no connection slot,
+/// its disk is full, it is a standby (after a failover, until the connection reaches the
+/// new primary), or the statement ran past the statement timeout.
 fn database_unreachable(e: &postgres::Error) -> bool {
     use postgres::error::SqlState;
     if let Some(code) = e.code() {
@@ -153,6 +159,9 @@ fn database_unreachable(e: &postgres::Error) -> bool {
                 SqlState::CRASH_SHUTDOWN,
                 SqlState::CANNOT_CONNECT_NOW,
                 SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::DISK_FULL,
+                SqlState::READ_ONLY_SQL_TRANSACTION,
+                SqlState::QUERY_CANCELED,
             ]
             .contains(code);
     }

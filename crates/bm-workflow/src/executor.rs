@@ -21,10 +21,36 @@ use crate::policy::{Decision, decide};
 use crate::shared::{Claim, Inner, Running};
 use crate::steps;
 
-/// Starts the executor's tasks: the dispatcher and the lease renewal.
+/// Starts the executor's tasks: the dispatcher, the lease renewal, and the listener for
+/// cancels asked through other servers.
 pub(crate) fn start(inner: &Arc<Inner>) {
     inner.tasks.spawn(dispatch(inner.clone()));
     inner.tasks.spawn(renew_leases(inner.clone()));
+    inner.tasks.spawn(cancel_when_asked(inner.clone()));
+}
+
+/// Stops an operation running here as soon as its cancel request is committed, whichever
+/// server sharing the store took the request: the store's event feed carries the
+/// `CancelRequested` event. (The lease renewal finds it too, but only every third of a
+/// lease; an event missed because this listener lagged behind is left to the renewal.)
+async fn cancel_when_asked(inner: Arc<Inner>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = inner.store.subscribe_events();
+    loop {
+        let event = tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            r = events.recv() => r,
+        };
+        match event {
+            Ok(e) if e.kind == EventKind::CancelRequested => {
+                if let Some(r) = inner.running().get(&e.operation_id) {
+                    r.token.cancel();
+                }
+            }
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Claims work whenever woken (new operation, freed capacity) or every poll interval.

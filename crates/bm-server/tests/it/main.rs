@@ -12,6 +12,7 @@ mod fuzz_corpus;
 mod hygiene;
 mod inproc;
 mod limits;
+mod migrate;
 mod pki;
 mod quota;
 mod random_requests;

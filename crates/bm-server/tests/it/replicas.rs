@@ -20,11 +20,15 @@ use crate::support::{Server, connect, fake_machine};
 const LEASE: &str = "2s";
 
 fn replica(url: &str, timing: &str) -> Server {
+    replica_leased(url, timing, LEASE)
+}
+
+fn replica_leased(url: &str, timing: &str, lease: &str) -> Server {
     Server::start_with(&[
         "--store",
         url,
         "--lease-duration",
-        LEASE,
+        lease,
         "--fake-timing",
         timing,
         "--op-rate-per-principal",
@@ -425,6 +429,43 @@ async fn a_stalled_replica_writes_nothing_after_the_takeover() {
     drop(a);
 }
 
+/// A cancel asked through one replica stops an operation that another runs at once, not at
+/// the runner's next lease renewal: here leases last a minute (renewed every 20 s), and the
+/// cancel call, which waits up to 2 s for the operation to end, already answers it CANCELED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_another_replica_stops_the_operation_at_once() {
+    let url = Cluster::shared().create_database().expect("database");
+    let runner = replica_leased(&url, "normal", "60s");
+    let mut c = runner.clients().await;
+    c.register(fake_machine(
+        "m-1",
+        1,
+        &[("fake.baremetal.dev/hang-action", "repave")],
+    ))
+    .await;
+    c.enter_maintenance("m-1").await;
+    let op = c.reimage("m-1", "r").await.expect("reimage");
+    c.wait_stage(&op.id, "repave-image").await;
+
+    // Started only now: the operation is the first replica's.
+    let other = replica_leased(&url, "normal", "60s");
+    let mut co = other.clients().await;
+    let answer = co
+        .operations
+        .cancel_operation(pb::CancelOperationRequest {
+            operation_id: op.id.clone(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(
+        answer.phase,
+        pb::OperationPhase::Canceled as i32,
+        "the running replica did not stop the operation within the cancel's wait: {answer:?}"
+    );
+    assert_eq!(co.wait_end(&op.id).await, answer);
+}
+
 async fn log_lines(c: &mut crate::support::Clients, op: &str) -> Vec<pb::LogLine> {
     let mut stream = c
         .operations
@@ -463,8 +504,9 @@ fn pg_ctl(cluster: &Cluster, action: &str) {
 }
 
 /// The database goes away for longer than a lease while an operation runs: requests fail
-/// fast with UNAVAILABLE, the operation waits, and when the database is back it goes on
-/// and succeeds, with no stage run twice and no log line lost.
+/// fast with UNAVAILABLE, health says NOT_SERVING, the operation waits, and when the
+/// database is back health says SERVING again and the operation goes on and succeeds, with
+/// no stage run twice and no log line lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_pauses_operations_and_loses_nothing() {
     let cluster = Cluster::start().expect("cluster");
@@ -480,6 +522,25 @@ async fn a_database_outage_pauses_operations_and_loses_nothing() {
     c.enter_maintenance("m-1").await;
     let op = c.reimage("m-1", "r").await.expect("reimage");
     c.wait_stage(&op.id, "reboot-to-netboot").await;
+
+    // Health as a load balancer sees it, watched: it follows the database.
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health watch")
+        .into_inner();
+    let mut next_status = async move |want: ServingStatus| loop {
+        let got = health
+            .message()
+            .await
+            .expect("health stream")
+            .expect("health stream ended");
+        if got.status == want as i32 {
+            return;
+        }
+    };
+    next_status(ServingStatus::Serving).await;
 
     pg_ctl(&cluster, "stop");
     let started = std::time::Instant::now();
@@ -509,7 +570,11 @@ async fn a_database_outage_pauses_operations_and_loses_nothing() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     // Down for longer than the lease (2 s): renewals fail every 2/3 s.
     server.wait_for_log("could not renew leases", 4).await;
+    // The replica is taken out of rotation while its database cannot be reached ...
+    next_status(ServingStatus::NotServing).await;
     pg_ctl(&cluster, "start");
+    // ... and put back by itself once it answers again.
+    next_status(ServingStatus::Serving).await;
 
     let ended = c.wait_end(&op.id).await;
     assert_eq!(

@@ -82,7 +82,7 @@ pub struct PgStore {
     readers: Arc<Readers>,
     feed: Arc<Feed>,
     stop: Arc<AtomicBool>,
-    condition: ConditionCell,
+    condition: Arc<ConditionCell>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -242,12 +242,23 @@ struct Readers {
     conns: Vec<Mutex<Client>>,
     next: AtomicUsize,
     target: Target,
+    /// Told whether the database answered.
+    condition: Arc<ConditionCell>,
 }
 
 impl Readers {
     /// Runs `f` on a read connection. A connection that the database dropped (it restarted)
     /// is found out by its first use: then `f` runs once more on a new one.
-    fn with<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
+    fn with<T>(&self, f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
+        let r = self.on_a_connection(f);
+        match &r {
+            Err(e @ StoreError::Unavailable(_)) => self.condition.unreachable(&chain(e)),
+            _ => self.condition.reached(),
+        }
+        r
+    }
+
+    fn on_a_connection<T>(&self, mut f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
         let n = self.conns.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut conn = (0..n)
@@ -458,8 +469,10 @@ impl PgStore {
         let readers = (0..config.pool_size.max(1))
             .map(|_| target.connect().map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
+        let condition = Arc::new(ConditionCell::new(StoreCondition::Ok));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
+            condition: condition.clone(),
             conn,
             target: target.clone(),
             rx,
@@ -487,10 +500,11 @@ impl PgStore {
                 conns: readers,
                 next: AtomicUsize::new(0),
                 target,
+                condition: condition.clone(),
             }),
             feed,
             stop,
-            condition: ConditionCell::new(StoreCondition::Ok),
+            condition,
         })
     }
 

@@ -172,6 +172,8 @@ pub(super) struct Writer {
     pub(super) unwritten: Vec<LogLine>,
     /// When the connection was last used.
     pub(super) last_used: std::time::Instant,
+    /// Told whether the database answered.
+    pub(super) condition: Arc<crate::condition::ConditionCell>,
 }
 
 impl Writer {
@@ -277,6 +279,10 @@ impl Writer {
         })();
         for job in jobs {
             replies.push(job.reply);
+        }
+        match &result {
+            Err(e @ StoreError::Unavailable(_)) => self.condition.unreachable(&super::chain(e)),
+            _ => self.condition.reached(),
         }
         match result {
             Ok(ranges) => {
