@@ -10,7 +10,7 @@ use bm_domain::{
     EventKind, LogLine, Machine, Operation, OperationEvent, OperationId, OperationPhase, Timestamp,
 };
 use bm_provider::{ActionContext, ErrorKind, LogSink, Provider, ProviderError};
-use bm_store::{Claimed, Fence, StoreError};
+use bm_store::{Claimed, StoreError};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -157,13 +157,14 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
         async move {
             let inner = slot.inner.clone();
             let id = op.id;
+            let log_seq = Arc::new(AtomicU64::new(0));
             let runner = Runner {
                 inner: inner.clone(),
                 op,
                 claim: claim.clone(),
                 token,
                 events: Vec::new(),
-                log_seq: Arc::new(AtomicU64::new(0)),
+                log_seq: log_seq.clone(),
                 cut_short: AtomicBool::new(false),
             };
             // A panic (in a provider, say) must not leave the operation RUNNING with nobody
@@ -189,7 +190,7 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
                     tracing::error!(panic = %what, "the operation's executor panicked; failing it");
-                    fail_after_panic(&inner, &claim.fence(), id, &what).await;
+                    fail_after_panic(&inner, &claim, log_seq, id, &what).await;
                 }
             }
             drop(slot);
@@ -198,12 +199,21 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
     );
 }
 
-/// Ends an operation whose runner panicked: FAILED with NeedsIntervention.
-async fn fail_after_panic(inner: &Inner, fence: &Fence, id: OperationId, what: &str) {
+/// Ends an operation whose runner panicked: FAILED with NeedsIntervention, after disarming
+/// the netboot override if it had armed one (as every other exit path does; its log lines
+/// continue the run's numbering, `log_seq`).
+async fn fail_after_panic(
+    inner: &Arc<Inner>,
+    claim: &Arc<Claim>,
+    log_seq: Arc<AtomicU64>,
+    id: OperationId,
+    what: &str,
+) {
     let store = &inner.store;
+    let fence = claim.fence();
     let result = async {
         let op = store.get_operation(id).await?;
-        let outcome = Outcome::Failed {
+        let failed = Outcome::Failed {
             error: format!(
                 "internal error in stage {}: the executor panicked ({what}); see the server log",
                 if op.current_stage.is_empty() {
@@ -215,7 +225,33 @@ async fn fail_after_panic(inner: &Inner, fence: &Fence, id: OperationId, what: &
             disk_touched: disk_touched(&op),
             unreachable: false,
         };
-        store.finish(fence, op, outcome, Vec::new(), now()).await
+        let runner = Runner {
+            inner: inner.clone(),
+            op: op.clone(),
+            claim: claim.clone(),
+            token: CancellationToken::new(),
+            events: Vec::new(),
+            log_seq,
+            cut_short: AtomicBool::new(false),
+        };
+        let outcome = std::panic::AssertUnwindSafe(runner.disarm_netboot(failed.clone()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| match failed {
+                Outcome::Failed {
+                    error,
+                    disk_touched,
+                    unreachable,
+                } => Outcome::Failed {
+                    error: format!(
+                        "{error}; and the netboot override could not be disarmed (the provider panicked): disarm it on the BMC before the machine boots again"
+                    ),
+                    disk_touched,
+                    unreachable,
+                },
+                other => other,
+            });
+        store.finish(&fence, op, outcome, Vec::new(), now()).await
     }
     .await;
     if let Err(e) = result {

@@ -673,6 +673,25 @@ async fn a_failed_or_canceled_reimage_disarms_the_netboot() {
     assert_eq!(h.fake.calls("machine-3", Action::DisarmNetboot), 0);
 }
 
+/// The executor panicking after the override was armed (a provider bug) still disarms it.
+#[tokio::test]
+async fn a_reimage_whose_executor_panicked_disarms_the_netboot() {
+    let h = memory();
+    h.machine(
+        "machine-1",
+        &[(LABEL_FAIL_ACTION, "repave"), (LABEL_FAIL_KIND, "panic")],
+    )
+    .await;
+    h.run("machine-1", OperationType::EnterMaintenance, "e")
+        .await;
+    let op = h.run("machine-1", OperationType::Reimage, "r").await;
+    assert_eq!(op.phase, OperationPhase::Failed);
+    let error = op.error.clone().unwrap_or_default();
+    assert!(error.contains("injected panic of repave"), "{error}");
+    assert_eq!(h.fake.calls("machine-1", Action::DisarmNetboot), 1);
+    h.wait_log(op.id, "Boot override: disabled").await;
+}
+
 /// When the override cannot be disarmed, the machine's record says so: a canceled reimage
 /// ends FAILED (NeedsIntervention) with a message that says what to do.
 #[tokio::test]
