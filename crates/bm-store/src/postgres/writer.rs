@@ -11,6 +11,10 @@
 //!   admitted the same request, or registered the same machine, first), a deadlock or a
 //!   serialisation failure is rolled back alone and run again, now reading the winner's row,
 //!   while the rest of the batch goes on;
+//! - except keyed jobs (see [`Keys`]: the executors' fenced writes), which run in segments
+//!   of consecutive keyed jobs: one savepoint, one locking read and one write-back per
+//!   table for the whole segment, the jobs themselves in memory against the locked rows
+//!   (undone there when they fail); a segment that fails runs again job by job as above;
 //! - revisions of events (and of log lines) are taken at the END of the batch, just before
 //!   the commit, from a one-row counter (`UPDATE counters SET value = value + n`): its row
 //!   lock is held until the commit, so a later revision can never commit before an earlier
