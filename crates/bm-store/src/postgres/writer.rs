@@ -179,6 +179,9 @@ pub(super) struct PgTx<'a> {
     cache: Option<&'a mut Cache>,
     /// For a keyed job, what it wrote.
     pending: Pending,
+    /// The machine row [`Tx::operation_by_request`] locked, read with the lock: the
+    /// admission's next read of it, which follows at once, needs no statement of its own.
+    locked_machine: Option<(MachineId, Option<postgres::Row>)>,
 }
 
 impl PgTx<'_> {
@@ -377,6 +380,7 @@ impl Writer {
                 events: Vec::new(),
                 cache: None,
                 pending: Pending::default(),
+                locked_machine: None,
             };
             let ran =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.attempt)(&mut tx)));
@@ -483,6 +487,7 @@ impl Writer {
                 events: Vec::new(),
                 cache: Some(&mut cache),
                 pending: Pending::default(),
+                locked_machine: None,
             };
             let ran =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.attempt)(&mut tx)));
@@ -760,6 +765,11 @@ impl Tx for PgTx<'_> {
         if let Some(m) = self.cache.as_deref().and_then(|c| c.machines.get(id)) {
             return Ok(m.clone());
         }
+        if let Some((locked, row)) = self.locked_machine.take()
+            && locked == *id
+        {
+            return row.as_ref().map(Rows::machine).transpose();
+        }
         // Locked until the commit: what is checked here stays true until it is written.
         let rows = self.query(
             "SELECT id, doc, doc_crc32 FROM machines WHERE id = $1 FOR UPDATE",
@@ -774,6 +784,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn put_machine(&mut self, m: &Machine, indexed: Indexed<'_>) -> Result<()> {
+        self.locked_machine = None;
         if let Some(c) = self.cache.as_deref() {
             if !matches!(indexed, Indexed::Unchanged) {
                 return self.eager_only("change a machine's indexes");
@@ -896,10 +907,11 @@ impl Tx for PgTx<'_> {
         self.eager_only("look an operation up by request")?;
         // The machine's row is locked first: a replica admitting on the same machine waits
         // here until the other commits, and then finds its operation.
-        self.query(
-            "SELECT 1 FROM machines WHERE id = $1 FOR UPDATE",
+        let locked = self.query(
+            "SELECT id, doc, doc_crc32 FROM machines WHERE id = $1 FOR UPDATE",
             &[&machine.as_str()],
         )?;
+        self.locked_machine = Some((machine.clone(), locked.into_iter().next()));
         let rows = self.query(
             "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation
              FROM operations WHERE machine_id = $1 AND request_id = $2",
