@@ -36,7 +36,7 @@ use postgres::{Client, Statement};
 use super::{Feed, Rows, Target};
 use crate::logic::{Holding, Indexed, StoredOp, Tx};
 use crate::sqlite::codec as docs;
-use crate::{Lease, Renewal, Result, StoreError};
+use crate::{Claimed, Lease, Renewal, Result, StoreError};
 
 /// How often a job that met a conflict with another writer is run again before its error
 /// is returned.
@@ -534,40 +534,10 @@ impl Writer {
             let mut cols = OperationColumns::default();
             for id in &cache.dirty_operations {
                 if let Some(Some(s)) = cache.operations.get(id) {
-                    cols.push(s)?;
+                    cols.push(&s.op, s.lease.as_ref(), s.generation)?;
                 }
             }
-            let st = prepared(
-                &mut self.conn,
-                &mut self.stmts,
-                "UPDATE operations AS o SET
-                   phase = u.phase, cancel_requested = u.cancel_requested,
-                   lease_owner = u.lease_owner, lease_expires = u.lease_expires,
-                   doc = u.doc, doc_crc32 = u.doc_crc32, lease_generation = u.lease_generation
-                 FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[], $5::bigint[],
-                             $6::text[], $7::bigint[], $8::bigint[])
-                   AS u (id, phase, cancel_requested, lease_owner, lease_expires, doc, doc_crc32,
-                         lease_generation)
-                 WHERE o.id = u.id",
-            )?;
-            let n = self.conn.execute(
-                &st,
-                &[
-                    &cols.id,
-                    &cols.phase,
-                    &cols.cancel_requested,
-                    &cols.lease_owner,
-                    &cols.lease_expires,
-                    &cols.doc,
-                    &cols.crc,
-                    &cols.generation,
-                ],
-            )?;
-            if n != cols.id.len() as u64 {
-                return Err(StoreError::Backend(
-                    format!("{n} of {} operations written back", cols.id.len()).into(),
-                ));
-            }
+            cols.update(&mut self.conn, &mut self.stmts)?;
         }
         if !cache.dirty_machines.is_empty() {
             let (mut ids, mut phases, mut states, mut docs_, mut crcs) =
@@ -711,18 +681,57 @@ struct OperationColumns {
 
 impl OperationColumns {
     /// The columns `put_operation` writes to an existing row.
-    fn push(&mut self, s: &StoredOp) -> Result<()> {
-        let (doc, crc) = docs::to_json(&s.op)?;
-        self.id.push(s.op.id.to_string());
-        self.phase.push(s.op.phase.as_str());
-        self.cancel_requested.push(s.op.cancel_requested);
-        self.lease_owner
-            .push(s.lease.as_ref().map(|l| l.owner.clone()));
+    fn push(&mut self, op: &Operation, lease: Option<&Lease>, generation: u64) -> Result<()> {
+        let (doc, crc) = docs::to_json(op)?;
+        self.id.push(op.id.to_string());
+        self.phase.push(op.phase.as_str());
+        self.cancel_requested.push(op.cancel_requested);
+        self.lease_owner.push(lease.map(|l| l.owner.clone()));
         self.lease_expires
-            .push(s.lease.as_ref().map(|l| l.expires_at.as_unix_micros()));
+            .push(lease.map(|l| l.expires_at.as_unix_micros()));
         self.doc.push(doc);
         self.crc.push(crc);
-        self.generation.push(s.generation.cast_signed());
+        self.generation.push(generation.cast_signed());
+        Ok(())
+    }
+
+    /// Writes the rows, which exist and are locked by this transaction, with one statement.
+    fn update(
+        &self,
+        conn: &mut Client,
+        stmts: &mut HashMap<&'static str, Statement>,
+    ) -> Result<()> {
+        let st = prepared(
+            conn,
+            stmts,
+            "UPDATE operations AS o SET
+               phase = u.phase, cancel_requested = u.cancel_requested,
+               lease_owner = u.lease_owner, lease_expires = u.lease_expires,
+               doc = u.doc, doc_crc32 = u.doc_crc32, lease_generation = u.lease_generation
+             FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[], $5::bigint[],
+                         $6::text[], $7::bigint[], $8::bigint[])
+               AS u (id, phase, cancel_requested, lease_owner, lease_expires, doc, doc_crc32,
+                     lease_generation)
+             WHERE o.id = u.id",
+        )?;
+        let n = conn.execute(
+            &st,
+            &[
+                &self.id,
+                &self.phase,
+                &self.cancel_requested,
+                &self.lease_owner,
+                &self.lease_expires,
+                &self.doc,
+                &self.crc,
+                &self.generation,
+            ],
+        )?;
+        if n != self.id.len() as u64 {
+            return Err(StoreError::Backend(
+                format!("{n} of {} operations written back", self.id.len()).into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -993,6 +1002,19 @@ impl Tx for PgTx<'_> {
             take_readable(&rows, limit, &mut out);
         }
         Ok(out)
+    }
+
+    fn put_claimed(&mut self, claimed: &[Claimed], lease: &Lease) -> Result<()> {
+        self.eager_only("claim")?;
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        // The rows were locked by `claimable`: one statement writes them all.
+        let mut cols = OperationColumns::default();
+        for c in claimed {
+            cols.push(&c.operation, Some(lease), c.fence.generation)?;
+        }
+        cols.update(self.conn, self.stmts)
     }
 
     fn renew_leases(&mut self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
