@@ -11,10 +11,10 @@
 //!   admitted the same request, or registered the same machine, first), a deadlock or a
 //!   serialisation failure is rolled back alone and run again, now reading the winner's row,
 //!   while the rest of the batch goes on;
-//! - except keyed jobs (see [`Keys`]: the executors' fenced writes), which run in segments
-//!   of consecutive keyed jobs: one savepoint, one locking read and one write-back per
-//!   table for the whole segment, the jobs themselves in memory against the locked rows
-//!   (undone there when they fail); a segment that fails runs again job by job as above;
+//! - except keyed jobs (see [`Keys`]: the executors' fenced writes), which run first in
+//!   the batch, together: one savepoint, one locking read and one write-back per table for
+//!   all of them, the jobs themselves in memory against the locked rows (undone there when
+//!   they fail); should that fail, they run again job by job as above;
 //! - revisions of events (and of log lines) are taken at the END of the batch, just before
 //!   the commit, from a one-row counter (`UPDATE counters SET value = value + n`): its row
 //!   lock is held until the commit, so a later revision can never commit before an earlier
@@ -297,6 +297,10 @@ impl Writer {
                 Command::Log(line) => lines.push(line),
             }
         }
+        // Keyed jobs first, as one segment. Any order of a batch's jobs is one the callers
+        // could have seen: none of them has been answered yet (answers follow the commit),
+        // so none was waiting for another; each caller's own jobs keep their order.
+        jobs.sort_by_key(|j| j.keys.is_none());
         let mut events = Vec::new();
         let mut logged = Vec::new();
         let result = (|| -> Result<Option<(u64, u64, u64, u64)>> {
@@ -1196,7 +1200,8 @@ mod tests {
     }
 
     /// Keyed jobs share one read and one write per table, yet each is fenced and undone on
-    /// its own, and the eager jobs around them (renewals) are ordered with them.
+    /// its own, sees what the keyed jobs before it wrote, and the eager jobs of the batch
+    /// (renewals) run after them and are not undone by their write-back.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn keyed_jobs_in_a_mixed_batch() {
         let url = bm_pg_cluster::Cluster::shared().create_database().unwrap();
@@ -1275,7 +1280,9 @@ mod tests {
         });
         run(&store, &url, batch);
 
-        assert!(renew_1.await.unwrap().unwrap().lost.is_empty());
+        // The keyed jobs ran first, together; then the renewals, in their order.
+        let renewal = renew_1.await.unwrap().unwrap();
+        assert_eq!(renewal.lost, vec![a.id], "a ended before the first renewal");
         assert!(matches!(stale_a.await.unwrap(), Err(StoreError::LeaseLost(id)) if id == a.id));
         assert!(!save_b.await.unwrap().unwrap());
         let (done, m) = finish_a.await.unwrap().unwrap();
@@ -1298,7 +1305,7 @@ mod tests {
         );
         assert_eq!(store.get_machine(&a.machine_id).await.unwrap(), m);
         assert_eq!(store.get_operation(a.id).await.unwrap(), done);
-        // b: written twice, the lease as the second renewal left it (not as the first).
+        // b: written twice, then renewed twice: the lease as the second renewal left it.
         let rb = row(&store, b.id).await;
         assert_eq!(
             (rb.0.as_str(), rb.1.as_deref(), rb.2),
