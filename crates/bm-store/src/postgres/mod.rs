@@ -681,7 +681,12 @@ impl Store for PgStore {
     }
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {
-        self.write(move |tx| logic::admit(tx, operation.clone()))
+        let keys = writer::Keys {
+            operations: Vec::new(),
+            machines: vec![operation.machine_id.clone()],
+            requests: vec![(operation.machine_id.clone(), operation.request_id.clone())],
+        };
+        self.write_keyed(keys, move |tx| logic::admit(tx, operation.clone()))
             .await
     }
 
@@ -770,6 +775,7 @@ impl Store for PgStore {
         let keys = writer::Keys {
             operations: vec![op.id],
             machines: Vec::new(),
+            requests: Vec::new(),
         };
         self.write_keyed(keys, move |tx| {
             logic::save_progress(tx, &fence, &op, events.clone())
@@ -789,6 +795,7 @@ impl Store for PgStore {
         let keys = writer::Keys {
             operations: vec![operation.id],
             machines: vec![operation.machine_id.clone()],
+            requests: Vec::new(),
         };
         self.write_keyed(keys, move |tx| {
             logic::finish(

@@ -11,7 +11,7 @@
 //!   admitted the same request, or registered the same machine, first), a deadlock or a
 //!   serialisation failure is rolled back alone and run again, now reading the winner's row,
 //!   while the rest of the batch goes on;
-//! - except keyed jobs (see [`Keys`]: the executors' fenced writes), which run first in
+//! - except keyed jobs (see [`Keys`]: admissions and the executors' fenced writes), which run first in
 //!   the batch, together: one savepoint, one locking read and one write-back per table for
 //!   all of them, the jobs themselves in memory against the locked rows (undone there when
 //!   they fail); should that fail, they run again job by job as above;
@@ -63,9 +63,10 @@ pub(super) struct Job {
 
 impl Job {
     /// Declares the job keyed: it reads and writes only these rows, and only through
-    /// [`Tx::holding`], [`Tx::operation`], [`Tx::machine`], [`Tx::put_operation`],
-    /// [`Tx::put_machine`] with [`Indexed::Unchanged`] and [`Tx::append_event`], writing
-    /// only rows it has read.
+    /// [`Tx::holding`], [`Tx::operation`], [`Tx::machine`], [`Tx::operation_by_request`],
+    /// [`Tx::put_operation`], [`Tx::put_machine`] with [`Indexed::Unchanged`] and
+    /// [`Tx::append_event`], writing only machines it has read (an operation it has not
+    /// read is a new one).
     pub(super) fn keyed(mut self, keys: Keys) -> Job {
         self.keys = Some(keys);
         self
@@ -79,6 +80,9 @@ impl Job {
 pub(super) struct Keys {
     pub(super) operations: Vec<OperationId>,
     pub(super) machines: Vec<MachineId>,
+    /// Operations looked up by request id ([`Tx::operation_by_request`]), on machines of
+    /// `machines` (locked before the lookup).
+    pub(super) requests: Vec<(MachineId, RequestId)>,
 }
 
 pub(super) enum Command {
@@ -152,8 +156,12 @@ pub(super) struct CommitFailed(#[source] pub(super) Arc<StoreError>);
 struct Cache {
     operations: HashMap<OperationId, Option<StoredOp>>,
     machines: HashMap<MachineId, Option<Machine>>,
+    /// The operation of each request id looked up (read after its machine was locked).
+    requests: HashMap<(MachineId, RequestId), Option<Operation>>,
     /// Rows written by a job that ended well, to write back.
     dirty_operations: BTreeSet<OperationId>,
+    /// Of those, the operations that are new rows.
+    new_operations: BTreeSet<OperationId>,
     dirty_machines: BTreeSet<MachineId>,
     /// A statement run for a job of the segment failed: the transaction may be aborted, so
     /// the segment is run again the old way.
@@ -166,6 +174,8 @@ struct Cache {
 struct Pending {
     operations: HashMap<OperationId, StoredOp>,
     machines: HashMap<MachineId, Machine>,
+    /// Of `operations`, those that were no row before.
+    new_operations: BTreeSet<OperationId>,
 }
 
 /// A job's view of the batch transaction.
@@ -443,9 +453,15 @@ impl Writer {
     fn try_segment(&mut self, jobs: &mut [Job]) -> Result<Vec<OperationEvent>> {
         let mut ops = BTreeSet::new();
         let mut machines = BTreeSet::new();
+        let mut requests = BTreeSet::new();
         for keys in jobs.iter().filter_map(|j| j.keys.as_ref()) {
             ops.extend(keys.operations.iter().map(ToString::to_string));
             machines.extend(keys.machines.iter().map(|m| m.as_str().to_owned()));
+            requests.extend(
+                keys.requests
+                    .iter()
+                    .map(|(m, r)| (m.as_str().to_owned(), r.as_str().to_owned())),
+            );
         }
         let mut cache = Cache::default();
         // Operations first, then machines, each in id order: the order in which a job run
@@ -475,7 +491,29 @@ impl Writer {
                 cache.machines.insert(m.id.clone(), Some(m));
             }
         }
+        if !requests.is_empty() {
+            // After the machines' locks, as an admission run alone looks it up: an admission
+            // of another replica on the same machine has committed by now, or waits.
+            let (on, ids): (Vec<String>, Vec<String>) = requests.into_iter().unzip();
+            let st = prepared(
+                &mut self.conn,
+                &mut self.stmts,
+                "SELECT id, doc, doc_crc32, cancel_requested, lease_owner, lease_expires, lease_generation
+                 FROM operations
+                 WHERE (machine_id, request_id) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+            )?;
+            for row in self.conn.query(&st, &[&on, &ids])? {
+                let s = Rows::stored_op(&row)?;
+                cache.requests.insert(
+                    (s.op.machine_id.clone(), s.op.request_id.clone()),
+                    Some(s.op),
+                );
+            }
+        }
         for keys in jobs.iter().filter_map(|j| j.keys.as_ref()) {
+            for key in &keys.requests {
+                cache.requests.entry(key.clone()).or_insert(None);
+            }
             for id in &keys.operations {
                 cache.operations.entry(*id).or_insert(None);
             }
@@ -507,6 +545,13 @@ impl Writer {
                 Ok(Ran::Done { keep: true }) => {
                     events.extend(written);
                     for (id, s) in pending.operations {
+                        if pending.new_operations.contains(&id) {
+                            cache.new_operations.insert(id);
+                        }
+                        cache.requests.insert(
+                            (s.op.machine_id.clone(), s.op.request_id.clone()),
+                            Some(s.op.clone()),
+                        );
                         cache.operations.insert(id, Some(s));
                         cache.dirty_operations.insert(id);
                     }
@@ -532,16 +577,28 @@ impl Writer {
         Ok(events)
     }
 
-    /// Writes the rows a segment changed (they exist, and are locked by this transaction).
+    /// Writes the rows a segment changed (they exist and are locked by this transaction, or
+    /// are new operations).
     fn write_back(&mut self, cache: &Cache) -> Result<()> {
         if !cache.dirty_operations.is_empty() {
-            let mut cols = OperationColumns::default();
+            // Updates first: an operation ended here frees its machine for one admitted here.
+            let (mut old, mut new) = (OperationColumns::default(), OperationColumns::default());
             for id in &cache.dirty_operations {
                 if let Some(Some(s)) = cache.operations.get(id) {
+                    let cols = if cache.new_operations.contains(id) {
+                        &mut new
+                    } else {
+                        &mut old
+                    };
                     cols.push(&s.op, s.lease.as_ref(), s.generation)?;
                 }
             }
-            cols.update(&mut self.conn, &mut self.stmts)?;
+            if !old.id.is_empty() {
+                old.update(&mut self.conn, &mut self.stmts)?;
+            }
+            if !new.id.is_empty() {
+                new.insert(&mut self.conn, &mut self.stmts)?;
+            }
         }
         if !cache.dirty_machines.is_empty() {
             let (mut ids, mut phases, mut states, mut docs_, mut crcs) =
@@ -674,6 +731,9 @@ impl Writer {
 #[derive(Default)]
 struct OperationColumns {
     id: Vec<String>,
+    machine_id: Vec<String>,
+    op_type: Vec<&'static str>,
+    request_id: Vec<String>,
     phase: Vec<&'static str>,
     cancel_requested: Vec<bool>,
     lease_owner: Vec<Option<String>>,
@@ -688,6 +748,9 @@ impl OperationColumns {
     fn push(&mut self, op: &Operation, lease: Option<&Lease>, generation: u64) -> Result<()> {
         let (doc, crc) = docs::to_json(op)?;
         self.id.push(op.id.to_string());
+        self.machine_id.push(op.machine_id.as_str().to_owned());
+        self.op_type.push(op.op_type.as_str());
+        self.request_id.push(op.request_id.as_str().to_owned());
         self.phase.push(op.phase.as_str());
         self.cancel_requested.push(op.cancel_requested);
         self.lease_owner.push(lease.map(|l| l.owner.clone()));
@@ -696,6 +759,41 @@ impl OperationColumns {
         self.doc.push(doc);
         self.crc.push(crc);
         self.generation.push(generation.cast_signed());
+        Ok(())
+    }
+
+    /// Inserts the rows, new operations, with one statement.
+    fn insert(
+        &self,
+        conn: &mut Client,
+        stmts: &mut HashMap<&'static str, Statement>,
+    ) -> Result<()> {
+        let st = prepared(
+            conn,
+            stmts,
+            "INSERT INTO operations
+               (id, machine_id, type, phase, request_id, cancel_requested, lease_owner, lease_expires,
+                doc, doc_crc32, lease_generation)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::bool[], $7::text[], $8::bigint[], $9::text[], $10::bigint[],
+                                  $11::bigint[])",
+        )?;
+        conn.execute(
+            &st,
+            &[
+                &self.id,
+                &self.machine_id,
+                &self.op_type,
+                &self.phase,
+                &self.request_id,
+                &self.cancel_requested,
+                &self.lease_owner,
+                &self.lease_expires,
+                &self.doc,
+                &self.crc,
+                &self.generation,
+            ],
+        )?;
         Ok(())
     }
 
@@ -917,7 +1015,23 @@ impl Tx for PgTx<'_> {
         machine: &MachineId,
         request: &RequestId,
     ) -> Result<Option<Operation>> {
-        self.eager_only("look an operation up by request")?;
+        if let Some(c) = self.cache.as_deref() {
+            let key = (machine.clone(), request.clone());
+            if let Some(s) = self
+                .pending
+                .operations
+                .values()
+                .find(|s| s.op.machine_id == key.0 && s.op.request_id == key.1)
+            {
+                return Ok(Some(s.op.clone()));
+            }
+            return match c.requests.get(&key) {
+                Some(found) => Ok(found.clone()),
+                None => self
+                    .eager_only("look up a request it did not declare")
+                    .map(|()| None),
+            };
+        }
         // The machine's row is locked first: a replica admitting on the same machine waits
         // here until the other commits, and then finds its operation.
         let locked = self.query(
@@ -953,7 +1067,19 @@ impl Tx for PgTx<'_> {
                 );
                 return Ok(());
             }
-            return self.eager_only("write an operation it has not read");
+            // No such row (as far as the job knows): a new one, inserted at the write-back
+            // (where a row that exists after all fails the segment, which then runs job by
+            // job).
+            self.pending.new_operations.insert(op.id);
+            self.pending.operations.insert(
+                op.id,
+                StoredOp {
+                    op: op.clone(),
+                    lease: lease.cloned(),
+                    generation,
+                },
+            );
+            return Ok(());
         }
         let (doc, crc) = docs::to_json(op)?;
         self.execute(
@@ -1156,6 +1282,15 @@ mod tests {
             } else {
                 Vec::new()
             },
+            requests: Vec::new(),
+        })
+    }
+
+    fn admit_keys(op: &Operation) -> Option<Keys> {
+        Some(Keys {
+            operations: Vec::new(),
+            machines: vec![op.machine_id.clone()],
+            requests: vec![(op.machine_id.clone(), op.request_id.clone())],
         })
     }
 
@@ -1197,6 +1332,70 @@ mod tests {
             })
             .await
             .unwrap()
+    }
+
+    /// A segment that cannot run together (here: a row whose document does not read back)
+    /// is rolled back and run job by job, as any other job: the jobs still succeed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keyed_jobs_that_fail_together_run_one_by_one() {
+        let url = bm_pg_cluster::Cluster::shared().create_database().unwrap();
+        let store = PgStore::open(PgConfig::new(&url)).unwrap();
+        let mut ops = Vec::new();
+        for (n, id) in ["m-a", "m-b"].into_iter().enumerate() {
+            store.register_machine(machine(id, n as u8)).await.unwrap();
+            ops.push(
+                store
+                    .admit(reimage(id, n as u64 + 1))
+                    .await
+                    .unwrap()
+                    .operation,
+            );
+        }
+        let lease = Lease {
+            owner: "exec-1".into(),
+            expires_at: t(1_000),
+        };
+        let fence = store.claim(&lease, t(10), 10).await.unwrap()[0]
+            .fence
+            .clone();
+        let (a, b) = (ops[0].clone(), ops[1].clone());
+        // a's document no longer matches its checksum: reading it fails, but a fenced write
+        // reads only its lease columns, and overwrites it.
+        let id = a.id.to_string();
+        store
+            .read(move |conn| {
+                conn.execute(
+                    "UPDATE operations SET doc_crc32 = doc_crc32 + 1 WHERE id = $1",
+                    &[&id],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let mut batch = Vec::new();
+        let mut replies = Vec::new();
+        for o in [&a, &b] {
+            let (f, o, e) = (
+                fence.clone(),
+                o.clone(),
+                vec![OperationEvent::new(o, EventKind::StageStarted, "", t(30))],
+            );
+            replies.push(push(&mut batch, op_keys(&o, false), move |tx| {
+                logic::save_progress(tx, &f, &o, e.clone())
+            }));
+        }
+        run(&store, &url, batch);
+        for r in replies {
+            assert!(!r.await.unwrap().unwrap());
+        }
+        assert_eq!(store.get_operation(a.id).await.unwrap(), a);
+        let events = store
+            .events_after(2, &EventFilter::default(), 100)
+            .await
+            .unwrap();
+        let seen: Vec<OperationId> = events.iter().map(|e| e.operation_id).collect();
+        assert_eq!(seen, vec![a.id, b.id]);
+        store.close();
     }
 
     /// Keyed jobs share one read and one write per table, yet each is fenced and undone on
@@ -1262,6 +1461,25 @@ mod tests {
         let finish_a = push(&mut batch, op_keys(&a, true), move |tx| {
             logic::finish(tx, &f, o.clone(), Outcome::Succeeded, e.clone(), t(40))
         });
+        // Admissions: on a's machine, freed by the job before; again with b's request id;
+        // on c's machine, busy.
+        let mut a2 = reimage("m-a", 10);
+        a2.request_id = RequestId::new("r2").unwrap();
+        let o = a2.clone();
+        let admit_a2 = push(&mut batch, admit_keys(&a2), move |tx| {
+            logic::admit(tx, o.clone())
+        });
+        let b_again = reimage("m-b", 11);
+        let o = b_again.clone();
+        let admit_b_again = push(&mut batch, admit_keys(&b_again), move |tx| {
+            logic::admit(tx, o.clone())
+        });
+        let mut c2 = reimage("m-c", 12);
+        c2.request_id = RequestId::new("r2").unwrap();
+        let o = c2.clone();
+        let admit_c2 = push(&mut batch, admit_keys(&c2), move |tx| {
+            logic::admit(tx, o.clone())
+        });
         // Writes c and its machine, then panics: nothing of it may stay.
         let (f, o) = (fence.clone(), c.clone());
         let panics_c = push(&mut batch, op_keys(&c, true), move |tx| -> Result<()> {
@@ -1287,6 +1505,13 @@ mod tests {
         assert!(!save_b.await.unwrap().unwrap());
         let (done, m) = finish_a.await.unwrap().unwrap();
         assert_eq!(done.phase, OperationPhase::Succeeded);
+        let admitted = admit_a2.await.unwrap().unwrap();
+        assert!(admitted.created);
+        assert_eq!(admitted.operation, a2);
+        let admitted = admit_b_again.await.unwrap().unwrap();
+        assert!(!admitted.created);
+        assert_eq!(admitted.operation.id, b.id);
+        assert!(admit_c2.await.unwrap().is_err(), "c's machine is busy");
         assert!(panics_c.await.unwrap().is_err());
         let renewal = renew_2.await.unwrap().unwrap();
         assert_eq!(
@@ -1303,8 +1528,27 @@ mod tests {
             (ra.0.as_str(), ra.1, ra.2, ra.3),
             ("SUCCEEDED", None, None, fence.generation.cast_signed())
         );
-        assert_eq!(store.get_machine(&a.machine_id).await.unwrap(), m);
+        assert_eq!(
+            store
+                .get_machine(&a.machine_id)
+                .await
+                .unwrap()
+                .status
+                .active_operation_id,
+            Some(a2.id)
+        );
+        assert_eq!(m.status.active_operation_id, None);
         assert_eq!(store.get_operation(a.id).await.unwrap(), done);
+        assert_eq!(store.get_operation(a2.id).await.unwrap(), a2);
+        let r2 = row(&store, a2.id).await;
+        assert_eq!(
+            (r2.0.as_str(), r2.1, r2.2, r2.3),
+            ("PENDING", None, None, 0)
+        );
+        assert!(matches!(
+            store.get_operation(c2.id).await,
+            Err(StoreError::OperationNotFound(_))
+        ));
         // b: written twice, then renewed twice: the lease as the second renewal left it.
         let rb = row(&store, b.id).await;
         assert_eq!(
@@ -1348,11 +1592,12 @@ mod tests {
                 (b.id, EventKind::StageStarted, "b first"),
                 (a.id, EventKind::StageStarted, "a last"),
                 (a.id, EventKind::PhaseChanged, ""),
+                (a2.id, EventKind::Created, ""),
                 (b.id, EventKind::StageStarted, "b again"),
             ]
         );
         let revisions: Vec<u64> = events.iter().map(|e| e.revision).collect();
-        assert_eq!(revisions, vec![4, 5, 6, 7]);
+        assert_eq!(revisions, vec![4, 5, 6, 7, 8]);
         store.close();
     }
 }
