@@ -84,6 +84,14 @@ pub(crate) trait Tx {
     ) -> Result<()>;
     /// Active operations with no lease or an expired one, oldest first.
     fn claimable(&mut self, now: Timestamp, limit: usize) -> Result<Vec<StoredOp>>;
+    /// Writes claimed operations (just read by [`Tx::claimable`]) with `lease` and their new
+    /// generations; a backend may write them all at once.
+    fn put_claimed(&mut self, claimed: &[Claimed], lease: &Lease) -> Result<()> {
+        for c in claimed {
+            self.put_operation(&c.operation, Some(lease), c.fence.generation)?;
+        }
+        Ok(())
+    }
     /// Extends to `lease.expires_at` the leases of `held` that `lease.owner` still holds at
     /// their generation; reports those with a cancel request and those no longer held.
     fn renew_leases(&mut self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal>;
@@ -281,16 +289,15 @@ pub(crate) fn claim(
     let claimable = tx.claimable(now, limit)?;
     let mut out = Vec::with_capacity(claimable.len());
     for s in claimable {
-        let generation = s.generation + 1;
-        tx.put_operation(&s.op, Some(lease), generation)?;
         out.push(Claimed {
             operation: s.op,
             fence: Fence {
                 owner: lease.owner.clone(),
-                generation,
+                generation: s.generation + 1,
             },
         });
     }
+    tx.put_claimed(&out, lease)?;
     Ok(out)
 }
 

@@ -567,6 +567,19 @@ impl PgStore {
         self.write_with(move |tx| (f(tx), true)).await
     }
 
+    /// Like [`Self::write`], for a keyed job (see [`writer::Keys`]): `f` reads and writes only
+    /// the rows of `keys`.
+    async fn write_keyed<T: Send + 'static>(
+        &self,
+        keys: writer::Keys,
+        mut f: impl FnMut(&mut PgTx<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job = writer::job(move |tx| (f(tx), true), tx).keyed(keys);
+        self.send(Command::Write(job))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnMut(&mut Client) -> Result<T> + Send + 'static,
@@ -682,7 +695,12 @@ impl Store for PgStore {
     }
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {
-        self.write(move |tx| logic::admit(tx, operation.clone()))
+        let keys = writer::Keys {
+            operations: Vec::new(),
+            machines: vec![operation.machine_id.clone()],
+            requests: vec![(operation.machine_id.clone(), operation.request_id.clone())],
+        };
+        self.write_keyed(keys, move |tx| logic::admit(tx, operation.clone()))
             .await
     }
 
@@ -768,8 +786,15 @@ impl Store for PgStore {
         events: Vec<OperationEvent>,
     ) -> Result<bool> {
         let (fence, op) = (fence.clone(), operation.clone());
-        self.write(move |tx| logic::save_progress(tx, &fence, &op, events.clone()))
-            .await
+        let keys = writer::Keys {
+            operations: vec![op.id],
+            machines: Vec::new(),
+            requests: Vec::new(),
+        };
+        self.write_keyed(keys, move |tx| {
+            logic::save_progress(tx, &fence, &op, events.clone())
+        })
+        .await
     }
 
     async fn finish(
@@ -781,7 +806,12 @@ impl Store for PgStore {
         now: Timestamp,
     ) -> Result<(Operation, Machine)> {
         let fence = fence.clone();
-        self.write(move |tx| {
+        let keys = writer::Keys {
+            operations: vec![operation.id],
+            machines: vec![operation.machine_id.clone()],
+            requests: Vec::new(),
+        };
+        self.write_keyed(keys, move |tx| {
             logic::finish(
                 tx,
                 &fence,
