@@ -1303,6 +1303,7 @@ mod tests {
     /// Runs `batch` on a writer of its own on the store's database, as one transaction.
     fn run(store: &PgStore, url: &str, batch: Vec<Command>) {
         let feed = store.feed.clone();
+        let condition = store.condition.clone();
         let url = url.to_owned();
         std::thread::spawn(move || {
             let target = Target::parse(&url, None).unwrap();
@@ -1315,6 +1316,7 @@ mod tests {
                 stmts: HashMap::new(),
                 unwritten: Vec::new(),
                 last_used: std::time::Instant::now(),
+                condition,
             };
             writer.run_batch(batch);
         })
