@@ -723,6 +723,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let config = bm_store::PgConfig {
                 pool_size: args.db_pool_size,
                 statement_timeout: Some(args.db_statement_timeout),
+                // A stalled replica's open transaction must not hold its rows past its
+                // leases: the others could not take its operations over.
+                idle_in_transaction_timeout: Some(args.lease_duration),
                 ..bm_store::PgConfig::new(url.clone())
             };
             let store = bm_store::PgStore::open(config)

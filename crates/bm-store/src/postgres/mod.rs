@@ -59,6 +59,13 @@ pub struct PgConfig {
     pub pool_size: usize,
     /// The most a statement may run before the database cancels it (`None`: no limit).
     pub statement_timeout: Option<Duration>,
+    /// The most a transaction of this store may sit idle (`None`: no limit) before the
+    /// database ends its session, rolling it back and releasing its row locks. The writer
+    /// never waits inside a transaction, so only a stalled process (a frozen VM, SIGSTOP)
+    /// reaches it: without it, the locks it holds would keep every other replica from
+    /// taking its operations over, long after their leases expired. Servers set it to
+    /// their lease duration.
+    pub idle_in_transaction_timeout: Option<Duration>,
     /// The most writes committed together.
     pub max_batch: usize,
 }
@@ -70,6 +77,7 @@ impl PgConfig {
             url: url.into(),
             pool_size: 4,
             statement_timeout: Some(Duration::from_secs(30)),
+            idle_in_transaction_timeout: Some(Duration::from_secs(15)),
             max_batch: 1024,
         }
     }
@@ -112,7 +120,11 @@ pub(crate) struct Target {
 
 impl Target {
     /// Parses a URL (with libpq's `sslmode` and `sslrootcert`, see `tls.rs`).
-    fn parse(url: &str, timeout: Option<Duration>) -> Result<Target> {
+    fn parse(
+        url: &str,
+        timeout: Option<Duration>,
+        idle_in_transaction: Option<Duration>,
+    ) -> Result<Target> {
         let (rest, mode, root) = tls::split(url)?;
         let mut config = postgres::Config::from_str(&rest).map_err(|e| {
             StoreError::backend(std::io::Error::other(format!(
@@ -125,8 +137,15 @@ impl Target {
             tls::Mode::Prefer => postgres::config::SslMode::Prefer,
             _ => postgres::config::SslMode::Require,
         });
-        if let Some(t) = timeout {
-            config.options(&format!("-c statement_timeout={}", t.as_millis()));
+        let settings: Vec<String> = [
+            ("statement_timeout", timeout),
+            ("idle_in_transaction_session_timeout", idle_in_transaction),
+        ]
+        .into_iter()
+        .filter_map(|(name, t)| t.map(|t| format!("-c {name}={}", t.as_millis().max(1))))
+        .collect();
+        if !settings.is_empty() {
+            config.options(&settings.join(" "));
         }
         config.application_name("bm-server");
         Ok(Target {
@@ -135,7 +154,7 @@ impl Target {
         })
     }
 
-    /// Connects, with the statement timeout set for the session.
+    /// Connects, with the session's timeouts set.
     fn connect(&self) -> Result<Client> {
         Ok(match &self.tls.connector {
             Some(c) => self.config.connect(c.clone())?,
@@ -449,7 +468,11 @@ impl PgStore {
     }
 
     fn open_blocking(config: PgConfig) -> Result<Self> {
-        let target = Target::parse(&config.url, config.statement_timeout)?;
+        let target = Target::parse(
+            &config.url,
+            config.statement_timeout,
+            config.idle_in_transaction_timeout,
+        )?;
         let mut conn = target.connect()?;
         schema::migrate(&mut conn)?;
         let counters = conn.query("SELECT name, value FROM counters", &[])?;
@@ -515,7 +538,7 @@ impl PgStore {
     ///
     /// A backend error (the database cannot be reached, the URL is invalid).
     pub fn schema_status(url: &str) -> Result<SchemaStatus> {
-        let target = Target::parse(url, Some(Duration::from_secs(30)))?;
+        let target = Target::parse(url, Some(Duration::from_secs(30)), None)?;
         off_runtime(move || {
             let mut conn = target.connect()?;
             Ok(SchemaStatus {

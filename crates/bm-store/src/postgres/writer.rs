@@ -1306,7 +1306,7 @@ mod tests {
         let condition = store.condition.clone();
         let url = url.to_owned();
         std::thread::spawn(move || {
-            let target = Target::parse(&url, None).unwrap();
+            let target = Target::parse(&url, None, None).unwrap();
             let mut writer = Writer {
                 conn: target.connect().unwrap(),
                 target,
