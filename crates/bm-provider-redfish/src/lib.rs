@@ -490,7 +490,7 @@ impl Provider for RedfishProvider {
         if let Boot::VirtualMedia(t) = &self.boot {
             let url = self.iso_url(&ctx, t)?;
             let dev = system::find_cd(&bmc, ctx.cancel, &sys).await?;
-            if dev.str("Image") == Some(url.as_str()) {
+            if system::image(&dev) == Some(url.as_str()) {
                 system::eject_media(&bmc, ctx.cancel, ctx.log, &dev, self.insert_media_timeout)
                     .await?;
                 ctx.log

@@ -234,23 +234,7 @@ async fn fail_after_panic(
             log_seq,
             cut_short: AtomicBool::new(false),
         };
-        let outcome = std::panic::AssertUnwindSafe(runner.disarm_netboot(failed.clone()))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| match failed {
-                Outcome::Failed {
-                    error,
-                    disk_touched,
-                    unreachable,
-                } => Outcome::Failed {
-                    error: format!(
-                        "{error}; and the netboot override could not be disarmed (the provider panicked): disarm it on the BMC before the machine boots again"
-                    ),
-                    disk_touched,
-                    unreachable,
-                },
-                other => other,
-            });
+        let outcome = runner.disarm_netboot(failed).await;
         store.finish(&fence, op, outcome, Vec::new(), now()).await
     }
     .await;
@@ -738,6 +722,12 @@ impl Runner {
         if matches!(outcome, Outcome::Succeeded) || !armed {
             return outcome;
         }
+        // A run that lost its lease must not touch the BMC: the operation is another
+        // server's now (which may have armed the override again), and this run's final
+        // write is refused anyway.
+        if self.confirm_lease().await.is_err() {
+            return outcome;
+        }
         let error = match self.try_disarm_netboot().await {
             Ok(()) => return outcome,
             Err(e) => e,
@@ -766,7 +756,8 @@ impl Runner {
     }
 
     /// Calls the provider's `disarm_netboot`, retrying per the policy; stopped only by a
-    /// shutdown (an operator's cancel is what brought it here).
+    /// shutdown (an operator's cancel is what brought it here) or a lost lease. A provider
+    /// that panics is a failure to disarm, not retried.
     async fn try_disarm_netboot(&self) -> Result<(), String> {
         let machine = self
             .inner
@@ -789,6 +780,9 @@ impl Runner {
         let mut failures = 0u32;
         let first_failure = tokio::time::Instant::now();
         loop {
+            if self.claim.is_lost() {
+                return Err("the lease was lost to another server".into());
+            }
             let cancel = self.inner.shutdown.child_token();
             let ctx = ActionContext {
                 machine: &machine,
@@ -796,9 +790,11 @@ impl Runner {
                 cancel: &cancel,
                 log: &log,
             };
-            let error = match tokio::time::timeout(timeout, provider.disarm_netboot(ctx)).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => e,
+            let call = std::panic::AssertUnwindSafe(provider.disarm_netboot(ctx)).catch_unwind();
+            let error = match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(_)) => return Err("the provider panicked".into()),
                 Err(_) => ProviderError::transient(format!(
                     "disarm-netboot timed out after {} s",
                     timeout.as_secs_f64()

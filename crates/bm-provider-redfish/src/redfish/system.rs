@@ -609,7 +609,7 @@ fn media_request<'a>(dev: &'a Resource, suffix: &str) -> (Method, &'a str, Optio
 
 /// The image a device shows, `None` when it shows none: AMI BMCs write `"None"` (or an
 /// empty string) for an empty drive.
-fn image(dev: &Resource) -> Option<&str> {
+pub(crate) fn image(dev: &Resource) -> Option<&str> {
     dev.str("Image")
         .map(str::trim)
         .filter(|i| !i.is_empty() && !i.eq_ignore_ascii_case("none"))
