@@ -32,8 +32,8 @@ tasks:
         build in release mode, run the benchmarks against a real server, print one table;
         --store postgres adds the fleet on a throwaway PostgreSQL, 1 and 3 replicas
   test [ARGS]
-        install the system packages the tests need (openssh-server, python3-venv) when
-        missing, then run cargo test --workspace ARGS
+        install the system packages the tests need (openssh-server, python3-venv,
+        postgresql) when missing, then run cargo test --workspace ARGS
   ci    formatting, lints, docs and tests, as .ci/run does
   man OUTDIR
         write bmctl's man pages (bmctl.1 and one per command) into OUTDIR"

@@ -6,6 +6,7 @@
 //! | disk full | SERVING (reads work; writes answer UNAVAILABLE) | NOT_SERVING |
 //! | read-only | SERVING (reads work; writes answer FAILED_PRECONDITION) | NOT_SERVING |
 //! | unusable | NOT_SERVING | NOT_SERVING |
+//! | unreachable (PostgreSQL: its database is down, failing over or out of disk) | NOT_SERVING | NOT_SERVING |
 //!
 //! The store logs every change of its condition; `bm-store-writes` lets a probe tell a server
 //! that serves reads only from one that serves everything.

@@ -243,7 +243,7 @@ enum Subcommand {
     },
     /// Bring the store's schema up to date (what a server also does when it starts), or with
     /// --check only say whether it is: exit status 0 when current, 1 when migrations are
-    /// pending, 2 when the store is newer than this program.
+    /// pending, 2 when the store is newer than this program, 3 when it could not be read.
     Migrate {
         /// Report only; change nothing.
         #[arg(long)]
@@ -600,7 +600,12 @@ fn main() -> anyhow::Result<()> {
         data_dir,
     }) = &args.command
     {
-        let code = migrate(store, data_dir, *check)?;
+        // Its own status for a store that could not be read: 1 means "migrations pending",
+        // and a script must not take replicas down because the database did not answer.
+        let code = migrate(store, data_dir, *check).unwrap_or_else(|e| {
+            eprintln!("Error: {e:#}");
+            3
+        });
         std::process::exit(code);
     }
     // One worker per core; a small blocking pool (store scans), since every extra thread

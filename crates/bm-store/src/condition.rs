@@ -21,8 +21,9 @@ pub enum StoreCondition {
     /// The store cannot serve (its database was found damaged while running); a restart
     /// checks it and refuses to start or starts it read-only.
     Unusable(String),
-    /// The store's database server cannot be reached (a PostgreSQL store): reads and writes
-    /// fail with [`crate::StoreError::Unavailable`] until it answers again, and the
+    /// The store's database server cannot be reached or cannot take writes (a PostgreSQL
+    /// store: down, failing over, out of disk): calls fail with
+    /// [`crate::StoreError::Unavailable`] until it answers again, and the
     /// condition goes back to [`StoreCondition::Ok`] at the first read or write that
     /// reaches it.
     Unreachable(String),
@@ -139,8 +140,12 @@ impl ConditionCell {
         }
     }
 
-    /// A read or a write reached the database.
+    /// A read or a write reached the database. Called after every one: only a
+    /// store that was unreachable takes the watch's write lock.
     pub(crate) fn reached(&self) {
+        if !matches!(*self.0.borrow(), StoreCondition::Unreachable(_)) {
+            return;
+        }
         let changed = self.0.send_if_modified(|c| {
             let was = matches!(c, StoreCondition::Unreachable(_));
             if was {

@@ -3,7 +3,8 @@
 //! fixture of bm-store's golden tests; PostgreSQL: a new database, its first schema being
 //! version 1) is reported pending (exit 1) and changed by nothing but `migrate`; after it,
 //! current (exit 0); a database of a newer schema is reported as such (exit 2), left as it
-//! is, and the server refuses to start on it, saying so.
+//! is, and the server refuses to start on it, saying so; one that does not answer is
+//! reported unreadable (exit 3), never pending.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -190,4 +191,17 @@ fn postgres_migrate_check_then_migrate_then_newer() {
     assert_eq!(version(&url), (current + 1).to_string());
     let err = refuses_to_start(&["--store", &url]);
     assert_says(&err, &format!("schema version {}, newer than", current + 1));
+
+    // A database that does not answer is neither current nor pending.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let (code, text) = migrate(&[
+        "--check",
+        "--store",
+        &format!("postgres://postgres@127.0.0.1:{closed}/nothing"),
+    ]);
+    assert_eq!(code, 3, "{text}");
+    assert_says(&text, "reading the schema version of");
 }

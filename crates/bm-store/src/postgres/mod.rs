@@ -256,6 +256,26 @@ fn readable<T>(rows: &[Row], f: impl Fn(&Row) -> Result<T>) -> Vec<T> {
         .collect()
 }
 
+/// Tells the condition what a call's result says of the database: an error that means it
+/// cannot be reached or cannot take writes (down, failing over, out of disk) makes it
+/// unreachable; any answer makes it reached again. A statement canceled at the statement
+/// timeout says nothing of the database as a whole (one slow listing must not take the
+/// server out of a load balancer's rotation).
+pub(super) fn note_reach<T>(condition: &ConditionCell, r: &Result<T>) {
+    match r {
+        Err(e @ StoreError::Unavailable(source)) => {
+            let timed_out = source
+                .downcast_ref::<postgres::Error>()
+                .and_then(postgres::Error::code)
+                == Some(&postgres::error::SqlState::QUERY_CANCELED);
+            if !timed_out {
+                condition.unreachable(&chain(e));
+            }
+        }
+        _ => condition.reached(),
+    }
+}
+
 /// The read connections.
 struct Readers {
     conns: Vec<Mutex<Client>>,
@@ -270,10 +290,7 @@ impl Readers {
     /// is found out by its first use: then `f` runs once more on a new one.
     fn with<T>(&self, f: impl FnMut(&mut Client) -> Result<T>) -> Result<T> {
         let r = self.on_a_connection(f);
-        match &r {
-            Err(e @ StoreError::Unavailable(_)) => self.condition.unreachable(&chain(e)),
-            _ => self.condition.reached(),
-        }
+        note_reach(&self.condition, &r);
         r
     }
 

@@ -11,10 +11,11 @@
 //!   admitted the same request, or registered the same machine, first), a deadlock or a
 //!   serialisation failure is rolled back alone and run again, now reading the winner's row,
 //!   while the rest of the batch goes on;
-//! - except keyed jobs (see [`Keys`]: admissions and the executors' fenced writes), which run first in
-//!   the batch, together: one savepoint, one locking read and one write-back per table for
-//!   all of them, the jobs themselves in memory against the locked rows (undone there when
-//!   they fail); should that fail, they run again job by job as above;
+//! - except keyed jobs (see [`Keys`]: admissions and the executors' fenced writes), which
+//!   run first in the batch, together: one savepoint, one locking read and one write-back
+//!   per table for all of them (plus one lookup of the admissions' request ids), the jobs
+//!   themselves in memory against the locked rows (undone there when they fail); should
+//!   that fail, they run again job by job as above;
 //! - revisions of events (and of log lines) are taken at the END of the batch, just before
 //!   the commit, from a one-row counter (`UPDATE counters SET value = value + n`): its row
 //!   lock is held until the commit, so a later revision can never commit before an earlier
@@ -351,10 +352,7 @@ impl Writer {
         for job in jobs {
             replies.push(job.reply);
         }
-        match &result {
-            Err(e @ StoreError::Unavailable(_)) => self.condition.unreachable(&super::chain(e)),
-            _ => self.condition.reached(),
-        }
+        super::note_reach(&self.condition, &result);
         match result {
             Ok(ranges) => {
                 if let Some((ev_first, ev_last, lg_first, lg_last)) = ranges {
