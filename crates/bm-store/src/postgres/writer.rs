@@ -1143,12 +1143,31 @@ impl Tx for PgTx<'_> {
         if claimed.is_empty() {
             return Ok(());
         }
-        // The rows were locked by `claimable`: one statement writes them all.
-        let mut cols = OperationColumns::default();
-        for c in claimed {
-            cols.push(&c.operation, Some(lease), c.fence.generation)?;
+        // The rows were locked by `claimable`, and a claim changes only their lease: one
+        // statement writes the leases of all (the documents stay as they are).
+        let ids: Vec<String> = claimed.iter().map(|c| c.operation.id.to_string()).collect();
+        let generations: Vec<i64> = claimed
+            .iter()
+            .map(|c| c.fence.generation.cast_signed())
+            .collect();
+        let n = self.execute(
+            "UPDATE operations AS o SET
+               lease_owner = $3, lease_expires = $4, lease_generation = u.generation
+             FROM UNNEST($1::text[], $2::bigint[]) AS u (id, generation)
+             WHERE o.id = u.id",
+            &[
+                &ids,
+                &generations,
+                &lease.owner,
+                &lease.expires_at.as_unix_micros(),
+            ],
+        )?;
+        if n as usize != claimed.len() {
+            return Err(StoreError::Backend(
+                format!("{n} of {} claimed operations written", claimed.len()).into(),
+            ));
         }
-        cols.update(self.conn, self.stmts)
+        Ok(())
     }
 
     fn renew_leases(&mut self, lease: &Lease, held: &[(OperationId, u64)]) -> Result<Renewal> {
