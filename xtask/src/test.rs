@@ -76,12 +76,7 @@ fn missing_packages() -> Vec<&'static str> {
         missing.push("python3-venv");
     }
     // The PostgreSQL store's tests start a throwaway cluster (crates/bm-pg-cluster).
-    let has_postgres = std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|versions| {
-        versions
-            .flatten()
-            .any(|v| v.path().join("bin/initdb").is_file())
-    });
-    if !has_postgres {
+    if bm_pg_cluster::find_binaries().is_err() {
         missing.push("postgresql");
     }
     missing
