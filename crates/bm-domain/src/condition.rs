@@ -30,13 +30,15 @@ pub enum ConditionType {
     Reachable,
     /// The machine works with reduced capacity.
     Degraded,
+    /// The BMC last reported the machine powered on (set by the status poll).
+    PoweredOn,
     /// A condition type the control plane does not interpret.
     Other(String),
 }
 
 impl ConditionType {
     /// Every type the control plane interprets, in display order.
-    pub const KNOWN: [ConditionType; 8] = [
+    pub const KNOWN: [ConditionType; 9] = [
         ConditionType::Retired,
         ConditionType::Rma,
         ConditionType::NeedsIntervention,
@@ -45,6 +47,7 @@ impl ConditionType {
         ConditionType::OperationCanceled,
         ConditionType::Reachable,
         ConditionType::Degraded,
+        ConditionType::PoweredOn,
     ];
 
     /// The types that block a machine: while one is true, only re-admission may start on it
@@ -62,6 +65,7 @@ impl ConditionType {
             ConditionType::OperationCanceled => "OperationCanceled",
             ConditionType::Reachable => "Reachable",
             ConditionType::Degraded => "Degraded",
+            ConditionType::PoweredOn => "PoweredOn",
             ConditionType::Other(s) => s,
         }
     }

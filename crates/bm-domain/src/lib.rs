@@ -22,6 +22,7 @@ mod ids;
 mod labels;
 mod mac;
 mod machine;
+mod observe;
 mod operation;
 pub mod rules;
 mod snippet;
@@ -37,6 +38,10 @@ pub use ids::{MachineId, OperationId, RequestId};
 pub use labels::{KeyConstraint, LabelSelector, Labels};
 pub use mac::MacAddress;
 pub use machine::{Machine, MachinePatch, MachineSpec, MachineStatus};
+pub use observe::{
+    Health, Observation, ObservationEffect, PowerState, REASON_POWER_AFTER_OPERATION,
+    REASON_POWER_CHANGED_OUTSIDE, apply_observation,
+};
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
 pub use snippet::{Snippet, snippet};
 pub use state::{EffectiveState, Phase, effective_state};

@@ -25,6 +25,8 @@
 //!   change.
 //! - Failed or canceled after a stage that writes the disk had started: `Provisioned` and
 //!   `InCustomerCluster` become false, because the disk no longer holds a known image.
+//! - Whatever the outcome, the last power reading of the status poll (`PoweredOn`) is marked
+//!   as taken before the operation: the next reading is not a change outside an operation.
 //!
 //! The decisions where the specification is silent are written down in
 //! `docs/lifecycle.md`.
@@ -291,6 +293,9 @@ pub fn complete(
             }
         }
     }
+    // Any operation may have changed the power (a reboot, a retire); what the status poll
+    // sees next is not a change outside an operation.
+    crate::observe::power_seen_before_operation(machine, &format!("{t} {id}"), now);
     op.finished_at = Some(now);
     machine.status.active_operation_id = None;
     machine.updated_at = now;

@@ -15,6 +15,7 @@ mod registry;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+pub use bm_domain::{Health, Observation, PowerState};
 use bm_domain::{Machine, OperationId};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,16 @@ pub struct ActionContext<'a> {
     pub cancel: &'a CancellationToken,
     /// Where the action reports progress, line by line, as it happens.
     pub log: &'a LogSink,
+}
+
+/// What [`Provider::observe`] gets: the machine, and a token that fires when the poll must
+/// stop (the server is shutting down or an operation of the machine was admitted).
+#[derive(Clone, Copy, Debug)]
+pub struct ObserveContext<'a> {
+    /// The machine to read.
+    pub machine: &'a Machine,
+    /// Fires when the reading must stop.
+    pub cancel: &'a CancellationToken,
 }
 
 /// Something that learns, outside the BMC, that a machine booted: the deploy environment
@@ -60,15 +71,6 @@ pub enum PowerAction {
     Off,
     /// Power off then on: a reboot that works whatever the OS is doing.
     Cycle,
-}
-
-/// A machine's power state as the hardware reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PowerState {
-    /// Powered on.
-    On,
-    /// Powered off.
-    Off,
 }
 
 /// A secret that lets a machine join a cluster.
@@ -149,6 +151,23 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Reads the power state.
     async fn power_state(&self, ctx: ActionContext<'_>) -> Result<PowerState, ProviderError>;
+
+    /// Reads what the status poll records, outside any operation: the power state and the
+    /// health the BMC reports, in one cheap request where the hardware allows it (the poll
+    /// reads every machine every few minutes). `Ok(None)` when this provider has nothing to
+    /// observe: the poll then leaves the machine's conditions as they are.
+    ///
+    /// Makes one attempt (the poll retries at its next round) and keeps the provider's own
+    /// limits towards shared resources (e.g. concurrent requests per BMC).
+    ///
+    /// # Errors
+    ///
+    /// Whatever kept the BMC from answering; the poll records the machine as not
+    /// `Reachable` with the error's message.
+    async fn observe(&self, ctx: ObserveContext<'_>) -> Result<Option<Observation>, ProviderError> {
+        let _ = ctx;
+        Ok(None)
+    }
 
     /// Makes the next boot (only the next) a network boot.
     async fn set_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError>;

@@ -46,8 +46,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    EffectiveState, LabelSelector, LogLine, Machine, MachineId, MachinePatch, Operation,
-    OperationEvent, OperationId, OperationPhase, OperationType, Phase, Timestamp,
+    EffectiveState, LabelSelector, LogLine, Machine, MachineId, MachinePatch, Observation,
+    Operation, OperationEvent, OperationId, OperationPhase, OperationType, Phase, PowerState,
+    Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -196,6 +197,24 @@ impl EventFilter {
     }
 }
 
+/// What [`Store::record_observation`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The reading changed the machine's conditions; the machine as committed, and the power
+    /// change outside an operation it revealed, if any (`(before, now)`).
+    Changed {
+        /// The machine as committed.
+        machine: Machine,
+        /// The power state changed with no operation in between.
+        power_changed_outside: Option<(PowerState, PowerState)>,
+    },
+    /// The reading is what the machine's conditions already said: nothing was written.
+    Unchanged,
+    /// An operation of the machine is active (admitted after the reading started): the
+    /// reading was dropped, the operation owns the machine.
+    Busy(OperationId),
+}
+
 /// A claim on operations: who holds it and until when.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
@@ -280,6 +299,21 @@ pub trait Store: Send + Sync + 'static {
         patch: &MachinePatch,
         now: Timestamp,
     ) -> Result<Machine>;
+
+    /// Records a status poll's reading of a machine's BMC ([`bm_domain::apply_observation`]),
+    /// unless an operation of the machine is active: the check and the write are one
+    /// transaction, so a reading never overwrites what a running operation owns. Writes only
+    /// when a condition changed.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::MachineNotFound`].
+    async fn record_observation(
+        &self,
+        id: &MachineId,
+        observation: &Observation,
+        now: Timestamp,
+    ) -> Result<Recorded>;
 
     /// Admits a new pending operation, atomically: if the machine already has an operation
     /// with this request id, that one is returned and nothing is created; otherwise the

@@ -10,11 +10,14 @@ use std::collections::HashMap;
 
 use bm_domain::rules::{self, Outcome};
 use bm_domain::{
-    DomainError, EventKind, Labels, MacAddress, Machine, MachineId, MachinePatch, Operation,
-    OperationEvent, OperationId, OperationPhase, RequestId, Timestamp,
+    DomainError, EventKind, Labels, MacAddress, Machine, MachineId, MachinePatch, Observation,
+    Operation, OperationEvent, OperationId, OperationPhase, RequestId, Timestamp,
+    apply_observation,
 };
 
-use crate::{Admission, Claimed, Fence, ImportOutcome, Lease, Renewal, Result, StoreError};
+use crate::{
+    Admission, Claimed, Fence, ImportOutcome, Lease, Recorded, Renewal, Result, StoreError,
+};
 
 /// An operation as stored: the record and who holds it.
 #[derive(Clone, Debug)]
@@ -192,6 +195,29 @@ pub(crate) fn update(
         },
     )?;
     Ok(m)
+}
+
+pub(crate) fn record_observation(
+    tx: &mut impl Tx,
+    id: &MachineId,
+    observation: &Observation,
+    now: Timestamp,
+) -> Result<Recorded> {
+    let mut m = tx
+        .machine(id)?
+        .ok_or_else(|| StoreError::MachineNotFound(id.clone()))?;
+    if let Some(active) = m.status.active_operation_id {
+        return Ok(Recorded::Busy(active));
+    }
+    let effect = apply_observation(&mut m, observation, now);
+    if !effect.changed {
+        return Ok(Recorded::Unchanged);
+    }
+    tx.put_machine(&m, Indexed::Unchanged)?;
+    Ok(Recorded::Changed {
+        machine: m,
+        power_changed_outside: effect.power_changed_outside,
+    })
 }
 
 pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {

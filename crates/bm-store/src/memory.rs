@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, MacAddress, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId,
-    RequestId, Timestamp,
+    LogLine, MacAddress, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent,
+    OperationId, RequestId, Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -15,7 +15,7 @@ use crate::condition::ConditionCell;
 use crate::logic::{self, Holding, Indexed, StoredOp, Tx};
 use crate::{
     Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
-    OperationQuery, Page, Renewal, Result, Store, StoreCondition,
+    OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition,
 };
 
 #[derive(Default)]
@@ -268,6 +268,15 @@ impl Store for MemoryStore {
         now: Timestamp,
     ) -> Result<Machine> {
         self.tx(|tx| logic::update(tx, id, patch, now))
+    }
+
+    async fn record_observation(
+        &self,
+        id: &MachineId,
+        observation: &Observation,
+        now: Timestamp,
+    ) -> Result<Recorded> {
+        self.tx(|tx| logic::record_observation(tx, id, observation, now))
     }
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {

@@ -29,7 +29,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId, Timestamp,
+    LogLine, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent, OperationId,
+    Timestamp,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -41,7 +42,8 @@ use crate::logic::{self, StoredOp, Tx};
 use crate::sqlite::codec as docs;
 use crate::{
     Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
-    OperationQuery, Page, Renewal, Result, SchemaStatus, Store, StoreCondition, StoreError,
+    OperationQuery, Page, Recorded, Renewal, Result, SchemaStatus, Store, StoreCondition,
+    StoreError,
 };
 use writer::{Command, PgTx, Writer};
 
@@ -732,6 +734,24 @@ impl Store for PgStore {
         let (id, patch) = (id.clone(), patch.clone());
         self.write(move |tx| logic::update(tx, &id, &patch, now))
             .await
+    }
+
+    async fn record_observation(
+        &self,
+        id: &MachineId,
+        observation: &Observation,
+        now: Timestamp,
+    ) -> Result<Recorded> {
+        let keys = writer::Keys {
+            operations: Vec::new(),
+            machines: vec![id.clone()],
+            requests: Vec::new(),
+        };
+        let (id, observation) = (id.clone(), observation.clone());
+        self.write_keyed(keys, move |tx| {
+            logic::record_observation(tx, &id, &observation, now)
+        })
+        .await
     }
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {

@@ -27,7 +27,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, Machine, MachineId, MachinePatch, Operation, OperationEvent, OperationId, Timestamp,
+    LogLine, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent, OperationId,
+    Timestamp,
 };
 use rusqlite::{Connection, params_from_iter, types::Value};
 use tokio::sync::{broadcast, oneshot, watch};
@@ -36,7 +37,7 @@ use crate::condition::ConditionCell;
 use crate::logic::{self, Tx};
 use crate::{
     Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
-    OperationQuery, Page, Renewal, Result, Store, StoreCondition, StoreError,
+    OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition, StoreError,
 };
 use files::DataDir;
 pub use files::{BackupReport, backup};
@@ -545,6 +546,17 @@ impl Store for SqliteStore {
     ) -> Result<Machine> {
         let (id, patch) = (id.clone(), patch.clone());
         self.write(move |tx| logic::update(tx, &id, &patch, now))
+            .await
+    }
+
+    async fn record_observation(
+        &self,
+        id: &MachineId,
+        observation: &Observation,
+        now: Timestamp,
+    ) -> Result<Recorded> {
+        let (id, observation) = (id.clone(), observation.clone());
+        self.write(move |tx| logic::record_observation(tx, &id, &observation, now))
             .await
     }
 

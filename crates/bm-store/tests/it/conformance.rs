@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    ConditionType, DomainError, EffectiveState, EventKind, Labels, LogLine, MachinePatch,
-    OperationEvent, OperationId, OperationPhase, OperationType, Phase,
+    ConditionType, DomainError, EffectiveState, EventKind, Health, Labels, LogLine, MachinePatch,
+    Observation, OperationEvent, OperationId, OperationPhase, OperationType, Phase, PowerState,
 };
 use bm_store::{
-    EventFilter, Fence, ImportOutcome, Lease, MachineQuery, OperationQuery, Renewal, Store,
-    StoreError,
+    EventFilter, Fence, ImportOutcome, Lease, MachineQuery, OperationQuery, Recorded, Renewal,
+    Store, StoreError,
 };
 
 use crate::fixtures::{machine, maintenance_machine, mid, op, t};
@@ -1043,4 +1043,83 @@ pub(crate) async fn logs_replay_and_live(s: S) {
         assert_eq!(*live.recv().await.unwrap(), *want);
     }
     assert!(live.try_recv().is_err(), "the duplicate is not published");
+}
+
+pub(crate) async fn observations_are_written_when_they_change_something_and_never_under_an_operation(
+    s: S,
+) {
+    let answered = |power, health| Observation::Answered {
+        power: Some(power),
+        health: Some(health),
+        detail: String::new(),
+    };
+    let m = s.register_machine(machine("m-1", 1)).await.unwrap();
+    let first = s
+        .record_observation(&m.id, &answered(PowerState::On, Health::Warning), t(1))
+        .await
+        .unwrap();
+    let Recorded::Changed { machine: seen, .. } = first else {
+        panic!("a first reading changes the conditions: {first:?}");
+    };
+    assert!(seen.status.conditions.is_true(&ConditionType::Reachable));
+    assert!(seen.status.conditions.is_true(&ConditionType::Degraded));
+    assert_eq!(
+        s.get_machine(&m.id).await.unwrap(),
+        seen,
+        "what it returned is stored"
+    );
+
+    // The same reading again writes nothing.
+    let again = s
+        .record_observation(&m.id, &answered(PowerState::On, Health::Warning), t(2))
+        .await
+        .unwrap();
+    assert_eq!(again, Recorded::Unchanged);
+    assert_eq!(s.get_machine(&m.id).await.unwrap(), seen);
+
+    // Off with no operation in between: a change outside an operation.
+    let off = s
+        .record_observation(&m.id, &answered(PowerState::Off, Health::Ok), t(3))
+        .await
+        .unwrap();
+    let Recorded::Changed {
+        machine: off_machine,
+        power_changed_outside,
+    } = off
+    else {
+        panic!("{off:?}");
+    };
+    assert_eq!(
+        power_changed_outside,
+        Some((PowerState::On, PowerState::Off))
+    );
+    assert!(
+        !off_machine
+            .status
+            .conditions
+            .is_true(&ConditionType::Degraded)
+    );
+
+    // While an operation is active the reading is dropped: the operation owns the machine.
+    let admitted = s
+        .admit(op("m-1", OperationType::EnterMaintenance, "r"))
+        .await
+        .unwrap();
+    let busy = s
+        .record_observation(&m.id, &Observation::Unreachable("no answer".into()), t(4))
+        .await
+        .unwrap();
+    assert_eq!(busy, Recorded::Busy(admitted.operation.id));
+    let stored = s.get_machine(&m.id).await.unwrap();
+    assert!(stored.status.conditions.is_true(&ConditionType::Reachable));
+    assert_eq!(stored.status.conditions, off_machine.status.conditions);
+
+    let missing = s
+        .record_observation(&mid("m-404"), &Observation::Unreachable("x".into()), t(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, StoreError::MachineNotFound(_)),
+        "{missing}"
+    );
 }

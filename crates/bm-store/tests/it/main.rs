@@ -93,4 +93,5 @@ conformance!(
     list_operations_newest_first,
     events_replay_and_live_agree,
     logs_replay_and_live,
+    observations_are_written_when_they_change_something_and_never_under_an_operation,
 );
