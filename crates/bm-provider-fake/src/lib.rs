@@ -17,6 +17,14 @@
 //! | `fake.baremetal.dev/hang-action` | an [`Action`] name | that action runs until canceled |
 //! | `fake.baremetal.dev/delay-ms` | `N` | every action takes N ms longer |
 //!
+//! And what the status poll ([`Provider::observe`]) reads:
+//!
+//! | label | value | effect |
+//! |---|---|---|
+//! | `fake.baremetal.dev/bmc` | `unreachable` | the BMC does not answer the poll |
+//! | `fake.baremetal.dev/health` | `ok` (default), `warning`, `critical` | the health the BMC reports |
+//! | `fake.baremetal.dev/power` | `on`, `off` | someone changed the power outside the control plane |
+//!
 //! And random, for the whole fleet: [`FakeConfig::failure_rate`] with a seed, which makes a
 //! run reproducible.
 
@@ -27,10 +35,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bm_domain::{Machine, MachineId, OperationId};
 use bm_provider::{
-    ActionContext, ErrorKind, JoinToken, Notice, PowerAction, PowerState, Provider, ProviderError,
+    ActionContext, ErrorKind, Health, JoinToken, Notice, Observation, ObserveContext, PowerAction,
+    PowerState, Provider, ProviderError,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
 
 /// The label that names the action to fail.
 pub const LABEL_FAIL_ACTION: &str = "fake.baremetal.dev/fail-action";
@@ -42,6 +52,16 @@ pub const LABEL_FAIL_KIND: &str = "fake.baremetal.dev/fail-kind";
 pub const LABEL_HANG_ACTION: &str = "fake.baremetal.dev/hang-action";
 /// The label that adds a delay to every action, in milliseconds.
 pub const LABEL_DELAY_MS: &str = "fake.baremetal.dev/delay-ms";
+
+/// The label that makes the BMC unreachable for the status poll (`unreachable`).
+pub const LABEL_BMC: &str = "fake.baremetal.dev/bmc";
+/// The label that sets the health the BMC reports (`ok`, `warning`, `critical`).
+pub const LABEL_HEALTH: &str = "fake.baremetal.dev/health";
+/// The label that sets the power state as if someone had pressed the button (`on`, `off`).
+pub const LABEL_POWER: &str = "fake.baremetal.dev/power";
+
+/// The power state of a machine no action has touched: racked machines are usually on.
+const DEFAULT_POWER: PowerState = PowerState::On;
 
 /// How fast the simulated hardware is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,11 +121,13 @@ pub enum Action {
     VerifyConnectivity,
     /// Disarm the one-time PXE boot after a failed or canceled operation.
     DisarmNetboot,
+    /// The status poll's reading of power and health.
+    Observe,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 16] = [
+    pub const ALL: [Action; 17] = [
         Action::PowerOn,
         Action::PowerOff,
         Action::PowerCycle,
@@ -122,6 +144,7 @@ impl Action {
         Action::ApplyNetConfig,
         Action::VerifyConnectivity,
         Action::DisarmNetboot,
+        Action::Observe,
     ];
 
     /// The name used in labels, e.g. `repave`.
@@ -143,6 +166,7 @@ impl Action {
             Action::ApplyNetConfig => "apply-net-config",
             Action::VerifyConnectivity => "verify-connectivity",
             Action::DisarmNetboot => "disarm-netboot",
+            Action::Observe => "observe",
         }
     }
 
@@ -154,7 +178,7 @@ impl Action {
     /// How long it takes at normal speed, in milliseconds.
     fn normal_ms(self) -> u64 {
         match self {
-            Action::PowerStatus | Action::MintJoinToken => 50,
+            Action::PowerStatus | Action::MintJoinToken | Action::Observe => 50,
             Action::Notify | Action::Uncordon => 150,
             Action::SetNetboot | Action::DisarmNetboot | Action::PowerOn | Action::PowerOff => 200,
             Action::JoinCluster | Action::VerifyInCluster | Action::Drain => 300,
@@ -168,7 +192,11 @@ impl Action {
     /// The tag its log lines carry.
     fn tag(self) -> &'static str {
         match self {
-            Action::PowerOn | Action::PowerOff | Action::PowerCycle | Action::PowerStatus => "bmc",
+            Action::PowerOn
+            | Action::PowerOff
+            | Action::PowerCycle
+            | Action::PowerStatus
+            | Action::Observe => "bmc",
             Action::SetNetboot | Action::DisarmNetboot => "pxe",
             Action::Repave => "repave",
             Action::MintJoinToken | Action::JoinCluster => "kubeadm",
@@ -240,8 +268,12 @@ impl FakeProvider {
 
     /// Waits `d`, or fails at once if the action is canceled.
     async fn wait(ctx: &ActionContext<'_>, d: Duration) -> Result<(), ProviderError> {
+        Self::wait_or_cancel(ctx.cancel, d).await
+    }
+
+    async fn wait_or_cancel(cancel: &CancellationToken, d: Duration) -> Result<(), ProviderError> {
         if d.is_zero() {
-            return if ctx.cancel.is_cancelled() {
+            return if cancel.is_cancelled() {
                 Err(ProviderError::canceled())
             } else {
                 Ok(())
@@ -249,8 +281,16 @@ impl FakeProvider {
         }
         tokio::select! {
             () = tokio::time::sleep(d) => Ok(()),
-            () = ctx.cancel.cancelled() => Err(ProviderError::canceled()),
+            () = cancel.cancelled() => Err(ProviderError::canceled()),
         }
+    }
+
+    /// Counts a call of `action` on `machine` and returns its number (from 1).
+    fn count(&self, machine: &MachineId, action: Action) -> u64 {
+        let mut calls = lock(&self.calls);
+        let n = calls.entry((machine.clone(), action)).or_insert(0);
+        *n += 1;
+        *n
     }
 
     /// Runs one simulated action: counts the call, applies the injected behaviour, and
@@ -262,12 +302,7 @@ impl FakeProvider {
         lines: &[String],
     ) -> Result<(), ProviderError> {
         let machine = ctx.machine;
-        let call = {
-            let mut calls = lock(&self.calls);
-            let n = calls.entry((machine.id.clone(), action)).or_insert(0);
-            *n += 1;
-            *n
-        };
+        let call = self.count(&machine.id, action);
         let labels = &machine.labels;
         let tag = action.tag();
         if labels.get(LABEL_HANG_ACTION) == Some(action.name()) {
@@ -397,7 +432,44 @@ impl Provider for FakeProvider {
         Ok(lock(&self.power)
             .get(&ctx.machine.id)
             .copied()
-            .unwrap_or(PowerState::Off))
+            .unwrap_or(DEFAULT_POWER))
+    }
+
+    async fn observe(&self, ctx: ObserveContext<'_>) -> Result<Option<Observation>, ProviderError> {
+        let m = ctx.machine;
+        let call = self.count(&m.id, Action::Observe);
+        let labels = &m.labels;
+        Self::wait_or_cancel(ctx.cancel, self.scale(Action::Observe.normal_ms())).await?;
+        if labels.get(LABEL_BMC) == Some("unreachable") {
+            return Err(ProviderError::unreachable(format!(
+                "{} did not answer (simulated by the label {LABEL_BMC}=unreachable)",
+                bmc(m)
+            )));
+        }
+        self.injected_failure(m, Action::Observe, call)?;
+        let power = {
+            let mut power = lock(&self.power);
+            // A label stands for someone at the console: the simulated state follows it.
+            let forced = match labels.get(LABEL_POWER) {
+                Some("on") => Some(PowerState::On),
+                Some("off") => Some(PowerState::Off),
+                _ => None,
+            };
+            if let Some(state) = forced {
+                power.insert(m.id.clone(), state);
+            }
+            power.get(&m.id).copied().unwrap_or(DEFAULT_POWER)
+        };
+        let (health, detail) = match labels.get(LABEL_HEALTH) {
+            Some("warning") => (Health::Warning, "fan 3 below its threshold (simulated)"),
+            Some("critical") => (Health::Critical, "DIMM A2 uncorrectable errors (simulated)"),
+            _ => (Health::Ok, ""),
+        };
+        Ok(Some(Observation::Answered {
+            power: Some(power),
+            health: Some(health),
+            detail: detail.to_owned(),
+        }))
     }
 
     async fn set_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {

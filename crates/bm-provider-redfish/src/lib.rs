@@ -80,9 +80,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bm_domain::{MacAddress, Machine};
 use bm_provider::{
-    ActionContext, BootWitness, ErrorKind, JoinToken, Notice, PowerAction, PowerState, Provider,
-    ProviderError,
+    ActionContext, BootWitness, ErrorKind, JoinToken, Notice, Observation, ObserveContext,
+    PowerAction, PowerState, Provider, ProviderError,
 };
+use tokio_util::sync::CancellationToken;
 
 pub use config::{
     BmcConfig, BootConfig, BootMethod, BootMode, CommandsConfig, ConfigError, Credentials,
@@ -225,17 +226,27 @@ impl RedfishProvider {
 
     /// The machine's BMC and its ComputerSystem, fresh from the BMC.
     async fn system(&self, ctx: &ActionContext<'_>) -> Result<(Arc<Bmc>, Resource), ProviderError> {
-        let ep = Self::endpoint(ctx.machine)?;
+        self.system_of(ctx.machine, ctx.cancel).await
+    }
+
+    /// The machine's BMC client and its ComputerSystem resource, read now (one GET once the
+    /// system's path is known).
+    async fn system_of(
+        &self,
+        machine: &Machine,
+        cancel: &CancellationToken,
+    ) -> Result<(Arc<Bmc>, Resource), ProviderError> {
+        let ep = Self::endpoint(machine)?;
         let bmc = self.bmc(&ep).await?;
-        let spec_endpoint = &ctx.machine.spec.bmc_endpoint;
+        let spec_endpoint = &machine.spec.bmc_endpoint;
         let cached = lock(&self.systems).get(spec_endpoint).cloned();
         if let Some(path) = cached {
-            if let Some(res) = bmc.get_opt(ctx.cancel, &path).await? {
+            if let Some(res) = bmc.get_opt(cancel, &path).await? {
                 return Ok((bmc, res));
             }
             lock(&self.systems).remove(spec_endpoint);
         }
-        let res = system::find_system(&bmc, ctx.cancel, &ep.system).await?;
+        let res = system::find_system(&bmc, cancel, &ep.system).await?;
         lock(&self.systems).insert(spec_endpoint.clone(), res.path.clone());
         Ok((bmc, res))
     }
@@ -455,6 +466,11 @@ impl Provider for RedfishProvider {
         } else {
             PowerState::Off
         })
+    }
+
+    async fn observe(&self, ctx: ObserveContext<'_>) -> Result<Option<Observation>, ProviderError> {
+        let (_, sys) = self.system_of(ctx.machine, ctx.cancel).await?;
+        Ok(Some(system::observation(&sys)))
     }
 
     async fn set_netboot(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {

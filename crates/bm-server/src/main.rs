@@ -16,7 +16,7 @@ use anyhow::Context;
 use bm_provider::ProviderRegistry;
 use bm_provider_fake::{FakeConfig, FakeProvider, Timing};
 use bm_store::{MemoryStore, OnDamage, SqliteConfig, SqliteStore, Store, StoreError};
-use bm_workflow::{Engine, EngineConfig};
+use bm_workflow::{Engine, EngineConfig, StatusPollConfig};
 use clap::{Parser, ValueEnum};
 
 /// jemalloc rather than glibc's malloc: the server allocates small objects from many
@@ -104,6 +104,29 @@ struct Args {
     /// operations up after this long; a shorter lease fails over faster and renews more often.
     #[arg(long, env = "BM_LEASE_DURATION", default_value = "15s", value_parser = lease_duration)]
     lease_duration: Duration,
+
+    /// How often the status poll reads each machine's BMC (power and health sync: the
+    /// Reachable, Degraded and PoweredOn conditions), e.g. 5m; 0 turns it off. Each round is
+    /// jittered by ±20% and spread over the interval; machines with an active operation, and
+    /// blocked ones, are skipped. Every replica sharing a database polls the whole fleet: run
+    /// it on one replica, or give each a longer interval.
+    #[arg(
+        long,
+        env = "BM_STATUS_POLL_INTERVAL",
+        default_value = "5m",
+        value_parser = status_poll_interval
+    )]
+    status_poll_interval: Duration,
+
+    /// The most BMC readings of the status poll in flight at once (a provider keeps its own
+    /// per-BMC limits besides).
+    #[arg(
+        long,
+        env = "BM_STATUS_POLL_CONCURRENCY",
+        default_value_t = 64,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096)
+    )]
+    status_poll_concurrency: usize,
 
     /// Provider configuration (TOML): a [redfish] section enables the Redfish/SSH provider
     /// for machines with provider "redfish" (credentials, TLS, command templates, limits).
@@ -517,6 +540,21 @@ fn duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The status poll's interval: 0 (off), or at least a second.
+fn status_poll_interval(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write e.g. 30s or 5m, or 0 for off"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "{s} is shorter than 1s; write 0 to turn the poll off"
+        ));
+    }
+    Ok(d)
+}
+
 /// A lease duration: long enough that renewals (every third of it) are not lost to a busy
 /// moment, short enough that a dead server's operations are taken up within the hour.
 fn lease_duration(s: &str) -> Result<Duration, String> {
@@ -768,6 +806,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // Expired leases of dead replicas are looked for this often.
         poll_interval: (args.lease_duration / 4).min(EngineConfig::default().poll_interval),
         stream_buffer_bytes: args.stream_buffer_bytes,
+        status_poll: StatusPollConfig {
+            interval: (!args.status_poll_interval.is_zero()).then_some(args.status_poll_interval),
+            concurrency: args.status_poll_concurrency,
+            ..StatusPollConfig::default()
+        },
         ..EngineConfig::default()
     };
     tracing::info!(owner = %config.owner, providers = ?providers, "starting engine");
@@ -864,6 +907,29 @@ mod tests {
             "postgres://bm@db:5432/fleet"
         );
         assert_eq!(redacted("postgres://db/fleet"), "postgres://db/fleet");
+    }
+
+    #[test]
+    fn status_poll_interval_is_on_by_default_and_zero_turns_it_off() {
+        assert_eq!(
+            parse(&[]).unwrap().status_poll_interval,
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            parse(&["--status-poll-interval", "0"])
+                .unwrap()
+                .status_poll_interval,
+            Duration::ZERO
+        );
+        assert_eq!(
+            parse(&["--status-poll-interval", "30s"])
+                .unwrap()
+                .status_poll_interval,
+            Duration::from_secs(30)
+        );
+        for bad in ["10ms", "often", "-1s"] {
+            assert!(parse(&["--status-poll-interval", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

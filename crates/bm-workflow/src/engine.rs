@@ -16,6 +16,7 @@ use crate::api::{
 };
 use crate::policy::RetryPolicy;
 use crate::shared::Inner;
+use crate::sync::{PollRound, StatusPollConfig};
 use crate::{WorkflowError, executor, now};
 
 /// Items read from the store per query while a scoped listing fills its page.
@@ -52,6 +53,8 @@ pub struct EngineConfig {
     /// not read costs about this much, plus one store page; it still gets every item when
     /// it reads again (its stream catches up from the store).
     pub stream_buffer_bytes: usize,
+    /// The status poll (power and health sync); off by default.
+    pub status_poll: StatusPollConfig,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +71,7 @@ impl Default for EngineConfig {
             cancel_wait: Duration::from_secs(2),
             stream_buffer: 4,
             stream_buffer_bytes: 256 * 1024,
+            status_poll: StatusPollConfig::default(),
         }
     }
 }
@@ -105,6 +109,24 @@ impl Engine {
             return;
         }
         executor::start(&self.inner);
+        if let Some(interval) = self.inner.config.status_poll.interval {
+            self.inner
+                .tasks
+                .spawn(crate::sync::run(self.inner.clone(), interval));
+        }
+    }
+
+    /// Runs one round of the status poll now: reads the BMC of every machine that has no
+    /// active operation and is not blocked, and records what each said (see
+    /// [`StatusPollConfig`]), as fast as its concurrency allows. For tests, benchmarks and
+    /// tools; a started engine with an interval runs rounds by itself.
+    ///
+    /// # Errors
+    ///
+    /// A store failure while listing the machines (a reading that cannot be recorded is
+    /// counted in [`PollRound::failed`]).
+    pub async fn poll_status_once(&self) -> Result<PollRound, WorkflowError> {
+        crate::sync::round(&self.inner, None, 0).await
     }
 
     /// Stops the engine: no new work is claimed, running operations are interrupted at

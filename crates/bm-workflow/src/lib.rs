@@ -47,6 +47,7 @@ mod policy;
 mod shared;
 mod steps;
 mod stream;
+mod sync;
 
 pub use api::{
     Admission, CancelRequest, EventFilter, ImportOutcome, ImportRequest, MachineQuery,
@@ -58,6 +59,7 @@ pub use error::{ErrorKind, ResumePoint, WorkflowError};
 pub use plan::{describe, stage_names};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{Batch, EventBatch, LogBatch, StreamStats};
+pub use sync::{PollRound, StatusPollConfig};
 
 /// The current time, read once per use.
 pub(crate) fn now() -> bm_domain::Timestamp {

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use bm_domain::{MacAddress, MachineId};
-use bm_provider::{BootWitness, LogSink, ProviderError};
+use bm_provider::{BootWitness, Health, LogSink, Observation, PowerState, ProviderError};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -841,4 +841,40 @@ pub(crate) async fn macs(
         }
     }
     Ok(out)
+}
+
+/// What the status poll records from a ComputerSystem: its `PowerState` (a transitional
+/// or unknown one is no reading) and its health, `Status.HealthRollup` (the system with
+/// its components) before `Status.Health`; a missing, null or unknown value is no reading.
+pub(crate) fn observation(sys: &Resource) -> Observation {
+    let power = match Reading::parse(sys.str("PowerState")) {
+        Reading::On => Some(PowerState::On),
+        Reading::Off => Some(PowerState::Off),
+        _ => None,
+    };
+    let status = sys.body.get("Status");
+    let word = |key: &str| status.and_then(|s| s.get(key)).and_then(Value::as_str);
+    let health = [word("HealthRollup"), word("Health")]
+        .into_iter()
+        .flatten()
+        .find_map(|w| match w {
+            "OK" => Some(Health::Ok),
+            "Warning" => Some(Health::Warning),
+            "Critical" => Some(Health::Critical),
+            _ => None,
+        });
+    let mut detail = Vec::new();
+    if let (Some(h), Some(r)) = (word("Health"), word("HealthRollup"))
+        && h != r
+    {
+        detail.push(format!("Health {h}, HealthRollup {r}"));
+    }
+    if let Some(state) = word("State").filter(|s| *s != "Enabled") {
+        detail.push(format!("State {state}"));
+    }
+    Observation::Answered {
+        power,
+        health,
+        detail: detail.join(", "),
+    }
 }

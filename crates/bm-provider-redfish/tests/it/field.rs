@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bm_provider::{ErrorKind, PowerAction, Provider};
+use bm_provider::{
+    ErrorKind, Health, Observation, ObserveContext, PowerAction, PowerState, Provider,
+};
 use bm_provider_redfish::{BootConfig, BootMethod, PowerConfig, RedfishConfig, RedfishProvider};
 use serde_json::{Value, json};
 
@@ -717,4 +719,86 @@ async fn the_boot_mode_is_set_or_refused() {
     assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
     assert!(e.to_string().contains("cannot set the boot mode"), "{e}");
     assert!(bmc.writes().is_empty());
+}
+
+/// Issue 13, power and health sync: the status poll gets the power state and the health from
+/// one GET of the system once its path is known; `HealthRollup` (the system with its
+/// components) counts before `Health`; transitional or missing values are no reading.
+#[tokio::test]
+async fn the_status_poll_reads_power_and_health_in_one_get() {
+    let mut r = resources();
+    let sys = r.get_mut(SYS).unwrap();
+    sys["PowerState"] = json!("On");
+    sys["Status"] = json!({"State": "Enabled", "Health": "OK", "HealthRollup": "Warning"});
+    let bmc = ScriptedBmc::start(r, Box::new(behave)).await;
+    let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = gets.clone();
+    bmc.on_get(Box::new(move |_, _| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    let ctx = ObserveContext {
+        machine: &h.machine,
+        cancel: &h.cancel,
+    };
+    let first = p.observe(ctx).await.unwrap();
+    assert_eq!(
+        first,
+        Some(Observation::Answered {
+            power: Some(PowerState::On),
+            health: Some(Health::Warning),
+            detail: "Health OK, HealthRollup Warning".into(),
+        })
+    );
+    let before = gets.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(p.observe(ctx).await.unwrap(), first);
+    assert_eq!(
+        gets.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1,
+        "one GET once the system's path is known"
+    );
+    bmc.on_get(Box::new(|path, res| {
+        if path == SYS {
+            let sys = res.get_mut(SYS).unwrap();
+            sys["PowerState"] = json!("PoweringOn");
+            sys["Status"] = json!({"State": "Starting", "Health": null});
+        }
+    }));
+    let second = p.observe(ctx).await.unwrap();
+    assert_eq!(
+        second,
+        Some(Observation::Answered {
+            power: None,
+            health: None,
+            detail: "State Starting".into(),
+        })
+    );
+    assert!(
+        bmc.writes().is_empty(),
+        "the poll only reads: {:?}",
+        bmc.writes()
+    );
+}
+
+/// Issue 13: a BMC that does not answer the poll is an error the poll records as not
+/// Reachable, after one attempt.
+#[tokio::test]
+async fn the_status_poll_reports_a_bmc_that_does_not_answer() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let p = provider();
+    let h = Harness::new(machine(
+        &format!("redfish+http://127.0.0.1:{port}{SYS}"),
+        "",
+        &[],
+    ));
+    let ctx = ObserveContext {
+        machine: &h.machine,
+        cancel: &h.cancel,
+    };
+    let e = p.observe(ctx).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unreachable, "{e}");
 }

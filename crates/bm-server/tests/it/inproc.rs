@@ -200,6 +200,16 @@ impl Store for FaultyStore {
         self.inner.update_machine(id, patch, now).await
     }
 
+    async fn record_observation(
+        &self,
+        id: &MachineId,
+        observation: &bm_domain::Observation,
+        now: Timestamp,
+    ) -> bm_store::Result<bm_store::Recorded> {
+        self.check()?;
+        self.inner.record_observation(id, observation, now).await
+    }
+
     async fn admit(&self, operation: Operation) -> bm_store::Result<Admission> {
         self.check()?;
         self.inner.admit(operation).await

@@ -11,7 +11,8 @@ use bm_domain::{
     Timestamp,
 };
 use bm_store::{
-    Admission, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery, Page, Result, Store,
+    Admission, EventFilter, ImportOutcome, Lease, MachineQuery, OperationQuery, Page, Recorded,
+    Result, Store,
 };
 use tokio::sync::{broadcast, oneshot};
 
@@ -116,6 +117,15 @@ impl Store for HoldingStore {
         now: Timestamp,
     ) -> Result<Machine> {
         self.inner.update_machine(id, patch, now).await
+    }
+
+    async fn record_observation(
+        &self,
+        id: &MachineId,
+        observation: &bm_domain::Observation,
+        now: Timestamp,
+    ) -> Result<Recorded> {
+        self.inner.record_observation(id, observation, now).await
     }
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {

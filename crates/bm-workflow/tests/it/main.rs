@@ -7,4 +7,5 @@ mod harness;
 mod hold;
 mod lifecycle;
 mod resume;
+mod status_poll;
 mod streams;
