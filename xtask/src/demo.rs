@@ -181,7 +181,9 @@ fn start_server(
     let mut cmd = Command::new(bin.join("bm-server"));
     cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
-        .args(["--fake-timing", &o.timing]);
+        .args(["--fake-timing", &o.timing])
+        // Every few seconds rather than the default 5 minutes, so that step 11 shows it.
+        .args(["--status-poll-interval", "2s"]);
     if let Some(url) = store {
         cmd.args(["--store", url]);
     }
@@ -529,7 +531,83 @@ impl Demo {
             count == 12,
             "the history has {count} operations, the script ran 12"
         );
+
+        self.caption(
+            "11",
+            "power and health sync: the server reads every BMC (here every 2 s, by default every 5 min)",
+        )?;
+        self.caption(
+            "11",
+            "a fan fails on machine-2, machine-3's BMC stops answering, someone powers machine-1 off",
+        )?;
+        // The poll has read machine-1 since its reboot (the reboot may have changed its power;
+        // only a change after that reading is one outside any operation).
+        self.wait_for_poll(&[("machine-1", "PoweredOn", true, "Observed")])?;
+        for (machine, label) in [
+            ("machine-2", "fake.baremetal.dev/health=warning"),
+            ("machine-3", "fake.baremetal.dev/bmc=unreachable"),
+            ("machine-1", "fake.baremetal.dev/power=off"),
+        ] {
+            self.expect_ok(&["update", machine, "--label", label])?;
+        }
+        self.wait_for_poll(&[
+            ("machine-2", "Degraded", true, "HealthWarning"),
+            ("machine-3", "Reachable", false, "BmcUnreachable"),
+            ("machine-1", "PoweredOn", false, "ChangedOutsideOperation"),
+        ])?;
+        let run = self.expect_ok(&["list"])?;
+        for (machine, shown) in [
+            ("machine-1", "PoweredOn=✗"),
+            ("machine-2", "Degraded=✓"),
+            ("machine-3", "Reachable=✗"),
+        ] {
+            ensure!(
+                run.stdout
+                    .lines()
+                    .any(|l| l.starts_with(machine) && l.contains(shown)),
+                "bmctl list does not show {shown} on {machine}"
+            );
+        }
+        self.caption(
+            "11",
+            "each condition says why and since when; a power change outside any operation is called so",
+        )?;
+        self.expect_ok(&["get", "machine-1"])?;
         Ok(())
+    }
+
+    /// Waits (up to 30 s) until the status poll has recorded each `(machine, condition,
+    /// status, reason)`: nothing announces a poll's reading but the machine's record.
+    fn wait_for_poll(&self, want: &[(&str, &str, bool, &str)]) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut missing = Vec::new();
+            for (machine, condition, status, reason) in want {
+                let m = self.machine(machine)?;
+                let seen = m["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        // JSON leaves out a false bool, as proto3 does.
+                        .any(|c| {
+                            c["type"] == *condition
+                                && c["status"].as_bool().unwrap_or(false) == *status
+                                && c["reason"] == *reason
+                        })
+                });
+                if !seen {
+                    missing.push(format!("{machine} {condition}={status} ({reason})"));
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            self.check_interrupt()?;
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the status poll did not record {} within 30 s",
+                missing.join(", ")
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// Starts a followed reimage and cancels it from a second bmctl once repave-image runs.

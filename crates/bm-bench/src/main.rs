@@ -16,6 +16,7 @@
 mod control;
 mod echo;
 mod pg;
+mod poll;
 mod procs;
 mod stats;
 mod wal;
@@ -84,6 +85,8 @@ enum Scenario {
     Api,
     Watch,
     Memory,
+    /// The status poll over `memory_machines` machines, in this process.
+    Poll,
 }
 
 struct Sizes {
@@ -530,6 +533,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    // 6. The status poll (power and health sync) over the big fleet.
+    if want(Scenario::Poll) {
+        poll::run(&work, sizes.memory_machines, &mut rows).await?;
+        println!("poll: done");
+    }
+
     if args.store == StoreArg::Postgres && want(Scenario::Fleet) {
         postgres_fleet(&args, &sizes, &work, &mut rows).await?;
     }
@@ -780,6 +789,9 @@ fn start_server(
         // The benchmark measures the API and the engine; with a token, every call costs a
         // header, a BLAKE2 digest and a cache lookup more (docs/security.md).
         "--insecure",
+        // The status poll is measured on its own (scenario poll).
+        "--status-poll-interval",
+        "0",
     ])
     .args(extra)
     .arg("--data-dir")

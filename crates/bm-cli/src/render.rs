@@ -117,7 +117,8 @@ pub(crate) fn effective(s: i32, pal: &Palette) -> String {
     }
 }
 
-/// The CONDITIONS column: what holds, and an unreachable machine.
+/// The CONDITIONS column: what holds (but reachable and powered on, the normal case), and
+/// what is worth a look when it does not: an unreachable machine, one powered off.
 pub(crate) fn conditions(m: &pb::Machine) -> String {
     let Some(status) = &m.status else {
         return "-".into();
@@ -126,8 +127,9 @@ pub(crate) fn conditions(m: &pb::Machine) -> String {
         .conditions
         .iter()
         .filter_map(|c| match (c.status, c.r#type.as_str()) {
+            (true, "PoweredOn" | "Reachable") => None,
             (true, t) => Some(format!("{t}=✓")),
-            (false, "Reachable") => Some("Reachable=✗".into()),
+            (false, t @ ("Reachable" | "PoweredOn")) => Some(format!("{t}=✗")),
             _ => None,
         })
         .collect();
@@ -631,6 +633,20 @@ mod tests {
                 "",
             ),
             machine(
+                "machine-6",
+                P::Ready,
+                E::Idle,
+                &[("Degraded", true), ("PoweredOn", true), ("Reachable", true)],
+                "",
+            ),
+            machine(
+                "machine-7",
+                P::Maintenance,
+                E::MaintenanceIdle,
+                &[("PoweredOn", false), ("Reachable", true)],
+                "",
+            ),
+            machine(
                 "machine-5",
                 P::Ready,
                 E::Blocked,
@@ -644,6 +660,8 @@ mod tests {
         machine-2  MAINTENANCE  MAINT      -                                   -
         machine-3  MAINTENANCE  BUSY       -                                   op-01JD3F5Q2W8Y4ZP0N7R6T9V3KM
         machine-4  READY        ⚠ATTN      NeedsIntervention=✓, Reachable=✗    -
+        machine-6  READY        IDLE       Degraded=✓                          -
+        machine-7  MAINTENANCE  MAINT      PoweredOn=✗                         -
         machine-5  READY        ⛔BLOCK    RMA=✓                               -
         ");
     }
