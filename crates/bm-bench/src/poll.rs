@@ -38,7 +38,7 @@ fn machine(n: u32, now: Timestamp) -> anyhow::Result<Machine> {
         MachineSpec {
             provider: "fake".into(),
             mac_addresses: vec![mac],
-            bmc_endpoint: format!("https://10.{}.{}.{}", b[1], b[2], b[3]),
+            bmc_endpoint: format!("redfish+https://10.{}.{}.{}", b[1], b[2], b[3]),
             image: "ubuntu-24.04".into(),
             ..MachineSpec::default()
         },
