@@ -13,6 +13,7 @@
 //! opens one and hands it to the engine, and tests do the same with theirs.
 
 mod auth;
+mod boot;
 mod convert;
 mod error;
 mod fanout;
@@ -40,6 +41,7 @@ pub use auth::{
     Auth, AuthError, AuthMethod, Grant, INSECURE_HEADER, Principal, Role, create_token, role_table,
     write_private,
 };
+pub use boot::{BootService, router as boot_router, serve_boot};
 pub use limits::Limits;
 pub use tls::{Tls, TlsError, TlsFiles};
 

@@ -16,7 +16,7 @@ use anyhow::Context;
 use bm_provider::ProviderRegistry;
 use bm_provider_fake::{FakeConfig, FakeProvider, Timing};
 use bm_store::{MemoryStore, OnDamage, SqliteConfig, SqliteStore, Store, StoreError};
-use bm_workflow::{Engine, EngineConfig, StatusPollConfig};
+use bm_workflow::{Engine, EngineConfig, Netboot, NetbootConfig, StatusPollConfig};
 use clap::{Parser, ValueEnum};
 
 /// jemalloc rather than glibc's malloc: the server allocates small objects from many
@@ -127,6 +127,40 @@ struct Args {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096)
     )]
     status_poll_concurrency: usize,
+
+    /// Serve network boots (iPXE scripts, the deploy kernel and initrd, check-ins) on this
+    /// address, e.g. 0.0.0.0:8080; off by default. With it, reimage's reboot-to-netboot ends
+    /// when the deploy environment checks in (docs/netboot.md).
+    #[arg(long, env = "BM_BOOT_LISTEN")]
+    boot_listen: Option<SocketAddr>,
+
+    /// The URL machines reach the boot service at (what the iPXE script and the deploy
+    /// environment's callback use); by default http:// and the --boot-listen address, which
+    /// must then not be a wildcard.
+    #[arg(long, env = "BM_BOOT_URL")]
+    boot_url: Option<String>,
+
+    /// The directory the boot service serves under /boot/files/: the deploy kernel and
+    /// initrd, and the images to write.
+    #[arg(long, env = "BM_BOOT_DIR", default_value = "boot")]
+    boot_dir: PathBuf,
+
+    /// The deploy kernel's file name in --boot-dir.
+    #[arg(long, env = "BM_BOOT_KERNEL", default_value = "vmlinuz")]
+    boot_kernel: String,
+
+    /// The deploy initrd's file name in --boot-dir.
+    #[arg(long, env = "BM_BOOT_INITRD", default_value = "initrd.img")]
+    boot_initrd: String,
+
+    /// More kernel arguments for the deploy environment, e.g. "console=ttyS0".
+    #[arg(long, env = "BM_BOOT_KERNEL_ARGS", default_value = "")]
+    boot_kernel_args: String,
+
+    /// How long reboot-to-netboot waits, after the power cycle, for the deploy environment
+    /// to check in (with --boot-listen).
+    #[arg(long, env = "BM_NETBOOT_CHECKIN_TIMEOUT", default_value = "10m", value_parser = duration)]
+    netboot_checkin_timeout: Duration,
 
     /// Provider configuration (TOML): a [redfish] section enables the Redfish/SSH provider
     /// for machines with provider "redfish" (credentials, TLS, command templates, limits).
@@ -409,6 +443,7 @@ const PROVIDER_SECTIONS: [&str; 1] = ["redfish"];
 fn register_configured(
     providers: &mut ProviderRegistry,
     path: &std::path::Path,
+    witness: Option<Arc<Netboot>>,
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the provider configuration {}", path.display()))?;
@@ -426,8 +461,12 @@ fn register_configured(
     if doc.contains_key("redfish") {
         let config = bm_provider_redfish::RedfishConfig::from_toml(&text)
             .with_context(|| format!("{}: in [redfish]", path.display()))?;
-        let provider = bm_provider_redfish::RedfishProvider::new(config)
+        let mut provider = bm_provider_redfish::RedfishProvider::new(config)
             .with_context(|| format!("{}: in [redfish]", path.display()))?;
+        if let Some(witness) = witness {
+            // A deploy environment's check-in proves a warm reset the BMC cannot show.
+            provider = provider.with_boot_witness(witness);
+        }
         providers.register(Arc::new(provider));
     }
     Ok(())
@@ -796,8 +835,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         seed: args.fake_seed,
     })));
 
+    let netboot = args.boot_listen.map(|_| {
+        Arc::new(Netboot::new(NetbootConfig {
+            checkin_timeout: args.netboot_checkin_timeout,
+            ..NetbootConfig::default()
+        }))
+    });
     if let Some(path) = &args.provider_config {
-        register_configured(&mut providers, path)?;
+        register_configured(&mut providers, path, netboot.clone())?;
     }
 
     let config = EngineConfig {
@@ -811,6 +856,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             concurrency: args.status_poll_concurrency,
             ..StatusPollConfig::default()
         },
+        netboot: netboot.clone(),
         ..EngineConfig::default()
     };
     tracing::info!(owner = %config.owner, providers = ?providers, "starting engine");
@@ -861,9 +907,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls,
         auth,
     };
-    bm_server::serve(listener, shutdown_signal(), deps)
-        .await
-        .context("serving")?;
+    let engine = deps.engine.clone();
+    let (boot_stop, boot_stopped) = tokio::sync::oneshot::channel::<()>();
+    let boot = match (args.boot_listen, netboot) {
+        (Some(boot_addr), Some(netboot)) => {
+            let listener = tokio::net::TcpListener::bind(boot_addr)
+                .await
+                .with_context(|| format!("binding the boot service to {boot_addr}"))?;
+            let bound = listener.local_addr()?;
+            let base_url = match &args.boot_url {
+                Some(url) => url.trim_end_matches('/').to_owned(),
+                None if bound.ip().is_unspecified() => anyhow::bail!(
+                    "--boot-listen {boot_addr} listens on every address: give --boot-url, the URL machines reach it at (e.g. http://10.0.0.1:{})",
+                    bound.port()
+                ),
+                None => format!("http://{bound}"),
+            };
+            let svc = bm_server::BootService {
+                engine,
+                netboot,
+                dir: args.boot_dir.clone(),
+                kernel: args.boot_kernel.clone(),
+                initrd: args.boot_initrd.clone(),
+                kernel_args: args.boot_kernel_args.clone(),
+                base_url,
+            };
+            let stopped = async {
+                let _ = boot_stopped.await;
+            };
+            Some(tokio::spawn(bm_server::serve_boot(listener, svc, stopped)))
+        }
+        _ => None,
+    };
+    let served = bm_server::serve(listener, shutdown_signal(), deps).await;
+    let _ = boot_stop.send(());
+    if let Some(boot) = boot {
+        match boot.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the boot service failed"),
+            Err(e) => tracing::error!(error = %e, "the boot service panicked"),
+        }
+    }
+    served.context("serving")?;
     Ok(())
 }
 

@@ -46,9 +46,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    EffectiveState, LabelSelector, LogLine, Machine, MachineId, MachinePatch, Observation,
-    Operation, OperationEvent, OperationId, OperationPhase, OperationType, Phase, PowerState,
-    Timestamp,
+    EffectiveState, LabelSelector, LogLine, MacAddress, Machine, MachineId, MachinePatch,
+    Observation, Operation, OperationEvent, OperationId, OperationPhase, OperationType, Phase,
+    PowerState, Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -204,7 +204,7 @@ pub enum Recorded {
     /// change outside an operation it revealed, if any (`(before, now)`).
     Changed {
         /// The machine as committed.
-        machine: Machine,
+        machine: Box<Machine>,
         /// The power state changed with no operation in between.
         power_changed_outside: Option<(PowerState, PowerState)>,
     },
@@ -283,6 +283,10 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// [`StoreError::MachineNotFound`].
     async fn get_machine(&self, id: &MachineId) -> Result<Machine>;
+
+    /// The machine that has `mac` among its MAC addresses, if any (MACs are unique across
+    /// machines): how a machine that network-boots is recognised.
+    async fn machine_by_mac(&self, mac: &MacAddress) -> Result<Option<Machine>>;
 
     /// Lists machines ordered by id.
     async fn list_machines(&self, query: &MachineQuery) -> Result<Page<Machine>>;

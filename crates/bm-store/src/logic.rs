@@ -215,7 +215,7 @@ pub(crate) fn record_observation(
     }
     tx.put_machine(&m, Indexed::Unchanged)?;
     Ok(Recorded::Changed {
-        machine: m,
+        machine: Box::new(m),
         power_changed_outside: effect.power_changed_outside,
     })
 }

@@ -240,6 +240,15 @@ impl Store for MemoryStore {
             .ok_or_else(|| crate::StoreError::MachineNotFound(id.clone()))
     }
 
+    async fn machine_by_mac(&self, mac: &MacAddress) -> Result<Option<Machine>> {
+        let state = self.lock();
+        Ok(state
+            .macs
+            .get(mac)
+            .and_then(|id| state.machines.get(id))
+            .cloned())
+    }
+
     async fn list_machines(&self, q: &MachineQuery) -> Result<Page<Machine>> {
         let state = self.lock();
         let start = match &q.after {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bm_domain::{Machine, MachineId, Operation, OperationId};
+use bm_domain::{MacAddress, Machine, MachineId, Operation, OperationId, OperationPhase};
 use bm_provider::ProviderRegistry;
 use bm_store::{Store, StoreCondition};
 use tokio::sync::broadcast::error::RecvError;
@@ -14,6 +14,7 @@ use crate::api::{
     Admission, CancelRequest, ImportOutcome, ImportRequest, MachineQuery, MachineUpdate,
     NewMachine, OperationQuery, OperationRequest, Page, Scope,
 };
+use crate::netboot::{BootAnswer, NETBOOT_STAGE, Netboot};
 use crate::policy::RetryPolicy;
 use crate::shared::Inner;
 use crate::sync::{PollRound, StatusPollConfig};
@@ -55,6 +56,10 @@ pub struct EngineConfig {
     pub stream_buffer_bytes: usize,
     /// The status poll (power and health sync); off by default.
     pub status_poll: StatusPollConfig,
+    /// The boot service's side: with it, `reboot-to-netboot` ends when the deploy
+    /// environment checks in (see [`Netboot`]); without it, when the provider reports the
+    /// power cycle done.
+    pub netboot: Option<Arc<Netboot>>,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +77,7 @@ impl Default for EngineConfig {
             stream_buffer: 4,
             stream_buffer_bytes: 256 * 1024,
             status_poll: StatusPollConfig::default(),
+            netboot: None,
         }
     }
 }
@@ -114,6 +120,48 @@ impl Engine {
                 .tasks
                 .spawn(crate::sync::run(self.inner.clone(), interval));
         }
+    }
+
+    /// What a machine that network-boots with `mac` is told to do: the deploy environment,
+    /// with a one-time token, while an operation of it is in `reboot-to-netboot` and the
+    /// engine has a [`Netboot`]; the local disk otherwise (and for a MAC no machine has).
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn netboot_answer(&self, mac: &MacAddress) -> Result<BootAnswer, WorkflowError> {
+        let store = &self.inner.store;
+        let Some(machine) = store.machine_by_mac(mac).await? else {
+            return Ok(BootAnswer::LocalDisk {
+                machine_id: None,
+                why: format!("no machine has the MAC {mac}"),
+            });
+        };
+        let local = |why: String| {
+            Ok(BootAnswer::LocalDisk {
+                machine_id: Some(machine.id.clone()),
+                why,
+            })
+        };
+        let Some(netboot) = &self.inner.config.netboot else {
+            return local("this server does not serve network boots".into());
+        };
+        let Some(op_id) = machine.status.active_operation_id else {
+            return local("no operation of the machine is running".into());
+        };
+        let op = store.get_operation(op_id).await?;
+        if op.phase != OperationPhase::Running || op.current_stage != NETBOOT_STAGE {
+            return local(format!(
+                "its operation {op_id} is not in {NETBOOT_STAGE} (stage {:?})",
+                op.current_stage
+            ));
+        }
+        let token = netboot.ticket(&machine.id, op_id, std::time::SystemTime::now());
+        Ok(BootAnswer::Deploy {
+            machine_id: machine.id,
+            operation_id: op_id,
+            token,
+        })
     }
 
     /// Runs one round of the status poll now: reads the BMC of every machine that has no

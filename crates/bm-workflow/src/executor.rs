@@ -544,7 +544,8 @@ impl Runner {
             .step_timeout
             .unwrap_or_else(|| step.default_timeout());
         let grace = self.inner.config.cancel_grace;
-        let action = steps::run(step, provider, ctx, &self.op);
+        let netboot = self.inner.config.netboot.as_deref();
+        let action = steps::run(step, provider, ctx, &self.op, netboot);
         tokio::pin!(action);
         let result = tokio::select! {
             // The action is polled first, so it is always entered: the caller decided that

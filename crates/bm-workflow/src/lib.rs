@@ -42,6 +42,7 @@ mod api;
 mod engine;
 mod error;
 mod executor;
+mod netboot;
 mod plan;
 mod policy;
 mod shared;
@@ -56,6 +57,7 @@ pub use api::{
 pub use bm_store::StoreCondition;
 pub use engine::{Engine, EngineConfig};
 pub use error::{ErrorKind, ResumePoint, WorkflowError};
+pub use netboot::{BootAnswer, CheckIn, CheckInError, NETBOOT_STAGE, Netboot, NetbootConfig};
 pub use plan::{describe, stage_names};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{Batch, EventBatch, LogBatch, StreamStats};

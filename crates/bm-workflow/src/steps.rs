@@ -4,6 +4,7 @@
 use bm_domain::Operation;
 use bm_provider::{ActionContext, Notice, NoticeKind, PowerAction, Provider, ProviderError};
 
+use crate::netboot::Netboot;
 use crate::plan::StepKind;
 
 /// Runs the step's provider actions once.
@@ -12,12 +13,23 @@ pub(crate) async fn run(
     provider: &dyn Provider,
     ctx: ActionContext<'_>,
     op: &Operation,
+    netboot: Option<&Netboot>,
 ) -> Result<(), ProviderError> {
     match step {
         StepKind::SetNetboot => provider.set_netboot(ctx).await,
-        StepKind::RebootToNetboot | StepKind::Reboot => {
-            provider.power(ctx, PowerAction::Cycle).await
+        StepKind::RebootToNetboot => {
+            let since = std::time::SystemTime::now();
+            provider.power(ctx, PowerAction::Cycle).await?;
+            match netboot {
+                // Booted means the deploy environment checked in, not that the BMC says On.
+                Some(nb) => {
+                    nb.wait(&ctx.machine.id, op.id, since, ctx.cancel, ctx.log)
+                        .await
+                }
+                None => Ok(()),
+            }
         }
+        StepKind::Reboot => provider.power(ctx, PowerAction::Cycle).await,
         StepKind::RepaveImage => provider.repave(ctx).await,
         StepKind::JoinCluster => {
             let token = provider.mint_join_token(ctx).await?;
@@ -104,7 +116,7 @@ mod tests {
             cancel: &cancel,
             log: &log,
         };
-        run(step, &fake, ctx, &op)
+        run(step, &fake, ctx, &op, None)
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", step.name()));
         let called = Action::ALL

@@ -200,6 +200,14 @@ impl Store for FaultyStore {
         self.inner.update_machine(id, patch, now).await
     }
 
+    async fn machine_by_mac(
+        &self,
+        mac: &bm_domain::MacAddress,
+    ) -> bm_store::Result<Option<Machine>> {
+        self.check()?;
+        self.inner.machine_by_mac(mac).await
+    }
+
     async fn record_observation(
         &self,
         id: &MachineId,

@@ -7,6 +7,7 @@
 
 mod api;
 mod auth;
+mod boot;
 mod cli;
 mod fuzz_corpus;
 mod hygiene;

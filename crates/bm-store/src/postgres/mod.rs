@@ -29,8 +29,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent, OperationId,
-    Timestamp,
+    LogLine, MacAddress, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent,
+    OperationId, Timestamp,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -676,6 +676,19 @@ impl Store for PgStore {
                 Some(r) => Rows::machine(r),
                 None => Err(StoreError::MachineNotFound(id.clone())),
             }
+        })
+        .await
+    }
+
+    async fn machine_by_mac(&self, mac: &MacAddress) -> Result<Option<Machine>> {
+        let mac = mac.to_string();
+        self.read(move |conn| {
+            let rows = conn.query(
+                "SELECT m.id, m.doc, m.doc_crc32 FROM machine_macs AS x \
+                 JOIN machines AS m ON m.id = x.machine_id WHERE x.mac = $1",
+                &[&mac],
+            )?;
+            rows.first().map(Rows::machine).transpose()
         })
         .await
     }

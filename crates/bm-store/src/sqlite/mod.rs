@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent, OperationId,
-    Timestamp,
+    LogLine, MacAddress, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent,
+    OperationId, Timestamp,
 };
-use rusqlite::{Connection, params_from_iter, types::Value};
+use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::condition::ConditionCell;
@@ -520,6 +520,24 @@ impl Store for SqliteStore {
         let id = id.clone();
         self.read_point(move |conn| {
             writer::read_machine(conn, &id)?.ok_or(StoreError::MachineNotFound(id))
+        })
+        .await
+    }
+
+    async fn machine_by_mac(&self, mac: &MacAddress) -> Result<Option<Machine>> {
+        let mac = mac.to_string();
+        self.read_point(move |conn| {
+            let owner: Option<String> = conn
+                .prepare_cached("SELECT machine_id FROM machine_macs WHERE mac = ?1")?
+                .query_row([&mac], |r| r.get(0))
+                .optional()?;
+            match owner {
+                None => Ok(None),
+                Some(id) => {
+                    let id = MachineId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    writer::read_machine(conn, &id)
+                }
+            }
         })
         .await
     }

@@ -1065,7 +1065,7 @@ pub(crate) async fn observations_are_written_when_they_change_something_and_neve
     assert!(seen.status.conditions.is_true(&ConditionType::Degraded));
     assert_eq!(
         s.get_machine(&m.id).await.unwrap(),
-        seen,
+        *seen,
         "what it returned is stored"
     );
 
@@ -1075,7 +1075,7 @@ pub(crate) async fn observations_are_written_when_they_change_something_and_neve
         .await
         .unwrap();
     assert_eq!(again, Recorded::Unchanged);
-    assert_eq!(s.get_machine(&m.id).await.unwrap(), seen);
+    assert_eq!(s.get_machine(&m.id).await.unwrap(), *seen);
 
     // Off with no operation in between: a change outside an operation.
     let off = s
@@ -1121,5 +1121,34 @@ pub(crate) async fn observations_are_written_when_they_change_something_and_neve
     assert!(
         matches!(missing, StoreError::MachineNotFound(_)),
         "{missing}"
+    );
+}
+
+pub(crate) async fn a_machine_is_found_by_any_of_its_macs(s: S) {
+    let m = s.register_machine(machine("m-1", 1)).await.unwrap();
+    s.register_machine(machine("m-2", 2)).await.unwrap();
+    for mac in &m.spec.mac_addresses {
+        let found = s.machine_by_mac(mac).await.unwrap();
+        assert_eq!(found.as_ref(), Some(&m), "{mac}");
+    }
+    let unknown: bm_domain::MacAddress = "02:ff:ff:ff:ff:ff".parse().unwrap();
+    assert_eq!(s.machine_by_mac(&unknown).await.unwrap(), None);
+    // A MAC given up by an update belongs to nobody any more.
+    let old = m.spec.mac_addresses[0];
+    let new: bm_domain::MacAddress = "02:aa:aa:aa:aa:aa".parse().unwrap();
+    s.update_machine(
+        &m.id,
+        &MachinePatch {
+            mac_addresses: Some(vec![new]),
+            ..MachinePatch::default()
+        },
+        t(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.machine_by_mac(&old).await.unwrap(), None);
+    assert_eq!(
+        s.machine_by_mac(&new).await.unwrap().map(|m| m.id),
+        Some(m.id)
     );
 }

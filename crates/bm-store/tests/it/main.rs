@@ -94,4 +94,5 @@ conformance!(
     events_replay_and_live_agree,
     logs_replay_and_live,
     observations_are_written_when_they_change_something_and_never_under_an_operation,
+    a_machine_is_found_by_any_of_its_macs,
 );

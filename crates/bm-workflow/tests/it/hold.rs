@@ -119,6 +119,10 @@ impl Store for HoldingStore {
         self.inner.update_machine(id, patch, now).await
     }
 
+    async fn machine_by_mac(&self, mac: &bm_domain::MacAddress) -> Result<Option<Machine>> {
+        self.inner.machine_by_mac(mac).await
+    }
+
     async fn record_observation(
         &self,
         id: &MachineId,
