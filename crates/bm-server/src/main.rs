@@ -45,14 +45,21 @@ struct Args {
     #[arg(long, env = "BM_PORT")]
     port: Option<u16>,
 
-    /// Where the embedded store keeps its data.
-    #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data")]
+    /// Where the embedded store keeps its data (also for `backup` and `migrate`, before or
+    /// after the subcommand).
+    #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data", global = true)]
     data_dir: PathBuf,
 
     /// Which store to use: `sqlite` (the durable embedded one, in --data-dir), `memory`
     /// (lost at exit), or a PostgreSQL database that several servers may share
     /// (`postgres://USER@HOST:PORT/DB`, with `?sslmode=require` or `verify-full` for TLS).
-    #[arg(long, env = "BM_STORE", default_value = "sqlite", value_parser = store_choice)]
+    #[arg(
+        long,
+        env = "BM_STORE",
+        default_value = "sqlite",
+        value_parser = store_choice,
+        global = true
+    )]
     store: StoreChoice,
 
     /// PostgreSQL: read connections per server (besides one for the writer and one for the
@@ -290,10 +297,8 @@ struct Args {
 enum Subcommand {
     /// Copy the store to a new file while a server may be running on it (SQLite's online
     /// backup); the copy is checked and written 0600. Restore: docs/operations.md.
+    /// The store to copy is the one of --data-dir.
     Backup {
-        /// The data directory of the store to copy.
-        #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data")]
-        data_dir: PathBuf,
         /// The backup file to write; it must not exist.
         #[arg(long)]
         to: PathBuf,
@@ -305,12 +310,6 @@ enum Subcommand {
         /// Report only; change nothing.
         #[arg(long)]
         check: bool,
-        /// The store: `sqlite` (in --data-dir) or a `postgres://` URL.
-        #[arg(long, env = "BM_STORE", default_value = "sqlite", value_parser = store_choice)]
-        store: StoreChoice,
-        /// The data directory of a SQLite store.
-        #[arg(long, env = "BM_DATA_DIR", default_value = "bm-data")]
-        data_dir: PathBuf,
     },
     /// Manage bearer tokens.
     #[command(subcommand)]
@@ -377,16 +376,41 @@ fn store_choice(s: &str) -> Result<StoreChoice, String> {
 
 /// A database URL without its password, for logs and messages.
 fn redacted(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((user, host)) => {
-                let user = user.split_once(':').map_or(user, |(u, _)| u);
-                format!("{scheme}://{user}@{host}")
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    // The last '@' ends the user info: a password may contain one.
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(u, _)| u);
+            format!("{user}@{host}")
+        }
+        None => authority.to_owned(),
+    };
+    // libpq also takes the password (and the client key's) as parameters.
+    let query = query.map(|q| {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|pair| {
+                let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+                if key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("sslpassword") {
+                    format!("{key}=REDACTED")
+                } else {
+                    pair.to_owned()
+                }
+            })
+            .collect();
+        format!("?{}", pairs.join("&"))
+    });
+    format!("{scheme}://{authority}{path}{}", query.unwrap_or_default())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -668,15 +692,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(args.log_level, args.log_format);
-    if let Some(Subcommand::Backup { data_dir, to }) = &args.command {
-        return backup(data_dir, to);
+    if let Some(Subcommand::Backup { to }) = &args.command {
+        return backup(&args.data_dir, to);
     }
-    if let Some(Subcommand::Migrate {
-        check,
-        store,
-        data_dir,
-    }) = &args.command
-    {
+    if let Some(Subcommand::Migrate { check }) = &args.command {
+        let (store, data_dir) = (&args.store, &args.data_dir);
         // Its own status for a store that could not be read: 1 means "migrations pending",
         // and a script must not take replicas down because the database did not answer.
         let code = migrate(store, data_dir, *check).unwrap_or_else(|e| {
@@ -974,15 +994,18 @@ mod tests {
         );
         let err = parse(&["--store", "mysql://x"]).unwrap_err().to_string();
         assert!(err.contains("postgres://USER@HOST:PORT/DB"), "{err}");
-        let m = parse(&["migrate", "--check", "--store", url]).unwrap();
-        assert!(matches!(
-            m.command,
-            Some(Subcommand::Migrate {
-                check: true,
-                store: StoreChoice::Postgres(_),
-                ..
-            })
-        ));
+        // The store is named before or after the subcommand alike.
+        for args in [
+            ["migrate", "--check", "--store", url],
+            ["--store", url, "migrate", "--check"],
+        ] {
+            let m = parse(&args).unwrap();
+            assert!(
+                matches!(m.command, Some(Subcommand::Migrate { check: true })),
+                "{args:?}"
+            );
+            assert_eq!(m.store, StoreChoice::Postgres(url.into()), "{args:?}");
+        }
     }
 
     #[test]
@@ -992,6 +1015,14 @@ mod tests {
             "postgres://bm@db:5432/fleet"
         );
         assert_eq!(redacted("postgres://db/fleet"), "postgres://db/fleet");
+        assert_eq!(
+            redacted("postgres://bm:p@ss@db/fleet?sslmode=require&password=s3cret&sslpassword=k"),
+            "postgres://bm@db/fleet?sslmode=require&password=REDACTED&sslpassword=REDACTED"
+        );
+        assert_eq!(
+            redacted("postgresql://db:5432?user=bm&Password=x"),
+            "postgresql://db:5432?user=bm&Password=REDACTED"
+        );
     }
 
     #[test]
@@ -1035,11 +1066,19 @@ mod tests {
         let serve = parse(&["--data-dir", "d"]).unwrap();
         assert!(serve.command.is_none());
         assert!(!serve.read_only_on_corruption);
-        let b = parse(&["backup", "--data-dir", "d", "--to", "f.db"]).unwrap();
-        let Some(Subcommand::Backup { data_dir, to }) = b.command else {
-            panic!("{b:?}");
-        };
-        assert_eq!((data_dir, to), (PathBuf::from("d"), PathBuf::from("f.db")));
+        for args in [
+            ["backup", "--data-dir", "d", "--to", "f.db"],
+            ["--data-dir", "d", "backup", "--to", "f.db"],
+        ] {
+            let b = parse(&args).unwrap();
+            let Some(Subcommand::Backup { to }) = b.command else {
+                panic!("{b:?}");
+            };
+            assert_eq!(
+                (b.data_dir, to),
+                (PathBuf::from("d"), PathBuf::from("f.db"))
+            );
+        }
         assert!(
             parse(&["backup", "--data-dir", "d"]).is_err(),
             "--to is required"
