@@ -573,6 +573,15 @@ impl Demo {
             "each condition says why and since when; a power change outside any operation is called so",
         )?;
         self.expect_ok(&["get", "machine-1"])?;
+        self.caption(
+            "11",
+            "and the change is in the machine's audit trail, beside its operations",
+        )?;
+        let run = self.expect_ok(&["events", "machine-1"])?;
+        ensure!(
+            run.stdout.contains("POWER_CHANGED") && run.stdout.contains("from On to Off"),
+            "machine-1's power change is not among its events"
+        );
         Ok(())
     }
 

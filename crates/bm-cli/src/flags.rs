@@ -69,6 +69,15 @@ pub(crate) enum Command {
         /// The machine's id.
         machine: String,
     },
+    /// What happened to a machine outside operations (power changes the status poll saw),
+    /// oldest first.
+    Events {
+        /// The machine's id.
+        machine: String,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
     /// Change a machine's spec or labels.
     Update(UpdateArgs),
     /// Operation history, newest first.

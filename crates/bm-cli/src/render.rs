@@ -262,6 +262,28 @@ fn phase_marker(p: i32, pal: &Palette) -> String {
     }
 }
 
+/// `bmctl events`: a machine's events, oldest first.
+pub(crate) fn machine_events(events: &[pb::MachineEvent]) -> String {
+    if events.is_empty() {
+        return "No events: nothing happened to the machine outside operations.\n".into();
+    }
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.sequence.to_string(),
+                date_time(e.time.as_ref()),
+                pb::MachineEventType::try_from(e.r#type).map_or_else(
+                    |_| e.r#type.to_string(),
+                    |t| short(t.as_str_name(), "MACHINE_EVENT_TYPE_"),
+                ),
+                e.message.clone(),
+            ]
+        })
+        .collect();
+    table(&["SEQ", "TIME", "TYPE", "MESSAGE"], &rows)
+}
+
 /// The detailed view of one machine.
 pub(crate) fn machine_detail(m: &pb::Machine, pal: &Palette) -> String {
     let spec = m.spec.clone().unwrap_or_default();

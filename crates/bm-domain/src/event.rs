@@ -155,3 +155,56 @@ pub struct LogLine {
     /// The text.
     pub message: String,
 }
+
+/// What a [`MachineEvent`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MachineEventKind {
+    /// The machine's power state changed with no operation in between (seen by the status
+    /// poll): someone at the console, a power failure, a BMC watchdog.
+    PowerChanged,
+}
+
+impl MachineEventKind {
+    /// Every kind.
+    pub const ALL: [MachineEventKind; 1] = [MachineEventKind::PowerChanged];
+
+    /// The name as the API and the store write it, e.g. `POWER_CHANGED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineEventKind::PowerChanged => "POWER_CHANGED",
+        }
+    }
+}
+
+impl fmt::Display for MachineEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MachineEventKind {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MachineEventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| DomainError::invalid("machine event kind", s, "unknown kind"))
+    }
+}
+
+/// Something that happened to a machine outside any operation, recorded for the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineEvent {
+    /// Its number among the machine's events, from 1, assigned by the store when it is
+    /// committed; 0 until then.
+    pub sequence: u64,
+    /// When it was seen.
+    pub time: Timestamp,
+    /// The machine.
+    pub machine_id: MachineId,
+    /// What happened.
+    pub kind: MachineEventKind,
+    /// For people: what was seen.
+    pub message: String,
+}

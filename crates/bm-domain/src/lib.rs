@@ -33,7 +33,7 @@ pub use actor::Actor;
 pub use condition::{Condition, ConditionType, Conditions};
 pub use endpoint::{BmcEndpoint, BmcScheme, SshEndpoint};
 pub use error::DomainError;
-pub use event::{EventKind, LogLine, OperationEvent};
+pub use event::{EventKind, LogLine, MachineEvent, MachineEventKind, OperationEvent};
 pub use ids::{MachineId, OperationId, RequestId};
 pub use labels::{KeyConstraint, LabelSelector, Labels};
 pub use mac::MacAddress;

@@ -6,7 +6,9 @@
 //! write in the same transaction), so whatever it records is the machine at rest. A power
 //! state that differs from the last one the poll saw, with no operation in between, changed
 //! outside the control plane (a person at the console, a power failure, a BMC watchdog): it
-//! is recorded with the reason [`REASON_POWER_CHANGED_OUTSIDE`].
+//! is recorded with the reason [`REASON_POWER_CHANGED_OUTSIDE`], and the store appends a
+//! [`MachineEvent`](crate::MachineEvent) of kind
+//! [`PowerChanged`](crate::MachineEventKind::PowerChanged) for it.
 
 use std::fmt;
 

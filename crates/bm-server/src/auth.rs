@@ -213,6 +213,10 @@ const ROLE_TABLE: &[(&str, Role)] = &[
     ("/baremetal.v1.MachineService/ImportMachines", Role::Admin),
     ("/baremetal.v1.MachineService/GetMachine", Role::Viewer),
     ("/baremetal.v1.MachineService/ListMachines", Role::Viewer),
+    (
+        "/baremetal.v1.MachineService/ListMachineEvents",
+        Role::Viewer,
+    ),
     ("/baremetal.v1.MachineService/UpdateMachine", Role::Admin),
     (
         "/baremetal.v1.MachineService/EnterMaintenance",

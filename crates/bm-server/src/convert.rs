@@ -10,9 +10,9 @@ use std::sync::Arc;
 pub(crate) use bm_domain::MachineId;
 pub(crate) use bm_domain::snippet;
 use bm_domain::{
-    Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachinePatch,
-    MachineSpec, Operation, OperationEvent, OperationId, OperationPhase, OperationType, Phase,
-    RequestId, StageOutcome, StageRecord, Timestamp,
+    Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachineEvent,
+    MachineEventKind, MachinePatch, MachineSpec, Operation, OperationEvent, OperationId,
+    OperationPhase, OperationType, Phase, RequestId, StageOutcome, StageRecord, Timestamp,
 };
 use bm_proto::code_name;
 use bm_proto::v1 as pb;
@@ -768,6 +768,19 @@ pub(crate) fn event(e: &OperationEvent) -> pb::OperationEvent {
         phase: operation_phase(e.phase).into(),
         stage: e.stage.clone(),
         attempt: i32::try_from(e.attempt).unwrap_or(i32::MAX),
+        message: e.message.clone(),
+    }
+}
+
+pub(crate) fn machine_event(e: &MachineEvent) -> pb::MachineEvent {
+    pb::MachineEvent {
+        sequence: e.sequence,
+        time: Some(timestamp(e.time)),
+        machine_id: e.machine_id.to_string(),
+        r#type: match e.kind {
+            MachineEventKind::PowerChanged => pb::MachineEventType::PowerChanged,
+        }
+        .into(),
         message: e.message.clone(),
     }
 }

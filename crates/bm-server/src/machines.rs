@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::{self, StartOperation};
 use crate::error::{ApiError, respond};
+use crate::paging;
 
 /// The most rows one import request may carry; larger inventories are sent in batches.
 pub(crate) const MAX_IMPORT_ROWS: usize = 10_000;
@@ -83,6 +84,24 @@ impl Machines {
         let m = self.engine.get_machine(&id).await?;
         caller.check(Role::Viewer, &id, &m.labels)?;
         Ok(convert::machine(m))
+    }
+
+    async fn events(
+        &self,
+        caller: &Caller,
+        req: pb::ListMachineEventsRequest,
+    ) -> Result<pb::ListMachineEventsResponse, ApiError> {
+        let id = convert::machine_id("machine_id", &req.machine_id)?;
+        let limit = paging::page_size(req.page_size)?;
+        let m = self.engine.get_machine(&id).await?;
+        caller.check(Role::Viewer, &id, &m.labels)?;
+        let events = self
+            .engine
+            .machine_events(&id, req.after_sequence, limit)
+            .await?;
+        Ok(pb::ListMachineEventsResponse {
+            events: events.iter().map(convert::machine_event).collect(),
+        })
     }
 
     async fn list(
@@ -177,6 +196,13 @@ impl pb::machine_service_server::MachineService for Machines {
         r: Request<pb::ListMachinesRequest>,
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
         respond(self.list(&Caller::of(&r), r.into_inner()).await)
+    }
+
+    async fn list_machine_events(
+        &self,
+        r: Request<pb::ListMachineEventsRequest>,
+    ) -> Result<Response<pb::ListMachineEventsResponse>, Status> {
+        respond(self.events(&Caller::of(&r), r.into_inner()).await)
     }
 
     async fn update_machine(

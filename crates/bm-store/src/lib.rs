@@ -46,9 +46,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    EffectiveState, LabelSelector, LogLine, MacAddress, Machine, MachineId, MachinePatch,
-    Observation, Operation, OperationEvent, OperationId, OperationPhase, OperationType, Phase,
-    PowerState, Timestamp,
+    EffectiveState, LabelSelector, LogLine, MacAddress, Machine, MachineEvent, MachineId,
+    MachinePatch, Observation, Operation, OperationEvent, OperationId, OperationPhase,
+    OperationType, Phase, PowerState, Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -201,7 +201,8 @@ impl EventFilter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Recorded {
     /// The reading changed the machine's conditions; the machine as committed, and the power
-    /// change outside an operation it revealed, if any (`(before, now)`).
+    /// change outside an operation it revealed, if any (`(before, now)`), which was also
+    /// recorded as a [`MachineEvent`] in the same transaction.
     Changed {
         /// The machine as committed.
         machine: Box<Machine>,
@@ -318,6 +319,15 @@ pub trait Store: Send + Sync + 'static {
         observation: &Observation,
         now: Timestamp,
     ) -> Result<Recorded>;
+
+    /// A machine's events (what happened to it outside operations, e.g. a power change the
+    /// status poll saw) with a sequence above `after`, oldest first, at most `limit`.
+    async fn machine_events(
+        &self,
+        id: &MachineId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MachineEvent>>;
 
     /// Admits a new pending operation, atomically: if the machine already has an operation
     /// with this request id, that one is returned and nothing is created; otherwise the

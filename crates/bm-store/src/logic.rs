@@ -10,9 +10,9 @@ use std::collections::HashMap;
 
 use bm_domain::rules::{self, Outcome};
 use bm_domain::{
-    DomainError, EventKind, Labels, MacAddress, Machine, MachineId, MachinePatch, Observation,
-    Operation, OperationEvent, OperationId, OperationPhase, RequestId, Timestamp,
-    apply_observation,
+    DomainError, EventKind, Labels, MacAddress, Machine, MachineEvent, MachineEventKind, MachineId,
+    MachinePatch, Observation, Operation, OperationEvent, OperationId, OperationPhase, RequestId,
+    Timestamp, apply_observation,
 };
 
 use crate::{
@@ -102,6 +102,9 @@ pub(crate) trait Tx {
     fn release_leases(&mut self, owner: &str) -> Result<usize>;
     /// Appends an event, assigning its revision; it is published after the commit.
     fn append_event(&mut self, event: OperationEvent) -> Result<()>;
+
+    /// Appends a machine event with the machine's next sequence number.
+    fn append_machine_event(&mut self, event: MachineEvent) -> Result<()>;
 }
 
 fn check_macs(tx: &mut impl Tx, id: &MachineId, macs: &[MacAddress]) -> Result<()> {
@@ -214,6 +217,17 @@ pub(crate) fn record_observation(
         return Ok(Recorded::Unchanged);
     }
     tx.put_machine(&m, Indexed::Unchanged)?;
+    if let Some((was, is)) = effect.power_changed_outside {
+        tx.append_machine_event(MachineEvent {
+            sequence: 0,
+            time: now,
+            machine_id: m.id.clone(),
+            kind: MachineEventKind::PowerChanged,
+            message: format!(
+                "power changed from {was} to {is} outside any operation (seen by the status poll)"
+            ),
+        })?;
+    }
     Ok(Recorded::Changed {
         machine: Box::new(m),
         power_changed_outside: effect.power_changed_outside,

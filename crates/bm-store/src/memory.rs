@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, MacAddress, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent,
-    OperationId, RequestId, Timestamp,
+    LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
+    OperationEvent, OperationId, RequestId, Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -28,6 +28,7 @@ struct State {
     requests: HashMap<(MachineId, RequestId), OperationId>,
     events: Vec<Arc<OperationEvent>>,
     logs: HashMap<OperationId, Vec<LogLine>>,
+    machine_events: HashMap<MachineId, Vec<MachineEvent>>,
 }
 
 /// A [`Store`] that keeps everything in memory, behind one lock.
@@ -186,6 +187,17 @@ impl Tx for MemTx<'_> {
         Ok(n)
     }
 
+    fn append_machine_event(&mut self, mut event: MachineEvent) -> Result<()> {
+        let events = self
+            .state
+            .machine_events
+            .entry(event.machine_id.clone())
+            .or_default();
+        event.sequence = events.len() as u64 + 1;
+        events.push(event);
+        Ok(())
+    }
+
     fn append_event(&mut self, mut event: OperationEvent) -> Result<()> {
         event.revision = self.state.events.len() as u64 + 1;
         let event = Arc::new(event);
@@ -238,6 +250,26 @@ impl Store for MemoryStore {
             .get(id)
             .cloned()
             .ok_or_else(|| crate::StoreError::MachineNotFound(id.clone()))
+    }
+
+    async fn machine_events(
+        &self,
+        id: &MachineId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MachineEvent>> {
+        let state = self.lock();
+        Ok(state
+            .machine_events
+            .get(id)
+            .map_or_else(Vec::new, |events| {
+                events
+                    .iter()
+                    .filter(|e| e.sequence > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }))
     }
 
     async fn machine_by_mac(&self, mac: &MacAddress) -> Result<Option<Machine>> {

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bm_domain::{MacAddress, Machine, MachineId, Operation, OperationId, OperationPhase};
+use bm_domain::{
+    MacAddress, Machine, MachineEvent, MachineId, Operation, OperationId, OperationPhase,
+};
 use bm_provider::ProviderRegistry;
 use bm_store::{Store, StoreCondition};
 use tokio::sync::broadcast::error::RecvError;
@@ -326,6 +328,21 @@ impl Engine {
     /// Not found, or a store failure.
     pub async fn get_machine(&self, id: &MachineId) -> Result<Machine, WorkflowError> {
         Ok(self.inner.store.get_machine(id).await?)
+    }
+
+    /// A machine's events (what happened to it outside operations), oldest first, with a
+    /// sequence above `after`, at most `limit`.
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn machine_events(
+        &self,
+        id: &MachineId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MachineEvent>, WorkflowError> {
+        Ok(self.inner.store.machine_events(id, after, limit).await?)
     }
 
     /// Lists machines.

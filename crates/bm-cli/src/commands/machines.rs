@@ -65,6 +65,24 @@ pub(super) async fn get(
     show(json, &m, |m| render::machine_detail(m, pal))
 }
 
+pub(super) async fn events(
+    c: &mut Clients,
+    machine: String,
+    after: u64,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let r = c
+        .machines
+        .list_machine_events(pb::ListMachineEventsRequest {
+            machine_id: machine,
+            after_sequence: after,
+            page_size: 0,
+        })
+        .await?
+        .into_inner();
+    show(json, &r.events, |events| render::machine_events(events))
+}
+
 /// One row of an import's report.
 struct ImportResult {
     /// The line of the inventory file; 0 for generated machines.

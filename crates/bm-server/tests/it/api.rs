@@ -7,7 +7,7 @@ use bm_provider_fake::{LABEL_FAIL_ACTION, LABEL_HANG_ACTION};
 use tonic::Code;
 
 use crate::inproc::{FaultyStore, InProcess};
-use crate::support::{condition, fake_machine, phase};
+use crate::support::{Server, condition, fake_machine, phase};
 
 fn check(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, contains: &str) {
     match r {
@@ -747,4 +747,92 @@ async fn operation_types_name_the_stages_operations_run() {
     let reimaged = c.wait_end(&op.id).await;
     assert_eq!(reimaged.phase(), pb::OperationPhase::Succeeded);
     assert_eq!(ran(&reimaged), stages(pb::OperationType::Reimage));
+}
+
+/// Issue 13: a power change the status poll sees outside any operation is a machine event,
+/// listed by ListMachineEvents (and an unknown machine is NOT_FOUND).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_change_outside_operations_is_a_machine_event() {
+    let server = Server::start_with(&["--fake-timing", "instant", "--status-poll-interval", "1s"]);
+    let mut c = server.clients().await;
+    c.register(fake_machine("m-1", 1, &[])).await;
+    let events = |c: &mut crate::support::Clients| {
+        let mut machines = c.machines.clone();
+        async move {
+            machines
+                .list_machine_events(pb::ListMachineEventsRequest {
+                    machine_id: "m-1".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+        }
+    };
+    // Nothing is known to have happened: no event.
+    assert!(events(&mut c).await.is_empty());
+    // The poll has read the machine (on) before someone powers it off.
+    wait_until(&mut c, |m| {
+        m.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.r#type == "PoweredOn" && c.status)
+        })
+    })
+    .await;
+    let mut labels = std::collections::HashMap::new();
+    labels.insert("fake.baremetal.dev/power".to_owned(), "off".to_owned());
+    c.machines
+        .update_machine(pb::UpdateMachineRequest {
+            machine: Some(pb::Machine {
+                id: "m-1".into(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["labels".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let seen = loop {
+        let seen = events(&mut c).await;
+        if !seen.is_empty() {
+            break seen;
+        }
+        assert!(std::time::Instant::now() < deadline, "no event within 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].sequence, 1);
+    assert_eq!(seen[0].r#type(), pb::MachineEventType::PowerChanged);
+    assert!(seen[0].message.contains("from On to Off"), "{seen:?}");
+    let missing = c
+        .machines
+        .list_machine_events(pb::ListMachineEventsRequest {
+            machine_id: "m-404".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+}
+
+/// Reads the machine until `ok` holds (30 s at most): nothing announces a poll's reading
+/// but the record.
+async fn wait_until(c: &mut crate::support::Clients, ok: impl Fn(&pb::Machine) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = c.machine("m-1").await;
+        if ok(&m) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within 30 s: {m:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -200,6 +200,16 @@ impl Store for FaultyStore {
         self.inner.update_machine(id, patch, now).await
     }
 
+    async fn machine_events(
+        &self,
+        id: &MachineId,
+        after: u64,
+        limit: usize,
+    ) -> bm_store::Result<Vec<bm_domain::MachineEvent>> {
+        self.check()?;
+        self.inner.machine_events(id, after, limit).await
+    }
+
     async fn machine_by_mac(
         &self,
         mac: &bm_domain::MacAddress,

@@ -29,8 +29,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, MacAddress, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent,
-    OperationId, Timestamp,
+    LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
+    OperationEvent, OperationId, Timestamp,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -680,6 +680,39 @@ impl Store for PgStore {
         .await
     }
 
+    async fn machine_events(
+        &self,
+        id: &MachineId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MachineEvent>> {
+        let id = id.clone();
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let rows = conn.query(
+                "SELECT sequence, time, kind, message FROM machine_events \
+                 WHERE machine_id = $1 AND sequence > $2 ORDER BY sequence LIMIT $3",
+                &[&id.as_str(), &after, &limit],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    let kind: String = r.get(2);
+                    Ok(MachineEvent {
+                        sequence: u64::try_from(r.get::<_, i64>(0)).unwrap_or_default(),
+                        time: Timestamp::from_unix_micros(r.get(1)),
+                        machine_id: id.clone(),
+                        kind: kind.parse().map_err(|e: bm_domain::DomainError| {
+                            StoreError::Corrupt(format!("machine_events of {id}: {e}"))
+                        })?,
+                        message: r.get(3),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn machine_by_mac(&self, mac: &MacAddress) -> Result<Option<Machine>> {
         let mac = mac.to_string();
         self.read(move |conn| {
@@ -755,16 +788,10 @@ impl Store for PgStore {
         observation: &Observation,
         now: Timestamp,
     ) -> Result<Recorded> {
-        let keys = writer::Keys {
-            operations: Vec::new(),
-            machines: vec![id.clone()],
-            requests: Vec::new(),
-        };
+        // Not keyed: a reading that reveals a power change also appends a machine event.
         let (id, observation) = (id.clone(), observation.clone());
-        self.write_keyed(keys, move |tx| {
-            logic::record_observation(tx, &id, &observation, now)
-        })
-        .await
+        self.write(move |tx| logic::record_observation(tx, &id, &observation, now))
+            .await
     }
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {

@@ -93,6 +93,18 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO counters (name, value) VALUES ('events', 0), ('logs', 0);
     "#,
+    // 2: what happened to a machine outside operations (a power change the status poll saw),
+    // numbered per machine.
+    r#"
+    CREATE TABLE machine_events (
+        machine_id TEXT NOT NULL,
+        sequence   BIGINT NOT NULL,
+        time       BIGINT NOT NULL,
+        kind       TEXT NOT NULL,
+        message    TEXT NOT NULL,
+        PRIMARY KEY (machine_id, sequence)
+    );
+    "#,
 ];
 
 /// How many migrations this program knows.

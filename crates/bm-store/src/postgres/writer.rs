@@ -27,8 +27,8 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 
 use bm_domain::{
-    LogLine, MacAddress, Machine, MachineId, Operation, OperationEvent, OperationId, RequestId,
-    Timestamp,
+    LogLine, MacAddress, Machine, MachineEvent, MachineId, Operation, OperationEvent, OperationId,
+    RequestId, Timestamp,
 };
 use postgres::error::SqlState;
 use postgres::types::ToSql;
@@ -1213,6 +1213,24 @@ impl Tx for PgTx<'_> {
 
     fn append_event(&mut self, event: OperationEvent) -> Result<()> {
         self.events.push(event);
+        Ok(())
+    }
+
+    fn append_machine_event(&mut self, event: MachineEvent) -> Result<()> {
+        self.eager_only("append a machine event")?;
+        // The machine's row, written in this transaction, is locked: its events are numbered
+        // one writer at a time.
+        self.execute(
+            "INSERT INTO machine_events (machine_id, sequence, time, kind, message)
+             SELECT $1, COALESCE(MAX(sequence), 0) + 1, $2, $3, $4
+             FROM machine_events WHERE machine_id = $1",
+            &[
+                &event.machine_id.as_str(),
+                &event.time.as_unix_micros(),
+                &event.kind.as_str(),
+                &event.message,
+            ],
+        )?;
         Ok(())
     }
 }

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    LogLine, MacAddress, Machine, MachineId, MachinePatch, Observation, Operation, OperationEvent,
-    OperationId, Timestamp,
+    LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
+    OperationEvent, OperationId, Timestamp,
 };
 use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value};
 use tokio::sync::{broadcast, oneshot, watch};
@@ -520,6 +520,46 @@ impl Store for SqliteStore {
         let id = id.clone();
         self.read_point(move |conn| {
             writer::read_machine(conn, &id)?.ok_or(StoreError::MachineNotFound(id))
+        })
+        .await
+    }
+
+    async fn machine_events(
+        &self,
+        id: &MachineId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MachineEvent>> {
+        let id = id.clone();
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_point(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT sequence, time, kind, message FROM machine_events
+                 WHERE machine_id = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3",
+            )?;
+            let rows = st.query_map(rusqlite::params![id.as_str(), after, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (sequence, time, kind, message) = row?;
+                out.push(MachineEvent {
+                    sequence: u64::try_from(sequence).unwrap_or_default(),
+                    time: bm_domain::Timestamp::from_unix_micros(time),
+                    machine_id: id.clone(),
+                    kind: kind.parse().map_err(|e: bm_domain::DomainError| {
+                        StoreError::Corrupt(format!("machine_events of {id}: {e}"))
+                    })?,
+                    message,
+                });
+            }
+            Ok(out)
         })
         .await
     }

@@ -100,6 +100,18 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE operations ADD COLUMN lease_generation INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 4: what happened to a machine outside operations (a power change the status poll saw),
+    // numbered per machine.
+    r#"
+    CREATE TABLE machine_events (
+        machine_id TEXT NOT NULL,
+        sequence   INTEGER NOT NULL,
+        time       INTEGER NOT NULL,
+        kind       TEXT NOT NULL,
+        message    TEXT NOT NULL,
+        PRIMARY KEY (machine_id, sequence)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// How long a connection waits for a lock another one holds (the writer for a checkpoint,

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use bm_domain::{
-    Labels, LogLine, MacAddress, Machine, MachineId, Operation, OperationEvent, OperationId,
-    RequestId, Timestamp,
+    Labels, LogLine, MacAddress, Machine, MachineEvent, MachineId, Operation, OperationEvent,
+    OperationId, RequestId, Timestamp,
 };
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::broadcast;
@@ -543,6 +543,23 @@ impl Tx for SqlTx<'_> {
                 "UPDATE operations SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?1",
             )?
             .execute([owner])?)
+    }
+
+    fn append_machine_event(&mut self, event: MachineEvent) -> Result<()> {
+        self.wrote = true;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO machine_events (machine_id, sequence, time, kind, message)
+                 SELECT ?1, COALESCE(MAX(sequence), 0) + 1, ?2, ?3, ?4
+                 FROM machine_events WHERE machine_id = ?1",
+            )?
+            .execute(params![
+                event.machine_id.as_str(),
+                event.time.as_unix_micros(),
+                event.kind.as_str(),
+                event.message
+            ])?;
+        Ok(())
     }
 
     fn append_event(&mut self, mut event: OperationEvent) -> Result<()> {

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    ConditionType, DomainError, EffectiveState, EventKind, Health, Labels, LogLine, MachinePatch,
-    Observation, OperationEvent, OperationId, OperationPhase, OperationType, Phase, PowerState,
+    ConditionType, DomainError, EffectiveState, EventKind, Health, Labels, LogLine,
+    MachineEventKind, MachinePatch, Observation, OperationEvent, OperationId, OperationPhase,
+    OperationType, Phase, PowerState,
 };
 use bm_store::{
     EventFilter, Fence, ImportOutcome, Lease, MachineQuery, OperationQuery, Recorded, Renewal,
@@ -1099,6 +1100,28 @@ pub(crate) async fn observations_are_written_when_they_change_something_and_neve
             .conditions
             .is_true(&ConditionType::Degraded)
     );
+    // ... recorded as an event of the machine, in the same transaction.
+    let events = s.machine_events(&m.id, 0, 10).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].sequence, events[0].time, events[0].kind),
+        (1, t(3), MachineEventKind::PowerChanged)
+    );
+    assert!(events[0].message.contains("from On to Off"), "{events:?}");
+    // Back on: a second event; reading after the first returns it alone.
+    s.record_observation(&m.id, &answered(PowerState::On, Health::Ok), t(4))
+        .await
+        .unwrap();
+    let after = s.machine_events(&m.id, 1, 10).await.unwrap();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].sequence, 2);
+    assert!(after[0].message.contains("from Off to On"), "{after:?}");
+    assert!(
+        s.machine_events(&mid("m-404"), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // While an operation is active the reading is dropped: the operation owns the machine.
     let admitted = s
@@ -1106,16 +1129,16 @@ pub(crate) async fn observations_are_written_when_they_change_something_and_neve
         .await
         .unwrap();
     let busy = s
-        .record_observation(&m.id, &Observation::Unreachable("no answer".into()), t(4))
+        .record_observation(&m.id, &Observation::Unreachable("no answer".into()), t(5))
         .await
         .unwrap();
     assert_eq!(busy, Recorded::Busy(admitted.operation.id));
     let stored = s.get_machine(&m.id).await.unwrap();
     assert!(stored.status.conditions.is_true(&ConditionType::Reachable));
-    assert_eq!(stored.status.conditions, off_machine.status.conditions);
+    assert!(stored.status.conditions.is_true(&ConditionType::PoweredOn));
 
     let missing = s
-        .record_observation(&mid("m-404"), &Observation::Unreachable("x".into()), t(5))
+        .record_observation(&mid("m-404"), &Observation::Unreachable("x".into()), t(6))
         .await
         .unwrap_err();
     assert!(

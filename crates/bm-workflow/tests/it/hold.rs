@@ -119,6 +119,15 @@ impl Store for HoldingStore {
         self.inner.update_machine(id, patch, now).await
     }
 
+    async fn machine_events(
+        &self,
+        id: &MachineId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<bm_domain::MachineEvent>> {
+        self.inner.machine_events(id, after, limit).await
+    }
+
     async fn machine_by_mac(&self, mac: &bm_domain::MacAddress) -> Result<Option<Machine>> {
         self.inner.machine_by_mac(mac).await
     }
