@@ -390,15 +390,19 @@ pub(crate) async fn boot_once(
     } else {
         log.line(TAG, format!("boot override: {target}, once"));
     }
-    bmc.write(
-        cancel,
-        Method::PATCH,
-        &system.path,
-        &json!({ "Boot": patch }),
-        system.etag.as_deref(),
-        None,
-    )
-    .await?;
+    if let Some(task) = bmc
+        .write(
+            cancel,
+            Method::PATCH,
+            &system.path,
+            &json!({ "Boot": patch }),
+            system.etag.as_deref(),
+            None,
+        )
+        .await?
+    {
+        wait_task(bmc, cancel, log, &task, Instant::now() + BOOT_TASK_DEADLINE).await?;
+    }
     let after = bmc.get(cancel, &system.path).await?;
     let boot = after.body.get("Boot").cloned().unwrap_or_default();
     if let Some(mode) = mode {
@@ -467,15 +471,19 @@ pub(crate) async fn disable_boot_override(
             format!("disarming the boot override (it was {other}): next boot from disk"),
         ),
     }
-    bmc.write(
-        cancel,
-        Method::PATCH,
-        &system.path,
-        &json!({"Boot": {"BootSourceOverrideEnabled": "Disabled"}}),
-        system.etag.as_deref(),
-        None,
-    )
-    .await?;
+    if let Some(task) = bmc
+        .write(
+            cancel,
+            Method::PATCH,
+            &system.path,
+            &json!({"Boot": {"BootSourceOverrideEnabled": "Disabled"}}),
+            system.etag.as_deref(),
+            None,
+        )
+        .await?
+    {
+        wait_task(bmc, cancel, log, &task, Instant::now() + BOOT_TASK_DEADLINE).await?;
+    }
     let after = bmc.get(cancel, &system.path).await?;
     match enabled(&after).as_deref() {
         Some("Disabled") | None => {
@@ -635,6 +643,8 @@ fn media_state(dev: &Resource) -> String {
 const MEDIA_POLL: Duration = Duration::from_millis(250);
 /// The longest wait between two reads of a device or task.
 const MEDIA_POLL_MAX: Duration = Duration::from_secs(5);
+/// How long a boot override the BMC accepted with 202 may take to be applied.
+const BOOT_TASK_DEADLINE: Duration = Duration::from_secs(60);
 
 async fn pause(cancel: &CancellationToken, d: Duration) -> Result<(), ProviderError> {
     tokio::select! {

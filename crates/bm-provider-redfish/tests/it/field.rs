@@ -525,6 +525,60 @@ async fn an_asynchronous_mount_is_followed_to_its_end() {
     assert_eq!(bmc.resource(CD)["Image"], "http://images/deploy.iso");
 }
 
+/// A BMC that applies a boot override asynchronously (202 and a task monitor; the override
+/// shows once the task completed): setting and disarming it follow the task before they
+/// read it back, rather than failing on the old value.
+#[tokio::test]
+async fn an_asynchronous_boot_override_is_followed_to_its_end() {
+    const TASK: &str = "/redfish/v1/TaskService/Tasks/9/";
+    // A PATCH of the override is stored as pending; the task applies it on its second read.
+    fn later(method: &str, path: &str, body: &Value, res: &mut HashMap<String, Value>) {
+        if method == "PATCH" && path == SYS {
+            res.insert("pending".into(), body["Boot"].clone());
+            res.insert(TASK.into(), json!({"TaskState": "Running", "polls": 0}));
+        } else {
+            behave(method, path, body, res);
+        }
+    }
+    let bmc = ScriptedBmc::start(resources(), Box::new(later)).await;
+    bmc.on_get(Box::new(|path, res| {
+        if path != TASK {
+            return;
+        }
+        let polls = res[TASK]["polls"].as_u64().unwrap() + 1;
+        res.get_mut(TASK).unwrap()["polls"] = json!(polls);
+        if polls >= 2 {
+            res.get_mut(TASK).unwrap()["TaskState"] = json!("Completed");
+            let pending = res["pending"].as_object().cloned().unwrap_or_default();
+            let boot = &mut res.get_mut(SYS).unwrap()["Boot"];
+            for (k, v) in pending {
+                boot[k] = v;
+            }
+        }
+    }));
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    for (what, enabled) in [("set", "Once"), ("disarm", "Disabled")] {
+        bmc.answer_on("PATCH", SYS, 202, &format!("Location: {TASK}\r\n"));
+        if what == "set" {
+            p.set_netboot(h.ctx()).await.unwrap();
+        } else {
+            p.disarm_netboot(h.ctx()).await.unwrap();
+        }
+        assert_eq!(bmc.resource(TASK)["polls"], 2, "{what}");
+        assert_eq!(
+            bmc.resource(SYS)["Boot"]["BootSourceOverrideEnabled"],
+            enabled,
+            "{what}"
+        );
+    }
+    assert!(
+        h.logged(&format!("following task {TASK}")),
+        "{:#?}",
+        h.lines()
+    );
+}
+
 /// Issue 13: media that never shows up: the error says how the device was last seen.
 #[tokio::test]
 async fn a_mount_that_never_shows_says_what_was_seen() {
