@@ -480,6 +480,25 @@ async fn a_busy_bmc_is_unavailable_and_says_when_to_retry() {
     assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
 }
 
+/// A task monitor at `task` (created by the scripted write as `{"TaskState": "Running",
+/// "polls": 0}`) that completes at its second read, when `apply` carries the request out.
+fn task_completes_on_second_read(
+    task: &'static str,
+    apply: fn(&mut HashMap<String, Value>),
+) -> Box<crate::support::OnGet> {
+    Box::new(move |path, res| {
+        if path != task {
+            return;
+        }
+        let polls = res[task]["polls"].as_u64().unwrap() + 1;
+        res.get_mut(task).unwrap()["polls"] = json!(polls);
+        if polls >= 2 {
+            res.get_mut(task).unwrap()["TaskState"] = json!("Completed");
+            apply(res);
+        }
+    })
+}
+
 /// Issue 13: a BMC that mounts asynchronously answers the insert with 202 and a task
 /// monitor, and shows the image only once the task completed: followed and polled.
 #[tokio::test]
@@ -498,19 +517,11 @@ async fn an_asynchronous_mount_is_followed_to_its_end() {
         }
     }
     let bmc = ScriptedBmc::start(resources(), Box::new(mounting)).await;
-    bmc.on_get(Box::new(|path, res| {
-        if path != TASK {
-            return;
-        }
-        let polls = res[TASK]["polls"].as_u64().unwrap() + 1;
-        res.get_mut(TASK).unwrap()["polls"] = json!(polls);
-        if polls >= 2 {
-            res.get_mut(TASK).unwrap()["TaskState"] = json!("Completed");
-            let image = res["pending"].clone();
-            let cd = res.get_mut(CD).unwrap();
-            cd["Image"] = image;
-            cd["Inserted"] = json!(true);
-        }
+    bmc.on_get(task_completes_on_second_read(TASK, |res| {
+        let image = res["pending"].clone();
+        let cd = res.get_mut(CD).unwrap();
+        cd["Image"] = image;
+        cd["Inserted"] = json!(true);
     }));
     bmc.answer_on("POST", INSERT, 202, &format!("Location: {TASK}\r\n"));
     let p = virtual_media(config());
@@ -541,19 +552,11 @@ async fn an_asynchronous_boot_override_is_followed_to_its_end() {
         }
     }
     let bmc = ScriptedBmc::start(resources(), Box::new(later)).await;
-    bmc.on_get(Box::new(|path, res| {
-        if path != TASK {
-            return;
-        }
-        let polls = res[TASK]["polls"].as_u64().unwrap() + 1;
-        res.get_mut(TASK).unwrap()["polls"] = json!(polls);
-        if polls >= 2 {
-            res.get_mut(TASK).unwrap()["TaskState"] = json!("Completed");
-            let pending = res["pending"].as_object().cloned().unwrap_or_default();
-            let boot = &mut res.get_mut(SYS).unwrap()["Boot"];
-            for (k, v) in pending {
-                boot[k] = v;
-            }
+    bmc.on_get(task_completes_on_second_read(TASK, |res| {
+        let pending = res["pending"].as_object().cloned().unwrap_or_default();
+        let boot = &mut res.get_mut(SYS).unwrap()["Boot"];
+        for (k, v) in pending {
+            boot[k] = v;
         }
     }));
     let p = provider();
