@@ -69,6 +69,9 @@ pub struct RedfishConfig {
     pub commands: CommandsConfig,
     /// Where repair tickets go.
     pub notify: NotifyConfig,
+    /// Where the images to write are published, so that the repave step can verify what it
+    /// wrote.
+    pub images: ImagesConfig,
 }
 
 impl Default for RedfishConfig {
@@ -86,6 +89,7 @@ impl Default for RedfishConfig {
             ssh: SshConfig::default(),
             commands: CommandsConfig::default(),
             notify: NotifyConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }
@@ -364,6 +368,42 @@ pub struct CommandsConfig {
     pub apply_network_config: Option<StepCommand>,
     /// Succeeds when the machine's network works.
     pub verify_connectivity: Option<StepCommand>,
+}
+
+/// `[redfish.images]`: where the deploy environment gets the image it writes, and its
+/// published SHA-256. With it, the repave command gets `{image_url}` and `{image_checksum}`,
+/// must print `bm-image-sha256: HEX` of what it wrote, and the step fails unless that is the
+/// published checksum.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// The URL of the machine's image, a template (`{image}` is its `spec.image`), e.g.
+    /// `http://10.0.0.1:8080/boot/files/{image}.img`; off when unset.
+    pub url: Option<String>,
+    /// The URL of its SHA-256 (a file whose first word is the hex digest, as `sha256sum`
+    /// writes), a template; by default the image's URL with `.sha256` appended.
+    pub sha256_url: Option<String>,
+    /// How long fetching the checksum may take.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig {
+            url: None,
+            sha256_url: None,
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The checked `[redfish.images]`.
+#[derive(Clone, Debug)]
+pub(crate) struct Images {
+    pub(crate) url: Template,
+    pub(crate) sha256_url: Template,
+    pub(crate) timeout: Duration,
 }
 
 /// Where repair tickets go.
@@ -695,6 +735,7 @@ pub(crate) struct Checked {
     pub(crate) steps: HashMap<&'static str, StepPlan>,
     /// Set exactly when some in-band step runs a command.
     pub(crate) ssh: Option<SshSettings>,
+    pub(crate) images: Option<Images>,
 }
 
 impl RedfishConfig {
@@ -785,6 +826,34 @@ impl RedfishConfig {
             }
         };
 
+        let images = match &c.images.url {
+            None => {
+                if c.images.sha256_url.is_some() {
+                    return Err(ConfigError::invalid(
+                        "images.sha256_url",
+                        "needs images.url, the image it is the checksum of",
+                    ));
+                }
+                None
+            }
+            Some(src) => {
+                let url = Template::parse(src, &Var::COMMON)
+                    .map_err(|e| ConfigError::invalid("images.url", e))?;
+                let sha_src = c
+                    .images
+                    .sha256_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{src}.sha256"));
+                let sha256_url = Template::parse(&sha_src, &Var::COMMON)
+                    .map_err(|e| ConfigError::invalid("images.sha256_url", e))?;
+                Some(Images {
+                    url,
+                    sha256_url,
+                    timeout: positive("images.timeout", c.images.timeout)?,
+                })
+            }
+        };
+
         let mut steps = HashMap::new();
         for step in Step::ALL {
             let field = format!("commands.{}", step.key());
@@ -808,10 +877,16 @@ impl RedfishConfig {
                             "the command is empty (leave the step out, or write false for drain/uncordon)",
                         ));
                     }
-                    let allowed: Vec<Var> = if step == Step::JoinCluster {
-                        Var::COMMON.iter().copied().chain([Var::Token]).collect()
-                    } else {
-                        Var::COMMON.to_vec()
+                    let allowed: Vec<Var> = match step {
+                        Step::JoinCluster => {
+                            Var::COMMON.iter().copied().chain([Var::Token]).collect()
+                        }
+                        Step::Repave if images.is_some() => Var::COMMON
+                            .iter()
+                            .copied()
+                            .chain([Var::ImageUrl, Var::ImageChecksum])
+                            .collect(),
+                        _ => Var::COMMON.to_vec(),
                     };
                     StepPlan::Run(
                         Template::parse(src, &allowed)
@@ -872,6 +947,7 @@ impl RedfishConfig {
             boot_mode: c.boot.mode,
             steps,
             ssh,
+            images,
         })
     }
 }
@@ -1104,6 +1180,18 @@ mod tests {
             (
                 "[redfish.bmc.\"10.0.0.0/40\"]\nallow_plaintext = true",
                 "redfish.bmc.\"10.0.0.0/40\": \"10.0.0.0/40\" is not a CIDR",
+            ),
+            (
+                "[redfish.images]\nsha256_url = \"http://x/{image}.sha256\"",
+                "redfish.images.sha256_url: needs images.url",
+            ),
+            (
+                "[redfish.images]\nurl = \"http://x/{imag}.img\"",
+                "redfish.images.url",
+            ),
+            (
+                "[redfish.commands]\nrepave = \"wget {image_url}\"",
+                "{image_url} is not available",
             ),
         ];
         for (doc, want) in cases {

@@ -66,6 +66,7 @@
 mod config;
 mod endpoint;
 mod hosts;
+mod image;
 mod notify;
 mod redfish;
 mod ssh;
@@ -87,11 +88,11 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{
     BmcConfig, BootConfig, BootMethod, BootMode, CommandsConfig, ConfigError, Credentials,
-    CycleMethod, NotifyConfig, PowerConfig, RedfishConfig, Secret, SshConfig, StepCommand,
-    TlsConfig,
+    CycleMethod, ImagesConfig, NotifyConfig, PowerConfig, RedfishConfig, Secret, SshConfig,
+    StepCommand, TlsConfig,
 };
 
-use crate::config::{BmcTable, Boot, Step, StepPlan};
+use crate::config::{BmcTable, Boot, Images, Step, StepPlan};
 use crate::endpoint::{BmcEndpoint, parse_bmc_endpoint, parse_ssh_endpoint};
 use crate::notify::Notifier;
 use crate::redfish::nic::MacCheck;
@@ -120,6 +121,10 @@ pub struct RedfishProvider {
     notifier: Notifier,
     /// Learns of deploy-environment check-ins, to prove warm resets.
     witness: Option<Witness>,
+    /// Where images and their checksums are published (`[redfish.images]`).
+    images: Option<Images>,
+    /// Fetches the published checksums.
+    http: reqwest::Client,
 }
 
 /// A [`BootWitness`] in the provider (which is `Debug`).
@@ -164,6 +169,8 @@ impl RedfishProvider {
             ssh: c.ssh.map(SshRunner::new),
             notifier: Notifier::new(&config.notify)?,
             witness: None,
+            images: c.images,
+            http: reqwest::Client::new(),
         })
     }
 
@@ -187,6 +194,7 @@ impl RedfishProvider {
             display: BOOT_ID_COMMAND.to_owned(),
             stdin: None,
             capture_stdout: true,
+            keep_line: None,
         };
         let out = runner.run(ctx, &target, cmd).await.ok()?;
         let id = out.stdout.trim();
@@ -266,6 +274,8 @@ impl RedfishProvider {
                 .map(|t| t.host)
                 .unwrap_or_default(),
             token: token.map(|t| t.0.clone()),
+            image_url: String::new(),
+            image_checksum: String::new(),
         }
     }
 
@@ -275,6 +285,20 @@ impl RedfishProvider {
         ctx: &ActionContext<'_>,
         step: Step,
         token: Option<&JoinToken>,
+    ) -> Result<ssh::Output, ProviderError> {
+        self.run_step_with(ctx, step, token, Self::values(ctx, token), None)
+            .await
+    }
+
+    /// Runs an in-band step's command with these values; `keep_line` as in
+    /// [`ssh::Command::keep_line`].
+    async fn run_step_with(
+        &self,
+        ctx: &ActionContext<'_>,
+        step: Step,
+        token: Option<&JoinToken>,
+        values: Values,
+        keep_line: Option<&'static str>,
     ) -> Result<ssh::Output, ProviderError> {
         let template = match self.steps.get(step.tag()) {
             None => {
@@ -300,7 +324,6 @@ impl RedfishProvider {
                 step.tag()
             ))
         })?;
-        let values = Self::values(ctx, token);
         let stdin = match step {
             Step::JoinCluster => token.map(|t| format!("{}\n", t.0)),
             Step::ApplyNetworkConfig => Some(values.network_config.clone()),
@@ -312,8 +335,36 @@ impl RedfishProvider {
             display: template.render_display(&values),
             stdin,
             capture_stdout: step == Step::MintJoinToken,
+            keep_line,
         };
         runner.run(ctx, &target, cmd).await
+    }
+
+    /// Repave with `[redfish.images]`: the published checksum first, then the command with
+    /// `{image_url}` and `{image_checksum}`, which must report the checksum of what it wrote.
+    async fn repave_verified(
+        &self,
+        ctx: &ActionContext<'_>,
+        images: &Images,
+    ) -> Result<(), ProviderError> {
+        let mut values = Self::values(ctx, None);
+        let image_url = images.url.render_raw(&values);
+        let sha_url = images.sha256_url.render_raw(&values);
+        let tag = Step::Repave.tag();
+        ctx.log.line(tag, format!("published checksum: {sha_url}"));
+        let want =
+            image::published_sha256(&self.http, ctx.cancel, &sha_url, images.timeout).await?;
+        values.image_url = image_url;
+        values.image_checksum = want.clone();
+        let out = self
+            .run_step_with(ctx, Step::Repave, None, values, Some(image::REPORT_PREFIX))
+            .await?;
+        image::check_written(out.kept.as_deref(), &want, &ctx.machine.spec.image)?;
+        ctx.log.line(
+            tag,
+            format!("the written image matches its published SHA-256 {want}"),
+        );
+        Ok(())
     }
 
     /// Compares the MAC addresses of the machine record with the NICs its BMC reports and
@@ -522,7 +573,10 @@ impl Provider for RedfishProvider {
     }
 
     async fn repave(&self, ctx: ActionContext<'_>) -> Result<(), ProviderError> {
-        self.run_step(&ctx, Step::Repave, None).await.map(drop)
+        match &self.images {
+            Some(images) => self.repave_verified(&ctx, images).await,
+            None => self.run_step(&ctx, Step::Repave, None).await.map(drop),
+        }
     }
 
     async fn mint_join_token(&self, ctx: ActionContext<'_>) -> Result<JoinToken, ProviderError> {

@@ -70,6 +70,9 @@ pub(crate) struct Command {
     pub(crate) stdin: Option<String>,
     /// Keep standard output as the result instead of logging it (it holds a secret).
     pub(crate) capture_stdout: bool,
+    /// Keep, besides logging it, the last line of standard output that starts with this (a
+    /// result the command reports, e.g. the checksum of what it wrote).
+    pub(crate) keep_line: Option<&'static str>,
 }
 
 /// What a successful command left.
@@ -77,6 +80,8 @@ pub(crate) struct Command {
 pub(crate) struct Output {
     /// Its standard output, if captured.
     pub(crate) stdout: String,
+    /// The last line that started with [`Command::keep_line`], without that prefix.
+    pub(crate) kept: Option<String>,
 }
 
 /// Runs commands on machines over SSH.
@@ -159,6 +164,8 @@ impl SshRunner {
             endpoint: &endpoint,
             log: ctx.log,
             capture: cmd.capture_stdout,
+            keep_line: cmd.keep_line,
+            kept: None,
             stdout: Lines::default(),
             stderr: Lines::default(),
             tail: VecDeque::new(),
@@ -315,6 +322,8 @@ struct Running<'a> {
     endpoint: &'a str,
     log: &'a LogSink,
     capture: bool,
+    keep_line: Option<&'static str>,
+    kept: Option<String>,
     stdout: Lines,
     stderr: Lines,
     tail: VecDeque<String>,
@@ -335,6 +344,9 @@ impl Running<'_> {
         if is_stdout && self.capture {
             self.captured.push(line);
             return;
+        }
+        if is_stdout && let Some(rest) = self.keep_line.and_then(|p| line.strip_prefix(p)) {
+            self.kept = Some(rest.trim().to_owned());
         }
         self.log.line(self.tag, &line);
         if self.tail.len() == TAIL_LINES {
@@ -436,6 +448,7 @@ impl Running<'_> {
         let result = match (status, signal) {
             (Some(0), _) => Ok(Output {
                 stdout: self.captured.take(),
+                kept: self.kept.take(),
             }),
             (Some(code), _) => {
                 let kind = if matches!(code, 126 | 127) {

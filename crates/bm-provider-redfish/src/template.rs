@@ -19,10 +19,12 @@ pub(crate) enum Var {
     OperationId,
     SshHost,
     Token,
+    ImageUrl,
+    ImageChecksum,
 }
 
 impl Var {
-    const ALL: [Var; 9] = [
+    const ALL: [Var; 11] = [
         Var::MachineId,
         Var::Image,
         Var::TargetCluster,
@@ -32,6 +34,8 @@ impl Var {
         Var::OperationId,
         Var::SshHost,
         Var::Token,
+        Var::ImageUrl,
+        Var::ImageChecksum,
     ];
 
     fn name(self) -> &'static str {
@@ -45,6 +49,8 @@ impl Var {
             Var::OperationId => "operation_id",
             Var::SshHost => "ssh_host",
             Var::Token => "token",
+            Var::ImageUrl => "image_url",
+            Var::ImageChecksum => "image_checksum",
         }
     }
 
@@ -80,6 +86,9 @@ pub(crate) struct Values {
     pub(crate) ssh_host: String,
     /// Only for join-cluster; never shown.
     pub(crate) token: Option<String>,
+    /// Only for repave with `[redfish.images]`: where the image is, and its SHA-256.
+    pub(crate) image_url: String,
+    pub(crate) image_checksum: String,
 }
 
 impl Values {
@@ -94,6 +103,8 @@ impl Values {
             Var::OperationId => &self.operation_id,
             Var::SshHost => &self.ssh_host,
             Var::Token => self.token.as_deref().unwrap_or(""),
+            Var::ImageUrl => &self.image_url,
+            Var::ImageChecksum => &self.image_checksum,
         }
     }
 }
@@ -246,6 +257,8 @@ mod tests {
             operation_id: "op-01J".into(),
             ssh_host: "10.0.0.1".into(),
             token: Some("abcdef.0123456789abcdef".into()),
+            image_url: "http://10.0.0.1/ubuntu.img".into(),
+            image_checksum: "ab".repeat(32),
         }
     }
 

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use bm_domain::Machine;
 use bm_provider::{ErrorKind, JoinToken, Provider};
-use bm_provider_redfish::{CommandsConfig, RedfishConfig, RedfishProvider, SshConfig, StepCommand};
+use bm_provider_redfish::{
+    CommandsConfig, ImagesConfig, RedfishConfig, RedfishProvider, SshConfig, StepCommand,
+};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::support::{Harness, Sshd, machine, temp_dir, write_key};
+use crate::support::{Harness, HttpStub, Sshd, machine, temp_dir, write_key};
 
 const BMC: &str = "redfish+http://127.0.0.1:9/redfish/v1/Systems/1";
 
@@ -490,4 +492,88 @@ async fn the_token_is_the_last_line_however_much_comes_before() {
     let h = Harness::new(machine(BMC, &sshd.endpoint(), &[]));
     let token = p.mint_join_token(h.ctx()).await.unwrap();
     assert_eq!(token, JoinToken("abc.fresh".into()));
+}
+
+/// Issue 14: with `[redfish.images]`, repave gets the image's URL and published SHA-256, and
+/// succeeds only when the command reports having written exactly that image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repave_verifies_the_written_image_against_its_published_checksum() {
+    const SHA: &str = "84d8fd5280a5162aaf5c5d9aeb069b2660500eabeeda58ce2bb10595827e08ad";
+    let sshd = Sshd::start();
+    let published = HttpStub::start(200, format!("{SHA}  ubuntu-24.04.img\n").into_bytes()).await;
+    let missing = HttpStub::start(404, b"no such file".to_vec()).await;
+    let with_images = |stub: &HttpStub, cmd: &str| {
+        let known_hosts = sshd.dir.path().join("known_hosts");
+        std::fs::write(&known_hosts, sshd.known_hosts_line(&sshd.host_public)).unwrap();
+        RedfishProvider::new(RedfishConfig {
+            ssh: SshConfig {
+                private_key_file: Some(sshd.client_key.clone()),
+                known_hosts_file: Some(known_hosts),
+                connect_timeout: Duration::from_secs(10),
+                command_timeout: Duration::from_secs(30),
+                ..SshConfig::default()
+            },
+            commands: repave(cmd),
+            images: ImagesConfig {
+                url: Some(stub.url("/boot/files/{image}.img")),
+                ..ImagesConfig::default()
+            },
+            ..RedfishConfig::default()
+        })
+        .unwrap_or_else(|e| panic!("config refused: {e}"))
+    };
+    // The image as written hashes to `content`'s SHA-256.
+    let writes = |content: &str| {
+        format!(
+            "echo url={{image_url}} want={{image_checksum}}; \
+             echo \"bm-image-sha256: $(printf '{content}' | sha256sum)\""
+        )
+    };
+
+    let h = Harness::new(machine(BMC, &sshd.endpoint(), &[]));
+    with_images(&published, &writes("hello image"))
+        .repave(h.ctx())
+        .await
+        .unwrap();
+    let url = published.url("/boot/files/ubuntu-24.04.img");
+    assert!(
+        h.logged(&format!("url={url} want={SHA}")),
+        "the template got the URL and the checksum: {:#?}",
+        h.lines()
+    );
+    assert!(
+        h.logged("matches its published SHA-256"),
+        "{:#?}",
+        h.lines()
+    );
+    assert_eq!(
+        published.requests()[0].path,
+        "/boot/files/ubuntu-24.04.img.sha256"
+    );
+
+    let h = Harness::new(machine(BMC, &sshd.endpoint(), &[]));
+    let e = with_images(&published, &writes("a corrupted image"))
+        .repave(h.ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Transient, "{e}");
+    assert!(e.to_string().contains("not the published"), "{e}");
+
+    let h = Harness::new(machine(BMC, &sshd.endpoint(), &[]));
+    let e = with_images(&published, "echo wrote it, trust me")
+        .repave(h.ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("bm-image-sha256:"), "{e}");
+
+    // No published checksum: refused before anything is written.
+    let h = Harness::new(machine(BMC, &sshd.endpoint(), &[]));
+    let e = with_images(&missing, &writes("hello image"))
+        .repave(h.ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert!(e.to_string().contains("404"), "{e}");
+    assert!(!h.logged("url="), "the command ran: {:#?}", h.lines());
 }
