@@ -138,7 +138,9 @@ impl Netboot {
     }
 
     /// A ticket for `operation_id` on `machine_id`: the unused one it has (a firmware that
-    /// asks again gets the same token), or a new one. Expired tickets are dropped.
+    /// asks again gets the same token), or a new one (after a check-in, a second netboot of
+    /// the same operation, e.g. a retried reboot-to-netboot, gets a fresh ticket). Expired
+    /// tickets are dropped.
     pub(crate) fn ticket(
         &self,
         machine_id: &MachineId,
@@ -146,10 +148,12 @@ impl Netboot {
         now: SystemTime,
     ) -> String {
         let mut tickets = lock(&self.tickets);
-        tickets.retain(|_, t| t.expires > now && !t.used);
+        // A used ticket is kept until it expires, so that its reuse is told apart (410) from
+        // a token never issued (403).
+        tickets.retain(|_, t| t.expires > now);
         if let Some((token, _)) = tickets
             .iter()
-            .find(|(_, t)| t.operation_id == operation_id && t.machine_id == *machine_id)
+            .find(|(_, t)| !t.used && t.operation_id == operation_id && t.machine_id == *machine_id)
         {
             return token.clone();
         }
