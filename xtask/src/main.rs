@@ -6,6 +6,8 @@
 //!   `bm-bench`.
 //! - `test [ARGS]`: installs the system packages the tests need, then `cargo test --workspace
 //!   ARGS`.
+//! - `lab netboot`: a QEMU VM network-boots the deploy environment through the boot service
+//!   during a reimage (`lab.rs`).
 //! - `ci`: runs `.ci/run` (formatting, lints, docs, the tests).
 //! - `man OUTDIR`: writes bmctl's man pages into a directory.
 
@@ -16,6 +18,7 @@
 )]
 
 mod demo;
+mod lab;
 mod proc;
 mod test;
 
@@ -34,6 +37,10 @@ tasks:
   test [ARGS]
         install the system packages the tests need (openssh-server, python3-venv,
         postgresql) when missing, then run cargo test --workspace ARGS
+  lab netboot
+        a QEMU VM (software emulation, user-mode network) network-boots through the boot
+        service into the deploy environment built here, during a reimage; installs QEMU,
+        ipxe-qemu and busybox-static when missing (docs/netboot.md)
   ci    formatting, lints, docs and tests, as .ci/run does
   man OUTDIR
         write bmctl's man pages (bmctl.1 and one per command) into OUTDIR"
@@ -51,6 +58,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code);
         }
         "bench" => bench(rest),
+        "lab" => lab::run(rest),
         "test" => test::run(rest),
         "ci" => ci(),
         "man" => man(rest),
