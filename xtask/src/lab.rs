@@ -291,9 +291,14 @@ impl Apt {
         let lists = apt.join("lists");
         std::fs::create_dir_all(&parts)?;
         std::fs::create_dir_all(lists.join("partial"))?;
-        let system = Path::new("/etc/apt/sources.list.d/debian.sources");
-        if system.exists() {
-            std::fs::copy(system, parts.join("debian.sources"))?;
+        // The system's Debian sources, in either format (the release's kernel package).
+        for (system, copy) in [
+            ("/etc/apt/sources.list.d/debian.sources", "debian.sources"),
+            ("/etc/apt/sources.list", "system.list"),
+        ] {
+            if Path::new(system).exists() {
+                std::fs::copy(system, parts.join(copy))?;
+            }
         }
         std::fs::write(
             parts.join("backports.list"),
