@@ -512,11 +512,7 @@ impl Provider for RedfishProvider {
         };
         let first = Reading::parse(sys.str("PowerState"));
         let reading = power::read_settled(&ops, ctx.cancel, &self.power, first).await?;
-        Ok(if reading == Reading::On {
-            PowerState::On
-        } else {
-            PowerState::Off
-        })
+        Ok(reading.state().unwrap_or(PowerState::Off))
     }
 
     async fn observe(&self, ctx: ObserveContext<'_>) -> Result<Option<Observation>, ProviderError> {

@@ -608,8 +608,7 @@ fn status_poll_interval(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{e}; write e.g. 30s or 5m, or 0 for off"))?;
+    let d = duration(s)?;
     if d < Duration::from_secs(1) {
         return Err(format!(
             "{s} is shorter than 1s; write 0 to turn the poll off"

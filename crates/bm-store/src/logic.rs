@@ -234,6 +234,25 @@ pub(crate) fn record_observation(
     })
 }
 
+/// A machine event from the columns both SQL backends store it in.
+pub(crate) fn machine_event_row(
+    machine_id: &MachineId,
+    sequence: i64,
+    time: i64,
+    kind: &str,
+    message: String,
+) -> Result<MachineEvent> {
+    Ok(MachineEvent {
+        sequence: u64::try_from(sequence).unwrap_or_default(),
+        time: Timestamp::from_unix_micros(time),
+        machine_id: machine_id.clone(),
+        kind: kind.parse().map_err(|e: DomainError| {
+            StoreError::Corrupt(format!("machine_events of {machine_id}: {e}"))
+        })?,
+        message,
+    })
+}
+
 pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
     if let Some(existing) = tx.operation_by_request(&op.machine_id, &op.request_id)? {
         if existing.op_type != op.op_type {

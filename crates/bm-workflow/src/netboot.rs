@@ -197,10 +197,15 @@ impl Netboot {
         Ok(checkin)
     }
 
-    fn checked_in_for(&self, machine: &MachineId, op: OperationId, since: SystemTime) -> bool {
+    /// Whether `machine` checked in after `since` (for `op` only, when given).
+    fn checked_in(&self, machine: &MachineId, op: Option<OperationId>, since: SystemTime) -> bool {
         lock(&self.checkins)
             .get(machine)
-            .is_some_and(|(o, t)| *o == op && *t >= since)
+            .is_some_and(|(o, t)| op.is_none_or(|op| *o == op) && *t >= since)
+    }
+
+    fn checked_in_for(&self, machine: &MachineId, op: OperationId, since: SystemTime) -> bool {
+        self.checked_in(machine, Some(op), since)
     }
 
     /// Waits until the deploy environment of `op` on `machine` checks in (after `since`),
@@ -246,9 +251,7 @@ impl Netboot {
 #[async_trait]
 impl BootWitness for Netboot {
     async fn checked_in_since(&self, machine: &MachineId, since: SystemTime) -> bool {
-        lock(&self.checkins)
-            .get(machine)
-            .is_some_and(|(_, t)| *t >= since)
+        self.checked_in(machine, None, since)
     }
 }
 

@@ -54,7 +54,16 @@ impl Reading {
     }
 
     fn is_stable(self) -> bool {
-        matches!(self, Reading::On | Reading::Off)
+        self.state().is_some()
+    }
+
+    /// The power state, when the reading is a stable one.
+    pub(crate) fn state(self) -> Option<bm_provider::PowerState> {
+        match self {
+            Reading::On => Some(bm_provider::PowerState::On),
+            Reading::Off => Some(bm_provider::PowerState::Off),
+            _ => None,
+        }
     }
 
     fn name(self) -> &'static str {

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use bm_domain::{MacAddress, MachineId};
-use bm_provider::{BootWitness, Health, LogSink, Observation, PowerState, ProviderError};
+use bm_provider::{BootWitness, Health, LogSink, Observation, ProviderError};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -857,11 +857,7 @@ pub(crate) async fn macs(
 /// or unknown one is no reading) and its health, `Status.HealthRollup` (the system with
 /// its components) before `Status.Health`; a missing, null or unknown value is no reading.
 pub(crate) fn observation(sys: &Resource) -> Observation {
-    let power = match Reading::parse(sys.str("PowerState")) {
-        Reading::On => Some(PowerState::On),
-        Reading::Off => Some(PowerState::Off),
-        _ => None,
-    };
+    let power = Reading::parse(sys.str("PowerState")).state();
     let status = sys.body.get("Status");
     let word = |key: &str| status.and_then(|s| s.get(key)).and_then(Value::as_str);
     let health = [word("HealthRollup"), word("Health")]

@@ -698,15 +698,7 @@ impl Store for PgStore {
             rows.iter()
                 .map(|r| {
                     let kind: String = r.get(2);
-                    Ok(MachineEvent {
-                        sequence: u64::try_from(r.get::<_, i64>(0)).unwrap_or_default(),
-                        time: Timestamp::from_unix_micros(r.get(1)),
-                        machine_id: id.clone(),
-                        kind: kind.parse().map_err(|e: bm_domain::DomainError| {
-                            StoreError::Corrupt(format!("machine_events of {id}: {e}"))
-                        })?,
-                        message: r.get(3),
-                    })
+                    logic::machine_event_row(&id, r.get(0), r.get(1), &kind, r.get(3))
                 })
                 .collect()
         })

@@ -539,25 +539,14 @@ impl Store for SqliteStore {
                  WHERE machine_id = ?1 AND sequence > ?2 ORDER BY sequence LIMIT ?3",
             )?;
             let rows = st.query_map(rusqlite::params![id.as_str(), after, limit], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?))
             })?;
             let mut out = Vec::new();
             for row in rows {
                 let (sequence, time, kind, message) = row?;
-                out.push(MachineEvent {
-                    sequence: u64::try_from(sequence).unwrap_or_default(),
-                    time: bm_domain::Timestamp::from_unix_micros(time),
-                    machine_id: id.clone(),
-                    kind: kind.parse().map_err(|e: bm_domain::DomainError| {
-                        StoreError::Corrupt(format!("machine_events of {id}: {e}"))
-                    })?,
-                    message,
-                });
+                out.push(logic::machine_event_row(
+                    &id, sequence, time, &kind, message,
+                )?);
             }
             Ok(out)
         })
