@@ -15,6 +15,7 @@
 //! system's own lists are left as they are).
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -264,12 +265,9 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// A program on the `PATH`.
+/// A program, where the tests would find it.
 fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program} >/dev/null")])
-        .status()
-        .is_ok_and(|s| s.success())
+    crate::test::find(program).is_some()
 }
 
 /// apt with a private source list (the system's Debian sources plus bookworm-backports) and
@@ -332,32 +330,7 @@ impl Apt {
     }
 
     fn get(&self, args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        let mut c = if args.first() == Some(&"install") && !root {
-            ensure!(
-                have("sudo"),
-                "installing {} needs root, and there is no sudo: install them as root",
-                args[1..].join(" ")
-            );
-            // sudo resets the environment; it takes variables as arguments.
-            let mut c = Command::new("sudo");
-            c.arg("DEBIAN_FRONTEND=noninteractive")
-                .arg("apt-get")
-                .args(&self.opts);
-            c
-        } else {
-            self.command("apt-get")
-        };
-        c.args(args);
-        if let Some(dir) = dir {
-            c.current_dir(dir);
-        }
-        let status = c.status().context("running apt-get")?;
-        ensure!(status.success(), "apt-get {} failed", args.join(" "));
-        Ok(())
+        crate::test::apt_get(&self.opts, args, dir)
     }
 }
 
@@ -422,11 +395,7 @@ fn build_deploy_environment(lab: &Path, boot: &Path) -> anyhow::Result<()> {
     std::fs::write(rd.join("init"), INIT.replace("MODULES", &MODULES.join(" ")))?;
     std::fs::write(rd.join("udhcpc.sh"), UDHCPC)?;
     for script in ["init", "udhcpc.sh"] {
-        let status = Command::new("chmod")
-            .arg("+x")
-            .arg(rd.join(script))
-            .status()?;
-        ensure!(status.success(), "chmod {script}");
+        std::fs::set_permissions(rd.join(script), std::fs::Permissions::from_mode(0o755))?;
     }
     let pack = format!(
         "cd '{}' && find . | busybox cpio -o -H newc -R 0:0 2>/dev/null | gzip -9 > '{}'",

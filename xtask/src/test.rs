@@ -44,7 +44,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// A program, searched like the tests search it.
-fn find(name: &str) -> Option<PathBuf> {
+pub(crate) fn find(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(SBIN.iter().map(PathBuf::from))
@@ -85,43 +85,50 @@ fn missing_packages() -> Vec<&'static str> {
 /// `apt-get install`s `packages`, through sudo unless this runs as root.
 fn install(packages: &[&str]) -> anyhow::Result<()> {
     println!("==> installing {}", packages.join(" "));
-    let Some(apt) = find("apt-get") else {
+    if find("apt-get").is_none() {
         bail!(
             "the tests need the Debian packages {} (or your system's equivalents), and there is no apt-get here: install them, then run cargo test --workspace",
             packages.join(" ")
         );
-    };
+    }
+    apt_get(&[], &["update", "-qq"], None)?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    apt_get(&[], &args, None)
+}
+
+/// Runs `apt-get OPTS ARGS` (in `dir`, if given), non-interactive, through sudo unless this
+/// runs as root.
+pub(crate) fn apt_get(opts: &[String], args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
+    let apt = find("apt-get").context("there is no apt-get here")?;
     let uid = Command::new("id")
         .arg("-u")
         .output()
         .context("running id -u")?;
     let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
-    let command = |args: &[&str]| -> anyhow::Result<Command> {
-        let mut c = if root {
-            Command::new(&apt)
-        } else {
-            let sudo = find("sudo").with_context(|| {
-                format!(
-                    "installing {} needs root, and there is no sudo: install them as root",
-                    packages.join(" ")
-                )
-            })?;
-            let mut c = Command::new(sudo);
-            // sudo resets the environment; it takes variables as arguments.
-            c.arg("DEBIAN_FRONTEND=noninteractive").arg(&apt);
-            c
-        };
-        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
-        Ok(c)
+    let mut c = if root {
+        Command::new(&apt)
+    } else {
+        let sudo = find("sudo").with_context(|| {
+            format!(
+                "apt-get {} needs root, and there is no sudo: run it as root",
+                args.join(" ")
+            )
+        })?;
+        let mut c = Command::new(sudo);
+        // sudo resets the environment; it takes variables as arguments.
+        c.arg("DEBIAN_FRONTEND=noninteractive").arg(&apt);
+        c
     };
-    let update = command(&["update", "-qq"])?.status()?;
-    if !update.success() {
-        bail!("apt-get update failed");
+    c.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(opts)
+        .args(args);
+    if let Some(dir) = dir {
+        c.current_dir(dir);
     }
-    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend_from_slice(packages);
-    if !command(&args)?.status()?.success() {
-        bail!("apt-get install {} failed", packages.join(" "));
+    let status = c.status().context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get {} failed", args.join(" "));
     }
     Ok(())
 }
