@@ -5,7 +5,7 @@
 //! | Provider method | How |
 //! |---|---|
 //! | `power`, `power_state` | `ComputerSystem.Reset` (a reset type the BMC advertises), confirmed by reading `PowerState` back |
-//! | `disarm_netboot` | `BootSourceOverrideEnabled: Disabled` (read back); with virtual media, the deploy ISO ejected too |
+//! | `disarm_netboot` | `BootSourceOverrideEnabled: Disabled` (read back), or the override pointed at `Hdd` on a BMC that cannot disable it; with virtual media, the deploy ISO ejected too |
 //! | `set_netboot` | one-time boot override to `Pxe` (after logging how the record's MAC addresses compare with the NICs the BMC reports); or, with `boot.method = "virtual-media"`, the deploy ISO inserted as virtual media (ejecting other media first) and a one-time override to `Cd` |
 //! | `repave`, `mint_join_token`, `join_cluster`, `verify_in_cluster`, `drain`, `uncordon`, `wipe_disks`, `apply_network_config`, `verify_connectivity` | the step's command template from `[redfish.commands]`, run over SSH on `spec.ssh_endpoint` |
 //! | `notify` | a JSON POST to `notify.webhook_url` with `Idempotency-Key: <operation id>`; without a webhook, a log line |

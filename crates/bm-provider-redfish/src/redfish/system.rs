@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use bm_domain::{MacAddress, MachineId};
-use bm_provider::{BootWitness, Health, LogSink, Observation, ProviderError};
+use bm_provider::{BootWitness, ErrorKind, Health, LogSink, Observation, ProviderError};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -390,19 +390,7 @@ pub(crate) async fn boot_once(
     } else {
         log.line(TAG, format!("boot override: {target}, once"));
     }
-    if let Some(task) = bmc
-        .write(
-            cancel,
-            Method::PATCH,
-            &system.path,
-            &json!({ "Boot": patch }),
-            system.etag.as_deref(),
-            None,
-        )
-        .await?
-    {
-        wait_task(bmc, cancel, log, &task, Instant::now() + BOOT_TASK_DEADLINE).await?;
-    }
+    patch_boot(bmc, cancel, log, system, patch).await?;
     let after = bmc.get(cancel, &system.path).await?;
     let boot = after.body.get("Boot").cloned().unwrap_or_default();
     if let Some(mode) = mode {
@@ -443,20 +431,24 @@ pub(crate) async fn boot_once(
 }
 
 /// Disables the system's boot override (`BootSourceOverrideEnabled: Disabled`) unless it is
-/// already, and checks the BMC took it.
+/// already, and checks the BMC took it. A BMC that refuses to disable it (HTTP 4xx: some want
+/// a target with every boot PATCH, sushy-tools' libvirt driver has no "disabled" at all) or
+/// reports it still enabled gets the override pointed at the disk (`Hdd`) instead, which
+/// disarms the network boot just as well: the next boot is from disk.
 pub(crate) async fn disable_boot_override(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     system: &Resource,
 ) -> Result<(), ProviderError> {
-    let enabled = |r: &Resource| {
+    let boot = |r: &Resource, key: &str| {
         r.body
             .get("Boot")
-            .and_then(|b| b.get("BootSourceOverrideEnabled"))
+            .and_then(|b| b.get(key))
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
+    let enabled = |r: &Resource| boot(r, "BootSourceOverrideEnabled");
     match enabled(system).as_deref() {
         None => {
             log.line(TAG, "no boot override to disarm (no Boot property)");
@@ -466,17 +458,77 @@ pub(crate) async fn disable_boot_override(
             log.line(TAG, "boot override is already disabled");
             return Ok(());
         }
+        Some(_) if boot(system, "BootSourceOverrideTarget").as_deref() == Some("Hdd") => {
+            log.line(TAG, "boot override already points at the disk");
+            return Ok(());
+        }
         Some(other) => log.line(
             TAG,
             format!("disarming the boot override (it was {other}): next boot from disk"),
         ),
     }
+    let refused = match patch_boot(
+        bmc,
+        cancel,
+        log,
+        system,
+        json!({"BootSourceOverrideEnabled": "Disabled"}),
+    )
+    .await
+    {
+        Ok(()) => None,
+        Err(e) if e.kind() == ErrorKind::Permanent => Some(e.to_string()),
+        Err(e) => return Err(e),
+    };
+    let after = bmc.get(cancel, &system.path).await?;
+    let still = match (refused, enabled(&after).as_deref()) {
+        (None, Some("Disabled") | None) => {
+            log.line(TAG, "boot override disabled");
+            return Ok(());
+        }
+        (Some(why), _) => why,
+        (None, Some(other)) => format!("it still reports the override {other}"),
+    };
+    log.line(
+        TAG,
+        format!("the BMC does not disable its boot override ({still}); pointing it at the disk (Hdd) instead"),
+    );
+    patch_boot(
+        bmc,
+        cancel,
+        log,
+        &after,
+        json!({"BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Once"}),
+    )
+    .await?;
+    let after = bmc.get(cancel, &system.path).await?;
+    match boot(&after, "BootSourceOverrideTarget").as_deref() {
+        Some("Hdd") => {
+            log.line(TAG, "boot override points at the disk");
+            Ok(())
+        }
+        other => Err(ProviderError::transient(format!(
+            "BMC {} could not disable its boot override ({still}) and reports target {} after it was set to Hdd",
+            bmc.name(),
+            other.unwrap_or("missing")
+        ))),
+    }
+}
+
+/// PATCHes `Boot` of the system with `patch`, waiting for the BMC's task if it starts one.
+async fn patch_boot(
+    bmc: &Bmc,
+    cancel: &CancellationToken,
+    log: &LogSink,
+    system: &Resource,
+    patch: Value,
+) -> Result<(), ProviderError> {
     if let Some(task) = bmc
         .write(
             cancel,
             Method::PATCH,
             &system.path,
-            &json!({"Boot": {"BootSourceOverrideEnabled": "Disabled"}}),
+            &json!({ "Boot": patch }),
             system.etag.as_deref(),
             None,
         )
@@ -484,17 +536,7 @@ pub(crate) async fn disable_boot_override(
     {
         wait_task(bmc, cancel, log, &task, Instant::now() + BOOT_TASK_DEADLINE).await?;
     }
-    let after = bmc.get(cancel, &system.path).await?;
-    match enabled(&after).as_deref() {
-        Some("Disabled") | None => {
-            log.line(TAG, "boot override disabled");
-            Ok(())
-        }
-        Some(other) => Err(ProviderError::transient(format!(
-            "BMC {} accepted disabling the boot override but still reports it {other}",
-            bmc.name()
-        ))),
-    }
+    Ok(())
 }
 
 /// Finds the system's CD/DVD virtual media device: under the system first, then under each

@@ -461,6 +461,46 @@ async fn disarm_disables_the_override_and_ejects_the_iso() {
     );
 }
 
+/// Issue 14: a BMC without a "disabled" boot override. sushy-tools' libvirt driver answers
+/// 400 to a Boot PATCH without a target and turns every override into Continuous; others
+/// accept Disabled and keep the override. Disarming points the override at the disk instead,
+/// and says so; an override already at the disk is left alone.
+#[tokio::test]
+async fn disarm_points_the_override_at_the_disk_when_the_bmc_cannot_disable_it() {
+    // Like sushy-tools: overrides are always Continuous, Disabled is ignored.
+    let continuous = |method: &str, path: &str, body: &Value, res: &mut HashMap<String, Value>| {
+        if method == "PATCH"
+            && path == SYS
+            && let Some(target) = body["Boot"].get("BootSourceOverrideTarget")
+        {
+            let stored = &mut res.get_mut(SYS).unwrap()["Boot"];
+            stored["BootSourceOverrideTarget"] = target.clone();
+            stored["BootSourceOverrideEnabled"] = json!("Continuous");
+        }
+    };
+    for refuses in [true, false] {
+        let bmc = ScriptedBmc::start(resources(), Box::new(continuous)).await;
+        let p = provider();
+        let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+        p.set_netboot(h.ctx()).await.unwrap();
+        assert_eq!(bmc.resource(SYS)["Boot"]["BootSourceOverrideTarget"], "Pxe");
+        if refuses {
+            bmc.refuse_on("PATCH", SYS, 400);
+        }
+        p.disarm_netboot(h.ctx()).await.unwrap();
+        let boot = &bmc.resource(SYS)["Boot"];
+        assert_eq!(boot["BootSourceOverrideTarget"], "Hdd", "refuses={refuses}");
+        assert!(
+            h.logged("pointing it at the disk (Hdd) instead"),
+            "{:#?}",
+            h.lines()
+        );
+        let writes = bmc.writes().len();
+        p.disarm_netboot(h.ctx()).await.unwrap();
+        assert_eq!(bmc.writes().len(), writes, "disarmed twice");
+    }
+}
+
 /// Issue 13: a BMC that is rebooting itself answers 503 with `Retry-After`: unavailable
 /// (retried for minutes by the engine), after the wait it asked for; 405 fails at once.
 #[tokio::test]

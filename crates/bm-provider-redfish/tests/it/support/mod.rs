@@ -412,6 +412,16 @@ impl ScriptedBmc {
         });
     }
 
+    /// The next `method` of `path` is refused with `status` (nothing changes).
+    pub(crate) fn refuse_on(&self, method: &str, path: &str, status: u16) {
+        lock(&self.canned).push_back(Canned {
+            on: format!("{method} {path}"),
+            status,
+            extra: String::new(),
+            apply: false,
+        });
+    }
+
     /// Calls `f(path, resources)` before answering each GET.
     pub(crate) fn on_get(&self, f: Box<OnGet>) {
         *lock(&self.on_get) = Some(f);
