@@ -6,8 +6,9 @@
 //!   `bm-bench`.
 //! - `test [ARGS]`: installs the system packages the tests need, then `cargo test --workspace
 //!   ARGS`.
-//! - `lab netboot`: a QEMU VM network-boots the deploy environment through the boot service
-//!   during a reimage (`lab.rs`).
+//! - `lab netboot | up | status | reimage | down | test`: a QEMU VM network-boots the deploy
+//!   environment through the boot service; the virtual datacenter (libvirt VMs behind
+//!   sushy-tools, bm-server with the Redfish provider) and a real reimage in it (`lab/`).
 //! - `ci`: runs `.ci/run` (formatting, lints, docs, the tests).
 //! - `man OUTDIR`: writes bmctl's man pages into a directory.
 
@@ -39,8 +40,11 @@ tasks:
         postgresql) when missing, then run cargo test --workspace ARGS
   lab netboot
         a QEMU VM (software emulation, user-mode network) network-boots through the boot
-        service into the deploy environment built here, during a reimage; installs QEMU,
-        ipxe-qemu and busybox-static when missing (docs/netboot.md)
+        service into the deploy environment built here, during a reimage (docs/netboot.md)
+  lab up [--vms N] | status | reimage [VM] [--image NAME] | down | test
+        the virtual datacenter (root): libvirt VMs behind the sushy-tools Redfish BMC,
+        bm-server with the Redfish provider; a real reimage of a VM; test = up, a reimage
+        that must succeed, one that must fail, down (docs/lab.md). Installs what is missing
   ci    formatting, lints, docs and tests, as .ci/run does
   man OUTDIR
         write bmctl's man pages (bmctl.1 and one per command) into OUTDIR"

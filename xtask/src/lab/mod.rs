@@ -15,7 +15,6 @@
 //! system's own lists are left as they are).
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,18 +23,8 @@ use anyhow::{Context, bail, ensure};
 
 use crate::proc;
 
-/// The kernel modules the deploy environment loads, in dependency order (the Debian kernel
-/// builds virtio networking as modules; the initramfs has no modules.dep).
-const MODULES: [&str; 8] = [
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
-    "failover",
-    "net_failover",
-    "virtio_net",
-];
+mod build;
+mod dc;
 
 /// The VM's MAC address, in the machine record too.
 const MAC: &str = "52:54:00:b0:07:01";
@@ -43,60 +32,44 @@ const MAC: &str = "52:54:00:b0:07:01";
 /// How long the VM may take from power-on to the check-in (measured here: about 15 s).
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 
-const INIT: &str = r#"#!/bin/sh
-# The deploy environment of `cargo xtask lab` (docs/netboot.md): network, then check in.
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-echo "bm-deploy: up" > /dev/console
-for m in MODULES; do
-  insmod "/lib/modules/$m.ko" || echo "bm-deploy: insmod $m failed" > /dev/console
-done
-ip link set lo up
-ip link set eth0 up
-udhcpc -i eth0 -n -q -t 10 -T 2 -s /udhcpc.sh > /dev/console 2>&1
-for arg in $(cat /proc/cmdline); do
-  case "$arg" in
-    bm.token=*) token="${arg#bm.token=}" ;;
-    bm.callback=*) callback="${arg#bm.callback=}" ;;
-  esac
-done
-echo "bm-deploy: checking in at $callback" > /dev/console
-n=0
-until wget -q -O- --post-data "token=$token" "$callback" > /dev/console 2>&1; do
-  n=$((n + 1))
-  [ "$n" -ge 30 ] && break
-  sleep 2
-done
-echo "bm-deploy: ready" > /dev/console
-exec sleep 2147483647
-"#;
-
-const UDHCPC: &str = r#"#!/bin/sh
-case "$1" in
-  bound|renew)
-    ip addr add "$ip/${mask:-24}" dev "$interface"
-    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
-    ;;
-esac
-"#;
+const USAGE: &str = "usage: cargo xtask lab COMMAND (docs/lab.md)
+  netboot                      a QEMU VM boots through the boot service into the deploy environment during a reimage (no root)
+  up [--vms N]                 the virtual datacenter: N libvirt VMs (default 2) behind sushy-tools, bm-server with the Redfish provider (root)
+  status                       what runs, where, and `bmctl list`
+  reimage [VM] [--image NAME]  a real reimage of VM (default bm-lab-1) with image NAME (default lab-b), its log live
+  down                         removes everything `up` made
+  test                         up, a reimage that must succeed, one with a wrong checksum that must fail, down (CI)";
 
 /// `cargo xtask lab ARGS`.
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
-    match args.first().map(String::as_str) {
-        Some("netboot") => netboot(),
-        _ => bail!(
-            "usage: cargo xtask lab netboot\n  boots a QEMU VM through the boot service into the deploy environment during a reimage"
-        ),
+    let mut words = args.iter().map(String::as_str);
+    let command = words.next();
+    let mut positional = Vec::new();
+    let (mut vms, mut image) = (2usize, build::IMAGES[1].to_owned());
+    while let Some(word) = words.next() {
+        match word {
+            "--vms" => vms = words.next().context("--vms takes a number")?.parse()?,
+            "--image" => image = words.next().context("--image takes a name")?.to_owned(),
+            other if !other.starts_with('-') => positional.push(other),
+            other => bail!("unknown option {other}\n{USAGE}"),
+        }
+    }
+    match (command, positional.as_slice()) {
+        (Some("netboot"), []) => netboot(),
+        (Some("up"), []) => dc::up(vms),
+        (Some("status"), []) => dc::status(),
+        (Some("reimage"), []) => dc::reimage("bm-lab-1", &image),
+        (Some("reimage"), [vm]) => dc::reimage(vm, &image),
+        (Some("down"), []) => dc::down(),
+        (Some("test"), []) => dc::test(),
+        _ => bail!("{USAGE}"),
     }
 }
 
 fn netboot() -> anyhow::Result<()> {
-    ensure_packages()?;
+    ensure_packages(&[BOOT_NEEDS])?;
     let lab = proc::target_dir().join("lab");
-    let boot = lab.join("boot");
-    build_deploy_environment(&lab, &boot)?;
+    let boot = build::build(&lab)?.boot;
     println!("==> building bm-server and bmctl");
     let bin = proc::build(&["bm-server", "bm-cli"], false)?;
 
@@ -334,117 +307,67 @@ impl Apt {
     }
 }
 
-/// Installs QEMU (from bookworm-backports), its iPXE ROMs and busybox when missing.
-fn ensure_packages() -> anyhow::Result<()> {
-    let qemu = have("qemu-system-x86_64") && Path::new("/usr/lib/ipxe/qemu").is_dir();
-    let busybox = Path::new("/bin/busybox").exists();
-    if qemu && busybox {
-        return Ok(());
-    }
-    println!("==> installing QEMU (bookworm-backports), ipxe-qemu and busybox-static");
-    Apt::new()?.get(
+/// What building and booting the lab's machines needs: a file each package installs, and
+/// the packages. QEMU comes from bookworm-backports (see [`Apt`]).
+const BOOT_NEEDS: &[(&str, &[&str])] = &[
+    (
+        "/usr/bin/qemu-system-x86_64",
         &[
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
             "qemu-system-x86/bookworm-backports",
             "qemu-system-common/bookworm-backports",
             "qemu-system-data/bookworm-backports",
             "seabios/bookworm-backports",
-            "ipxe-qemu",
-            "busybox-static",
         ],
-        None,
-    )
+    ),
+    ("/usr/lib/ipxe/qemu", &["ipxe-qemu"]),
+    ("/bin/busybox", &["busybox-static"]),
+    ("/usr/sbin/dropbear", &["dropbear-bin"]),
+    ("/usr/bin/ssh-keygen", &["openssh-client"]),
+    ("/usr/bin/syslinux", &["syslinux"]),
+    ("/usr/lib/syslinux/mbr/mbr.bin", &["syslinux-common"]),
+    ("/usr/bin/mcopy", &["mtools"]),
+    ("/usr/sbin/mkfs.vfat", &["dosfstools"]),
+];
+
+/// What the virtual datacenter needs besides: libvirt, its network's dnsmasq, and the Python
+/// binding sushy-tools drives libvirt with (sushy-tools itself comes from PyPI).
+const DATACENTER_NEEDS: &[(&str, &[&str])] = &[
+    ("/usr/sbin/libvirtd", &["libvirt-daemon-system"]),
+    ("/usr/bin/virsh", &["libvirt-clients"]),
+    ("/usr/sbin/dnsmasq", &["dnsmasq-base"]),
+    ("/usr/sbin/iptables", &["iptables"]),
+    (
+        "/usr/lib/python3/dist-packages/libvirt.py",
+        &["python3-libvirt"],
+    ),
+];
+
+/// Installs the packages of `needs` whose file is missing, in one apt-get run.
+fn ensure_packages(needs: &[&[(&str, &[&str])]]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .flat_map(|n| n.iter())
+        .filter(|(file, _)| !Path::new(file).exists())
+        .flat_map(|(_, packages)| packages.iter().copied())
+        .collect();
+    install(&missing)
 }
 
-/// Builds `boot/vmlinuz` and `boot/initrd.img` (once; delete `target/lab` to build again).
-fn build_deploy_environment(lab: &Path, boot: &Path) -> anyhow::Result<()> {
-    let (kernel, initrd) = (boot.join("vmlinuz"), boot.join("initrd.img"));
-    if kernel.exists() && initrd.exists() {
+/// Installs `packages` in one apt-get run (nothing when empty).
+fn install(packages: &[&str]) -> anyhow::Result<()> {
+    if packages.is_empty() {
         return Ok(());
     }
-    println!("==> building the deploy environment (Debian kernel, busybox initramfs)");
-    let cache = lab.join("cache");
-    std::fs::create_dir_all(&cache)?;
-    std::fs::create_dir_all(boot)?;
-    let deb = kernel_deb(&cache)?;
-    let tree = cache.join("kernel");
-    let _ = std::fs::remove_dir_all(&tree);
-    let status = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&tree)
-        .status()
-        .context("running dpkg-deb")?;
-    ensure!(status.success(), "dpkg-deb -x {} failed", deb.display());
-
-    let rd = cache.join("initramfs");
-    let _ = std::fs::remove_dir_all(&rd);
-    for dir in ["bin", "lib/modules", "proc", "sys", "dev", "etc", "tmp"] {
-        std::fs::create_dir_all(rd.join(dir))?;
-    }
-    std::fs::copy("/bin/busybox", rd.join("bin/busybox"))?;
-    std::os::unix::fs::symlink("busybox", rd.join("bin/sh"))?;
-    for m in MODULES {
-        let found = find_file(&tree.join("lib/modules"), &format!("{m}.ko"))
-            .with_context(|| format!("the kernel package has no {m}.ko"))?;
-        std::fs::copy(found, rd.join(format!("lib/modules/{m}.ko")))?;
-    }
-    std::fs::write(rd.join("init"), INIT.replace("MODULES", &MODULES.join(" ")))?;
-    std::fs::write(rd.join("udhcpc.sh"), UDHCPC)?;
-    for script in ["init", "udhcpc.sh"] {
-        std::fs::set_permissions(rd.join(script), std::fs::Permissions::from_mode(0o755))?;
-    }
-    let pack = format!(
-        "cd '{}' && find . | busybox cpio -o -H newc -R 0:0 2>/dev/null | gzip -9 > '{}'",
-        rd.display(),
-        initrd.display()
-    );
-    let status = Command::new("sh").args(["-c", &pack]).status()?;
-    ensure!(status.success(), "packing the initramfs failed");
-    let vmlinuz = std::fs::read_dir(tree.join("boot"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .context("the kernel package has no /boot/vmlinuz-*")?;
-    std::fs::copy(vmlinuz, &kernel)?;
-    Ok(())
-}
-
-/// The Debian kernel package (`linux-image-amd64`'s current kernel), downloaded once.
-fn kernel_deb(cache: &Path) -> anyhow::Result<PathBuf> {
-    let existing = || {
-        std::fs::read_dir(cache).ok().and_then(|d| {
-            d.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("linux-image-") && n.ends_with(".deb"))
-            })
-        })
-    };
-    if let Some(deb) = existing() {
-        return Ok(deb);
-    }
+    println!("==> installing {}", packages.join(" "));
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(packages);
     let apt = Apt::new()?;
-    let deps = apt
-        .command("apt-cache")
-        .args(["depends", "linux-image-amd64"])
-        .output()
-        .context("running apt-cache")?;
-    let text = String::from_utf8_lossy(&deps.stdout);
-    let name = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|d| d.starts_with("linux-image-"))
-        .context("apt knows no kernel package for linux-image-amd64")?;
-    apt.get(&["download", "-q", name], Some(cache))?;
-    existing().context("the downloaded kernel package is not where apt-get put it")
+    if apt.get(&args, None).is_err() {
+        // Package lists from an earlier run may name versions the mirror no longer has.
+        apt.get(&["update", "-qq"], None)?;
+        apt.get(&args, None)?;
+    }
+    Ok(())
 }
 
 fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
