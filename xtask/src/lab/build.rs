@@ -6,7 +6,7 @@
 //!   brings the network up with DHCP, starts the SSH server with the lab's host key and the
 //!   provider's public key, then checks in with its one-time token. Busybox and Dropbear
 //!   rather than an agent of ours: the Redfish provider's in-band steps are commands over
-//!   SSH, and this is the smallest thing that runs them (about 2 MB compressed);
+//!   SSH, and this is the smallest thing that runs them (about 3 MB compressed);
 //! - **disk images** (`boot/NAME.img` and `boot/NAME.img.sha256`): 32 MiB with an MBR, one
 //!   FAT partition and SYSLINUX, the same kernel and an initramfs that says
 //!   `booted image NAME` on the console, answers SSH, and has the stand-ins of the cluster
@@ -25,7 +25,7 @@ use anyhow::{Context, ensure};
 use super::{Apt, find_file, have};
 
 /// Bump when what is built changes, so that an older build is not reused.
-const RECIPE: &str = "lab-build-2";
+const RECIPE: &str = "lab-build-3";
 
 /// The images the lab publishes, with the checksum published for each.
 pub(crate) const IMAGES: [&str; 2] = ["lab-a", "lab-b"];
@@ -97,8 +97,10 @@ esac
 /// The deploy environment's repave command (`[redfish.commands] repave`).
 const WRITE_IMAGE: &str = r#"#!/bin/sh
 # bm-write-image URL SHA256: writes the image at URL to the first disk, reports the SHA-256
-# of what it wrote, and when that is the expected one, reboots into it (as Ironic's agent
-# ends a deploy). Otherwise it stays, so that the step can be retried.
+# of the bytes it wrote (as they went to the disk), and when that is the expected one,
+# reboots into it once this SSH session has ended (as Ironic's agent ends a deploy).
+# Otherwise it erases the start of the disk, so that nothing boots a corrupt image, and
+# stays, so that the step can be retried.
 set -e -o pipefail
 url="$1" want="$2" disk=/dev/vda
 echo "bm-deploy: writing $url to $disk"
@@ -106,14 +108,21 @@ sum=$(wget -q -O- "$url" | tee "$disk" | sha256sum | cut -d' ' -f1)
 sync
 echo "bm-deploy: wrote the image; its sha256 is $sum"
 echo "bm-image-sha256: $sum"
-if [ "$sum" = "$want" ]; then
-  echo "bm-deploy: the image is intact; rebooting into it"
-  # No new SSH session may reach the deploy environment once this step ended.
-  kill "$(cat /run/dropbear.pid)"
-  (sleep 1; reboot -f) < /dev/null > /dev/null 2>&1 &
-else
-  echo "bm-deploy: the image is not what was published ($want); not rebooting"
+if [ "$sum" != "$want" ]; then
+  dd if=/dev/zero of="$disk" bs=1M count=1 conv=fsync 2>/dev/null
+  echo "bm-deploy: the image is not what was published ($want); erased its start, not rebooting"
+  exit 0
 fi
+echo "bm-deploy: the image is intact; rebooting into it once this session ends"
+# No new SSH session may reach the deploy environment once this step ended; the reboot
+# waits for the sessions still open (this one) to close, at most 60 s.
+kill "$(cat /run/dropbear.pid)"
+(
+  n=0
+  while pidof dropbear > /dev/null && [ "$n" -lt 300 ]; do sleep 0.2; n=$((n + 1)); done
+  sync
+  reboot -f
+) < /dev/null > /dev/null 2>&1 &
 "#;
 
 /// The images' join-cluster stand-in: records the cluster and the token (on stdin).
@@ -293,6 +302,7 @@ fn initramfs(
         .arg(dropbear)
         .output()
         .context("running ldd")?;
+    ensure!(ldd.status.success(), "ldd {} failed", dropbear.display());
     for lib in String::from_utf8_lossy(&ldd.stdout)
         .split_whitespace()
         .filter(|w| w.starts_with('/'))
@@ -340,7 +350,7 @@ fn initramfs(
         rd.display(),
         out.display()
     );
-    run(Command::new("sh").args(["-c", &pack]))
+    run(Command::new("bash").args(["-o", "pipefail", "-c", &pack]))
 }
 
 /// A bootable disk image: MBR, one FAT partition from sector 2048 with SYSLINUX, the kernel

@@ -31,11 +31,15 @@ const BRIDGE: &str = "bmlab0";
 const DOMAIN_PREFIX: &str = "bm-lab-";
 const LIBVIRT: &str = "qemu:///system";
 
+/// The sushy-tools release the lab was measured with.
+const SUSHY_TOOLS: &str = "sushy-tools==2.2.0";
+
 /// The cluster the lab's machines join (a stand-in: see the images' `bm-lab-join`).
 const CLUSTER: &str = "lab-cluster";
 
-/// How long one reimage may take (measured here: about 1 min).
-const REIMAGE_DEADLINE: Duration = Duration::from_secs(600);
+/// How long one reimage may take (measured here: about 40 s); `lab test` (up and two
+/// reimages) stays well within CI's 20 min for the step.
+const REIMAGE_DEADLINE: Duration = Duration::from_secs(300);
 
 fn dc_dir() -> PathBuf {
     proc::target_dir().join("lab").join("dc")
@@ -111,13 +115,23 @@ fn spawn_detached(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
     Ok(child.id())
 }
 
-/// Sends SIGTERM to the process group of `pid` if that process still runs `program`.
+/// Stops the process group of `pid` if that process still runs `program`: SIGTERM, then
+/// SIGKILL after 10 s.
 fn stop(pid: u64, program: &str) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains(program) {
+    let runs = || {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains(program)
+    };
+    for signal in ["-TERM", "-KILL"] {
+        if !runs() {
+            return;
+        }
+        // The group (a daemon that is its leader, with its children) and the process.
         let _ = Command::new("kill")
-            .args(["-TERM", "--", &format!("-{pid}")])
+            .args([signal, "--", &format!("-{pid}"), &pid.to_string()])
+            .stderr(Stdio::null())
             .status();
+        let _ = wait_for(program, Duration::from_secs(10), || !runs());
     }
 }
 
@@ -181,7 +195,8 @@ fn bring_up(
         // off), libvirtd finds its cached QEMU capabilities stale at every look and probes
         // QEMU again, twice, which makes each domain define or start take up to a minute. The
         // lab's VMs use software emulation anyway, so its libvirtd runs in a mount namespace
-        // of its own where /dev/kvm is an empty file that its QEMU user cannot open, and
+        // of its own where /dev/kvm is an empty file on a read-only mount (which not even
+        // root, its QEMU user here, can open for writing), and
         // where its qemu.conf turns off the per-VM /dev namespaces (which would try to carry
         // that mount over, and fail).
         let no_kvm = dc_dir().join("no-kvm");
@@ -190,10 +205,14 @@ fn bring_up(
         let system = std::fs::read_to_string("/etc/libvirt/qemu.conf").unwrap_or_default();
         std::fs::write(
             &qemu_conf,
-            format!("{system}\n# cargo xtask lab\nnamespaces = []\n"),
+            // QEMU as root: the lab's disks and consoles are under the project's target
+            // directory, which the usual libvirt-qemu user may not be able to reach.
+            format!(
+                "{system}\n# cargo xtask lab\nnamespaces = []\nuser = \"root\"\ngroup = \"root\"\n"
+            ),
         )?;
         let script = format!(
-            "if [ -e /dev/kvm ]; then mount --bind '{}' /dev/kvm || exit 1; fi; \
+            "if [ -e /dev/kvm ]; then mount --bind '{}' /dev/kvm && mount -o remount,bind,ro /dev/kvm || exit 1; fi; \
              mount --bind '{}' /etc/libvirt/qemu.conf || exit 1; exec /usr/sbin/libvirtd -d",
             no_kvm.display(),
             qemu_conf.display()
@@ -261,7 +280,17 @@ fn bring_up(
         })
         .collect();
     // The IPv6 subnet is there for its router advertisements: without one, iPXE waits
-    // about 16 s for them before it uses its DHCPv4 lease.
+    // about 16 s for them before it uses its DHCPv4 lease (unless IPv6 is off here).
+    let ipv6_off = std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map_or(true, |v| v.trim() == "1");
+    let ipv6 = if ipv6_off {
+        String::new()
+    } else {
+        format!(
+            "  <ip family='ipv6' address='fd42:{}::1' prefix='64'/>\n",
+            net.rsplit('.').next().unwrap_or("150")
+        )
+    };
     let xml = format!(
         "<network>
   <name>{NETWORK}</name>
@@ -272,10 +301,8 @@ fn bring_up(
 {hosts}      <bootp file='{boot_url}/boot/ipxe?mac=${{net0/mac}}'/>
     </dhcp>
   </ip>
-  <ip family='ipv6' address='fd42:{}::1' prefix='64'/>
-</network>
-",
-        net.rsplit('.').next().unwrap_or("150")
+{ipv6}</network>
+"
     );
     let file = dir.join("network.xml");
     std::fs::write(&file, xml)?;
@@ -484,7 +511,7 @@ fn sushy_venv(lab: &Path) -> anyhow::Result<PathBuf> {
         "creating the sushy-tools virtualenv failed"
     );
     let status = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "sushy-tools"])
+        .args(["install", "-q", SUSHY_TOOLS])
         .status()?;
     ensure!(status.success(), "pip install sushy-tools failed");
     Ok(venv)
@@ -609,22 +636,33 @@ pub(crate) fn reimage(vm: &str, image: &str) -> anyhow::Result<()> {
             .into_owned();
     let phase_name = phase["phase"].as_str().unwrap_or_default();
     println!("\n$ bmctl op {op}\n{}", bmctl(&state, &["op", &op])?);
+    let log = bmctl(&state, &["logs", &op])?;
     if expect_failure {
+        let error = phase["error"].as_str().unwrap_or_default();
         ensure!(
             phase_name.ends_with("FAILED"),
             "the reimage with a wrongly published checksum ended {phase_name}, not FAILED"
         );
-        let error = phase["error"].as_str().unwrap_or_default();
         ensure!(
-            error.contains("repave-image") || phase.to_string().contains("repave-image"),
-            "the reimage failed, but not in repave-image: {error}"
+            error.starts_with("repave-image: ") && error.contains("not the published"),
+            "the reimage failed, but not on the checksum in repave-image: {error}"
         );
         ensure!(
-            !console_text.contains(&format!("booted image {CORRUPT_IMAGE}")),
-            "the VM booted the image whose checksum did not match"
+            !error.contains("could not be disarmed"),
+            "the netboot override was not disarmed after the failure: {error}"
+        );
+        ensure!(
+            log.contains("boot override points at the disk")
+                || log.contains("boot override disabled"),
+            "the failed reimage's log does not show the netboot disarmed:\n{log}"
+        );
+        ensure!(
+            !console_text.contains("booted image "),
+            "the VM booted an image from its disk during a reimage that failed its checksum:\n{}",
+            tail(&console)
         );
         println!(
-            "==> as it must, the reimage with a wrongly published checksum failed in repave-image after {:.0} s",
+            "==> as it must, the reimage with a wrongly published checksum failed in repave-image after {:.0} s, and the netboot was disarmed",
             took.as_secs_f64()
         );
         return Ok(());
@@ -640,6 +678,10 @@ pub(crate) fn reimage(vm: &str, image: &str) -> anyhow::Result<()> {
         "the reimage succeeded, but the VM's console does not show the deploy environment and then '{booted}':\n{}",
         tail(&console)
     );
+    ensure!(
+        log.contains(&format!("booted image {image}, in cluster {CLUSTER}")),
+        "verify-in-cluster did not report the booted image; the log:\n{log}"
+    );
     println!(
         "==> {vm} network-booted the deploy environment, got image {image} written over SSH, booted it from its disk and passed verify-in-cluster: {:.0} s",
         took.as_secs_f64()
@@ -647,8 +689,15 @@ pub(crate) fn reimage(vm: &str, image: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask lab down`: removes everything `up` made, also after a failed `up`.
+/// `cargo xtask lab down`: removes everything `up` made, also after a failed `up`; goes on
+/// past what fails and reports it at the end.
 pub(crate) fn down() -> anyhow::Result<()> {
+    // One at a time: an interrupted `lab test` takes the lab down from its signal handler
+    // while its main thread may be doing the same.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     require_root()?;
     let state = load_state().unwrap_or_else(|_| json!({}));
     if let Some(pid) = state["server"]["pid"].as_u64() {
@@ -657,25 +706,47 @@ pub(crate) fn down() -> anyhow::Result<()> {
     if let Some(pid) = state["sushy"]["pid"].as_u64() {
         stop(pid, "sushy-emulator");
     }
+    let mut failed = Vec::new();
     if have("virsh") && virsh(&["version"]).is_ok() {
-        for name in virsh(&["list", "--all", "--name"])?.lines() {
-            if name.starts_with(DOMAIN_PREFIX) {
-                let _ = virsh(&["destroy", name]);
-                virsh(&["undefine", name])?;
+        let domains = virsh(&["list", "--all", "--name"]).unwrap_or_default();
+        for name in domains.lines().filter(|n| n.starts_with(DOMAIN_PREFIX)) {
+            let _ = virsh(&["destroy", name]);
+            if let Err(e) = virsh(&["undefine", name]) {
+                failed.push(format!("{e:#}"));
             }
         }
         if virsh(&["net-info", NETWORK]).is_ok() {
             let _ = virsh(&["net-destroy", NETWORK]);
-            virsh(&["net-undefine", NETWORK])?;
+            if let Err(e) = virsh(&["net-undefine", NETWORK]) {
+                failed.push(format!("{e:#}"));
+            }
         }
+    } else if state["network"].is_string() {
+        failed.push(format!(
+            "libvirtd does not answer: the domains {DOMAIN_PREFIX}* and the network {NETWORK} (bridge {BRIDGE}) may be left; start libvirtd and run `cargo xtask lab down` again"
+        ));
     }
     if state["libvirtd_started"] == json!(true) {
-        for daemon in ["libvirtd", "virtlogd"] {
-            let _ = Command::new("pkill").args(["-x", daemon]).status();
+        for (daemon, pidfile) in [
+            ("libvirtd", "/run/libvirtd.pid"),
+            ("virtlogd", "/run/virtlogd.pid"),
+        ] {
+            match std::fs::read_to_string(pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<u64>().ok())
+            {
+                Some(pid) => stop(pid, daemon),
+                None => failed.push(format!("no {pidfile}: is {daemon} still running?")),
+            }
         }
         remove_libvirt_chains();
     }
     let _ = std::fs::remove_file(state_path());
+    ensure!(
+        failed.is_empty(),
+        "the lab is down, but not all of it:\n  {}",
+        failed.join("\n  ")
+    );
     println!("==> the lab is down (logs stay in {})", dc_dir().display());
     Ok(())
 }
@@ -700,6 +771,7 @@ fn remove_libvirt_chains() {
                     let _ = Command::new(tool)
                         .args(["-t", table, "-D"])
                         .args(&words[1..])
+                        .stderr(Stdio::null())
                         .status();
                 }
             }
@@ -708,8 +780,12 @@ fn remove_libvirt_chains() {
                     .strip_prefix("-N ")
                     .filter(|c| c.starts_with("LIBVIRT_"))
                 {
-                    let _ = Command::new(tool).args(["-t", table, "-F", chain]).status();
-                    let _ = Command::new(tool).args(["-t", table, "-X", chain]).status();
+                    for op in ["-F", "-X"] {
+                        let _ = Command::new(tool)
+                            .args(["-t", table, op, chain])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
                 }
             }
         }
@@ -720,6 +796,16 @@ fn remove_libvirt_chains() {
 /// must succeed, one with a wrongly published checksum that must fail in `repave-image`,
 /// and down whatever happened.
 pub(crate) fn test() -> anyhow::Result<()> {
+    require_root()?;
+    // Interrupted (Ctrl+C, or CI's timeout), it still takes everything down.
+    ctrlc::set_handler(|| {
+        eprintln!("\n==> interrupted: taking the lab down");
+        if let Err(e) = down() {
+            eprintln!("{e:#}");
+        }
+        std::process::exit(130);
+    })
+    .context("installing the signal handler")?;
     let started = Instant::now();
     let vm = format!("{DOMAIN_PREFIX}1");
     let result = up(1)
@@ -731,8 +817,9 @@ pub(crate) fn test() -> anyhow::Result<()> {
             tail(&dc_dir().join("server.log"))
         );
     }
-    down()?;
+    let down = down();
     result?;
+    down?;
     println!(
         "==> lab test passed in {:.0} s",
         started.elapsed().as_secs_f64()

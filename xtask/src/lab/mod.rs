@@ -247,12 +247,12 @@ fn have(program: &str) -> bool {
 /// private package lists, so that the system's own are left as they are. QEMU comes from
 /// backports because the release's 7.2 would replace a backports qemu-utils the machine may
 /// have (and 10.x finds its iPXE ROMs by itself).
-struct Apt {
+pub(crate) struct Apt {
     opts: Vec<String>,
 }
 
 impl Apt {
-    fn new() -> anyhow::Result<Apt> {
+    pub(crate) fn new() -> anyhow::Result<Apt> {
         ensure!(
             have("apt-get"),
             "the lab needs Debian's apt-get (qemu-system-x86, ipxe-qemu, busybox-static and a kernel package)"
@@ -302,7 +302,7 @@ impl Apt {
         c
     }
 
-    fn get(&self, args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
+    pub(crate) fn get(&self, args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
         crate::test::apt_get(&self.opts, args, dir)
     }
 }
@@ -336,6 +336,8 @@ const DATACENTER_NEEDS: &[(&str, &[&str])] = &[
     ("/usr/bin/virsh", &["libvirt-clients"]),
     ("/usr/sbin/dnsmasq", &["dnsmasq-base"]),
     ("/usr/sbin/iptables", &["iptables"]),
+    ("/bin/kill", &["procps"]),
+    ("/bin/ip", &["iproute2"]),
     (
         "/usr/lib/python3/dist-packages/libvirt.py",
         &["python3-libvirt"],

@@ -260,23 +260,42 @@ impl Bmc {
         etag: Option<&str>,
         timeout: Option<Duration>,
     ) -> Result<Option<String>, ProviderError> {
+        self.write_or_refused(cancel, method, path, body, etag, timeout)
+            .await?
+    }
+
+    /// [`Bmc::write`], except that an answer refusing the request's content (HTTP 400, 405
+    /// or 409: a BMC that wants the request in another form) comes back as `Ok(Err(..))`,
+    /// for the caller to try another form. Credentials, paths, preconditions and server
+    /// errors are `Err` as always.
+    pub(crate) async fn write_or_refused(
+        &self,
+        cancel: &CancellationToken,
+        method: Method,
+        path: &str,
+        body: &Value,
+        etag: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<Result<Option<String>, ProviderError>, ProviderError> {
         let timeout = timeout.unwrap_or(self.timeout);
         let (status, headers, resp) = self
             .send(cancel, method.clone(), path, Some(body), etag, timeout)
             .await?;
         if status == StatusCode::ACCEPTED {
-            return Ok(headers
+            return Ok(Ok(headers
                 .get(reqwest::header::LOCATION)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned));
+                .map(str::to_owned)));
         }
         if status.is_success() {
-            return Ok(None);
+            return Ok(Ok(None));
         }
-        Err(
-            error::status_error(&self.name, method.as_str(), path, status.as_u16(), &resp)
-                .with_retry_after(error::retry_after(&headers)),
-        )
+        let error = error::status_error(&self.name, method.as_str(), path, status.as_u16(), &resp)
+            .with_retry_after(error::retry_after(&headers));
+        match status.as_u16() {
+            400 | 405 | 409 => Ok(Err(error)),
+            _ => Err(error),
+        }
     }
 
     /// Reads a task monitor: `None` while the BMC still answers 202 (the task runs), else

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use bm_domain::{MacAddress, MachineId};
-use bm_provider::{BootWitness, ErrorKind, Health, LogSink, Observation, ProviderError};
+use bm_provider::{BootWitness, Health, LogSink, Observation, ProviderError};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -390,7 +390,7 @@ pub(crate) async fn boot_once(
     } else {
         log.line(TAG, format!("boot override: {target}, once"));
     }
-    patch_boot(bmc, cancel, log, system, patch).await?;
+    patch_boot(bmc, cancel, log, system, patch).await??;
     let after = bmc.get(cancel, &system.path).await?;
     let boot = after.body.get("Boot").cloned().unwrap_or_default();
     if let Some(mode) = mode {
@@ -467,19 +467,16 @@ pub(crate) async fn disable_boot_override(
             format!("disarming the boot override (it was {other}): next boot from disk"),
         ),
     }
-    let refused = match patch_boot(
+    let refused = patch_boot(
         bmc,
         cancel,
         log,
         system,
         json!({"BootSourceOverrideEnabled": "Disabled"}),
     )
-    .await
-    {
-        Ok(()) => None,
-        Err(e) if e.kind() == ErrorKind::Permanent => Some(e.to_string()),
-        Err(e) => return Err(e),
-    };
+    .await?
+    .err()
+    .map(|e| e.to_string());
     let after = bmc.get(cancel, &system.path).await?;
     let still = match (refused, enabled(&after).as_deref()) {
         (None, Some("Disabled") | None) => {
@@ -500,7 +497,7 @@ pub(crate) async fn disable_boot_override(
         &after,
         json!({"BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Once"}),
     )
-    .await?;
+    .await??;
     let after = bmc.get(cancel, &system.path).await?;
     match boot(&after, "BootSourceOverrideTarget").as_deref() {
         Some("Hdd") => {
@@ -515,16 +512,17 @@ pub(crate) async fn disable_boot_override(
     }
 }
 
-/// PATCHes `Boot` of the system with `patch`, waiting for the BMC's task if it starts one.
+/// PATCHes `Boot` of the system with `patch`, waiting for the BMC's task if it starts one;
+/// `Ok(Err(..))` when the BMC refused the PATCH's content (see [`Bmc::write_or_refused`]).
 async fn patch_boot(
     bmc: &Bmc,
     cancel: &CancellationToken,
     log: &LogSink,
     system: &Resource,
     patch: Value,
-) -> Result<(), ProviderError> {
-    if let Some(task) = bmc
-        .write(
+) -> Result<Result<(), ProviderError>, ProviderError> {
+    let written = bmc
+        .write_or_refused(
             cancel,
             Method::PATCH,
             &system.path,
@@ -532,11 +530,15 @@ async fn patch_boot(
             system.etag.as_deref(),
             None,
         )
-        .await?
-    {
-        wait_task(bmc, cancel, log, &task, Instant::now() + BOOT_TASK_DEADLINE).await?;
+        .await?;
+    match written {
+        Ok(Some(task)) => {
+            wait_task(bmc, cancel, log, &task, Instant::now() + BOOT_TASK_DEADLINE).await?;
+            Ok(Ok(()))
+        }
+        Ok(None) => Ok(Ok(())),
+        Err(refused) => Ok(Err(refused)),
     }
-    Ok(())
 }
 
 /// Finds the system's CD/DVD virtual media device: under the system first, then under each

@@ -495,10 +495,30 @@ async fn disarm_points_the_override_at_the_disk_when_the_bmc_cannot_disable_it()
             "{:#?}",
             h.lines()
         );
+        let hdd = bmc
+            .writes()
+            .into_iter()
+            .rfind(|(m, path, _)| m == "PATCH" && path == SYS)
+            .unwrap()
+            .2;
+        assert_eq!(
+            hdd,
+            json!({"Boot": {"BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Once"}})
+        );
         let writes = bmc.writes().len();
         p.disarm_netboot(h.ctx()).await.unwrap();
         assert_eq!(bmc.writes().len(), writes, "disarmed twice");
     }
+    // A refusal that is not about the request's form (here: a missing privilege) is an
+    // error, not a reason to point the override elsewhere.
+    let bmc = ScriptedBmc::start(resources(), Box::new(continuous)).await;
+    let p = provider();
+    let h = Harness::new(machine(&format!("{}{SYS}", bmc.base()), "", &[]));
+    p.set_netboot(h.ctx()).await.unwrap();
+    bmc.refuse_on("PATCH", SYS, 403);
+    let e = p.disarm_netboot(h.ctx()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Permanent, "{e}");
+    assert_eq!(bmc.resource(SYS)["Boot"]["BootSourceOverrideTarget"], "Pxe");
 }
 
 /// Issue 13: a BMC that is rebooting itself answers 503 with `Retry-After`: unavailable
