@@ -6,7 +6,10 @@
 //! `openssh-server`) and the sushy-tools emulator in a Python venv (`python3-venv`). They find
 //! those programs as this does: the `PATH`, then the sbin directories. The PostgreSQL store's
 //! tests start a throwaway cluster with Debian's `postgresql` binaries
-//! (`/usr/lib/postgresql/*/bin`).
+//! (`/usr/lib/postgresql/*/bin`). The metrics tests check the exposition and the alerting
+//! rules with Prometheus's `promtool`: the one on the `PATH`, else the one of Debian's
+//! `prometheus` package, extracted into `target/tools` (not installed: the package would
+//! start a Prometheus server), given to the tests as `BM_PROMTOOL`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +39,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         .any(|a| a.starts_with("-p") || a.starts_with("--package"));
     let mut cargo = Command::new(proc::cargo());
     cargo.current_dir(proc::root()).arg("test");
+    if find("promtool").is_none() {
+        cargo.env("BM_PROMTOOL", promtool()?);
+    }
     if !picks {
         cargo.arg("--workspace");
     }
@@ -54,6 +60,37 @@ pub(crate) fn find(name: &str) -> Option<PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `promtool` from Debian's `prometheus` package, extracted once into `target/tools`.
+fn promtool() -> anyhow::Result<PathBuf> {
+    let tools = proc::target_dir().join("tools");
+    let promtool = tools.join("promtool");
+    if promtool.exists() {
+        return Ok(promtool);
+    }
+    println!("==> fetching promtool (Debian's prometheus package, extracted, not installed)");
+    let debs = tools.join("debs");
+    std::fs::create_dir_all(&debs)?;
+    crate::lab::Apt::new()?.get(&["download", "-q", "prometheus"], Some(&debs))?;
+    let deb = std::fs::read_dir(&debs)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    let tree = tools.join("prometheus");
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&tree)
+        .status()
+        .context("running dpkg-deb")?;
+    anyhow::ensure!(status.success(), "dpkg-deb -x {} failed", deb.display());
+    std::fs::copy(tree.join("usr/bin/promtool"), &promtool)
+        .context("the prometheus package has no usr/bin/promtool")?;
+    let _ = std::fs::remove_dir_all(&tree);
+    let _ = std::fs::remove_dir_all(&debs);
+    Ok(promtool)
 }
 
 /// The Debian packages of the programs the tests need and this machine lacks.

@@ -24,6 +24,19 @@ pub enum ErrorKind {
     Canceled,
 }
 
+impl ErrorKind {
+    /// The name metrics and logs use, e.g. `unreachable`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Transient => "transient",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Permanent => "permanent",
+            ErrorKind::Canceled => "canceled",
+        }
+    }
+}
+
 /// Why a provider action did not succeed.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]

@@ -23,6 +23,7 @@ mod health;
 mod limits;
 mod listener;
 mod machines;
+mod metrics;
 mod operations;
 mod paging;
 mod quota;
@@ -43,6 +44,7 @@ pub use auth::{
 };
 pub use boot::{BootService, router as boot_router, serve_boot};
 pub use limits::Limits;
+pub use metrics::{GrpcMetrics, GrpcMetricsLayer, Metrics, router as metrics_router};
 pub use tls::{Tls, TlsError, TlsFiles};
 
 /// What the server serves.
@@ -59,6 +61,8 @@ pub struct Deps {
     pub tls: Option<std::sync::Arc<Tls>>,
     /// Who may call; [`Auth::reload`] takes effect for the next calls.
     pub auth: std::sync::Arc<Auth>,
+    /// Where gRPC calls are counted (`--metrics-listen`); nowhere when `None`.
+    pub metrics: Option<std::sync::Arc<Metrics>>,
 }
 
 /// Why the server stopped with an error.
@@ -137,6 +141,7 @@ pub async fn serve(
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(metrics::GrpcMetricsLayer::new(deps.metrics.clone()))
         .layer(limits::AdmissionLayer::new(shared))
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_arguments,

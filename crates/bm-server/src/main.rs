@@ -135,6 +135,11 @@ struct Args {
     )]
     status_poll_concurrency: usize,
 
+    /// Serve Prometheus metrics (GET /metrics, the text format or OpenMetrics) on this
+    /// address, e.g. 127.0.0.1:9464; off by default (docs/observability.md).
+    #[arg(long, env = "BM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
     /// Serve network boots (iPXE scripts, the deploy kernel and initrd, check-ins) on this
     /// address, e.g. 0.0.0.0:8080; off by default. With it, reimage's reboot-to-netboot ends
     /// when the deploy environment checks in (docs/netboot.md).
@@ -863,6 +868,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.provider_config {
         register_configured(&mut providers, path, netboot.clone())?;
     }
+    let metrics = args
+        .metrics_listen
+        .map(|_| Arc::new(bm_server::Metrics::new()));
 
     let config = EngineConfig {
         max_concurrent_operations: args.max_concurrent_operations,
@@ -876,6 +884,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..StatusPollConfig::default()
         },
         netboot: netboot.clone(),
+        telemetry: match &metrics {
+            Some(m) => m.clone(),
+            None => Arc::new(bm_workflow::NoTelemetry),
+        },
         ..EngineConfig::default()
     };
     tracing::info!(owner = %config.owner, providers = ?providers, "starting engine");
@@ -925,9 +937,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         tls,
         auth,
+        metrics: metrics.clone(),
     };
     let engine = deps.engine.clone();
-    let (boot_stop, boot_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Ends the boot service and the metrics endpoint once the API has stopped.
+    let (side_stop, side_stopped) = tokio::sync::watch::channel(false);
+    let stopped = || {
+        let mut rx = side_stopped.clone();
+        async move {
+            let _ = rx.changed().await;
+        }
+    };
+    let metrics_server = match (args.metrics_listen, metrics) {
+        (Some(addr), Some(metrics)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics on http://{}/metrics", listener.local_addr()?);
+            let app = bm_server::metrics_router(metrics, engine.clone());
+            Some(tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped())
+                    .into_future(),
+            ))
+        }
+        _ => None,
+    };
     let boot = match (args.boot_listen, netboot) {
         (Some(boot_addr), Some(netboot)) => {
             let listener = tokio::net::TcpListener::bind(boot_addr)
@@ -951,20 +986,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 kernel_args: args.boot_kernel_args.clone(),
                 base_url,
             };
-            let stopped = async {
-                let _ = boot_stopped.await;
-            };
-            Some(tokio::spawn(bm_server::serve_boot(listener, svc, stopped)))
+            Some(tokio::spawn(bm_server::serve_boot(
+                listener,
+                svc,
+                stopped(),
+            )))
         }
         _ => None,
     };
     let served = bm_server::serve(listener, shutdown_signal(), deps).await;
-    let _ = boot_stop.send(());
-    if let Some(boot) = boot {
-        match boot.await {
+    let _ = side_stop.send(true);
+    for (what, task) in [
+        ("the boot service", boot),
+        ("the metrics endpoint", metrics_server),
+    ] {
+        let Some(task) = task else { continue };
+        match task.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the boot service failed"),
-            Err(e) => tracing::error!(error = %e, "the boot service panicked"),
+            Ok(Err(e)) => tracing::error!(error = %e, "{what} failed"),
+            Err(e) => tracing::error!(error = %e, "{what} panicked"),
         }
     }
     served.context("serving")?;

@@ -10,13 +10,14 @@ use std::collections::HashMap;
 
 use bm_domain::rules::{self, Outcome};
 use bm_domain::{
-    DomainError, EventKind, Labels, MacAddress, Machine, MachineEvent, MachineEventKind, MachineId,
-    MachinePatch, Observation, Operation, OperationEvent, OperationId, OperationPhase, RequestId,
-    Timestamp, apply_observation,
+    DomainError, EffectiveState, EventKind, Labels, MacAddress, Machine, MachineEvent,
+    MachineEventKind, MachineId, MachinePatch, Observation, Operation, OperationEvent, OperationId,
+    OperationPhase, Phase, RequestId, Timestamp, apply_observation,
 };
 
 use crate::{
-    Admission, Claimed, Fence, ImportOutcome, Lease, Recorded, Renewal, Result, StoreError,
+    Admission, Claimed, Fence, ImportOutcome, Lease, MachineCount, Recorded, Renewal, Result,
+    StoreError,
 };
 
 /// An operation as stored: the record and who holds it.
@@ -250,6 +251,23 @@ pub(crate) fn machine_event_row(
             StoreError::Corrupt(format!("machine_events of {machine_id}: {e}"))
         })?,
         message,
+    })
+}
+
+/// A count of machines from the `phase` and `effective_state` columns of both SQL backends.
+pub(crate) fn machine_count_row(phase: &str, state: &str, machines: i64) -> Result<MachineCount> {
+    let corrupt =
+        |what: &str, v: &str| StoreError::Corrupt(format!("machines: unknown {what} {v:?}"));
+    Ok(MachineCount {
+        phase: *Phase::ALL
+            .iter()
+            .find(|p| p.as_str() == phase)
+            .ok_or_else(|| corrupt("phase", phase))?,
+        effective_state: *EffectiveState::ALL
+            .iter()
+            .find(|s| s.as_str() == state)
+            .ok_or_else(|| corrupt("effective state", state))?,
+        machines: u64::try_from(machines).unwrap_or_default(),
     })
 }
 

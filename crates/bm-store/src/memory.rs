@@ -14,8 +14,8 @@ use tokio::sync::{broadcast, watch};
 use crate::condition::ConditionCell;
 use crate::logic::{self, Holding, Indexed, StoredOp, Tx};
 use crate::{
-    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
-    OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition,
+    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineCount,
+    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition,
 };
 
 #[derive(Default)]
@@ -279,6 +279,24 @@ impl Store for MemoryStore {
             .get(mac)
             .and_then(|id| state.machines.get(id))
             .cloned())
+    }
+
+    async fn machine_counts(&self) -> Result<Vec<MachineCount>> {
+        let state = self.lock();
+        let mut counts = std::collections::BTreeMap::<_, u64>::new();
+        for m in state.machines.values() {
+            *counts
+                .entry((m.status.phase, m.effective_state()))
+                .or_default() += 1;
+        }
+        Ok(counts
+            .into_iter()
+            .map(|((phase, effective_state), machines)| MachineCount {
+                phase,
+                effective_state,
+                machines,
+            })
+            .collect())
     }
 
     async fn list_machines(&self, q: &MachineQuery) -> Result<Page<Machine>> {

@@ -9,7 +9,7 @@ use bm_domain::{
     MacAddress, Machine, MachineEvent, MachineId, Operation, OperationId, OperationPhase,
 };
 use bm_provider::ProviderRegistry;
-use bm_store::{Store, StoreCondition};
+use bm_store::{MachineCount, Store, StoreCondition};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::api::{
@@ -20,6 +20,7 @@ use crate::netboot::{BootAnswer, NETBOOT_STAGE, Netboot};
 use crate::policy::RetryPolicy;
 use crate::shared::Inner;
 use crate::sync::{PollRound, StatusPollConfig};
+use crate::telemetry::{NoTelemetry, Telemetry};
 use crate::{WorkflowError, executor, now};
 
 /// Items read from the store per query while a scoped listing fills its page.
@@ -62,6 +63,8 @@ pub struct EngineConfig {
     /// environment checks in (see [`Netboot`]); without it, when the provider reports the
     /// power cycle done.
     pub netboot: Option<Arc<Netboot>>,
+    /// Where the executor reports its work (metrics); nowhere by default.
+    pub telemetry: Arc<dyn Telemetry>,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +83,7 @@ impl Default for EngineConfig {
             stream_buffer_bytes: 256 * 1024,
             status_poll: StatusPollConfig::default(),
             netboot: None,
+            telemetry: Arc::new(NoTelemetry),
         }
     }
 }
@@ -328,6 +332,16 @@ impl Engine {
     /// Not found, or a store failure.
     pub async fn get_machine(&self, id: &MachineId) -> Result<Machine, WorkflowError> {
         Ok(self.inner.store.get_machine(id).await?)
+    }
+
+    /// How many machines are in each phase and effective state (for metrics: cheap, from the
+    /// store's indexed columns).
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn machine_counts(&self) -> Result<Vec<MachineCount>, WorkflowError> {
+        Ok(self.inner.store.machine_counts().await?)
     }
 
     /// A machine's events (what happened to it outside operations), oldest first, with a

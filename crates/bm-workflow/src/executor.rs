@@ -20,6 +20,7 @@ use crate::plan::{ResumePolicy, StepKind, completed_prefix, plan};
 use crate::policy::{Decision, decide};
 use crate::shared::{Claim, Inner, Running};
 use crate::steps;
+use crate::telemetry::{Attempt, AttemptOutcome};
 
 /// Starts the executor's tasks: the dispatcher, the lease renewal, and the listener for
 /// cancels asked through other servers.
@@ -394,6 +395,10 @@ impl Runner {
                 t,
             ));
         } else if self.op.start(t).is_ok() {
+            self.inner
+                .config
+                .telemetry
+                .operation_started(self.op.op_type);
             self.events.push(OperationEvent::new(
                 &self.op,
                 EventKind::PhaseChanged,
@@ -459,8 +464,22 @@ impl Runner {
                 self.op.withdraw_attempt();
                 return self.end_stopped().await.map(Flow::Ended);
             }
-            let error = match self.attempt(step, provider, machine).await {
+            let began = tokio::time::Instant::now();
+            let result = self.attempt(step, provider, machine).await;
+            let report = |outcome, error: Option<&ProviderError>| {
+                self.inner.config.telemetry.attempt(&Attempt {
+                    operation_type: self.op.op_type,
+                    stage: step.name(),
+                    provider: &machine.spec.provider,
+                    took: began.elapsed(),
+                    error: error.map(ProviderError::kind),
+                    outcome,
+                });
+            };
+            let error = match result {
                 Ok(()) => {
+                    report(AttemptOutcome::Succeeded, None);
+                    self.stage_ended(step, true);
                     let t = now();
                     self.op
                         .end_stage(bm_domain::StageOutcome::Succeeded, None, t);
@@ -472,7 +491,8 @@ impl Runner {
                     ));
                     return Ok(Flow::Next);
                 }
-                Err(_) if self.stopping() => {
+                Err(e) if self.stopping() => {
+                    report(AttemptOutcome::Stopped, Some(&e));
                     return self.end_stopped().await.map(Flow::Ended);
                 }
                 Err(e) => e,
@@ -490,6 +510,7 @@ impl Runner {
                 rand::random::<f64>(),
             ) {
                 Decision::Retry { after } => {
+                    report(AttemptOutcome::Retrying, Some(&error));
                     tracing::warn!(stage = step.name(), failures, error = %message, "attempt failed; retrying in {after:?}");
                     self.op.stage_attempt_failed(&message);
                     self.events.push(OperationEvent::new(
@@ -505,6 +526,8 @@ impl Runner {
                     }
                 }
                 Decision::GiveUp => {
+                    report(AttemptOutcome::Failed, Some(&error));
+                    self.stage_ended(step, false);
                     tracing::warn!(stage = step.name(), failures, error = %message, "stage failed");
                     self.events.push(OperationEvent::new(
                         &self.op,
@@ -521,6 +544,18 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// Tells the telemetry that the stage of `step` ended, timed from its first start.
+    fn stage_ended(&self, step: StepKind, succeeded: bool) {
+        let Some(stage) = self.op.stages.iter().rev().find(|s| s.name == step.name()) else {
+            return;
+        };
+        let took = now().duration_since(stage.started_at);
+        self.inner
+            .config
+            .telemetry
+            .stage_ended(self.op.op_type, step.name(), succeeded, took);
     }
 
     /// One attempt of a step, bounded by its timeout, stopped by a cancel or a shutdown.
@@ -706,6 +741,14 @@ impl Runner {
                 async move { store.finish(&fence, op, outcome, events, now()).await }
             })
             .await?;
+        let took = op
+            .finished_at
+            .unwrap_or_else(now)
+            .duration_since(op.created_at);
+        self.inner
+            .config
+            .telemetry
+            .operation_ended(op.op_type, op.phase, took);
         Ok(op.phase)
     }
 

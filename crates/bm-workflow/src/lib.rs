@@ -49,12 +49,13 @@ mod shared;
 mod steps;
 mod stream;
 mod sync;
+mod telemetry;
 
 pub use api::{
     Admission, CancelRequest, EventFilter, ImportOutcome, ImportRequest, MachineQuery,
     MachineUpdate, NewMachine, OperationQuery, OperationRequest, Page, Scope,
 };
-pub use bm_store::StoreCondition;
+pub use bm_store::{MachineCount, StoreCondition};
 pub use engine::{Engine, EngineConfig};
 pub use error::{ErrorKind, ResumePoint, WorkflowError};
 pub use netboot::{BootAnswer, CheckIn, CheckInError, NETBOOT_STAGE, Netboot, NetbootConfig};
@@ -62,6 +63,7 @@ pub use plan::{describe, stage_names};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{Batch, EventBatch, LogBatch, StreamStats};
 pub use sync::{PollRound, StatusPollConfig};
+pub use telemetry::{Attempt, AttemptOutcome, NoTelemetry, Telemetry};
 
 /// The current time, read once per use.
 pub(crate) fn now() -> bm_domain::Timestamp {

@@ -87,6 +87,7 @@ impl InProcess {
             limits: bm_server::Limits::default(),
             tls,
             auth,
+            metrics: None,
         };
         let served = tokio::spawn(bm_server::serve(
             listener,
@@ -184,6 +185,10 @@ impl Store for FaultyStore {
 
     async fn get_machine(&self, id: &MachineId) -> bm_store::Result<Machine> {
         self.inner.get_machine(id).await
+    }
+
+    async fn machine_counts(&self) -> bm_store::Result<Vec<bm_store::MachineCount>> {
+        self.inner.machine_counts().await
     }
 
     async fn list_machines(&self, query: &MachineQuery) -> bm_store::Result<Page<Machine>> {

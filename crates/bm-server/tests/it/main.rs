@@ -13,6 +13,7 @@ mod fuzz_corpus;
 mod hygiene;
 mod inproc;
 mod limits;
+mod metrics;
 mod migrate;
 mod pki;
 mod quota;

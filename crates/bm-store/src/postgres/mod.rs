@@ -41,9 +41,9 @@ use crate::condition::ConditionCell;
 use crate::logic::{self, StoredOp, Tx};
 use crate::sqlite::codec as docs;
 use crate::{
-    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
-    OperationQuery, Page, Recorded, Renewal, Result, SchemaStatus, Store, StoreCondition,
-    StoreError,
+    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineCount,
+    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, SchemaStatus, Store,
+    StoreCondition, StoreError,
 };
 use writer::{Command, PgTx, Writer};
 
@@ -714,6 +714,22 @@ impl Store for PgStore {
                 &[&mac],
             )?;
             rows.first().map(Rows::machine).transpose()
+        })
+        .await
+    }
+
+    async fn machine_counts(&self) -> Result<Vec<MachineCount>> {
+        self.read(|conn| {
+            let rows = conn.query(
+                "SELECT phase, effective_state, COUNT(*) FROM machines GROUP BY phase, effective_state",
+                &[],
+            )?;
+            let mut counts = rows
+                .iter()
+                .map(|r| logic::machine_count_row(r.get(0), r.get(1), r.get(2)))
+                .collect::<Result<Vec<_>>>()?;
+            counts.sort();
+            Ok(counts)
         })
         .await
     }

@@ -36,8 +36,9 @@ use tokio::sync::{broadcast, oneshot, watch};
 use crate::condition::ConditionCell;
 use crate::logic::{self, Tx};
 use crate::{
-    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineQuery,
-    OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition, StoreError,
+    Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineCount,
+    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition,
+    StoreError,
 };
 use files::DataDir;
 pub use files::{BackupReport, backup};
@@ -567,6 +568,25 @@ impl Store for SqliteStore {
                     writer::read_machine(conn, &id)
                 }
             }
+        })
+        .await
+    }
+
+    async fn machine_counts(&self) -> Result<Vec<MachineCount>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT phase, effective_state, COUNT(*) FROM machines GROUP BY phase, effective_state",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            let mut counts = Vec::new();
+            for row in rows {
+                let (phase, state, n) = row?;
+                counts.push(logic::machine_count_row(&phase, &state, n)?);
+            }
+            counts.sort();
+            Ok(counts)
         })
         .await
     }

@@ -1147,6 +1147,66 @@ pub(crate) async fn observations_are_written_when_they_change_something_and_neve
     );
 }
 
+/// Issue 15: counts by phase and effective state follow the machines (a new one, one in
+/// maintenance, one busy under an admitted operation, one that failed).
+pub(crate) async fn machines_are_counted_by_phase_and_effective_state(s: S) {
+    use bm_store::MachineCount;
+    let count = |phase, effective_state, machines| MachineCount {
+        phase,
+        effective_state,
+        machines,
+    };
+    assert_eq!(s.machine_counts().await.unwrap(), vec![]);
+    s.register_machine(machine("m-1", 1)).await.unwrap();
+    s.register_machine(machine("m-2", 2)).await.unwrap();
+    for (id, n) in [("m-3", 3), ("m-4", 4)] {
+        s.register_machine(maintenance_machine(id, n))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        s.machine_counts().await.unwrap(),
+        vec![
+            count(Phase::FactoryReady, EffectiveState::New, 2),
+            count(Phase::Maintenance, EffectiveState::MaintenanceIdle, 2),
+        ]
+    );
+    s.admit(op("m-4", OperationType::Reimage, "r"))
+        .await
+        .unwrap();
+    let claimed = s
+        .claim(&lease("exec", 1000), t(0), 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let (mut o, fence) = (claimed.operation, claimed.fence);
+    o.start(t(1)).unwrap();
+    o.begin_stage("repave-image", t(1));
+    s.save_progress(&fence, &o, vec![]).await.unwrap();
+    assert_eq!(
+        s.machine_counts().await.unwrap(),
+        vec![
+            count(Phase::FactoryReady, EffectiveState::New, 2),
+            count(Phase::Maintenance, EffectiveState::Busy, 1),
+            count(Phase::Maintenance, EffectiveState::MaintenanceIdle, 1),
+        ]
+    );
+    let failed = Outcome::Failed {
+        error: "disk".into(),
+        disk_touched: true,
+        unreachable: false,
+    };
+    s.finish(&fence, o, failed, vec![], t(2)).await.unwrap();
+    assert_eq!(
+        s.machine_counts().await.unwrap(),
+        vec![
+            count(Phase::FactoryReady, EffectiveState::New, 2),
+            count(Phase::Maintenance, EffectiveState::Attention, 1),
+            count(Phase::Maintenance, EffectiveState::MaintenanceIdle, 1),
+        ]
+    );
+}
+
 pub(crate) async fn a_machine_is_found_by_any_of_its_macs(s: S) {
     let m = s.register_machine(machine("m-1", 1)).await.unwrap();
     s.register_machine(machine("m-2", 2)).await.unwrap();

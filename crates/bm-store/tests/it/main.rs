@@ -95,4 +95,5 @@ conformance!(
     logs_replay_and_live,
     observations_are_written_when_they_change_something_and_never_under_an_operation,
     a_machine_is_found_by_any_of_its_macs,
+    machines_are_counted_by_phase_and_effective_state,
 );

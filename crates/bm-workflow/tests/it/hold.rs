@@ -106,6 +106,10 @@ impl Store for HoldingStore {
         self.inner.get_machine(id).await
     }
 
+    async fn machine_counts(&self) -> Result<Vec<bm_store::MachineCount>> {
+        self.inner.machine_counts().await
+    }
+
     async fn list_machines(&self, query: &MachineQuery) -> Result<Page<Machine>> {
         self.inner.list_machines(query).await
     }

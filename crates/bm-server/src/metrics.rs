@@ -1,0 +1,530 @@
+//! Prometheus metrics (issue 15): `--metrics-listen ADDR` serves `GET /metrics`.
+//!
+//! Built on `prometheus-client`, the Prometheus project's own Rust client: it writes
+//! OpenMetrics natively, keeps every metric in a registry we own (no process-global state,
+//! so each test's server has its own), and types label sets as Rust structs. The executor's
+//! work arrives through [`bm_workflow::Telemetry`] (the engine knows nothing of Prometheus);
+//! gRPC calls through [`GrpcMetricsLayer`]; what is a count of the fleet (machines by phase
+//! and effective state, operations running, streams) is read when scraped.
+//!
+//! A scraper that asks for OpenMetrics (`Accept: application/openmetrics-text`) gets it;
+//! anything else gets the Prometheus text format 0.0.4. docs/observability.md lists every
+//! metric.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bm_domain::{EffectiveState, OperationPhase, OperationType, Phase};
+use bm_workflow::{Attempt, Engine, Telemetry};
+use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+/// The content type of the Prometheus text format.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of OpenMetrics.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Seconds, from 5 ms to about 45 min: a provider call answers in milliseconds, a reimage
+/// takes minutes.
+fn duration_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 20))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabels {
+    r#type: &'static str,
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    r#type: &'static str,
+    stage: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    r#type: &'static str,
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    provider: String,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallErrorLabels {
+    provider: String,
+    action: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MachineLabels {
+    phase: &'static str,
+    effective_state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+/// Every metric of the server, in one registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    operations_started: Family<TypeLabels, Counter>,
+    operations_ended: Family<EndLabels, Counter>,
+    operation_duration: Histograms<EndLabels>,
+    stage_duration: Histograms<StageLabels>,
+    stage_retries: Family<RetryLabels, Counter>,
+    provider_calls: Histograms<CallLabels>,
+    provider_errors: Family<CallErrorLabels, Counter>,
+    grpc_requests: Family<GrpcLabels, Counter>,
+    grpc_duration: Histograms<MethodLabels>,
+    machines: Family<MachineLabels, Gauge>,
+    running: Gauge,
+    streams: Gauge,
+    stream_buffered_bytes: Gauge,
+    streams_waiting: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("bm");
+        let m = Metrics {
+            operations_started: Family::default(),
+            operations_ended: Family::default(),
+            operation_duration: Family::new_with_constructor(duration_buckets),
+            stage_duration: Family::new_with_constructor(duration_buckets),
+            stage_retries: Family::default(),
+            provider_calls: Family::new_with_constructor(duration_buckets),
+            provider_errors: Family::default(),
+            grpc_requests: Family::default(),
+            grpc_duration: Family::new_with_constructor(duration_buckets),
+            machines: Family::default(),
+            running: Gauge::default(),
+            streams: Gauge::default(),
+            stream_buffered_bytes: Gauge::default(),
+            streams_waiting: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "operations_started",
+            "Operations this server started running, by type",
+            m.operations_started.clone(),
+        );
+        registry.register(
+            "operations_ended",
+            "Operations this server ended, by type and final phase",
+            m.operations_ended.clone(),
+        );
+        registry.register(
+            "operation_duration_seconds",
+            "From admission to the end, by type and final phase",
+            m.operation_duration.clone(),
+        );
+        registry.register(
+            "stage_duration_seconds",
+            "From a stage's first attempt to its end, retries included, by operation type, stage and outcome",
+            m.stage_duration.clone(),
+        );
+        registry.register(
+            "stage_retries",
+            "Failed attempts of a stage that were retried, by operation type and stage",
+            m.stage_retries.clone(),
+        );
+        registry.register(
+            "provider_call_duration_seconds",
+            "One attempt of a stage in the provider, by provider and action (the stage)",
+            m.provider_calls.clone(),
+        );
+        registry.register(
+            "provider_call_errors",
+            "Failed provider calls, by provider, action and error kind",
+            m.provider_errors.clone(),
+        );
+        registry.register(
+            "grpc_requests",
+            "gRPC calls answered, by method and status code (a stream counts when it starts)",
+            m.grpc_requests.clone(),
+        );
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Time to the response's headers, by method",
+            m.grpc_duration.clone(),
+        );
+        registry.register(
+            "machines",
+            "Machines by phase and effective state (read from the store when scraped)",
+            m.machines.clone(),
+        );
+        registry.register(
+            "executor_running_operations",
+            "Operations this server's executor runs now",
+            m.running.clone(),
+        );
+        registry.register(
+            "streams",
+            "Event and log streams open now",
+            m.streams.clone(),
+        );
+        registry.register(
+            "stream_buffered_bytes",
+            "Bytes the streams sent that their readers have not taken yet",
+            m.stream_buffered_bytes.clone(),
+        );
+        registry.register(
+            "streams_waiting_for_readers",
+            "Streams waiting because their reader does not keep up",
+            m.streams_waiting.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Reads what is counted rather than observed (the fleet, the executor, the streams).
+    async fn refresh(&self, engine: &Engine) {
+        match engine.machine_counts().await {
+            Ok(counts) => {
+                // Every pair, so that a pair no machine is in any more reads 0.
+                for phase in Phase::ALL {
+                    for state in EffectiveState::ALL {
+                        let n = counts
+                            .iter()
+                            .find(|c| c.phase == phase && c.effective_state == state)
+                            .map_or(0, |c| c.machines);
+                        self.machines
+                            .get_or_create(&MachineLabels {
+                                phase: phase.as_str(),
+                                effective_state: state.as_str(),
+                            })
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot count the machines"),
+        }
+        let gauge = |g: &Gauge, n: usize| {
+            g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        };
+        gauge(&self.running, engine.running_operations());
+        let streams = engine.stream_stats();
+        gauge(&self.streams, streams.streams);
+        gauge(&self.stream_buffered_bytes, streams.buffered_bytes);
+        gauge(&self.streams_waiting, streams.waiting_for_readers);
+    }
+
+    /// The registry in OpenMetrics.
+    fn openmetrics(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts one gRPC call.
+    fn grpc(&self, method: &str, code: &'static str, took: Duration) {
+        self.grpc_requests
+            .get_or_create(&GrpcLabels {
+                method: method.to_owned(),
+                code,
+            })
+            .inc();
+        self.grpc_duration
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+impl Telemetry for Metrics {
+    fn operation_started(&self, operation_type: OperationType) {
+        self.operations_started
+            .get_or_create(&TypeLabels {
+                r#type: operation_type.as_str(),
+            })
+            .inc();
+    }
+
+    fn operation_ended(
+        &self,
+        operation_type: OperationType,
+        phase: OperationPhase,
+        took: Duration,
+    ) {
+        let labels = EndLabels {
+            r#type: operation_type.as_str(),
+            phase: phase.as_str(),
+        };
+        self.operations_ended.get_or_create(&labels).inc();
+        self.operation_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    fn stage_ended(
+        &self,
+        operation_type: OperationType,
+        stage: &'static str,
+        succeeded: bool,
+        took: Duration,
+    ) {
+        self.stage_duration
+            .get_or_create(&StageLabels {
+                r#type: operation_type.as_str(),
+                stage,
+                outcome: if succeeded { "succeeded" } else { "failed" },
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    fn attempt(&self, a: &Attempt<'_>) {
+        let call = CallLabels {
+            provider: a.provider.to_owned(),
+            action: a.stage,
+        };
+        self.provider_calls
+            .get_or_create(&call)
+            .observe(a.took.as_secs_f64());
+        if let Some(kind) = a.error {
+            self.provider_errors
+                .get_or_create(&CallErrorLabels {
+                    provider: call.provider,
+                    action: a.stage,
+                    kind: kind.as_str(),
+                })
+                .inc();
+        }
+        if a.outcome == bm_workflow::AttemptOutcome::Retrying {
+            self.stage_retries
+                .get_or_create(&RetryLabels {
+                    r#type: a.operation_type.as_str(),
+                    stage: a.stage,
+                })
+                .inc();
+        }
+    }
+}
+
+/// The Prometheus text format 0.0.4 from OpenMetrics: the same samples; a counter's family
+/// is named with its `_total` suffix, and the OpenMetrics-only lines (`# EOF`, `# UNIT`) go.
+fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Clone)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    engine: Engine,
+}
+
+async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {
+    s.metrics.refresh(&s.engine).await;
+    let body = s.metrics.openmetrics();
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
+    } else {
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, TEXT_FORMAT)],
+            text_format(&body),
+        )
+            .into_response()
+    }
+}
+
+/// The metrics endpoint: `GET /metrics`.
+pub fn router(metrics: Arc<Metrics>, engine: Engine) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(Scrape { metrics, engine })
+}
+
+/// Counts every gRPC call in [`Metrics`]: its method (the request's path) and the status
+/// code the response's headers carry (an error answered at once; `OK` otherwise, since a
+/// successful call's status comes in its trailers), timed to the response's headers.
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsLayer {
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl GrpcMetricsLayer {
+    /// Counts in `metrics`; with `None`, does nothing.
+    pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
+        GrpcMetricsLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service of [`GrpcMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let Some(metrics) = self.metrics.clone() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let method = req.uri().path().to_owned();
+        let started = Instant::now();
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let result = call.await;
+            if let Ok(response) = &result {
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or("OK", |c| code_name(tonic::Code::from(c)));
+                metrics.grpc(&method, code, started.elapsed());
+            }
+            result
+        })
+    }
+}
+
+/// The name of a gRPC status code as the API documents it, e.g. `NOT_FOUND`.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_counter_families_with_total_and_drops_eof() {
+        let m = Metrics::new();
+        m.operation_started(OperationType::Reimage);
+        m.operation_started(OperationType::Reimage);
+        let om = m.openmetrics();
+        assert!(
+            om.contains("# TYPE bm_operations_started counter\n"),
+            "{om}"
+        );
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let text = text_format(&om);
+        assert!(
+            text.contains("# TYPE bm_operations_started_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP bm_operations_started_total Operations"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bm_operations_started_total{type=\"REIMAGE\"} 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+    }
+}

@@ -1,0 +1,284 @@
+//! The metrics endpoint (`--metrics-listen`, issue 15) against the real server process:
+//! what the executor, the API and the fleet count after a few operations, in both formats.
+
+use std::collections::HashMap;
+
+use bm_proto::v1 as pb;
+
+use crate::support::{Server, fake_machine};
+
+/// Starts a server with metrics on a free port; returns it with the endpoint's URL.
+async fn start() -> (Server, String) {
+    let server = Server::start_with(&[
+        "--fake-timing",
+        "instant",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let needle = "metrics on http://";
+    server.wait_for_log(needle, 1).await;
+    let log = server.log();
+    let at = log.find(needle).unwrap() + needle.len();
+    let addr: String = log[at..].chars().take_while(|c| *c != '/').collect();
+    (server, format!("http://{addr}/metrics"))
+}
+
+/// The samples of an exposition, by name with labels exactly as written.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').expect("NAME VALUE");
+            (name.to_owned(), value.parse().expect("a number"))
+        })
+        .collect()
+}
+
+async fn scrape(url: &str, accept: Option<&str>) -> (String, String) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(accept) = accept {
+        req = req.header("Accept", accept);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+    (content_type, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_stages_calls_and_the_fleet_are_counted() {
+    let (server, url) = start().await;
+    let mut c = server.clients().await;
+    c.register(fake_machine("m-1", 1, &[])).await;
+    // Its repave fails twice (transient), then succeeds: two retries.
+    c.register(fake_machine(
+        "m-2",
+        2,
+        &[
+            ("fake.baremetal.dev/fail-action", "repave"),
+            ("fake.baremetal.dev/fail-times", "2"),
+        ],
+    ))
+    .await;
+    // Its repave always fails for good.
+    c.register(fake_machine(
+        "m-3",
+        3,
+        &[
+            ("fake.baremetal.dev/fail-action", "repave"),
+            ("fake.baremetal.dev/fail-kind", "permanent"),
+        ],
+    ))
+    .await;
+    for id in ["m-2", "m-3"] {
+        let op = c.enter_maintenance(id).await;
+        assert_eq!(op.phase(), pb::OperationPhase::Succeeded);
+        let op = c.reimage(id, &format!("r-{id}")).await.unwrap();
+        c.wait_end(&op.id).await;
+    }
+    // A call that fails: counted with its code.
+    let missing = c
+        .machines
+        .get_machine(pb::GetMachineRequest {
+            machine_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    let (content_type, text) = scrape(&url, None).await;
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    let s = samples(&text);
+    let get = |k: &str| {
+        s.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in:\n{text}"))
+    };
+    assert_eq!(
+        get(r#"bm_operations_ended_total{type="ENTER_MAINTENANCE",phase="SUCCEEDED"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"bm_operations_ended_total{type="REIMAGE",phase="SUCCEEDED"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"bm_operations_ended_total{type="REIMAGE",phase="FAILED"}"#),
+        1.0
+    );
+    assert_eq!(get(r#"bm_operations_started_total{type="REIMAGE"}"#), 2.0);
+    assert_eq!(
+        get(r#"bm_operation_duration_seconds_count{type="REIMAGE",phase="FAILED"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"bm_stage_retries_total{type="REIMAGE",stage="repave-image"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(
+            r#"bm_stage_duration_seconds_count{type="REIMAGE",stage="repave-image",outcome="failed"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            r#"bm_stage_duration_seconds_count{type="REIMAGE",stage="repave-image",outcome="succeeded"}"#
+        ),
+        1.0
+    );
+    // Repave attempts: three for m-2 (two failed), one for m-3 (failed for good).
+    assert_eq!(
+        get(r#"bm_provider_call_duration_seconds_count{provider="fake",action="repave-image"}"#),
+        4.0
+    );
+    assert_eq!(
+        get(
+            r#"bm_provider_call_errors_total{provider="fake",action="repave-image",kind="transient"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            r#"bm_provider_call_errors_total{provider="fake",action="repave-image",kind="permanent"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            r#"bm_grpc_requests_total{method="/baremetal.v1.MachineService/RegisterMachine",code="OK"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        get(
+            r#"bm_grpc_requests_total{method="/baremetal.v1.MachineService/GetMachine",code="NOT_FOUND"}"#
+        ),
+        1.0
+    );
+    // The fleet as it is: m-1 new, m-2 reimaged in maintenance, m-3 failed (attention).
+    for (phase, state, n) in [
+        ("FACTORY_READY", "NEW", 1.0),
+        ("MAINTENANCE", "MAINTENANCE_IDLE", 1.0),
+        ("MAINTENANCE", "ATTENTION", 1.0),
+        ("READY", "IDLE", 0.0),
+    ] {
+        assert_eq!(
+            get(&format!(
+                r#"bm_machines{{phase="{phase}",effective_state="{state}"}}"#
+            )),
+            n,
+            "{phase} {state}"
+        );
+    }
+    assert_eq!(get("bm_executor_running_operations"), 0.0);
+
+    // OpenMetrics when asked for it: the same samples, counters' families without _total.
+    let (content_type, om) = scrape(
+        &url,
+        Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+    )
+    .await;
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE bm_operations_ended counter\n"), "{om}");
+    let om_samples = samples(&om.replace("# EOF\n", ""));
+    assert_eq!(
+        om_samples[r#"bm_operations_ended_total{type="REIMAGE",phase="FAILED"}"#],
+        1.0
+    );
+}
+
+/// Prometheus's `promtool`: `BM_PROMTOOL` (set by `cargo xtask test`), else the `PATH`.
+fn promtool() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("BM_PROMTOOL") {
+        return p.into();
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("promtool"))
+        .find(|p| p.is_file())
+        .expect("promtool is needed: run the tests with `cargo xtask test`, which fetches it, or put it on the PATH")
+}
+
+fn alerts_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/alerts")
+}
+
+/// `promtool ARGS` with `stdin`; fails the test with its output unless it succeeds.
+fn run_promtool(args: &[&str], stdin: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool())
+        .args(args)
+        .current_dir(alerts_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The example alerting rules (docs/alerts) are valid, pass their unit tests, and use only
+/// metrics the server exposes; the exposition passes promtool's lint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerting_rules_and_the_exposition_pass_promtool() {
+    run_promtool(&["check", "rules", "bm.rules.yml"], "");
+    run_promtool(&["test", "rules", "bm.rules.test.yml"], "");
+
+    let (server, url) = start().await;
+    let mut c = server.clients().await;
+    // A reimage whose repave fails once: every family the rules use has a sample.
+    c.register(fake_machine(
+        "m-1",
+        1,
+        &[
+            ("fake.baremetal.dev/fail-action", "repave"),
+            ("fake.baremetal.dev/fail-times", "1"),
+        ],
+    ))
+    .await;
+    let op = c.enter_maintenance("m-1").await;
+    assert_eq!(op.phase(), pb::OperationPhase::Succeeded);
+    let op = c.reimage("m-1", "r-1").await.unwrap();
+    assert_eq!(
+        c.wait_end(&op.id).await.phase(),
+        pb::OperationPhase::Succeeded
+    );
+    let (_, text) = scrape(&url, None).await;
+    run_promtool(&["check", "metrics"], &text);
+
+    let rules = std::fs::read_to_string(alerts_dir().join("bm.rules.yml")).unwrap();
+    let used: std::collections::BTreeSet<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("bm_"))
+        .collect();
+    assert!(!used.is_empty());
+    for name in used {
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            text.contains(&format!("# TYPE {name} "))
+                || text.contains(&format!("# TYPE {family} ")),
+            "the rules use {name}, which the server does not expose:\n{text}"
+        );
+    }
+}

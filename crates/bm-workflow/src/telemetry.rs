@@ -1,0 +1,94 @@
+//! What the engine tells about its work as it happens, for metrics: an adapter implements
+//! [`Telemetry`] (bm-server turns it into Prometheus metrics) and gives it to the engine in
+//! [`crate::EngineConfig::telemetry`]. The engine calls it from its executor, inline and
+//! often (once per stage attempt), so an implementation must be cheap and must not block.
+//!
+//! Each replica reports the work it ran itself: summing over replicas counts every operation
+//! once.
+
+use std::time::Duration;
+
+use bm_domain::{OperationPhase, OperationType};
+use bm_provider::ErrorKind;
+
+/// How one attempt of a stage ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttemptOutcome {
+    /// The stage succeeded.
+    Succeeded,
+    /// It failed and the stage runs again.
+    Retrying,
+    /// It failed and the stage failed for good.
+    Failed,
+    /// An operator's cancel or a server stop ended it.
+    Stopped,
+}
+
+impl AttemptOutcome {
+    /// The name metrics use, e.g. `retrying`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Succeeded => "succeeded",
+            AttemptOutcome::Retrying => "retrying",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Stopped => "stopped",
+        }
+    }
+}
+
+/// One attempt of a stage: the provider action(s) of its step.
+#[derive(Clone, Copy, Debug)]
+pub struct Attempt<'a> {
+    /// The operation's type.
+    pub operation_type: OperationType,
+    /// The stage, e.g. `repave-image`.
+    pub stage: &'static str,
+    /// The provider that ran it (the machine's `spec.provider`).
+    pub provider: &'a str,
+    /// How long the provider took.
+    pub took: Duration,
+    /// The provider's error kind when it failed.
+    pub error: Option<ErrorKind>,
+    /// What became of the stage.
+    pub outcome: AttemptOutcome,
+}
+
+/// Receives what the engine does. Every method does nothing by default.
+pub trait Telemetry: Send + Sync + std::fmt::Debug + 'static {
+    /// An operation started running (not when it resumes after a restart).
+    fn operation_started(&self, operation_type: OperationType) {
+        let _ = operation_type;
+    }
+
+    /// An operation ended in `phase`, `took` after it was admitted (queueing included).
+    fn operation_ended(
+        &self,
+        operation_type: OperationType,
+        phase: OperationPhase,
+        took: Duration,
+    ) {
+        let _ = (operation_type, phase, took);
+    }
+
+    /// A stage ended (succeeded or failed for good), `took` from its first attempt's start.
+    fn stage_ended(
+        &self,
+        operation_type: OperationType,
+        stage: &'static str,
+        succeeded: bool,
+        took: Duration,
+    ) {
+        let _ = (operation_type, stage, succeeded, took);
+    }
+
+    /// An attempt of a stage ended.
+    fn attempt(&self, attempt: &Attempt<'_>) {
+        let _ = attempt;
+    }
+}
+
+/// Telemetry that goes nowhere: the default.
+#[derive(Debug, Default)]
+pub struct NoTelemetry;
+
+impl Telemetry for NoTelemetry {}
