@@ -32,9 +32,10 @@ tasks:
   demo [--slow] [--fake-timing normal|slow|instant] [--store sqlite|postgres]
         play spec 000's presenter script (steps 3-10) against a fresh server; with
         --store postgres, on a local PostgreSQL that it starts and stops itself
-  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory|poll] [--store postgres]
+  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory|poll] [--store postgres] [--metrics]
         build in release mode, run the benchmarks against a real server, print one table;
-        --store postgres adds the fleet on a throwaway PostgreSQL, 1 and 3 replicas
+        --store postgres adds the fleet on a throwaway PostgreSQL, 1 and 3 replicas;
+        --metrics runs the server with --metrics-listen, scraped every second
   test [ARGS]
         install the system packages the tests need (openssh-server, python3-venv,
         postgresql) when missing, then run cargo test --workspace ARGS

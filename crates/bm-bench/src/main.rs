@@ -69,6 +69,10 @@ struct RunArgs {
     /// single-row commit rate as their limit.
     #[arg(long, value_enum, default_value_t = StoreArg::Sqlite)]
     store: StoreArg,
+    /// The server under test runs with `--metrics-listen` and is scraped every second, as
+    /// Prometheus would: compare with a run without it for the cost of metrics.
+    #[arg(long)]
+    metrics: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -218,13 +222,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .iter()
     .any(|s| want(*s));
     if needs_server {
+        let metrics_addr = if args.metrics {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            Some(l.local_addr()?)
+        } else {
+            None
+        };
+        let mut flags: Vec<String> = LIFTED.iter().map(|f| (*f).to_owned()).collect();
+        if let Some(addr) = metrics_addr {
+            flags.extend(["--metrics-listen".to_owned(), addr.to_string()]);
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let server = start_server(
             &args.server_bin,
             &work,
             // One anonymous principal makes every call: the limits per principal against
             // abuse (docs/security.md) would measure themselves, so they are lifted.
-            &LIFTED,
+            &flags,
         )?;
+        let scraper = metrics_addr.map(scrape_every_second);
         let pid = server.pid();
         let endpoint = format!("http://{}", server.addr);
         let mut c = Clients::new(connect(&server.addr).await?);
@@ -354,6 +370,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ));
             println!("fleet: done ({n} reimages in {})", fmt_duration(re.wall));
             rss_after(&mut rows, pid, "the fleet run")?;
+            if let Some((scrapes, bytes, _)) = &scraper {
+                use std::sync::atomic::Ordering;
+                rows.push(Row::new(
+                    "fleet",
+                    "with --metrics-listen, scraped every second",
+                    format!(
+                        "{} scrapes, {:.1} KiB each",
+                        scrapes.load(Ordering::Relaxed),
+                        bytes.load(Ordering::Relaxed) as f64 / 1024.0
+                    ),
+                ));
+            }
         }
 
         // 3. The API under load.
@@ -495,6 +523,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
             memory_at = Some(registered);
             println!("memory: done");
+        }
+        if let Some((_, _, task)) = &scraper {
+            task.abort();
         }
         ensure!(
             server.stop(Duration::from_secs(15)),
@@ -765,6 +796,41 @@ async fn postgres_fleet(
         one_replica.get_or_insert(ops);
     }
     Ok(())
+}
+
+/// Scrapes `http://addr/metrics` every second, as Prometheus would, counting the scrapes
+/// answered and the size of the last one, until the task is aborted.
+fn scrape_every_second(
+    addr: std::net::SocketAddr,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (s, b) = (scrapes.clone(), bytes.clone());
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await else {
+                continue;
+            };
+            let request = "GET /metrics HTTP/1.0\r\nHost: bench\r\nAccept: application/openmetrics-text\r\n\r\n";
+            if conn.write_all(request.as_bytes()).await.is_err() {
+                continue;
+            }
+            let mut body = Vec::new();
+            if conn.read_to_end(&mut body).await.is_ok() && body.starts_with(b"HTTP/1.0 200") {
+                s.fetch_add(1, Ordering::Relaxed);
+                b.store(body.len() as u64, Ordering::Relaxed);
+            }
+        }
+    });
+    (scrapes, bytes, task)
 }
 
 /// Starts the server under test on `work/data` (instant fake hardware), its log appended to
