@@ -22,7 +22,7 @@ use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
 
 use super::build::{self, CORRUPT_IMAGE, IMAGES};
-use super::{BOOT_NEEDS, DATACENTER_NEEDS, ensure_packages, free_port, have, install, tail};
+use super::{BOOT_NEEDS, Bmctl, DATACENTER_NEEDS, ensure_packages, free_port, have, install, tail};
 use crate::proc;
 
 /// libvirt's network and bridge, and the prefix of the lab's domains.
@@ -519,32 +519,19 @@ fn sushy_venv(lab: &Path) -> anyhow::Result<PathBuf> {
 
 /// `bmctl ARGS` against the lab's server; its standard output.
 fn bmctl(state: &Value, args: &[&str]) -> anyhow::Result<String> {
-    let out = bmctl_command(state, args)?
-        .output()
-        .context("running bmctl")?;
-    ensure!(
-        out.status.success(),
-        "bmctl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    ctl(state)?.run(args)
 }
 
-fn bmctl_command(state: &Value, args: &[&str]) -> anyhow::Result<Command> {
-    let bin = state["bin"].as_str().context("state.bin")?;
-    let mut c = Command::new(Path::new(bin).join("bmctl"));
-    c.args([
-        "--server",
-        state["server"]["addr"].as_str().context("state.server")?,
-    ])
-    .args(args)
-    .env(
-        "BM_DATA_DIR",
-        state["server"]["data"].as_str().unwrap_or_default(),
-    )
-    .env("NO_COLOR", "1");
-    Ok(c)
+/// bmctl for the lab's server.
+fn ctl(state: &Value) -> anyhow::Result<Bmctl> {
+    Ok(Bmctl {
+        bin: PathBuf::from(state["bin"].as_str().context("state.bin")?),
+        addr: state["server"]["addr"]
+            .as_str()
+            .context("state.server")?
+            .to_owned(),
+        data: PathBuf::from(state["server"]["data"].as_str().unwrap_or_default()),
+    })
 }
 
 /// `cargo xtask lab status`.
@@ -605,27 +592,17 @@ pub(crate) fn reimage(vm: &str, image: &str) -> anyhow::Result<()> {
     let op = op["id"].as_str().context("the reimage's id")?.to_owned();
     println!("==> reimage {op} of {vm} with image {image}; its log, live:");
     let started = Instant::now();
-    let mut logs = bmctl_command(&state, &["logs", &op])?
+    let mut logs = ctl(&state)?
+        .command(&["logs", &op])
         .stdout(Stdio::inherit())
         .spawn()
         .context("running bmctl logs")?;
-    let phase = loop {
-        let got: Value = serde_json::from_str(&bmctl(&state, &["-o", "json", "op", &op])?)?;
-        let phase = got["phase"].as_str().unwrap_or_default().to_owned();
-        if ["SUCCEEDED", "FAILED", "CANCELED"]
-            .iter()
-            .any(|p| phase.ends_with(p))
-        {
-            break got;
-        }
-        if started.elapsed() > REIMAGE_DEADLINE {
+    let phase = match ctl(&state)?.wait_op(&op, started + REIMAGE_DEADLINE, &console) {
+        Ok(ended) => ended,
+        Err(e) => {
             let _ = logs.kill();
-            bail!(
-                "the reimage did not end within {REIMAGE_DEADLINE:?} (phase {phase}); the VM's console:\n{}",
-                tail(&console)
-            );
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_secs(1));
     };
     // `bmctl logs` ends with the operation.
     let _ = logs.wait();

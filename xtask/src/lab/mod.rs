@@ -87,6 +87,64 @@ fn netboot() -> anyhow::Result<()> {
     result
 }
 
+/// `bmctl` against one of the lab's servers, with that server's local admin token.
+pub(crate) struct Bmctl {
+    pub(crate) bin: PathBuf,
+    pub(crate) addr: String,
+    /// The server's data directory (its admin token).
+    pub(crate) data: PathBuf,
+}
+
+impl Bmctl {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin.join("bmctl"));
+        c.args(["--server", &self.addr])
+            .args(args)
+            .env("BM_DATA_DIR", &self.data)
+            .env("NO_COLOR", "1");
+        c
+    }
+
+    /// Runs `bmctl ARGS`; its standard output.
+    pub(crate) fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.command(args).output().context("running bmctl")?;
+        ensure!(
+            out.status.success(),
+            "bmctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Reads operation `op` every half second until it ended, at most until `deadline`;
+    /// its record (`bmctl -o json op`). The error on the deadline shows the VM's `console`.
+    pub(crate) fn wait_op(
+        &self,
+        op: &str,
+        deadline: Instant,
+        console: &Path,
+    ) -> anyhow::Result<serde_json::Value> {
+        loop {
+            let got: serde_json::Value =
+                serde_json::from_str(&self.run(&["-o", "json", "op", op])?)?;
+            let phase = got["phase"].as_str().unwrap_or_default();
+            if ["SUCCEEDED", "FAILED", "CANCELED"]
+                .iter()
+                .any(|p| phase.ends_with(p))
+            {
+                return Ok(got);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "operation {op} did not end in time (phase {phase}); the VM's console:\n{}",
+                tail(console)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
 /// A free TCP port on the loopback (the guest reaches the host's loopback as 10.0.2.2).
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -136,22 +194,12 @@ fn boot_once(bin: &Path, boot: &Path, run: &Path) -> anyhow::Result<()> {
         "==> bm-server on {addr}, boot service on 127.0.0.1:{boot_port} ({boot_url} for the VM)"
     );
 
-    let bmctl = |args: &[&str]| -> anyhow::Result<String> {
-        let out = Command::new(bin.join("bmctl"))
-            .args(["--server", addr])
-            .args(args)
-            .env("BM_DATA_DIR", &data)
-            .env("NO_COLOR", "1")
-            .output()
-            .context("running bmctl")?;
-        ensure!(
-            out.status.success(),
-            "bmctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let ctl = Bmctl {
+        bin: bin.to_owned(),
+        addr: addr.to_owned(),
+        data: data.clone(),
     };
+    let bmctl = |args: &[&str]| ctl.run(args);
     let inventory = run.join("inventory.csv");
     std::fs::write(
         &inventory,
@@ -192,21 +240,8 @@ fn boot_once(bin: &Path, boot: &Path, run: &Path) -> anyhow::Result<()> {
     let _vm = Guard(qemu);
 
     // The operation's outcome is what counts; the console says how far the VM got.
-    let phase = loop {
-        let got: serde_json::Value = serde_json::from_str(&bmctl(&["-o", "json", "op", &op])?)?;
-        let phase = got["phase"].as_str().unwrap_or_default().to_owned();
-        if phase.ends_with("SUCCEEDED") || phase.ends_with("FAILED") || phase.ends_with("CANCELED")
-        {
-            break phase;
-        }
-        if started.elapsed() > BOOT_DEADLINE {
-            bail!(
-                "the reimage did not end within {BOOT_DEADLINE:?} (phase {phase}); the VM's console:\n{}",
-                tail(&console)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let ended = ctl.wait_op(&op, started + BOOT_DEADLINE, &console)?;
+    let phase = ended["phase"].as_str().unwrap_or_default().to_owned();
     let took = started.elapsed();
     let logs = bmctl(&["logs", &op])?;
     let console_text = std::fs::read_to_string(&console).unwrap_or_default();
