@@ -64,6 +64,9 @@ pub(crate) enum Command {
     Import(ImportArgs),
     /// List machines: phase and effective state side by side.
     List(ListArgs),
+    /// Machines by effective state and phase, and the one longest in ATTENTION and in
+    /// BLOCKED (what the metrics bm_machines and bm_oldest_machine_age_seconds show).
+    Stats,
     /// Show one machine.
     Get {
         /// The machine's id.
@@ -189,6 +192,17 @@ pub(crate) struct ListArgs {
     /// Machines per request.
     #[arg(long, default_value_t = 500)]
     pub(crate) page_size: i32,
+    /// The order: by id, or by age: the machines longest in BLOCKED or ATTENTION first
+    /// (since the condition that holds them), then the others by id.
+    #[arg(long, value_enum, default_value_t = SortArg::Id)]
+    pub(crate) sort: SortArg,
+}
+
+/// The order of `bmctl list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SortArg {
+    Id,
+    Age,
 }
 
 #[derive(Args, Debug)]

@@ -81,6 +81,25 @@ pub(crate) fn duration(secs: f64) -> String {
     }
 }
 
+/// A long duration, coarsely: `45s`, `12m`, `3h05m`, `2d04h`.
+pub(crate) fn age(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// An effective state's name without its prefix, e.g. `ATTENTION`.
+pub(crate) fn effective_name(s: i32) -> String {
+    pb::EffectiveState::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |s| short(s.as_str_name(), "EFFECTIVE_STATE_"),
+    )
+}
+
 /// Strips the enum's prefix: `PHASE_FACTORY_READY` -> `FACTORY_READY`.
 fn short(name: &str, prefix: &str) -> String {
     name.strip_prefix(prefix).unwrap_or(name).to_owned()

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Actor, BmcEndpoint, Conditions, DomainError, EffectiveState, Labels, MacAddress, MachineId,
-    OperationId, Phase, SshEndpoint, Timestamp, effective_state,
+    Actor, BmcEndpoint, ConditionType, Conditions, DomainError, EffectiveState, Labels, MacAddress,
+    MachineId, OperationId, Phase, SshEndpoint, Timestamp, effective_state,
 };
 
 /// What the operator declares about a machine: how to reach it and what it should run.
@@ -341,6 +341,25 @@ impl Machine {
             self.status.active_operation_id.is_some(),
         )
     }
+
+    /// Since when the machine has been BLOCKED or in ATTENTION, as its conditions record it:
+    /// BLOCKED since the first of the blocking conditions that hold became true, ATTENTION
+    /// since NeedsIntervention did. `None` in the other states, which no condition marks
+    /// (BUSY starts with the active operation).
+    pub fn held_since(&self) -> Option<Timestamp> {
+        let since = |t: &ConditionType| {
+            self.status
+                .conditions
+                .get(t)
+                .filter(|c| c.status)
+                .map(|c| c.last_transition_time)
+        };
+        match self.effective_state() {
+            EffectiveState::Blocked => ConditionType::BLOCKING.iter().filter_map(since).min(),
+            EffectiveState::Attention => since(&ConditionType::NeedsIntervention),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -367,6 +386,39 @@ mod tests {
             (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e}"),
             (got, want) => panic!("{s:?}: got {got:?}, want {want:?}"),
         }
+    }
+
+    #[test]
+    fn held_since_is_when_the_state_began_by_its_conditions() {
+        let t = |s: i64| Timestamp::from_unix_micros(s * 1_000_000);
+        let mut m = Machine::register(
+            MachineId::new("m-1").unwrap(),
+            spec(),
+            Labels::default(),
+            t(0),
+        )
+        .unwrap();
+        assert_eq!(m.held_since(), None);
+        let c = &mut m.status.conditions;
+        c.set(ConditionType::NeedsIntervention, true, "Failed", "", t(10));
+        assert_eq!(m.held_since(), Some(t(10)));
+        // Blocked wins over attention, since the first blocking condition.
+        let c = &mut m.status.conditions;
+        c.set(ConditionType::Retired, true, "Retired", "", t(30));
+        c.set(ConditionType::Rma, true, "Rma", "", t(20));
+        assert_eq!(m.effective_state(), EffectiveState::Blocked);
+        assert_eq!(m.held_since(), Some(t(20)));
+        let c = &mut m.status.conditions;
+        c.set(ConditionType::Rma, false, "Readmitted", "", t(40));
+        c.set(ConditionType::Retired, false, "Readmitted", "", t(40));
+        c.set(
+            ConditionType::NeedsIntervention,
+            false,
+            "Cleared",
+            "",
+            t(40),
+        );
+        assert_eq!(m.held_since(), None);
     }
 
     #[test]

@@ -37,6 +37,14 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Seconds, from 1 s to about 6 days: how long machines stay BUSY, in ATTENTION or BLOCKED.
+fn state_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 20))
+}
+
+/// The states whose oldest machine is a gauge: a person must act on them.
+const HELD: [EffectiveState; 2] = [EffectiveState::Attention, EffectiveState::Blocked];
+
 /// Seconds, from 5 ms to about 45 min: a provider call answers in milliseconds, a reimage
 /// takes minutes.
 fn duration_buckets() -> Histogram {
@@ -87,6 +95,11 @@ struct MachineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    effective_state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrpcLabels {
     method: String,
     code: &'static str,
@@ -111,6 +124,8 @@ pub struct Metrics {
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_duration: Histograms<MethodLabels>,
     machines: Family<MachineLabels, Gauge>,
+    state_time: Histograms<StateLabels>,
+    oldest: Family<StateLabels, Gauge>,
     running: Gauge,
     streams: Gauge,
     stream_buffered_bytes: Gauge,
@@ -138,6 +153,8 @@ impl Metrics {
             grpc_requests: Family::default(),
             grpc_duration: Family::new_with_constructor(duration_buckets),
             machines: Family::default(),
+            state_time: Family::new_with_constructor(state_buckets),
+            oldest: Family::default(),
             running: Gauge::default(),
             streams: Gauge::default(),
             stream_buffered_bytes: Gauge::default(),
@@ -195,6 +212,16 @@ impl Metrics {
             m.machines.clone(),
         );
         registry.register(
+            "machine_state_duration_seconds",
+            "How long machines stayed BUSY, in ATTENTION or BLOCKED, observed when they left the state",
+            m.state_time.clone(),
+        );
+        registry.register(
+            "oldest_machine_age_seconds",
+            "How long the machine longest in ATTENTION or BLOCKED has been there (0: none), read when scraped",
+            m.oldest.clone(),
+        );
+        registry.register(
             "executor_running_operations",
             "Operations this server's executor runs now",
             m.running.clone(),
@@ -238,6 +265,25 @@ impl Metrics {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "metrics: cannot count the machines"),
+        }
+        let now = std::time::SystemTime::now();
+        for state in HELD {
+            let age = match oldest(engine, state).await {
+                Ok(since) => since.map_or(0, |t| {
+                    now.duration_since(t.to_system_time())
+                        .unwrap_or_default()
+                        .as_secs()
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, state = state.as_str(), "metrics: cannot list the machines");
+                    continue;
+                }
+            };
+            self.oldest
+                .get_or_create(&StateLabels {
+                    effective_state: state.as_str(),
+                })
+                .set(i64::try_from(age).unwrap_or(i64::MAX));
         }
         let gauge = |g: &Gauge, n: usize| {
             g.set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -314,6 +360,14 @@ impl Telemetry for Metrics {
             .observe(took.as_secs_f64());
     }
 
+    fn state_left(&self, state: EffectiveState, stayed: Duration) {
+        self.state_time
+            .get_or_create(&StateLabels {
+                effective_state: state.as_str(),
+            })
+            .observe(stayed.as_secs_f64());
+    }
+
     fn attempt(&self, a: &Attempt<'_>) {
         let call = CallLabels {
             provider: a.provider.to_owned(),
@@ -338,6 +392,33 @@ impl Telemetry for Metrics {
                     stage: a.stage,
                 })
                 .inc();
+        }
+    }
+}
+
+/// Since when the machine longest in `state` (ATTENTION or BLOCKED) has been there: the
+/// machines in that state are listed (few, normally), page by page.
+async fn oldest(
+    engine: &Engine,
+    state: EffectiveState,
+) -> Result<Option<bm_domain::Timestamp>, bm_workflow::WorkflowError> {
+    let mut query = bm_workflow::MachineQuery {
+        limit: 1000,
+        effective_state: Some(state),
+        ..bm_workflow::MachineQuery::default()
+    };
+    let mut oldest = None;
+    loop {
+        let page = engine.list_machines(&query).await?;
+        oldest = page
+            .items
+            .iter()
+            .filter_map(bm_domain::Machine::held_since)
+            .chain(oldest)
+            .min();
+        match page.items.last() {
+            Some(last) if page.more => query.after = Some(last.id.clone()),
+            _ => return Ok(oldest),
         }
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bm_domain::rules::Outcome;
 use bm_domain::{
-    EventKind, LogLine, Machine, Operation, OperationEvent, OperationId, OperationPhase, Timestamp,
+    EffectiveState, EventKind, LogLine, Machine, Operation, OperationEvent, OperationId,
+    OperationPhase, Timestamp,
 };
 use bm_provider::{ActionContext, ErrorKind, LogSink, Provider, ProviderError};
 use bm_store::{Claimed, StoreError};
@@ -167,6 +168,7 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
                 events: Vec::new(),
                 log_seq: log_seq.clone(),
                 cut_short: AtomicBool::new(false),
+                state_at_start: None,
             };
             // A panic (in a provider, say) must not leave the operation RUNNING with nobody
             // running it: it ends FAILED, for a person to look at.
@@ -234,6 +236,7 @@ async fn fail_after_panic(
             events: Vec::new(),
             log_seq,
             cut_short: AtomicBool::new(false),
+            state_at_start: None,
         };
         let outcome = runner.disarm_netboot(failed).await;
         store.finish(&fence, op, outcome, Vec::new(), now()).await
@@ -329,6 +332,9 @@ struct Runner {
     /// A step that is not safe to run twice was cut short by a shutdown: the next start
     /// must treat it as a crash, not as a graceful release.
     cut_short: AtomicBool,
+    /// The machine's effective state when this run started and since when it held (for
+    /// the time-in-state telemetry), when its record says.
+    state_at_start: Option<(EffectiveState, Timestamp)>,
 }
 
 impl Runner {
@@ -360,6 +366,12 @@ impl Runner {
             self.retry_store(|| store.last_log_sequence(id)).await?
         };
         self.log_seq.store(last_seq, Ordering::Relaxed);
+        let state = machine.effective_state();
+        self.state_at_start = match state {
+            EffectiveState::Busy => Some(self.op.created_at),
+            _ => machine.held_since(),
+        }
+        .map(|since| (state, since));
         let steps = plan(self.op.op_type);
         let t = now();
 
@@ -734,7 +746,7 @@ impl Runner {
             self.claim.clone(),
             self.op.clone(),
         );
-        let (op, _machine) = self
+        let (op, machine) = self
             .retry_store(|| {
                 let (store, fence) = (store.clone(), claim.fence());
                 let (op, outcome, events) = (op.clone(), outcome.clone(), events.clone());
@@ -745,10 +757,14 @@ impl Runner {
             .finished_at
             .unwrap_or_else(now)
             .duration_since(op.created_at);
-        self.inner
-            .config
-            .telemetry
-            .operation_ended(op.op_type, op.phase, took);
+        let telemetry = &self.inner.config.telemetry;
+        telemetry.operation_ended(op.op_type, op.phase, took);
+        if let Some((before, since)) = self.state_at_start
+            && machine.effective_state() != before
+        {
+            let at = op.finished_at.unwrap_or_else(now);
+            telemetry.state_left(before, at.duration_since(since));
+        }
         Ok(op.phase)
     }
 

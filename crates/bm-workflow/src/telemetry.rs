@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use bm_domain::{OperationPhase, OperationType};
+use bm_domain::{EffectiveState, OperationPhase, OperationType};
 use bm_provider::ErrorKind;
 
 /// How one attempt of a stage ended.
@@ -84,6 +84,14 @@ pub trait Telemetry: Send + Sync + std::fmt::Debug + 'static {
     /// An attempt of a stage ended.
     fn attempt(&self, attempt: &Attempt<'_>) {
         let _ = attempt;
+    }
+
+    /// A machine left `state` after `stayed` in it, as an operation ended: BUSY (since its
+    /// operation was admitted), ATTENTION or BLOCKED (since the condition that holds it
+    /// became true, see [`bm_domain::Machine::held_since`]). The idle states are not
+    /// reported: the machine's record does not keep when it entered them.
+    fn state_left(&self, state: EffectiveState, stayed: Duration) {
+        let _ = (state, stayed);
     }
 }
 

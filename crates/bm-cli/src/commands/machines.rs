@@ -1,12 +1,12 @@
 //! Inventory commands: import, list, get, update.
 
 use anyhow::{Context, bail};
-use bm_proto::pbjson_types::FieldMask;
+use bm_proto::pbjson_types::{self, FieldMask};
 use bm_proto::v1 as pb;
 
 use super::{print_json, show};
 use crate::connect::Clients;
-use crate::flags::{ImportArgs, ListArgs, UpdateArgs, api_enum};
+use crate::flags::{ImportArgs, ListArgs, SortArg, UpdateArgs, api_enum};
 use crate::inventory;
 use crate::render::{self, Palette};
 
@@ -25,27 +25,166 @@ pub(super) async fn list(
         .state
         .map(|s| api_enum(s, "EFFECTIVE_STATE_", pb::EffectiveState::from_str_name))
         .transpose()?;
-    let mut all = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .machines
-            .list_machines(pb::ListMachinesRequest {
-                page_size: args.page_size,
-                page_token: token,
-                phase: phase.map_or(0, |p| p as i32),
-                effective_state: state.map_or(0, |s| s as i32),
-                label_selector: args.selector.clone().unwrap_or_default(),
-            })
-            .await?
-            .into_inner();
-        all.extend(page.machines);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
+    let mut all = list_all(
+        c,
+        pb::ListMachinesRequest {
+            page_size: args.page_size,
+            page_token: String::new(),
+            phase: phase.map_or(0, |p| p as i32),
+            effective_state: state.map_or(0, |s| s as i32),
+            label_selector: args.selector.clone().unwrap_or_default(),
+        },
+    )
+    .await?;
+    if args.sort == SortArg::Age {
+        // Held machines first, oldest first (a missing time sorts as oldest); the listing
+        // is by id, and the sort is stable.
+        all.sort_by_key(|m| match held_since(m) {
+            Some(t) => (0, Some((t.seconds, t.nanos))),
+            None if is_held(m) => (0, None),
+            None => (1, None),
+        });
     }
     show(json, &all, |all| render::machines_table(all, pal))
+}
+
+/// Every page of a listing.
+async fn list_all(
+    c: &mut Clients,
+    mut req: pb::ListMachinesRequest,
+) -> anyhow::Result<Vec<pb::Machine>> {
+    let mut all = Vec::new();
+    loop {
+        let page = c.machines.list_machines(req.clone()).await?.into_inner();
+        all.extend(page.machines);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+fn is_held(m: &pb::Machine) -> bool {
+    m.effective_state == pb::EffectiveState::Blocked as i32
+        || m.effective_state == pb::EffectiveState::Attention as i32
+}
+
+/// Since when a BLOCKED or ATTENTION machine has been held, as its conditions record it
+/// (the server's rule, `Machine::held_since`): BLOCKED since the first blocking condition
+/// that holds, ATTENTION since NeedsIntervention.
+fn held_since(m: &pb::Machine) -> Option<pbjson_types::Timestamp> {
+    let status = m.status.as_ref()?;
+    let since = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.r#type == t && c.status)
+            .and_then(|c| c.last_transition_time)
+    };
+    let key = |t: &pbjson_types::Timestamp| (t.seconds, t.nanos);
+    match pb::EffectiveState::try_from(m.effective_state) {
+        Ok(pb::EffectiveState::Blocked) => ["RMA", "Retired"]
+            .iter()
+            .filter_map(|t| since(t))
+            .min_by_key(key),
+        Ok(pb::EffectiveState::Attention) => since("NeedsIntervention"),
+        _ => None,
+    }
+}
+
+/// What `bmctl stats` prints as JSON.
+#[derive(serde::Serialize)]
+struct Stats {
+    machines: usize,
+    by_effective_state: std::collections::BTreeMap<String, usize>,
+    by_phase: std::collections::BTreeMap<String, usize>,
+    /// The machine longest in ATTENTION and in BLOCKED.
+    oldest: std::collections::BTreeMap<String, Oldest>,
+}
+
+#[derive(serde::Serialize)]
+struct Oldest {
+    machine_id: String,
+    since: String,
+    seconds: i64,
+    reason: String,
+    /// The exact time, to compare.
+    #[serde(skip)]
+    at: (i64, i32),
+}
+
+/// `bmctl stats`.
+pub(super) async fn stats(c: &mut Clients, json: bool) -> anyhow::Result<u8> {
+    let all = list_all(
+        c,
+        pb::ListMachinesRequest {
+            page_size: 1000,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let now = chrono::Utc::now().timestamp();
+    let mut stats = Stats {
+        machines: all.len(),
+        by_effective_state: Default::default(),
+        by_phase: Default::default(),
+        oldest: Default::default(),
+    };
+    for m in &all {
+        let status = m.status.clone().unwrap_or_default();
+        let state = render::effective_name(m.effective_state);
+        *stats.by_effective_state.entry(state.clone()).or_default() += 1;
+        *stats
+            .by_phase
+            .entry(render::phase(status.phase))
+            .or_default() += 1;
+        let Some(since) = held_since(m) else { continue };
+        let at = (since.seconds, since.nanos);
+        let older = stats.oldest.get(&state).is_none_or(|o| at < o.at);
+        if older {
+            let reason = status
+                .conditions
+                .iter()
+                .find(|c| c.status && c.last_transition_time == Some(since))
+                .map(|c| format!("{}: {}", c.r#type, c.message))
+                .unwrap_or_default();
+            stats.oldest.insert(
+                state,
+                Oldest {
+                    machine_id: m.id.clone(),
+                    since: render::date_time(Some(&since)),
+                    seconds: now - since.seconds,
+                    reason,
+                    at,
+                },
+            );
+        }
+    }
+    show(json, &stats, render_stats)
+}
+
+fn render_stats(s: &Stats) -> String {
+    let mut out = format!("{} machines\n\nEFFECTIVE STATE    MACHINES\n", s.machines);
+    for (state, n) in &s.by_effective_state {
+        out.push_str(&format!("{state:<18} {n}\n"));
+    }
+    out.push_str("\nPHASE              MACHINES\n");
+    for (phase, n) in &s.by_phase {
+        out.push_str(&format!("{phase:<18} {n}\n"));
+    }
+    for state in ["BLOCKED", "ATTENTION"] {
+        match s.oldest.get(state) {
+            Some(o) => out.push_str(&format!(
+                "\nlongest in {state}: {} for {} (since {}; {})",
+                o.machine_id,
+                render::age(o.seconds),
+                o.since,
+                o.reason
+            )),
+            None => out.push_str(&format!("\nnothing in {state}")),
+        }
+    }
+    out
 }
 
 /// `bmctl get`.

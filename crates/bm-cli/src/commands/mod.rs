@@ -29,6 +29,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Import(args) => machines::import(c, args, json, pal).await,
         Command::List(args) => machines::list(c, args, json, pal).await,
+        Command::Stats => machines::stats(c, json).await,
         Command::Get { machine } => machines::get(c, machine, json, pal).await,
         Command::Events { machine, after } => machines::events(c, machine, after, json).await,
         Command::Update(args) => machines::update(c, args, json, pal).await,

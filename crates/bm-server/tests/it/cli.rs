@@ -636,3 +636,62 @@ fn completion_and_man_need_no_server() {
         "an unknown shell is a usage error"
     );
 }
+
+/// Issue 15: `bmctl stats` counts the fleet and names the machine longest in ATTENTION;
+/// `bmctl list --sort age` puts the held machines first, the longest held first.
+#[test]
+fn stats_and_list_by_age() {
+    let server = Server::start();
+    ok(&server, &["import", "4"]);
+    // machine-3, then machine-2, fail a reimage for good: both end in ATTENTION, machine-3
+    // first.
+    for m in ["machine-3", "machine-2"] {
+        ok(&server, &["enter-maintenance", m]);
+        ok(
+            &server,
+            &[
+                "update",
+                m,
+                "--label",
+                "fake.baremetal.dev/fail-action=repave",
+                "--label",
+                "fake.baremetal.dev/fail-kind=permanent",
+            ],
+        );
+        let out = server.bmctl(&["reimage", m]);
+        assert!(!out.status.success(), "{}", text(&out));
+    }
+    let stats = json(&server, &["stats"]);
+    assert_eq!(stats["machines"], 4, "{stats}");
+    assert_eq!(stats["by_effective_state"]["ATTENTION"], 2, "{stats}");
+    assert_eq!(stats["by_effective_state"]["NEW"], 2, "{stats}");
+    assert_eq!(stats["by_phase"]["MAINTENANCE"], 2, "{stats}");
+    assert_eq!(
+        stats["oldest"]["ATTENTION"]["machine_id"], "machine-3",
+        "{stats}"
+    );
+    assert!(stats["oldest"].get("BLOCKED").is_none(), "{stats}");
+    let table = ok(&server, &["stats"]);
+    assert!(
+        table.contains("longest in ATTENTION: machine-3 for "),
+        "{table}"
+    );
+    assert!(table.contains("nothing in BLOCKED"), "{table}");
+
+    let ids = |args: &[&str]| -> Vec<String> {
+        let list = json(&server, args);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        ids(&["list"]),
+        ["machine-1", "machine-2", "machine-3", "machine-4"]
+    );
+    assert_eq!(
+        ids(&["list", "--sort", "age"]),
+        ["machine-3", "machine-2", "machine-1", "machine-4"]
+    );
+}

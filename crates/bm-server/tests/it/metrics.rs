@@ -176,6 +176,44 @@ async fn operations_stages_calls_and_the_fleet_are_counted() {
         );
     }
     assert_eq!(get("bm_executor_running_operations"), 0.0);
+    // Time in state: each of the four operations ended BUSY; m-3 is held in ATTENTION.
+    assert_eq!(
+        get(r#"bm_machine_state_duration_seconds_count{effective_state="BUSY"}"#),
+        4.0
+    );
+    assert!(get(r#"bm_oldest_machine_age_seconds{effective_state="ATTENTION"}"#) >= 0.0);
+    assert_eq!(
+        get(r#"bm_oldest_machine_age_seconds{effective_state="BLOCKED"}"#),
+        0.0
+    );
+    assert!(
+        !text.contains(r#"bm_machine_state_duration_seconds_count{effective_state="ATTENTION"}"#)
+    );
+    // Cleared: m-3 left ATTENTION (observed), and nothing is held any more.
+    let clear = c
+        .machines
+        .clear_intervention(pb::ClearInterventionRequest {
+            machine_id: "m-3".into(),
+            request_id: "clear".into(),
+            note: "disk replaced".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        c.wait_end(&clear.id).await.phase(),
+        pb::OperationPhase::Succeeded
+    );
+    let (_, text) = scrape(&url, None).await;
+    let s = samples(&text);
+    assert_eq!(
+        s[r#"bm_machine_state_duration_seconds_count{effective_state="ATTENTION"}"#], 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        s[r#"bm_oldest_machine_age_seconds{effective_state="ATTENTION"}"#],
+        0.0
+    );
 
     // OpenMetrics when asked for it: the same samples, counters' families without _total.
     let (content_type, om) = scrape(
