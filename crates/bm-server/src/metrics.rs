@@ -127,6 +127,10 @@ pub struct Metrics {
     state_time: Histograms<StateLabels>,
     oldest: Family<StateLabels, Gauge>,
     running: Gauge,
+    queued: Gauge,
+    /// When the read gauges were last refreshed: one refresh at a time, shared by the
+    /// scrapes that waited for it.
+    refreshed: tokio::sync::Mutex<Option<Instant>>,
     streams: Gauge,
     stream_buffered_bytes: Gauge,
     streams_waiting: Gauge,
@@ -156,6 +160,8 @@ impl Metrics {
             state_time: Family::new_with_constructor(state_buckets),
             oldest: Family::default(),
             running: Gauge::default(),
+            queued: Gauge::default(),
+            refreshed: tokio::sync::Mutex::new(None),
             streams: Gauge::default(),
             stream_buffered_bytes: Gauge::default(),
             streams_waiting: Gauge::default(),
@@ -227,6 +233,11 @@ impl Metrics {
             m.running.clone(),
         );
         registry.register(
+            "executor_queued_operations",
+            "Operations waiting for an executor of any replica: pending, or running without a lease",
+            m.queued.clone(),
+        );
+        registry.register(
             "streams",
             "Event and log streams open now",
             m.streams.clone(),
@@ -244,8 +255,21 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Reads what is counted rather than observed (the fleet, the executor, the streams).
+    /// Reads what is counted rather than observed (the fleet, the executor, the streams),
+    /// unless a refresh that began after this scrape arrived has just ended: concurrent
+    /// scrapes share one store read, and each answer is at least as new as its request.
     async fn refresh(&self, engine: &Engine) {
+        let asked = Instant::now();
+        let mut refreshed = self.refreshed.lock().await;
+        if refreshed.is_some_and(|began| began >= asked) {
+            return;
+        }
+        let began = Instant::now();
+        self.read_gauges(engine).await;
+        *refreshed = Some(began);
+    }
+
+    async fn read_gauges(&self, engine: &Engine) {
         match engine.machine_counts().await {
             Ok(counts) => {
                 // Every pair, so that a pair no machine is in any more reads 0.
@@ -289,6 +313,12 @@ impl Metrics {
             g.set(i64::try_from(n).unwrap_or(i64::MAX));
         };
         gauge(&self.running, engine.running_operations());
+        match engine.queued_operations().await {
+            Ok(n) => {
+                self.queued.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot count the queued operations"),
+        }
         let streams = engine.stream_stats();
         gauge(&self.streams, streams.streams);
         gauge(&self.stream_buffered_bytes, streams.buffered_bytes);
@@ -466,16 +496,20 @@ async fn scrape(State(s): State<Scrape>, headers: HeaderMap) -> Response {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
-    if wants_openmetrics {
-        (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
+    let (content_type, body) = if wants_openmetrics {
+        (OPENMETRICS, body)
     } else {
-        (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, TEXT_FORMAT)],
-            text_format(&body),
-        )
-            .into_response()
-    }
+        (TEXT_FORMAT, text_format(&body))
+    };
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::VARY, "Accept"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// The metrics endpoint: `GET /metrics`.
@@ -535,7 +569,7 @@ where
         let Some(metrics) = self.metrics.clone() else {
             return Box::pin(self.inner.call(req));
         };
-        let method = req.uri().path().to_owned();
+        let method = method_label(req.uri().path());
         let started = Instant::now();
         let call = self.inner.call(req);
         Box::pin(async move {
@@ -554,9 +588,36 @@ where
     }
 }
 
+/// The `method` label of a call: its path when it is a method the server has (the API's,
+/// health's, reflection's), else `unknown`, so that no peer creates series at will.
+fn method_label(path: &str) -> String {
+    const OTHERS: [&str; 4] = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+    let known = crate::auth::role_table().iter().any(|(p, _)| *p == path) || OTHERS.contains(&path);
+    if known { path } else { "unknown" }.to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_servers_methods_are_labels() {
+        assert_eq!(
+            method_label("/baremetal.v1.MachineService/GetMachine"),
+            "/baremetal.v1.MachineService/GetMachine"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        assert_eq!(method_label("/baremetal.v1.MachineService/Nope"), "unknown");
+        assert_eq!(method_label("/x/y"), "unknown");
+    }
 
     #[test]
     fn the_text_format_names_counter_families_with_total_and_drops_eof() {

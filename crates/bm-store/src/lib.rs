@@ -304,8 +304,14 @@ pub trait Store: Send + Sync + 'static {
     async fn list_machines(&self, query: &MachineQuery) -> Result<Page<Machine>>;
 
     /// How many machines are in each phase and effective state (pairs with none are left
-    /// out), from the indexed columns: cheap enough for every metrics scrape.
+    /// out), from the `phase` and `effective_state` columns: no document is decoded, but
+    /// the machines table is scanned (about 10 ms per 100,000 machines on SQLite).
     async fn machine_counts(&self) -> Result<Vec<MachineCount>>;
+
+    /// How many operations wait for an executor: pending, or running without a lease (to
+    /// resume), from the index claims use: cheap enough for every metrics scrape. Held ones
+    /// whose lease expired are not counted.
+    async fn unclaimed_operations(&self) -> Result<u64>;
 
     /// Applies a patch to a machine's spec and labels, to the record as it is in the write
     /// transaction (see [`MachinePatch`] and [`Machine::update`]).

@@ -281,6 +281,15 @@ impl Store for MemoryStore {
             .cloned())
     }
 
+    async fn unclaimed_operations(&self) -> Result<u64> {
+        let state = self.lock();
+        Ok(state
+            .active
+            .iter()
+            .filter(|id| state.operations.get(id).is_some_and(|o| o.lease.is_none()))
+            .count() as u64)
+    }
+
     async fn machine_counts(&self) -> Result<Vec<MachineCount>> {
         let state = self.lock();
         let mut counts = std::collections::BTreeMap::<_, u64>::new();

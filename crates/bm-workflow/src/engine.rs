@@ -334,14 +334,24 @@ impl Engine {
         Ok(self.inner.store.get_machine(id).await?)
     }
 
-    /// How many machines are in each phase and effective state (for metrics: cheap, from the
-    /// store's indexed columns).
+    /// How many machines are in each phase and effective state (for metrics: no machine
+    /// document is decoded, see [`bm_store::Store::machine_counts`]).
     ///
     /// # Errors
     ///
     /// A store failure.
     pub async fn machine_counts(&self) -> Result<Vec<MachineCount>, WorkflowError> {
         Ok(self.inner.store.machine_counts().await?)
+    }
+
+    /// How many operations wait for an executor (of any replica): pending, or running
+    /// without a lease, to resume.
+    ///
+    /// # Errors
+    ///
+    /// A store failure.
+    pub async fn queued_operations(&self) -> Result<u64, WorkflowError> {
+        Ok(self.inner.store.unclaimed_operations().await?)
     }
 
     /// A machine's events (what happened to it outside operations), oldest first, with a
@@ -494,10 +504,19 @@ impl Engine {
         let id = req.operation_id;
         let store = &self.inner.store;
         let mut events = store.subscribe_events();
+        // A pending operation is ended by the cancel itself, here, not by an executor:
+        // the telemetry hears of it from here.
+        let was_pending = store
+            .get_operation(id)
+            .await
+            .is_ok_and(|o| o.phase == OperationPhase::Pending);
         let op = store
             .request_cancel(id, req.requested_by.clone(), now())
             .await?;
         if !op.is_active() {
+            if was_pending && op.phase == OperationPhase::Canceled {
+                executor::report_end(&self.inner, &op);
+            }
             return Ok(op);
         }
         if let Some(running) = self.inner.running().get(&id) {

@@ -242,9 +242,24 @@ async fn fail_after_panic(
         store.finish(&fence, op, outcome, Vec::new(), now()).await
     }
     .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, operation_id = %id, "could not fail the operation; it is taken up again when its lease expires");
+    match result {
+        Ok((op, _)) => report_end(inner, &op),
+        Err(e) => {
+            tracing::error!(error = %e, operation_id = %id, "could not fail the operation; it is taken up again when its lease expires");
+        }
     }
+}
+
+/// Tells the telemetry that `op` ended (from its admission to its end).
+pub(crate) fn report_end(inner: &Inner, op: &Operation) {
+    let took = op
+        .finished_at
+        .unwrap_or_else(now)
+        .duration_since(op.created_at);
+    inner
+        .config
+        .telemetry
+        .operation_ended(op.op_type, op.phase, took);
 }
 
 /// Renews the leases of the operations running here every third of their duration, stops
@@ -753,12 +768,8 @@ impl Runner {
                 async move { store.finish(&fence, op, outcome, events, now()).await }
             })
             .await?;
-        let took = op
-            .finished_at
-            .unwrap_or_else(now)
-            .duration_since(op.created_at);
+        report_end(&self.inner, &op);
         let telemetry = &self.inner.config.telemetry;
-        telemetry.operation_ended(op.op_type, op.phase, took);
         if let Some((before, since)) = self.state_at_start
             && machine.effective_state() != before
         {

@@ -3,8 +3,11 @@
 //! [`crate::EngineConfig::telemetry`]. The engine calls it from its executor, inline and
 //! often (once per stage attempt), so an implementation must be cheap and must not block.
 //!
-//! Each replica reports the work it ran itself: summing over replicas counts every operation
-//! once.
+//! Each replica reports the work it ran itself, so that summing over replicas counts each
+//! end once: the replica that ran the operation reports its end, the one that took the
+//! cancel of a pending operation reports that one. A start is reported when a run first
+//! moves the operation to RUNNING, not when it resumes one; a replica that crashed before
+//! it committed that start leaves it to be started, and reported, again.
 
 use std::time::Duration;
 

@@ -187,6 +187,10 @@ impl Store for FaultyStore {
         self.inner.get_machine(id).await
     }
 
+    async fn unclaimed_operations(&self) -> bm_store::Result<u64> {
+        self.inner.unclaimed_operations().await
+    }
+
     async fn machine_counts(&self) -> bm_store::Result<Vec<bm_store::MachineCount>> {
         self.inner.machine_counts().await
     }

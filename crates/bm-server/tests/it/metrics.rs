@@ -9,12 +9,18 @@ use crate::support::{Server, fake_machine};
 
 /// Starts a server with metrics on a free port; returns it with the endpoint's URL.
 async fn start() -> (Server, String) {
-    let server = Server::start_with(&[
+    start_with(&[]).await
+}
+
+async fn start_with(extra: &[&str]) -> (Server, String) {
+    let mut args = vec![
         "--fake-timing",
         "instant",
         "--metrics-listen",
         "127.0.0.1:0",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start_with(&args);
     let needle = "metrics on http://";
     server.wait_for_log(needle, 1).await;
     let log = server.log();
@@ -176,6 +182,7 @@ async fn operations_stages_calls_and_the_fleet_are_counted() {
         );
     }
     assert_eq!(get("bm_executor_running_operations"), 0.0);
+    assert_eq!(get("bm_executor_queued_operations"), 0.0);
     // Time in state: each of the four operations ended BUSY; m-3 is held in ATTENTION.
     assert_eq!(
         get(r#"bm_machine_state_duration_seconds_count{effective_state="BUSY"}"#),
@@ -232,6 +239,64 @@ async fn operations_stages_calls_and_the_fleet_are_counted() {
         om_samples[r#"bm_operations_ended_total{type="REIMAGE",phase="FAILED"}"#],
         1.0
     );
+}
+
+/// An operation that waits for the executor is queued; canceled while pending, it is counted
+/// as ended by the replica that took the cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_operations_and_pending_cancels_are_counted() {
+    let (server, url) = start_with(&["--max-concurrent-operations", "1"]).await;
+    let mut c = server.clients().await;
+    for id in ["m-1", "m-2"] {
+        c.register(fake_machine(
+            id,
+            if id == "m-1" { 1 } else { 2 },
+            &[("fake.baremetal.dev/hang-action", "drain")],
+        ))
+        .await;
+    }
+    let machines = c.machines.clone();
+    let admit = |id: &'static str| {
+        let mut machines = machines.clone();
+        async move {
+            machines
+                .enter_maintenance(pb::EnterMaintenanceRequest {
+                    machine_id: id.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let running = admit("m-1").await;
+    c.wait_stage(&running.id, "drain").await;
+    let pending = admit("m-2").await;
+    let (_, text) = scrape(&url, None).await;
+    let s = samples(&text);
+    assert_eq!(s["bm_executor_running_operations"], 1.0, "{text}");
+    assert_eq!(s["bm_executor_queued_operations"], 1.0, "{text}");
+    for op in [&pending.id, &running.id] {
+        c.operations
+            .cancel_operation(pb::CancelOperationRequest {
+                operation_id: op.clone(),
+            })
+            .await
+            .unwrap();
+        c.wait_end(op).await;
+    }
+    let (_, text) = scrape(&url, None).await;
+    let s = samples(&text);
+    assert_eq!(
+        s[r#"bm_operations_ended_total{type="ENTER_MAINTENANCE",phase="CANCELED"}"#], 2.0,
+        "{text}"
+    );
+    // Only the one that ran was started.
+    assert_eq!(
+        s[r#"bm_operations_started_total{type="ENTER_MAINTENANCE"}"#], 1.0,
+        "{text}"
+    );
+    assert_eq!(s["bm_executor_queued_operations"], 0.0, "{text}");
 }
 
 /// Prometheus's `promtool`: `BM_PROMTOOL` (set by `cargo xtask test`), else the `PATH`.

@@ -718,6 +718,18 @@ impl Store for PgStore {
         .await
     }
 
+    async fn unclaimed_operations(&self) -> Result<u64> {
+        self.read(|conn| {
+            // The WHERE of the partial index operations_unheld, so that it is the one read.
+            let row = conn.query_one(
+                "SELECT COUNT(*) FROM operations WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NULL",
+                &[],
+            )?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or_default())
+        })
+        .await
+    }
+
     async fn machine_counts(&self) -> Result<Vec<MachineCount>> {
         self.read(|conn| {
             let rows = conn.query(

@@ -572,6 +572,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn unclaimed_operations(&self) -> Result<u64> {
+        self.read(|conn| {
+            // The WHERE of the partial index operations_unheld, so that it is the one read.
+            let n: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM operations WHERE phase IN ('PENDING', 'RUNNING') AND lease_owner IS NULL",
+                )?
+                .query_row([], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or_default())
+        })
+        .await
+    }
+
     async fn machine_counts(&self) -> Result<Vec<MachineCount>> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(

@@ -1148,7 +1148,8 @@ pub(crate) async fn observations_are_written_when_they_change_something_and_neve
 }
 
 /// Issue 15: counts by phase and effective state follow the machines (a new one, one in
-/// maintenance, one busy under an admitted operation, one that failed).
+/// maintenance, one busy under an admitted operation, one that failed); an admitted
+/// operation waits for an executor until it is claimed.
 pub(crate) async fn machines_are_counted_by_phase_and_effective_state(s: S) {
     use bm_store::MachineCount;
     let count = |phase, effective_state, machines| MachineCount {
@@ -1171,9 +1172,11 @@ pub(crate) async fn machines_are_counted_by_phase_and_effective_state(s: S) {
             count(Phase::Maintenance, EffectiveState::MaintenanceIdle, 2),
         ]
     );
+    assert_eq!(s.unclaimed_operations().await.unwrap(), 0);
     s.admit(op("m-4", OperationType::Reimage, "r"))
         .await
         .unwrap();
+    assert_eq!(s.unclaimed_operations().await.unwrap(), 1);
     let claimed = s
         .claim(&lease("exec", 1000), t(0), 1)
         .await
@@ -1183,6 +1186,7 @@ pub(crate) async fn machines_are_counted_by_phase_and_effective_state(s: S) {
     o.start(t(1)).unwrap();
     o.begin_stage("repave-image", t(1));
     s.save_progress(&fence, &o, vec![]).await.unwrap();
+    assert_eq!(s.unclaimed_operations().await.unwrap(), 0, "claimed");
     assert_eq!(
         s.machine_counts().await.unwrap(),
         vec![

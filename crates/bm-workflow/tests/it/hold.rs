@@ -106,6 +106,10 @@ impl Store for HoldingStore {
         self.inner.get_machine(id).await
     }
 
+    async fn unclaimed_operations(&self) -> Result<u64> {
+        self.inner.unclaimed_operations().await
+    }
+
     async fn machine_counts(&self) -> Result<Vec<bm_store::MachineCount>> {
         self.inner.machine_counts().await
     }
