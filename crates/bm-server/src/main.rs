@@ -796,9 +796,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "the open files limit is below --max-connections plus {RESERVED_FILES} for the store and providers: accepting will fail (EMFILE) before the connection limit is reached"
         );
     }
+    let metrics = args
+        .metrics_listen
+        .map(|_| Arc::new(bm_server::Metrics::new()));
+    let commit_observer = metrics
+        .clone()
+        .map(|m| m as Arc<dyn bm_store::CommitObserver>);
     let store: Arc<dyn Store> = match &args.store {
         StoreChoice::Sqlite => {
             let config = SqliteConfig {
+                commit_observer: commit_observer.clone(),
                 on_damage: if args.read_only_on_corruption {
                     OnDamage::ReadOnly
                 } else {
@@ -827,6 +834,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         StoreChoice::Postgres(url) => {
             let config = bm_store::PgConfig {
+                commit_observer: commit_observer.clone(),
                 pool_size: args.db_pool_size,
                 statement_timeout: Some(args.db_statement_timeout),
                 // A stalled replica's open transaction must not hold its rows past its
@@ -868,9 +876,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.provider_config {
         register_configured(&mut providers, path, netboot.clone())?;
     }
-    let metrics = args
-        .metrics_listen
-        .map(|_| Arc::new(bm_server::Metrics::new()));
 
     let config = EngineConfig {
         max_concurrent_operations: args.max_concurrent_operations,

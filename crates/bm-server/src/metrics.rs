@@ -128,6 +128,9 @@ pub struct Metrics {
     oldest: Family<StateLabels, Gauge>,
     running: Gauge,
     queued: Gauge,
+    commit_duration: Histogram,
+    commit_batch: Histogram,
+    commit_failures: Counter,
     /// When the read gauges were last refreshed: one refresh at a time, shared by the
     /// scrapes that waited for it.
     refreshed: tokio::sync::Mutex<Option<Instant>>,
@@ -161,6 +164,11 @@ impl Metrics {
             oldest: Family::default(),
             running: Gauge::default(),
             queued: Gauge::default(),
+            // 100 µs to about 3 s.
+            commit_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            // 1 to 4096 (the SQLite writer's largest batch).
+            commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            commit_failures: Counter::default(),
             refreshed: tokio::sync::Mutex::new(None),
             streams: Gauge::default(),
             stream_buffered_bytes: Gauge::default(),
@@ -236,6 +244,21 @@ impl Metrics {
             "executor_queued_operations",
             "Operations waiting for an executor of any replica: pending, or running without a lease",
             m.queued.clone(),
+        );
+        registry.register(
+            "store_commit_duration_seconds",
+            "One commit of the store's writer, from its first statement to the end of the commit",
+            m.commit_duration.clone(),
+        );
+        registry.register(
+            "store_commit_batch_size",
+            "Writes and log lines one commit carried (the writer groups what waits)",
+            m.commit_batch.clone(),
+        );
+        registry.register(
+            "store_commit_failures",
+            "Commits that failed and were rolled back",
+            m.commit_failures.clone(),
         );
         registry.register(
             "streams",
@@ -422,6 +445,16 @@ impl Telemetry for Metrics {
                     stage: a.stage,
                 })
                 .inc();
+        }
+    }
+}
+
+impl bm_workflow::CommitObserver for Metrics {
+    fn batch(&self, size: usize, took: Duration, committed: bool) {
+        self.commit_duration.observe(took.as_secs_f64());
+        self.commit_batch.observe(size as f64);
+        if !committed {
+            self.commit_failures.inc();
         }
     }
 }

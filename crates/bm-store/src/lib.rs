@@ -151,6 +151,14 @@ pub struct OperationQuery {
     pub phase: Option<OperationPhase>,
 }
 
+/// Told of every commit of a durable store's writer thread (for metrics): how many writes
+/// and log lines it carried, how long it took from its first statement to the end of the
+/// commit, and whether it committed. Called on the writer thread: it must be cheap.
+pub trait CommitObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// One batch ended.
+    fn batch(&self, size: usize, took: std::time::Duration, committed: bool);
+}
+
 /// How many machines are in one phase and effective state ([`Store::machine_counts`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct MachineCount {

@@ -183,6 +183,13 @@ async fn operations_stages_calls_and_the_fleet_are_counted() {
     }
     assert_eq!(get("bm_executor_running_operations"), 0.0);
     assert_eq!(get("bm_executor_queued_operations"), 0.0);
+    // Every write went through the SQLite writer: registrations, admissions, stages.
+    assert!(
+        get("bm_store_commit_duration_seconds_count") >= 10.0,
+        "{text}"
+    );
+    assert!(get("bm_store_commit_batch_size_sum") >= get("bm_store_commit_batch_size_count"));
+    assert_eq!(get("bm_store_commit_failures_total"), 0.0);
     // Time in state: each of the four operations ended BUSY; m-3 is held in ATTENTION.
     assert_eq!(
         get(r#"bm_machine_state_duration_seconds_count{effective_state="BUSY"}"#),

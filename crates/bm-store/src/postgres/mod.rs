@@ -70,6 +70,8 @@ pub struct PgConfig {
     pub idle_in_transaction_timeout: Option<Duration>,
     /// The most writes committed together.
     pub max_batch: usize,
+    /// Told of every commit (metrics); nobody by default.
+    pub commit_observer: Option<Arc<dyn crate::CommitObserver>>,
 }
 
 impl PgConfig {
@@ -81,6 +83,7 @@ impl PgConfig {
             statement_timeout: Some(Duration::from_secs(30)),
             idle_in_transaction_timeout: Some(Duration::from_secs(15)),
             max_batch: 1024,
+            commit_observer: None,
         }
     }
 }
@@ -523,6 +526,7 @@ impl PgStore {
             stmts: Default::default(),
             unwritten: Vec::new(),
             last_used: std::time::Instant::now(),
+            observer: config.commit_observer.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("bm-store-pg-writer".into())

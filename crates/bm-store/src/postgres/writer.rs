@@ -259,6 +259,8 @@ pub(super) struct Writer {
     pub(super) last_used: std::time::Instant,
     /// Told whether the database answered.
     pub(super) condition: Arc<crate::condition::ConditionCell>,
+    /// Told of every commit.
+    pub(super) observer: Option<Arc<dyn crate::CommitObserver>>,
 }
 
 impl Writer {
@@ -272,7 +274,11 @@ impl Writer {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            self.run_batch(batch);
+            let (size, began) = (batch.len(), std::time::Instant::now());
+            let committed = self.run_batch(batch);
+            if let Some(observer) = &self.observer {
+                observer.batch(size, began.elapsed(), committed);
+            }
         }
     }
 
@@ -300,7 +306,8 @@ impl Writer {
         Ok(())
     }
 
-    fn run_batch(&mut self, batch: Vec<Command>) {
+    /// Runs one batch in one transaction; whether it committed.
+    fn run_batch(&mut self, batch: Vec<Command>) -> bool {
         let mut replies = Vec::with_capacity(batch.len());
         let mut jobs = Vec::with_capacity(batch.len());
         let mut lines = std::mem::take(&mut self.unwritten);
@@ -353,6 +360,7 @@ impl Writer {
             replies.push(job.reply);
         }
         super::note_reach(&self.condition, &result);
+        let committed = result.is_ok();
         match result {
             Ok(ranges) => {
                 if let Some((ev_first, ev_last, lg_first, lg_last)) = ranges {
@@ -385,6 +393,7 @@ impl Writer {
                 }
             }
         }
+        committed
     }
 
     /// Runs a job under a savepoint of its own, its reads and writes as statements: again
@@ -1352,6 +1361,7 @@ mod tests {
                 unwritten: Vec::new(),
                 last_used: std::time::Instant::now(),
                 condition,
+                observer: None,
             };
             writer.run_batch(batch);
         })

@@ -64,6 +64,8 @@ pub struct SqliteConfig {
     /// The most the database file may grow to, in bytes (`None`: as much as the disk holds).
     /// A write past it fails as on a full disk ([`StoreError::DiskFull`]).
     pub max_db_bytes: Option<u64>,
+    /// Told of every commit (metrics); nobody by default.
+    pub commit_observer: Option<Arc<dyn crate::CommitObserver>>,
 }
 
 impl SqliteConfig {
@@ -77,6 +79,7 @@ impl SqliteConfig {
             on_damage: OnDamage::Refuse,
             wal_limit_bytes: 64 << 20,
             max_db_bytes: None,
+            commit_observer: None,
         }
     }
 }
@@ -243,6 +246,7 @@ impl SqliteStore {
             wal,
             dir: config.dir.clone(),
             _files: files.clone(),
+            observer: config.commit_observer.clone(),
         };
         let checkpoint_conn = schema::open(&path, 1024)?;
         let thread = std::thread::Builder::new()

@@ -146,6 +146,8 @@ pub(super) struct Writer {
     pub(super) dir: PathBuf,
     /// Closed after the connection (see `files.rs`).
     pub(super) _files: Arc<DataDir>,
+    /// Told of every commit.
+    pub(super) observer: Option<Arc<dyn crate::CommitObserver>>,
 }
 
 impl Writer {
@@ -159,11 +161,16 @@ impl Writer {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            self.run_batch(batch);
+            let (size, began) = (batch.len(), std::time::Instant::now());
+            let committed = self.run_batch(batch);
+            if let Some(observer) = &self.observer {
+                observer.batch(size, began.elapsed(), committed);
+            }
         }
     }
 
-    fn run_batch(&mut self, batch: Vec<Command>) {
+    /// Runs one batch in one transaction; whether it committed.
+    fn run_batch(&mut self, batch: Vec<Command>) -> bool {
         let mut replies = Vec::with_capacity(batch.len());
         // Published after the commit in the order they were written, so a provider's log
         // line reaches subscribers before the event of the step that logged it ends.
@@ -251,6 +258,7 @@ impl Writer {
         if result.is_ok() {
             self.wal.after_commit(&self.conn);
         }
+        let committed = result.is_ok();
         match result {
             Ok(()) => {
                 for p in published {
@@ -284,6 +292,7 @@ impl Writer {
                 }
             }
         }
+        committed
     }
 }
 
