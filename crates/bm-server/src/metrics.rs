@@ -421,23 +421,33 @@ impl Telemetry for Metrics {
             .observe(stayed.as_secs_f64());
     }
 
-    fn attempt(&self, a: &Attempt<'_>) {
+    fn provider_call(
+        &self,
+        provider: &str,
+        action: &'static str,
+        took: Duration,
+        error: Option<bm_provider::ErrorKind>,
+    ) {
         let call = CallLabels {
-            provider: a.provider.to_owned(),
-            action: a.stage,
+            provider: provider.to_owned(),
+            action,
         };
         self.provider_calls
             .get_or_create(&call)
-            .observe(a.took.as_secs_f64());
-        if let Some(kind) = a.error {
+            .observe(took.as_secs_f64());
+        if let Some(kind) = error {
             self.provider_errors
                 .get_or_create(&CallErrorLabels {
                     provider: call.provider,
-                    action: a.stage,
+                    action,
                     kind: kind.as_str(),
                 })
                 .inc();
         }
+    }
+
+    fn attempt(&self, a: &Attempt<'_>) {
+        self.provider_call(a.provider, a.stage, a.took, a.error);
         if a.outcome == bm_workflow::AttemptOutcome::Retrying {
             self.stage_retries
                 .get_or_create(&RetryLabels {

@@ -862,7 +862,20 @@ impl Runner {
                 log: &log,
             };
             let call = std::panic::AssertUnwindSafe(provider.disarm_netboot(ctx)).catch_unwind();
-            let error = match tokio::time::timeout(timeout, call).await {
+            let began = tokio::time::Instant::now();
+            let result = tokio::time::timeout(timeout, call).await;
+            self.inner.config.telemetry.provider_call(
+                &machine.spec.provider,
+                "disarm-netboot",
+                began.elapsed(),
+                match &result {
+                    Ok(Ok(Ok(()))) => None,
+                    Ok(Ok(Err(e))) => Some(e.kind()),
+                    Ok(Err(_)) => Some(ErrorKind::Permanent),
+                    Err(_) => Some(ErrorKind::Unavailable),
+                },
+            );
+            let error = match result {
                 Ok(Ok(Ok(()))) => return Ok(()),
                 Ok(Ok(Err(e))) => e,
                 Ok(Err(_)) => return Err("the provider panicked".into()),

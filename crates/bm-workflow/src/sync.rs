@@ -194,8 +194,18 @@ async fn read_one(inner: Arc<Inner>, machine: Machine) -> Fate {
         machine: &machine,
         cancel: &cancel,
     };
+    let began = tokio::time::Instant::now();
     let read = tokio::time::timeout(timeout, provider.observe(ctx)).await;
     cancel.cancel();
+    let error = match &read {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.kind()),
+        Err(_) => Some(ErrorKind::Unavailable),
+    };
+    inner
+        .config
+        .telemetry
+        .provider_call(&machine.spec.provider, "observe", began.elapsed(), error);
     let observation = match read {
         Ok(Ok(Some(obs))) => obs,
         Ok(Ok(None)) => return Fate::Unobserved,

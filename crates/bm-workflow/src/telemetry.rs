@@ -89,6 +89,19 @@ pub trait Telemetry: Send + Sync + std::fmt::Debug + 'static {
         let _ = attempt;
     }
 
+    /// A provider call outside a stage: the status poll's `observe`, `disarm-netboot` after
+    /// a failed operation. `error` is the error's kind when it failed (a timeout is
+    /// `Unavailable`).
+    fn provider_call(
+        &self,
+        provider: &str,
+        action: &'static str,
+        took: Duration,
+        error: Option<ErrorKind>,
+    ) {
+        let _ = (provider, action, took, error);
+    }
+
     /// A machine left `state` after `stayed` in it, as an operation ended: BUSY (since its
     /// operation was admitted), ATTENTION or BLOCKED (since the condition that holds it
     /// became true, see [`bm_domain::Machine::held_since`]). The idle states are not

@@ -306,6 +306,31 @@ async fn queued_operations_and_pending_cancels_are_counted() {
     assert_eq!(s["bm_executor_queued_operations"], 0.0, "{text}");
 }
 
+/// The status poll's readings are provider calls too (action `observe`), failures by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_poll_readings_are_provider_calls() {
+    let (server, url) = start_with(&["--status-poll-interval", "1s"]).await;
+    let mut c = server.clients().await;
+    c.register(fake_machine("m-1", 1, &[])).await;
+    c.register(fake_machine(
+        "m-2",
+        2,
+        &[("fake.baremetal.dev/bmc", "unreachable")],
+    ))
+    .await;
+    server.wait_for_log("status poll round polled=2", 1).await;
+    let (_, text) = scrape(&url, None).await;
+    let s = samples(&text);
+    let observed =
+        s[r#"bm_provider_call_duration_seconds_count{provider="fake",action="observe"}"#];
+    assert!(observed >= 2.0, "{text}");
+    assert!(
+        s[r#"bm_provider_call_errors_total{provider="fake",action="observe",kind="unreachable"}"#]
+            >= 1.0,
+        "{text}"
+    );
+}
+
 /// Prometheus's `promtool`: `BM_PROMTOOL` (set by `cargo xtask test`), else the `PATH`.
 fn promtool() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("BM_PROMTOOL") {
