@@ -31,14 +31,7 @@ async fn start(extra: &[&str]) -> (Server, String, tempfile::TempDir) {
     ];
     args.extend_from_slice(extra);
     let server = Server::start_with(&args);
-    let needle = "boot service listening on ";
-    server.wait_for_log(needle, 1).await;
-    let log = server.log();
-    let at = log.find(needle).unwrap() + needle.len();
-    let addr: String = log[at..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '"')
-        .collect();
+    let addr = server.logged_address("boot service listening on ").await;
     (server, format!("http://{addr}"), files)
 }
 

@@ -21,11 +21,7 @@ async fn start_with(extra: &[&str]) -> (Server, String) {
     ];
     args.extend_from_slice(extra);
     let server = Server::start_with(&args);
-    let needle = "metrics on http://";
-    server.wait_for_log(needle, 1).await;
-    let log = server.log();
-    let at = log.find(needle).unwrap() + needle.len();
-    let addr: String = log[at..].chars().take_while(|c| *c != '/').collect();
+    let addr = server.logged_address("metrics on http://").await;
     (server, format!("http://{addr}/metrics"))
 }
 

@@ -160,6 +160,18 @@ impl Server {
         }
     }
 
+    /// Waits for `needle` in the log and returns the `host:port` that follows it (up to a
+    /// space, a quote or a slash): where a listener the server started is.
+    pub(crate) async fn logged_address(&self, needle: &str) -> String {
+        self.wait_for_log(needle, 1).await;
+        let log = self.log();
+        let at = log.find(needle).expect("logged") + needle.len();
+        log[at..]
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '/')
+            .collect()
+    }
+
     pub(crate) fn pid(&self) -> String {
         self.child.as_ref().expect("running").id().to_string()
     }
