@@ -25,7 +25,7 @@ use anyhow::{Context, ensure};
 use super::{Apt, find_file, have};
 
 /// Bump when what is built changes, so that an older build is not reused.
-const RECIPE: &str = "lab-build-3";
+const RECIPE: &str = "lab-build-4";
 
 /// The images the lab publishes, with the checksum published for each.
 pub(crate) const IMAGES: [&str; 2] = ["lab-a", "lab-b"];
@@ -113,13 +113,16 @@ if [ "$sum" != "$want" ]; then
   echo "bm-deploy: the image is not what was published ($want); erased its start, not rebooting"
   exit 0
 fi
-echo "bm-deploy: the image is intact; rebooting into it once this session ends"
-# No new SSH session may reach the deploy environment once this step ended; the reboot
-# waits for the sessions still open (this one) to close, at most 60 s.
+echo "bm-deploy: the image is intact; rebooting into it once this command has ended"
+# No new SSH session may reach the deploy environment once this step ended. The reboot
+# waits for this command's parent (the shell of the SSH session, or the session) to end,
+# at most 10 s, and a second more for the exit status to reach the provider.
 kill "$(cat /run/dropbear.pid)"
+parent=$PPID
 (
   n=0
-  while pidof dropbear > /dev/null && [ "$n" -lt 300 ]; do sleep 0.2; n=$((n + 1)); done
+  while kill -0 "$parent" 2> /dev/null && [ "$n" -lt 50 ]; do sleep 0.2; n=$((n + 1)); done
+  sleep 1
   sync
   reboot -f
 ) < /dev/null > /dev/null 2>&1 &
