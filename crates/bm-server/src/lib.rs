@@ -19,6 +19,7 @@ mod error;
 mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
+mod grpc_metrics;
 mod health;
 mod limits;
 mod listener;
@@ -43,8 +44,9 @@ pub use auth::{
     write_private,
 };
 pub use boot::{BootService, router as boot_router, serve_boot};
+pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
 pub use limits::Limits;
-pub use metrics::{GrpcMetrics, GrpcMetricsLayer, Metrics, router as metrics_router};
+pub use metrics::{Metrics, router as metrics_router};
 pub use tls::{Tls, TlsError, TlsFiles};
 
 /// What the server serves.
@@ -141,7 +143,7 @@ pub async fn serve(
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .layer(metrics::GrpcMetricsLayer::new(deps.metrics.clone()))
+        .layer(grpc_metrics::GrpcMetricsLayer::new(deps.metrics.clone()))
         .layer(limits::AdmissionLayer::new(shared))
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_arguments,

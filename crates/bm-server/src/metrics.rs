@@ -4,7 +4,8 @@
 //! OpenMetrics natively, keeps every metric in a registry we own (no process-global state,
 //! so each test's server has its own), and types label sets as Rust structs. The executor's
 //! work arrives through [`bm_workflow::Telemetry`] (the engine knows nothing of Prometheus);
-//! gRPC calls through [`GrpcMetricsLayer`]; what is a count of the fleet (machines by phase
+//! gRPC calls through [`crate::GrpcMetricsLayer`] (`grpc_metrics.rs`, which alone knows the
+//! wire); what is a count of the fleet (machines by phase
 //! and effective state, operations running, streams) is read when scraped.
 //!
 //! A scraper that asks for OpenMetrics (`Accept: application/openmetrics-text`) gets it;
@@ -12,7 +13,6 @@
 //! metric.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -21,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bm_domain::{EffectiveState, OperationPhase, OperationType, Phase};
 use bm_workflow::{Attempt, Engine, Telemetry};
-use futures::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -357,7 +356,7 @@ impl Metrics {
     }
 
     /// Counts one gRPC call.
-    fn grpc(&self, method: &str, code: &'static str, took: Duration) {
+    pub(crate) fn grpc(&self, method: &str, code: &'static str, took: Duration) {
         self.grpc_requests
             .get_or_create(&GrpcLabels {
                 method: method.to_owned(),
@@ -562,105 +561,9 @@ pub fn router(metrics: Arc<Metrics>, engine: Engine) -> axum::Router {
         .with_state(Scrape { metrics, engine })
 }
 
-/// Counts every gRPC call in [`Metrics`]: its method (the request's path) and the status
-/// code the response's headers carry (an error answered at once; `OK` otherwise, since a
-/// successful call's status comes in its trailers), timed to the response's headers.
-#[derive(Clone, Debug)]
-pub struct GrpcMetricsLayer {
-    metrics: Option<Arc<Metrics>>,
-}
-
-impl GrpcMetricsLayer {
-    /// Counts in `metrics`; with `None`, does nothing.
-    pub fn new(metrics: Option<Arc<Metrics>>) -> Self {
-        GrpcMetricsLayer { metrics }
-    }
-}
-
-impl<S> tower::Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetrics<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics {
-            inner,
-            metrics: self.metrics.clone(),
-        }
-    }
-}
-
-/// The service of [`GrpcMetricsLayer`].
-#[derive(Clone, Debug)]
-pub struct GrpcMetrics<S> {
-    inner: S,
-    metrics: Option<Arc<Metrics>>,
-}
-
-impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Send,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let Some(metrics) = self.metrics.clone() else {
-            return Box::pin(self.inner.call(req));
-        };
-        let method = method_label(req.uri().path());
-        let started = Instant::now();
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            let result = call.await;
-            if let Ok(response) = &result {
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or("OK", |c| bm_proto::code_name(tonic::Code::from(c)));
-                metrics.grpc(&method, code, started.elapsed());
-            }
-            result
-        })
-    }
-}
-
-/// The `method` label of a call: its path when it is a method the server has (the API's,
-/// health's, reflection's), else `unknown`, so that no peer creates series at will.
-fn method_label(path: &str) -> String {
-    const OTHERS: [&str; 4] = [
-        "/grpc.health.v1.Health/Check",
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    ];
-    let known = crate::auth::role_table().iter().any(|(p, _)| *p == path) || OTHERS.contains(&path);
-    if known { path } else { "unknown" }.to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_servers_methods_are_labels() {
-        assert_eq!(
-            method_label("/baremetal.v1.MachineService/GetMachine"),
-            "/baremetal.v1.MachineService/GetMachine"
-        );
-        assert_eq!(
-            method_label("/grpc.health.v1.Health/Check"),
-            "/grpc.health.v1.Health/Check"
-        );
-        assert_eq!(method_label("/baremetal.v1.MachineService/Nope"), "unknown");
-        assert_eq!(method_label("/x/y"), "unknown");
-    }
 
     #[test]
     fn the_text_format_names_counter_families_with_total_and_drops_eof() {
