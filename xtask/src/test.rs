@@ -100,16 +100,7 @@ fn missing_packages() -> Vec<&'static str> {
         missing.push("openssh-server");
     }
     // python3-venv brings python3 with it, and ensurepip, without which a venv has no pip.
-    let venv_works = find("python3").is_some_and(|python| {
-        Command::new(python)
-            .args(["-c", "import venv, ensurepip"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !venv_works {
+    if !find("python3").is_some_and(|python| venv_works(&python)) {
         missing.push("python3-venv");
     }
     // The PostgreSQL store's tests start a throwaway cluster (crates/bm-pg-cluster).
@@ -117,6 +108,26 @@ fn missing_packages() -> Vec<&'static str> {
         missing.push("postgresql");
     }
     missing
+}
+
+/// Whether `python` can make a virtualenv with pip in it (Debian's `python3-venv`).
+pub(crate) fn venv_works(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import venv, ensurepip"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether this runs as root.
+pub(crate) fn is_root() -> anyhow::Result<bool> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    Ok(String::from_utf8_lossy(&uid.stdout).trim() == "0")
 }
 
 /// `apt-get install`s `packages`, through sudo unless this runs as root.
@@ -138,12 +149,7 @@ fn install(packages: &[&str]) -> anyhow::Result<()> {
 /// runs as root.
 pub(crate) fn apt_get(opts: &[String], args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
     let apt = find("apt-get").context("there is no apt-get here")?;
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .context("running id -u")?;
-    let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
-    let mut c = if root {
+    let mut c = if is_root()? {
         Command::new(&apt)
     } else {
         let sudo = find("sudo").with_context(|| {

@@ -61,12 +61,8 @@ fn save_state(state: &Value) -> anyhow::Result<()> {
 }
 
 fn require_root() -> anyhow::Result<()> {
-    let out = Command::new("id")
-        .arg("-u")
-        .output()
-        .context("running id -u")?;
     ensure!(
-        String::from_utf8_lossy(&out.stdout).trim() == "0",
+        crate::test::is_root()?,
         "the virtual datacenter uses libvirt's system instance and creates a bridge: run it as root"
     );
     Ok(())
@@ -493,12 +489,7 @@ fn sushy_venv(lab: &Path) -> anyhow::Result<PathBuf> {
     if venv.join("bin/sushy-emulator").exists() {
         return Ok(venv);
     }
-    let venv_works = Command::new("/usr/bin/python3")
-        .args(["-c", "import venv, ensurepip"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !venv_works {
+    if !crate::test::venv_works(Path::new("/usr/bin/python3")) {
         install(&["python3-venv"])?;
     }
     println!("==> sushy-tools from PyPI into {}", venv.display());
