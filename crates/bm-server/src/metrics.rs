@@ -301,12 +301,11 @@ impl Metrics {
                             .iter()
                             .find(|c| c.phase == phase && c.effective_state == state)
                             .map_or(0, |c| c.machines);
-                        self.machines
-                            .get_or_create(&MachineLabels {
-                                phase: phase.as_str(),
-                                effective_state: state.as_str(),
-                            })
-                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                        let labels = MachineLabels {
+                            phase: phase.as_str(),
+                            effective_state: state.as_str(),
+                        };
+                        set(&self.machines.get_or_create(&labels), n);
                     }
                 }
             }
@@ -325,26 +324,20 @@ impl Metrics {
                     continue;
                 }
             };
-            self.oldest
-                .get_or_create(&StateLabels {
-                    effective_state: state.as_str(),
-                })
-                .set(i64::try_from(age).unwrap_or(i64::MAX));
+            let labels = StateLabels {
+                effective_state: state.as_str(),
+            };
+            set(&self.oldest.get_or_create(&labels), age);
         }
-        let gauge = |g: &Gauge, n: usize| {
-            g.set(i64::try_from(n).unwrap_or(i64::MAX));
-        };
-        gauge(&self.running, engine.running_operations());
+        set(&self.running, engine.running_operations());
         match engine.queued_operations().await {
-            Ok(n) => {
-                self.queued.set(i64::try_from(n).unwrap_or(i64::MAX));
-            }
+            Ok(n) => set(&self.queued, n),
             Err(e) => tracing::warn!(error = %e, "metrics: cannot count the queued operations"),
         }
         let streams = engine.stream_stats();
-        gauge(&self.streams, streams.streams);
-        gauge(&self.stream_buffered_bytes, streams.buffered_bytes);
-        gauge(&self.streams_waiting, streams.waiting_for_readers);
+        set(&self.streams, streams.streams);
+        set(&self.stream_buffered_bytes, streams.buffered_bytes);
+        set(&self.streams_waiting, streams.waiting_for_readers);
     }
 
     /// The registry in OpenMetrics.
@@ -466,6 +459,11 @@ impl bm_workflow::CommitObserver for Metrics {
             self.commit_failures.inc();
         }
     }
+}
+
+/// Sets a gauge to a count (saturating: a gauge is an i64).
+fn set(gauge: &Gauge, n: impl TryInto<i64>) {
+    gauge.set(n.try_into().unwrap_or(i64::MAX));
 }
 
 /// Since when the machine longest in `state` (ATTENTION or BLOCKED) has been there: the
