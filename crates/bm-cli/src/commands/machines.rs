@@ -131,14 +131,13 @@ pub(super) async fn stats(c: &mut Clients, json: bool) -> anyhow::Result<u8> {
         oldest: Default::default(),
     };
     for m in &all {
-        let status = m.status.clone().unwrap_or_default();
         let state = render::effective_name(m.effective_state);
         *stats.by_effective_state.entry(state.clone()).or_default() += 1;
-        *stats
-            .by_phase
-            .entry(render::phase(status.phase))
-            .or_default() += 1;
-        let Some(since) = held_since(m) else { continue };
+        let phase = m.status.as_ref().map_or(0, |s| s.phase);
+        *stats.by_phase.entry(render::phase(phase)).or_default() += 1;
+        let (Some(since), Some(status)) = (held_since(m), m.status.as_ref()) else {
+            continue;
+        };
         let at = (since.seconds, since.nanos);
         let older = stats.oldest.get(&state).is_none_or(|o| at < o.at);
         if older {
