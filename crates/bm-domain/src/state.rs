@@ -1,10 +1,11 @@
 //! Phase (intent) and effective state (the computed, truthful view).
 
 use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConditionType, Conditions};
+use crate::{ConditionType, Conditions, DomainError};
 
 /// What the operator intends the machine to be doing. Only operations change it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -35,6 +36,16 @@ impl Phase {
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| DomainError::invalid("phase", s, "unknown phase"))
     }
 }
 
@@ -83,6 +94,16 @@ impl EffectiveState {
 impl fmt::Display for EffectiveState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EffectiveState {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EffectiveState::ALL
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| DomainError::invalid("effective state", s, "unknown effective state"))
     }
 }
 

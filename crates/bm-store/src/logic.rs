@@ -10,9 +10,9 @@ use std::collections::HashMap;
 
 use bm_domain::rules::{self, Outcome};
 use bm_domain::{
-    DomainError, EffectiveState, EventKind, Labels, MacAddress, Machine, MachineEvent,
-    MachineEventKind, MachineId, MachinePatch, Observation, Operation, OperationEvent, OperationId,
-    OperationPhase, Phase, RequestId, Timestamp, apply_observation,
+    DomainError, EventKind, Labels, MacAddress, Machine, MachineEvent, MachineEventKind, MachineId,
+    MachinePatch, Observation, Operation, OperationEvent, OperationId, OperationPhase, RequestId,
+    Timestamp, apply_observation,
 };
 
 use crate::{
@@ -256,17 +256,10 @@ pub(crate) fn machine_event_row(
 
 /// A count of machines from the `phase` and `effective_state` columns of both SQL backends.
 pub(crate) fn machine_count_row(phase: &str, state: &str, machines: i64) -> Result<MachineCount> {
-    let corrupt =
-        |what: &str, v: &str| StoreError::Corrupt(format!("machines: unknown {what} {v:?}"));
+    let corrupt = |e: DomainError| StoreError::Corrupt(format!("machines: {e}"));
     Ok(MachineCount {
-        phase: *Phase::ALL
-            .iter()
-            .find(|p| p.as_str() == phase)
-            .ok_or_else(|| corrupt("phase", phase))?,
-        effective_state: *EffectiveState::ALL
-            .iter()
-            .find(|s| s.as_str() == state)
-            .ok_or_else(|| corrupt("effective state", state))?,
+        phase: phase.parse().map_err(corrupt)?,
+        effective_state: state.parse().map_err(corrupt)?,
         machines: u64::try_from(machines).unwrap_or_default(),
     })
 }
