@@ -374,10 +374,9 @@ pub(crate) async fn boot_once(
             }
         }
     }
-    let current = |b: &Value, k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
-    if current(boot, "BootSourceOverrideTarget").as_deref() == Some(target)
-        && current(boot, "BootSourceOverrideEnabled").as_deref() == Some("Once")
-        && mode.is_none_or(|m| current(boot, "BootSourceOverrideMode").as_deref() == Some(m))
+    if boot_setting(boot, "BootSourceOverrideTarget") == Some(target)
+        && boot_setting(boot, "BootSourceOverrideEnabled") == Some("Once")
+        && mode.is_none_or(|m| boot_setting(boot, "BootSourceOverrideMode") == Some(m))
     {
         log.line(TAG, format!("boot override is already {target} (once)"));
         return Ok(());
@@ -394,24 +393,24 @@ pub(crate) async fn boot_once(
     let after = bmc.get(cancel, &system.path).await?;
     let boot = after.body.get("Boot").cloned().unwrap_or_default();
     if let Some(mode) = mode {
-        let got = current(&boot, "BootSourceOverrideMode");
-        if got.as_deref() != Some(mode) {
+        let got = boot_setting(&boot, "BootSourceOverrideMode");
+        if got != Some(mode) {
             return Err(ProviderError::permanent(format!(
                 "BMC {} accepted boot mode {mode} but reports BootSourceOverrideMode {}: it cannot switch it; set {mode} in the machine's firmware setup",
                 bmc.name(),
-                got.as_deref().unwrap_or("missing")
+                got.unwrap_or("missing")
             )));
         }
     }
-    let got_target = current(&boot, "BootSourceOverrideTarget");
-    if got_target.as_deref() != Some(target) {
+    let got_target = boot_setting(&boot, "BootSourceOverrideTarget");
+    if got_target != Some(target) {
         return Err(ProviderError::transient(format!(
             "BMC {} accepted the boot override but reports BootSourceOverrideTarget {}",
             bmc.name(),
-            got_target.as_deref().unwrap_or("missing")
+            got_target.unwrap_or("missing")
         )));
     }
-    match current(&boot, "BootSourceOverrideEnabled").as_deref() {
+    match boot_setting(&boot, "BootSourceOverrideEnabled") {
         Some("Once") => {}
         Some("Disabled") => {
             return Err(ProviderError::transient(format!(
@@ -444,8 +443,7 @@ pub(crate) async fn disable_boot_override(
     let boot = |r: &Resource, key: &str| {
         r.body
             .get("Boot")
-            .and_then(|b| b.get(key))
-            .and_then(Value::as_str)
+            .and_then(|b| boot_setting(b, key))
             .map(str::to_owned)
     };
     let enabled = |r: &Resource| boot(r, "BootSourceOverrideEnabled");
@@ -510,6 +508,11 @@ pub(crate) async fn disable_boot_override(
             other.unwrap_or("missing")
         ))),
     }
+}
+
+/// A string setting of a system's `Boot` object, e.g. `BootSourceOverrideTarget`.
+fn boot_setting<'a>(boot: &'a Value, key: &str) -> Option<&'a str> {
+    boot.get(key).and_then(Value::as_str)
 }
 
 /// PATCHes `Boot` of the system with `patch`, waiting for the BMC's task if it starts one;
