@@ -72,7 +72,14 @@ fn promtool() -> anyhow::Result<PathBuf> {
     println!("==> fetching promtool (Debian's prometheus package, extracted, not installed)");
     let debs = tools.join("debs");
     std::fs::create_dir_all(&debs)?;
-    crate::lab::Apt::new()?.get(&["download", "-q", "prometheus"], Some(&debs))?;
+    // The system's own package lists (refreshed if they lack the package); downloads land
+    // in the target directory, which apt's sandbox user may not be able to enter.
+    let opts = ["-o".to_owned(), "APT::Sandbox::User=root".to_owned()];
+    let download = ["download", "-q", "prometheus"];
+    if apt_get(&opts, &download, Some(&debs)).is_err() {
+        apt_get(&opts, &["update", "-qq"], None)?;
+        apt_get(&opts, &download, Some(&debs))?;
+    }
     let deb = std::fs::read_dir(&debs)?
         .filter_map(Result::ok)
         .map(|e| e.path())

@@ -282,12 +282,12 @@ fn have(program: &str) -> bool {
 /// private package lists, so that the system's own are left as they are. QEMU comes from
 /// backports because the release's 7.2 would replace a backports qemu-utils the machine may
 /// have (and 10.x finds its iPXE ROMs by itself).
-pub(crate) struct Apt {
+struct Apt {
     opts: Vec<String>,
 }
 
 impl Apt {
-    pub(crate) fn new() -> anyhow::Result<Apt> {
+    fn new() -> anyhow::Result<Apt> {
         ensure!(
             have("apt-get"),
             "the lab needs Debian's apt-get (qemu-system-x86, ipxe-qemu, busybox-static and a kernel package)"
@@ -337,7 +337,7 @@ impl Apt {
         c
     }
 
-    pub(crate) fn get(&self, args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
+    fn get(&self, args: &[&str], dir: Option<&Path>) -> anyhow::Result<()> {
         crate::test::apt_get(&self.opts, args, dir)
     }
 }
