@@ -504,17 +504,14 @@ impl Engine {
         let id = req.operation_id;
         let store = &self.inner.store;
         let mut events = store.subscribe_events();
-        // A pending operation is ended by the cancel itself, here, not by an executor:
-        // the telemetry hears of it from here.
-        let was_pending = store
-            .get_operation(id)
-            .await
-            .is_ok_and(|o| o.phase == OperationPhase::Pending);
+        let at = now();
         let op = store
-            .request_cancel(id, req.requested_by.clone(), now())
+            .request_cancel(id, req.requested_by.clone(), at)
             .await?;
         if !op.is_active() {
-            if was_pending && op.phase == OperationPhase::Canceled {
+            // A pending operation is ended by the cancel itself (its end is this call's
+            // time), not by an executor: the telemetry hears of it from here.
+            if op.finished_at == Some(at) {
                 executor::report_end(&self.inner, &op);
             }
             return Ok(op);
