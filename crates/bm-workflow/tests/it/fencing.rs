@@ -31,6 +31,15 @@ async fn a_lost_lease_cancels_the_action_and_writes_nothing_more() {
         .await
         .unwrap();
     h.wait_log(op.id, "injected hang").await;
+    // The enter-maintenance run releases its slot just after its end is committed (which
+    // `run` waited for): wait for that, then only the reimage runs.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while h.engine.running_operations() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the ended enter-maintenance run did not release its slot");
     assert_eq!(h.engine.running_operations(), 1);
 
     // Another replica, whose clock is past this executor's lease (as if it had stalled),
