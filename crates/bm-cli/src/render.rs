@@ -396,6 +396,9 @@ pub(crate) fn operation_detail(o: &pb::Operation, pal: &Palette) -> String {
     if !o.note.is_empty() {
         field("Note", o.note.clone());
     }
+    if !o.trace_id.is_empty() {
+        field("Trace ID", o.trace_id.clone());
+    }
     field("Created", date_time(o.create_time.as_ref()));
     field("Started", date_time(o.start_time.as_ref()));
     field("Ended", date_time(o.end_time.as_ref()));

@@ -218,6 +218,11 @@ pub struct Operation {
     /// Who first asked to cancel it; unknown when nobody did (or before the audit trail).
     #[serde(default, skip_serializing_if = "Actor::is_unknown")]
     pub canceled_by: Actor,
+    /// The trace context of the request that admitted it (a W3C `traceparent`), when the
+    /// server exports traces: every run of the operation, also one that resumes it after a
+    /// restart, is traced as a child of that request. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_parent: Option<String>,
 }
 
 impl Operation {
@@ -260,7 +265,22 @@ impl Operation {
             cancel_requested: false,
             requested_by: Actor::default(),
             canceled_by: Actor::default(),
+            trace_parent: None,
         })
+    }
+
+    /// The trace id of [`Operation::trace_parent`] (its 32 hex digits), when it has a
+    /// well-formed one.
+    pub fn trace_id(&self) -> Option<&str> {
+        // version "-" trace-id "-" parent-id "-" flags (W3C Trace Context, level 1)
+        let mut parts = self.trace_parent.as_deref()?.split('-');
+        let (_version, id) = (parts.next()?, parts.next()?);
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        (hex(id, 32)
+            && id.bytes().any(|b| b != b'0')
+            && hex(parts.next()?, 16)
+            && hex(parts.next()?, 2))
+        .then_some(id)
     }
 
     /// Pending or running.
@@ -411,6 +431,24 @@ mod tests {
             Timestamp::EPOCH,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_trace_id_is_read_from_a_well_formed_trace_parent_only() {
+        let mut o = op();
+        assert_eq!(o.trace_id(), None);
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        for (parent, expected) in [
+            (format!("00-{id}-00f067aa0ba902b7-01"), Some(id)),
+            (format!("00-{id}-00f067aa0ba902b7"), None),
+            (format!("00-{id}-00f067aa0ba902-01"), None),
+            (format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)), None),
+            (format!("00-{}x-00f067aa0ba902b7-01", &id[1..]), None),
+            (String::new(), None),
+        ] {
+            o.trace_parent = Some(parent.clone());
+            assert_eq!(o.trace_id(), expected, "{parent}");
+        }
     }
 
     #[test]

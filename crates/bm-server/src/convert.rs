@@ -595,6 +595,7 @@ fn actor(a: bm_domain::Actor) -> Option<pb::Actor> {
 }
 
 pub(crate) fn operation(o: Operation) -> pb::Operation {
+    let trace_id = o.trace_id().unwrap_or_default().to_owned();
     pb::Operation {
         id: o.id.to_string(),
         machine_id: o.machine_id.to_string(),
@@ -609,6 +610,7 @@ pub(crate) fn operation(o: Operation) -> pb::Operation {
         error: o.error.unwrap_or_default(),
         note: o.note,
         cancel_requested: o.cancel_requested,
+        trace_id,
         requested_by: actor(o.requested_by),
         canceled_by: actor(o.canceled_by),
     }

@@ -205,6 +205,22 @@ fn the_audit_trail_s_actors_read_back_and_encode_the_same() {
     assert_eq!(serde_json::to_value(&op).unwrap(), expected);
 }
 
+/// The trace context an operation keeps when the server exports traces (issue 15). The
+/// files without it read as an operation without one and encode unchanged.
+#[test]
+fn an_operation_s_trace_parent_reads_back_and_encodes_the_same() {
+    let text = fixture("operation-traced.json");
+    let mut op = operation();
+    op.requested_by = bm_domain::Actor::new("ops-bot", "cert");
+    op.trace_parent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    let decoded: Operation = serde_json::from_str(&text).unwrap();
+    assert_eq!(decoded, op);
+    assert_eq!(decoded.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(serde_json::to_value(&op).unwrap(), expected);
+    assert_eq!(operation().trace_parent, None);
+}
+
 /// A database written by the store at schema version 1 opens with today's code (which
 /// migrates it) and holds everything it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
