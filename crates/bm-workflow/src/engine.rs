@@ -20,7 +20,7 @@ use crate::netboot::{BootAnswer, NETBOOT_STAGE, Netboot};
 use crate::policy::RetryPolicy;
 use crate::shared::Inner;
 use crate::sync::{PollRound, StatusPollConfig};
-use crate::telemetry::{NoTelemetry, Telemetry};
+use crate::telemetry::{NoTelemetry, NoTraceLinks, Telemetry, TraceLinks};
 use crate::{WorkflowError, executor, now};
 
 /// Items read from the store per query while a scoped listing fills its page.
@@ -65,6 +65,9 @@ pub struct EngineConfig {
     pub netboot: Option<Arc<Netboot>>,
     /// Where the executor reports its work (metrics); nowhere by default.
     pub telemetry: Arc<dyn Telemetry>,
+    /// How operations' spans join the trace of the request that admitted them; not at all
+    /// by default.
+    pub trace_links: Arc<dyn TraceLinks>,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +87,7 @@ impl Default for EngineConfig {
             status_poll: StatusPollConfig::default(),
             netboot: None,
             telemetry: Arc::new(NoTelemetry),
+            trace_links: Arc::new(NoTraceLinks),
         }
     }
 }
@@ -486,6 +490,7 @@ impl Engine {
             t,
         )?;
         op.requested_by = req.requested_by;
+        op.trace_parent = self.inner.config.trace_links.capture();
         let admission = Admission::from_store(self.inner.store.admit(op).await?);
         if admission.created {
             self.inner.wake.notify_one();

@@ -147,10 +147,17 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
     );
     let span = tracing::info_span!(
         "operation",
+        otel.name = %format_args!("operation {}", op.op_type),
         operation_id = %op.id,
         machine_id = %op.machine_id,
         r#type = %op.op_type,
+        phase = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
     );
+    // Each run of the operation (a resumed one too) is a child of the request's span.
+    if let Some(parent) = &op.trace_parent {
+        inner.config.trace_links.adopt(&span, parent);
+    }
     let slot = Slot {
         inner: inner.clone(),
         id: op.id,
@@ -176,7 +183,14 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
                 .catch_unwind()
                 .await;
             match result {
-                Ok(Ok(phase)) => tracing::info!(phase = %phase, "operation ended"),
+                Ok(Ok(phase)) => {
+                    let span = tracing::Span::current();
+                    span.record("phase", tracing::field::display(phase));
+                    if phase != OperationPhase::Succeeded {
+                        span.record("otel.status_code", "ERROR");
+                    }
+                    tracing::info!(phase = %phase, "operation ended")
+                }
                 Ok(Err(Stop::Interrupted)) => {
                     tracing::info!("operation interrupted by shutdown; it resumes at the next start")
                 }
@@ -492,7 +506,23 @@ impl Runner {
                 return self.end_stopped().await.map(Flow::Ended);
             }
             let began = tokio::time::Instant::now();
-            let result = self.attempt(step, provider, machine).await;
+            let span = tracing::info_span!(
+                "stage",
+                otel.name = %format_args!("stage {}", step.name()),
+                stage = step.name(),
+                attempt = self.op.stages.last().map_or(1, |s| s.attempts),
+                error = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            let result = self
+                .attempt(step, provider, machine)
+                .instrument(span.clone())
+                .await;
+            if let Err(e) = &result {
+                span.record("error", tracing::field::display(e));
+                span.record("otel.status_code", "ERROR");
+            }
+            drop(span);
             let report = |outcome, error: Option<&ProviderError>| {
                 self.inner.config.telemetry.attempt(&Attempt {
                     operation_type: self.op.op_type,

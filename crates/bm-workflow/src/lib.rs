@@ -63,7 +63,7 @@ pub use plan::{describe, stage_names};
 pub use policy::{Decision, RetryPolicy, decide};
 pub use stream::{Batch, EventBatch, LogBatch, StreamStats};
 pub use sync::{PollRound, StatusPollConfig};
-pub use telemetry::{Attempt, AttemptOutcome, NoTelemetry, Telemetry};
+pub use telemetry::{Attempt, AttemptOutcome, NoTelemetry, NoTraceLinks, Telemetry, TraceLinks};
 
 /// The current time, read once per use.
 pub(crate) fn now() -> bm_domain::Timestamp {

@@ -3,11 +3,12 @@
 
 use bm_domain::Operation;
 use bm_provider::{ActionContext, Notice, NoticeKind, PowerAction, Provider, ProviderError};
+use tracing::Instrument;
 
 use crate::netboot::Netboot;
 use crate::plan::StepKind;
 
-/// Runs the step's provider actions once.
+/// Runs the step's provider actions once, each traced as a `provider call` span.
 pub(crate) async fn run(
     step: StepKind,
     provider: &dyn Provider,
@@ -16,29 +17,39 @@ pub(crate) async fn run(
     netboot: Option<&Netboot>,
 ) -> Result<(), ProviderError> {
     match step {
-        StepKind::SetNetboot => provider.set_netboot(ctx).await,
+        StepKind::SetNetboot => call(ctx, "set-netboot", provider.set_netboot(ctx)).await,
         StepKind::RebootToNetboot => {
             let since = std::time::SystemTime::now();
-            provider.power(ctx, PowerAction::Cycle).await?;
+            call(ctx, "power-cycle", provider.power(ctx, PowerAction::Cycle)).await?;
             match netboot {
                 // Booted means the deploy environment checked in, not that the BMC says On.
                 Some(nb) => {
-                    nb.wait(&ctx.machine.id, op.id, since, ctx.cancel, ctx.log)
-                        .await
+                    let span = tracing::info_span!(
+                        "netboot check-in",
+                        error = tracing::field::Empty,
+                        otel.status_code = tracing::field::Empty,
+                    );
+                    traced(
+                        span,
+                        nb.wait(&ctx.machine.id, op.id, since, ctx.cancel, ctx.log),
+                    )
+                    .await
                 }
                 None => Ok(()),
             }
         }
-        StepKind::Reboot => provider.power(ctx, PowerAction::Cycle).await,
-        StepKind::RepaveImage => provider.repave(ctx).await,
+        StepKind::Reboot => call(ctx, "power-cycle", provider.power(ctx, PowerAction::Cycle)).await,
+        StepKind::RepaveImage => call(ctx, "repave", provider.repave(ctx)).await,
         StepKind::JoinCluster => {
-            let token = provider.mint_join_token(ctx).await?;
-            provider.join_cluster(ctx, &token).await
+            let token = call(ctx, "mint-join-token", provider.mint_join_token(ctx)).await?;
+            call(ctx, "join-cluster", provider.join_cluster(ctx, &token)).await
         }
-        StepKind::VerifyInCluster => provider.verify_in_cluster(ctx).await,
-        StepKind::Drain => provider.drain(ctx).await,
-        StepKind::Uncordon => provider.uncordon(ctx).await,
-        StepKind::Wipe => provider.wipe_disks(ctx).await,
+        StepKind::VerifyInCluster => {
+            call(ctx, "verify-in-cluster", provider.verify_in_cluster(ctx)).await
+        }
+        StepKind::Drain => call(ctx, "drain", provider.drain(ctx)).await,
+        StepKind::Uncordon => call(ctx, "uncordon", provider.uncordon(ctx)).await,
+        StepKind::Wipe => call(ctx, "wipe-disks", provider.wipe_disks(ctx)).await,
         StepKind::Notify => {
             let note = if op.note.is_empty() {
                 "no note given"
@@ -49,14 +60,60 @@ pub(crate) async fn run(
                 kind: NoticeKind::RmaTicket,
                 summary: format!("RMA of machine {} ({}): {note}", op.machine_id, op.id),
             };
-            let ticket = provider.notify(ctx, &notice).await?;
+            let ticket = call(ctx, "notify", provider.notify(ctx, &notice)).await?;
             ctx.log.line("notify", format!("ticket {ticket} opened"));
             Ok(())
         }
-        StepKind::PowerOff => provider.power(ctx, PowerAction::Off).await,
-        StepKind::ApplyNetConfig => provider.apply_network_config(ctx).await,
-        StepKind::VerifyConnectivity => provider.verify_connectivity(ctx).await,
+        StepKind::PowerOff => call(ctx, "power-off", provider.power(ctx, PowerAction::Off)).await,
+        StepKind::ApplyNetConfig => {
+            call(
+                ctx,
+                "apply-network-config",
+                provider.apply_network_config(ctx),
+            )
+            .await
+        }
+        StepKind::VerifyConnectivity => {
+            call(
+                ctx,
+                "verify-connectivity",
+                provider.verify_connectivity(ctx),
+            )
+            .await
+        }
     }
+}
+
+/// One provider call, in a span of its own named after the provider and the action.
+async fn call<T>(
+    ctx: ActionContext<'_>,
+    action: &'static str,
+    call: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let provider = &ctx.machine.spec.provider;
+    let span = tracing::info_span!(
+        "provider call",
+        otel.name = %format_args!("{provider} {action}"),
+        otel.kind = "client",
+        provider = %provider,
+        action,
+        error = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    traced(span, call).await
+}
+
+/// Runs `call` in `span`, and marks the span failed with the error when it fails.
+async fn traced<T>(
+    span: tracing::Span,
+    call: impl Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let result = call.instrument(span.clone()).await;
+    if let Err(e) = &result {
+        span.record("error", tracing::field::display(e));
+        span.record("otel.status_code", "ERROR");
+    }
+    result
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! What the engine tells about its work as it happens, for metrics: an adapter implements
 //! [`Telemetry`] (bm-server turns it into Prometheus metrics) and gives it to the engine in
-//! [`crate::EngineConfig::telemetry`]. The engine calls it from its executor, inline and
+//! [`crate::EngineConfig::telemetry`]. For traces, the engine's `tracing` spans (an
+//! operation's run, each stage attempt, each provider call) are linked to the request that
+//! admitted the operation through [`TraceLinks`]. The engine calls it from its executor, inline and
 //! often (once per stage attempt), so an implementation must be cheap and must not block.
 //!
 //! Each replica reports the work it ran itself, so that summing over replicas counts each
@@ -116,3 +118,28 @@ pub trait Telemetry: Send + Sync + std::fmt::Debug + 'static {
 pub struct NoTelemetry;
 
 impl Telemetry for NoTelemetry {}
+
+/// Links an operation's spans to the trace of the request that admitted it, across
+/// processes: at admission the engine stores [`TraceLinks::capture`] with the operation
+/// (its `trace_parent`), and every run of it, also one that resumes it after a restart or
+/// on another replica, makes its `operation` span a child of that context with
+/// [`TraceLinks::adopt`]. bm-server implements it with OpenTelemetry; the engine knows only
+/// the opaque string.
+pub trait TraceLinks: Send + Sync + std::fmt::Debug + 'static {
+    /// The trace context of the current span (the request's), serialized to be stored;
+    /// `None` when nothing is traced.
+    fn capture(&self) -> Option<String> {
+        None
+    }
+
+    /// Makes `span` a child of the context `parent` that [`TraceLinks::capture`] gave.
+    fn adopt(&self, span: &tracing::Span, parent: &str) {
+        let _ = (span, parent);
+    }
+}
+
+/// No trace links: the default; operations keep no trace context.
+#[derive(Debug, Default)]
+pub struct NoTraceLinks;
+
+impl TraceLinks for NoTraceLinks {}
