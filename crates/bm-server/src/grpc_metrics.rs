@@ -80,7 +80,7 @@ where
 
 /// The `method` label of a call: its path when it is a method the server has (the API's,
 /// health's, reflection's), else `unknown`, so that no peer creates series at will.
-fn method_label(path: &str) -> String {
+pub(crate) fn method_label(path: &str) -> String {
     const OTHERS: [&str; 4] = [
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",

@@ -26,6 +26,7 @@ mod listener;
 mod machines;
 mod metrics;
 mod operations;
+mod otel;
 mod paging;
 mod quota;
 mod tls;
@@ -47,6 +48,7 @@ pub use boot::{BootService, router as boot_router, serve_boot};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
 pub use limits::Limits;
 pub use metrics::{Metrics, router as metrics_router};
+pub use otel::{OtelTraceLinks, Otlp, OtlpConfig, OtlpError, RequestSpanLayer, RequestSpans};
 pub use tls::{Tls, TlsError, TlsFiles};
 
 /// What the server serves.
@@ -65,6 +67,9 @@ pub struct Deps {
     pub auth: std::sync::Arc<Auth>,
     /// Where gRPC calls are counted (`--metrics-listen`); nowhere when `None`.
     pub metrics: Option<std::sync::Arc<Metrics>>,
+    /// Whether every call gets a `grpc request` span for the exported traces
+    /// (`--otlp-endpoint`; see [`Otlp`]).
+    pub traced: bool,
 }
 
 /// Why the server stopped with an error.
@@ -144,6 +149,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(grpc_metrics::GrpcMetricsLayer::new(deps.metrics.clone()))
+        .layer(otel::RequestSpanLayer::new(deps.traced))
         .layer(limits::AdmissionLayer::new(shared))
         .layer(tower::util::MapResponseLayer::new(
             decode_errors_are_invalid_arguments,

@@ -140,6 +140,22 @@ struct Args {
     #[arg(long, env = "BM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 
+    /// Export traces (a span per gRPC call, operation run, stage attempt and provider call)
+    /// over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317; off by default
+    /// (docs/observability.md).
+    #[arg(long, env = "BM_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// The fraction of new traces exported, from 0 to 1; a call that arrives with a sampled
+    /// W3C traceparent is always traced.
+    #[arg(
+        long,
+        env = "BM_OTLP_SAMPLE_RATIO",
+        default_value_t = 1.0,
+        value_name = "RATIO"
+    )]
+    otlp_sample_ratio: f64,
+
     /// Serve network boots (iPXE scripts, the deploy kernel and initrd, check-ins) on this
     /// address, e.g. 0.0.0.0:8080; off by default. With it, reimage's reboot-to-netboot ends
     /// when the deploy environment checks in (docs/netboot.md).
@@ -439,7 +455,16 @@ enum LogFormat {
     Json,
 }
 
-fn init_tracing(level: LogLevel, format: LogFormat) {
+/// Logs to stderr, and spans to the OTLP collector when `tracer` is given.
+fn init_tracing(
+    level: LogLevel,
+    format: LogFormat,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let level = match level {
         LogLevel::Debug => "debug",
         LogLevel::Info => "info",
@@ -455,14 +480,27 @@ fn init_tracing(level: LogLevel, format: LogFormat) {
     // Colour only for a person at a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    // The traces keep their spans whatever the log level: they have a filter of their own.
+    let traces = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("bm_server", tracing::Level::INFO)
+                    .with_target("bm_workflow", tracing::Level::INFO),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces)
+        .init();
 }
 
 /// The providers a configuration file enables, by their sections.
@@ -695,7 +733,31 @@ fn main() -> anyhow::Result<()> {
         println!("{token}");
         return Ok(());
     }
-    init_tracing(args.log_level, args.log_format);
+    // One worker per core; a small blocking pool (store scans), since every extra thread
+    // may get an allocator arena of its own and keep its memory.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
+        .context("starting the runtime")?;
+    // This process's id: the engine's lease owner and the traces' service instance.
+    let instance = EngineConfig::default().owner;
+    let otlp = match &args.otlp_endpoint {
+        Some(endpoint) => Some(
+            bm_server::Otlp::start(
+                &bm_server::OtlpConfig {
+                    endpoint: endpoint.clone(),
+                    sample_ratio: args.otlp_sample_ratio,
+                    instance: instance.clone(),
+                },
+                runtime.handle().clone(),
+            )
+            .context("--otlp-endpoint")?,
+        ),
+        None => None,
+    };
+    let (otlp, tracer) = otlp.unzip();
+    init_tracing(args.log_level, args.log_format, tracer);
     if let Some(Subcommand::Backup { to }) = &args.command {
         return backup(&args.data_dir, to);
     }
@@ -709,14 +771,12 @@ fn main() -> anyhow::Result<()> {
         });
         std::process::exit(code);
     }
-    // One worker per core; a small blocking pool (store scans), since every extra thread
-    // may get an allocator arena of its own and keep its memory.
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(16)
-        .build()
-        .context("starting the runtime")?
-        .block_on(run(args))
+    let result = runtime.block_on(run(args, instance));
+    if let Some(otlp) = otlp {
+        // The runtime's workers still run: they carry the last export.
+        otlp.shutdown();
+    }
+    result
 }
 
 /// `bm-server migrate [--check]`; returns the exit status.
@@ -787,7 +847,7 @@ fn backup(data_dir: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()
     Ok(())
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, instance: String) -> anyhow::Result<()> {
     let open_files = set_open_files_limit(args.open_files_limit)?;
     if open_files < args.max_connections as u64 + RESERVED_FILES {
         tracing::warn!(
@@ -893,6 +953,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(m) => m.clone(),
             None => Arc::new(bm_workflow::NoTelemetry),
         },
+        trace_links: if args.otlp_endpoint.is_some() {
+            Arc::new(bm_server::OtelTraceLinks)
+        } else {
+            Arc::new(bm_workflow::NoTraceLinks)
+        },
+        owner: instance,
         ..EngineConfig::default()
     };
     tracing::info!(owner = %config.owner, providers = ?providers, "starting engine");
@@ -943,6 +1009,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls,
         auth,
         metrics: metrics.clone(),
+        traced: args.otlp_endpoint.is_some(),
     };
     let engine = deps.engine.clone();
     // Ends the boot service and the metrics endpoint once the API has stopped.

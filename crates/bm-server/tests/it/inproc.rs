@@ -88,6 +88,7 @@ impl InProcess {
             tls,
             auth,
             metrics: None,
+            traced: false,
         };
         let served = tokio::spawn(bm_server::serve(
             listener,

@@ -25,3 +25,4 @@ mod store;
 mod streams;
 mod support;
 mod tls;
+mod traces;

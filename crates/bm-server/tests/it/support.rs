@@ -56,6 +56,7 @@ pub(crate) struct Server {
     pub(crate) dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -82,6 +83,7 @@ impl Server {
             dir,
             _tmp: Some(tmp),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: Vec::new(),
         };
         s.spawn();
         s
@@ -89,6 +91,27 @@ impl Server {
 
     /// Starts a server in `dir` (its data in `dir/data`, its log in `dir/server.log`), which
     /// the caller owns.
+    /// Like [`Server::start_with`], with these environment variables too.
+    pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            dir: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+            args: std::iter::once("--insecure")
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        s.spawn();
+        s
+    }
+
     pub(crate) fn start_in(dir: &Path, args: &[&str]) -> Server {
         let mut s = Server {
             child: None,
@@ -100,6 +123,7 @@ impl Server {
                 .chain(args.iter().copied())
                 .map(str::to_owned)
                 .collect(),
+            env: Vec::new(),
         };
         s.spawn();
         s
@@ -124,6 +148,7 @@ impl Server {
             .args(&self.args)
             .env("BM_LOG_LEVEL", "debug")
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
