@@ -32,10 +32,11 @@ tasks:
   demo [--slow] [--fake-timing normal|slow|instant] [--store sqlite|postgres]
         play spec 000's presenter script (steps 3-10) against a fresh server; with
         --store postgres, on a local PostgreSQL that it starts and stops itself
-  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory|poll] [--store postgres] [--metrics]
+  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory|poll] [--store postgres] [--metrics] [--traces]
         build in release mode, run the benchmarks against a real server, print one table;
         --store postgres adds the fleet on a throwaway PostgreSQL, 1 and 3 replicas;
-        --metrics runs the server with --metrics-listen, scraped every second
+        --metrics runs the server with --metrics-listen, scraped every second;
+        --traces with --otlp-endpoint, exporting every trace to a receiver in bm-bench
   test [ARGS]
         install the system packages the tests need (openssh-server, python3-venv,
         postgresql) when missing, then run cargo test --workspace ARGS

@@ -15,6 +15,7 @@
 
 mod control;
 mod echo;
+mod otlp;
 mod pg;
 mod poll;
 mod procs;
@@ -73,6 +74,11 @@ struct RunArgs {
     /// Prometheus would: compare with a run without it for the cost of metrics.
     #[arg(long)]
     metrics: bool,
+    /// The server under test exports its traces (`--otlp-endpoint`, every trace sampled) to
+    /// an OTLP receiver in this process that counts the spans: compare with a run without
+    /// it for the cost of tracing.
+    #[arg(long)]
+    traces: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -232,6 +238,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(addr) = metrics_addr {
             flags.extend(["--metrics-listen".to_owned(), addr.to_string()]);
         }
+        let collector = if args.traces {
+            let (endpoint, spans) = otlp::receive().await?;
+            flags.extend(["--otlp-endpoint".to_owned(), endpoint]);
+            Some(spans)
+        } else {
+            None
+        };
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let server = start_server(
             &args.server_bin,
@@ -370,6 +383,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ));
             println!("fleet: done ({n} reimages in {})", fmt_duration(re.wall));
             rss_after(&mut rows, pid, "the fleet run")?;
+            if let Some(spans) = &collector {
+                rows.push(Row::new(
+                    "fleet",
+                    "with --otlp-endpoint, spans received",
+                    fmt_count(spans.load(std::sync::atomic::Ordering::Relaxed) as f64),
+                ));
+            }
             if let Some((scrapes, bytes, _)) = &scraper {
                 use std::sync::atomic::Ordering;
                 rows.push(Row::new(

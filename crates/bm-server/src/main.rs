@@ -752,7 +752,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 runtime.handle().clone(),
             )
-            .context("--otlp-endpoint")?,
+            .context("exporting traces (--otlp-endpoint)")?,
         ),
         None => None,
     };

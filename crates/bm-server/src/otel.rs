@@ -40,7 +40,9 @@ pub enum OtlpError {
     #[error("the OTLP sample ratio must be within 0 and 1, not {0}")]
     SampleRatio(f64),
     /// The exporter refused its configuration (a malformed endpoint, say).
-    #[error("the OTLP exporter for {endpoint}: {source}")]
+    #[error(
+        "the OTLP exporter refused the endpoint {endpoint:?} (give a URL such as http://127.0.0.1:4317)"
+    )]
     Exporter {
         /// The endpoint given.
         endpoint: String,

@@ -305,3 +305,33 @@ async fn a_run_resumed_after_a_crash_continues_the_trace_of_the_request() {
     let rest: Vec<String> = ended.stages[at..].iter().map(|s| s.name.clone()).collect();
     check_stages(&spans, resumed, &rest);
 }
+
+#[test]
+fn a_bad_endpoint_or_sample_ratio_is_refused_at_start_naming_it() {
+    for (flags, expected) in [
+        (
+            [
+                "--otlp-endpoint",
+                "http://127.0.0.1:4317",
+                "--otlp-sample-ratio",
+                "1.5",
+            ],
+            "sample ratio must be within 0 and 1, not 1.5",
+        ),
+        (
+            ["--otlp-endpoint", "not a url", "--otlp-sample-ratio", "1"],
+            "--otlp-endpoint",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(crate::support::bin("bm-server", "bm-server"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+}
