@@ -136,6 +136,7 @@ pub struct Metrics {
     streams: Gauge,
     stream_buffered_bytes: Gauge,
     streams_waiting: Gauge,
+    stream_catch_ups: Counter,
 }
 
 impl Default for Metrics {
@@ -172,6 +173,7 @@ impl Metrics {
             streams: Gauge::default(),
             stream_buffered_bytes: Gauge::default(),
             streams_waiting: Gauge::default(),
+            stream_catch_ups: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -274,6 +276,11 @@ impl Metrics {
             "Streams waiting because their reader does not keep up",
             m.streams_waiting.clone(),
         );
+        registry.register(
+            "stream_catch_ups",
+            "Times a stream fell behind the live feed and read what it missed back from the store",
+            m.stream_catch_ups.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -338,6 +345,10 @@ impl Metrics {
         set(&self.streams, streams.streams);
         set(&self.stream_buffered_bytes, streams.buffered_bytes);
         set(&self.streams_waiting, streams.waiting_for_readers);
+        // The engine counts; the counter follows (refreshes run one at a time).
+        let seen = self.stream_catch_ups.get();
+        self.stream_catch_ups
+            .inc_by(streams.catch_ups.saturating_sub(seen));
     }
 
     /// The registry in OpenMetrics.

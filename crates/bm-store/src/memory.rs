@@ -51,6 +51,19 @@ impl Default for MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// An empty store whose live subscribers may fall `capacity` events or log lines behind
+    /// before they are told they lagged and read the rest back from the store
+    /// ([`BROADCAST_CAPACITY`] by default): a small one makes every slow reader catch up.
+    pub fn with_broadcast_capacity(capacity: usize) -> Self {
+        MemoryStore {
+            events: broadcast::channel(capacity.max(1)).0,
+            logs: broadcast::channel(capacity.max(1)).0,
+            ..Self::default()
+        }
+    }
+}
+
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MemoryStore")

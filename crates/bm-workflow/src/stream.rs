@@ -21,7 +21,7 @@
 use std::mem::size_of;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bm_domain::{LogLine, OperationEvent, OperationId};
 use bm_store::{EventFilter, Store};
@@ -82,6 +82,9 @@ pub struct StreamStats {
     pub buffered_bytes: usize,
     /// Streams waiting because their reader does not take what they sent.
     pub waiting_for_readers: usize,
+    /// Times, since the engine started, that a stream fell behind the live feed (its
+    /// reader was slow, or the feed too fast) and read what it missed back from the store.
+    pub catch_ups: u64,
 }
 
 /// The live counters behind [`StreamStats`], shared by the engine and its streams.
@@ -90,6 +93,7 @@ pub(crate) struct StreamGauge {
     streams: AtomicUsize,
     bytes: AtomicUsize,
     waiting: AtomicUsize,
+    catch_ups: AtomicU64,
 }
 
 /// Counts one while it lives.
@@ -172,6 +176,11 @@ impl<T: Weigh> Sender<T> {
             gauge: engine.inner.streams.clone(),
         };
         (sender, rx)
+    }
+
+    /// Counts a catch-up from the store: the stream lagged behind the live feed.
+    fn lagged(&self) {
+        self.gauge.catch_ups.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sends `items` in as many batches as their count and size need; false if the
@@ -344,6 +353,7 @@ impl Engine {
             streams: g.streams.load(Ordering::Relaxed),
             buffered_bytes: g.bytes.load(Ordering::Relaxed),
             waiting_for_readers: g.waiting.load(Ordering::Relaxed),
+            catch_ups: g.catch_ups.load(Ordering::Relaxed),
         }
     }
 }
@@ -441,8 +451,11 @@ impl Watch<'_> {
             if !tx.send(batch).await {
                 return Ok(());
             }
-            if lagged && !cursor.replay(store, tx).await? {
-                return Ok(());
+            if lagged {
+                tx.lagged();
+                if !cursor.replay(store, tx).await? {
+                    return Ok(());
+                }
             }
             if cursor.ended {
                 return Ok(());
@@ -510,11 +523,15 @@ async fn stream_logs(
                     if !tx.send(batch).await {
                         return Ok(());
                     }
-                    if lagged && !replay_logs(store, operation, &mut last, tx).await? {
-                        return Ok(());
+                    if lagged {
+                        tx.lagged();
+                        if !replay_logs(store, operation, &mut last, tx).await? {
+                            return Ok(());
+                        }
                     }
                 }
                 Err(RecvError::Lagged(_)) => {
+                    tx.lagged();
                     if !replay_logs(store, operation, &mut last, tx).await? {
                         return Ok(());
                     }

@@ -293,7 +293,8 @@ async fn watchers_that_do_not_read_hold_a_bounded_number_of_bytes_and_miss_nothi
     }
     drop(watchers);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while h.engine.stream_stats() != bm_workflow::StreamStats::default() {
+    let open = |s: bm_workflow::StreamStats| (s.streams, s.buffered_bytes, s.waiting_for_readers);
+    while open(h.engine.stream_stats()) != (0, 0, 0) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "streams whose readers left end: {:?}",
@@ -301,4 +302,46 @@ async fn watchers_that_do_not_read_hold_a_bounded_number_of_bytes_and_miss_nothi
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test]
+async fn a_watcher_that_falls_behind_the_live_feed_catches_up_from_the_store_and_is_counted() {
+    // The live feed keeps 4 events: a watcher that does not read falls behind at once.
+    let h = crate::harness::start(
+        std::sync::Arc::new(bm_store::MemoryStore::with_broadcast_capacity(4)),
+        bm_workflow::EngineConfig {
+            stream_buffer_bytes: 1024,
+            stream_buffer: 1,
+            ..crate::harness::config()
+        },
+    );
+    h.machine("machine-1", &[]).await;
+    let first = h.store.last_revision().await.unwrap();
+    let mut watcher = h.engine.watch(EventFilter::default(), None).await.unwrap();
+    assert_eq!(h.engine.stream_stats().catch_ups, 0);
+    for i in 0..10 {
+        let t = if i % 2 == 0 {
+            OperationType::EnterMaintenance
+        } else {
+            OperationType::ExitMaintenance
+        };
+        h.run("machine-1", t, &format!("r{i}")).await;
+    }
+    let last = h.store.last_revision().await.unwrap();
+    assert!(last - first > 8, "more events than the feed keeps");
+    let mut revisions = Vec::new();
+    while revisions.last() != Some(&last) {
+        let batch = tokio::time::timeout(Duration::from_secs(20), watcher.recv())
+            .await
+            .expect("the stream goes on when read")
+            .expect("open")
+            .expect("no error");
+        revisions.extend(batch.iter().map(|e| e.revision));
+    }
+    assert_eq!(revisions, (first + 1..=last).collect::<Vec<_>>());
+    assert!(
+        h.engine.stream_stats().catch_ups >= 1,
+        "{:?}",
+        h.engine.stream_stats()
+    );
 }
