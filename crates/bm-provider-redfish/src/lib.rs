@@ -102,6 +102,9 @@ use crate::redfish::{Bmc, Resource};
 use crate::ssh::SshRunner;
 use crate::template::{Template, Values};
 
+/// The name the provider registers under (machines' `spec.provider`).
+pub const PROVIDER_NAME: &str = "redfish";
+
 /// The Redfish + SSH provider. Build it with [`RedfishProvider::new`] from the server's
 /// `[redfish]` configuration and register it in a [`bm_provider::ProviderRegistry`].
 #[derive(Debug)]
@@ -121,6 +124,8 @@ pub struct RedfishProvider {
     notifier: Notifier,
     /// Learns of deploy-environment check-ins, to prove warm resets.
     witness: Option<Witness>,
+    /// Learns of every request to a BMC (metrics per BMC host).
+    observer: Option<Arc<dyn bm_provider::RequestObserver>>,
     /// Where images and their checksums are published (`[redfish.images]`).
     images: Option<Images>,
     /// Fetches the published checksums.
@@ -169,6 +174,7 @@ impl RedfishProvider {
             ssh: c.ssh.map(SshRunner::new),
             notifier: Notifier::new(&config.notify)?,
             witness: None,
+            observer: None,
             images: c.images,
             http: reqwest::Client::new(),
         })
@@ -180,6 +186,17 @@ impl RedfishProvider {
     #[must_use]
     pub fn with_boot_witness(mut self, witness: Arc<dyn BootWitness>) -> Self {
         self.witness = Some(Witness(witness));
+        self
+    }
+
+    /// Tells `observer` of every request sent to a BMC: its host, its duration and its
+    /// HTTP status (for metrics per BMC host). Call it before the first request.
+    #[must_use]
+    pub fn with_request_observer(
+        mut self,
+        observer: Arc<dyn bm_provider::RequestObserver>,
+    ) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -221,7 +238,8 @@ impl RedfishProvider {
         }
         let (name, base) = (ep.host_port.clone(), ep.base.clone());
         // Building a TLS client may read the system trust store: off the runtime.
-        let bmc = tokio::task::spawn_blocking(move || Bmc::new(name, base, settings))
+        let observer = self.observer.clone();
+        let bmc = tokio::task::spawn_blocking(move || Bmc::new(name, base, settings, observer))
             .await
             .map_err(|e| {
                 ProviderError::transient(format!("setting up the BMC client failed: {e}"))
@@ -444,7 +462,7 @@ impl RedfishProvider {
 #[async_trait]
 impl Provider for RedfishProvider {
     fn name(&self) -> &str {
-        "redfish"
+        PROVIDER_NAME
     }
 
     fn validate(&self, machine: &Machine) -> Result<(), ProviderError> {

@@ -62,6 +62,17 @@ pub trait BootWitness: Send + Sync + 'static {
     async fn checked_in_since(&self, machine: &bm_domain::MachineId, since: SystemTime) -> bool;
 }
 
+/// Something that learns of every request a provider sends to a machine's management
+/// controller (a Redfish BMC), for metrics per controller: which BMCs are slow or failing.
+/// The binary that wires the server hands one to the providers that accept it; it is
+/// called inline, once per request, so it must be cheap and must not block.
+pub trait RequestObserver: Send + Sync + std::fmt::Debug + 'static {
+    /// A request of `provider` to `host` (`host:port`) ended after `took` (from when it was
+    /// sent, not counting its wait for a free slot) with the HTTP `status`, or without an
+    /// answer (`None`: refused, timed out or canceled).
+    fn request(&self, provider: &str, host: &str, took: std::time::Duration, status: Option<u16>);
+}
+
 /// A power action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PowerAction {

@@ -47,7 +47,7 @@ pub use auth::{
 pub use boot::{BootService, router as boot_router, serve_boot};
 pub use grpc_metrics::{GrpcMetrics, GrpcMetricsLayer};
 pub use limits::Limits;
-pub use metrics::{Metrics, router as metrics_router};
+pub use metrics::{DEFAULT_MAX_BMC_HOSTS, Metrics, router as metrics_router};
 pub use otel::{OtelTraceLinks, Otlp, OtlpConfig, OtlpError, RequestSpanLayer, RequestSpans};
 pub use tls::{Tls, TlsError, TlsFiles};
 

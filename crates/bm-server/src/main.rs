@@ -140,6 +140,11 @@ struct Args {
     #[arg(long, env = "BM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 
+    /// The most BMC hosts whose requests get series of their own in
+    /// bm_bmc_request_duration_seconds; requests to the others count as host "other".
+    #[arg(long, env = "BM_METRICS_MAX_BMC_HOSTS", default_value_t = bm_server::DEFAULT_MAX_BMC_HOSTS, value_name = "N")]
+    metrics_max_bmc_hosts: usize,
+
     /// Export traces (a span per gRPC call, operation run, stage attempt and provider call)
     /// over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317; off by default
     /// (docs/observability.md).
@@ -511,6 +516,7 @@ fn register_configured(
     providers: &mut ProviderRegistry,
     path: &std::path::Path,
     witness: Option<Arc<Netboot>>,
+    observer: Option<Arc<dyn bm_provider::RequestObserver>>,
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the provider configuration {}", path.display()))?;
@@ -533,6 +539,9 @@ fn register_configured(
         if let Some(witness) = witness {
             // A deploy environment's check-in proves a warm reset the BMC cannot show.
             provider = provider.with_boot_witness(witness);
+        }
+        if let Some(observer) = observer {
+            provider = provider.with_request_observer(observer);
         }
         providers.register(Arc::new(provider));
     }
@@ -856,9 +865,9 @@ async fn run(args: Args, instance: String) -> anyhow::Result<()> {
             "the open files limit is below --max-connections plus {RESERVED_FILES} for the store and providers: accepting will fail (EMFILE) before the connection limit is reached"
         );
     }
-    let metrics = args
-        .metrics_listen
-        .map(|_| Arc::new(bm_server::Metrics::new()));
+    let metrics = args.metrics_listen.map(|_| {
+        Arc::new(bm_server::Metrics::new().with_max_bmc_hosts(args.metrics_max_bmc_hosts))
+    });
     let commit_observer = metrics
         .clone()
         .map(|m| m as Arc<dyn bm_store::CommitObserver>);
@@ -934,7 +943,10 @@ async fn run(args: Args, instance: String) -> anyhow::Result<()> {
         }))
     });
     if let Some(path) = &args.provider_config {
-        register_configured(&mut providers, path, netboot.clone())?;
+        let observer = metrics
+            .clone()
+            .map(|m| m as Arc<dyn bm_provider::RequestObserver>);
+        register_configured(&mut providers, path, netboot.clone(), observer)?;
     }
 
     let config = EngineConfig {

@@ -88,6 +88,18 @@ struct CallErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BmcLabels {
+    provider: String,
+    host: String,
+    /// `2xx`, `3xx`, `4xx`, `5xx`, `other` for another code, `none` when no answer came.
+    status: &'static str,
+}
+
+/// The most BMC hosts that get series of their own, unless
+/// [`Metrics::with_max_bmc_hosts`] says otherwise; the others count as host `other`.
+pub const DEFAULT_MAX_BMC_HOSTS: usize = 256;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MachineLabels {
     phase: &'static str,
     effective_state: &'static str,
@@ -109,6 +121,11 @@ struct MethodLabels {
     method: String,
 }
 
+/// Seconds, from 1 ms to about 65 s: one HTTP request to a BMC.
+fn request_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
 /// Every metric of the server, in one registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -122,6 +139,10 @@ pub struct Metrics {
     provider_errors: Family<CallErrorLabels, Counter>,
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_duration: Histograms<MethodLabels>,
+    bmc_requests: Histograms<BmcLabels>,
+    /// The hosts that have series of their own, at most `max_bmc_hosts`.
+    bmc_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
+    max_bmc_hosts: usize,
     machines: Family<MachineLabels, Gauge>,
     state_time: Histograms<StateLabels>,
     oldest: Family<StateLabels, Gauge>,
@@ -159,6 +180,9 @@ impl Metrics {
             provider_errors: Family::default(),
             grpc_requests: Family::default(),
             grpc_duration: Family::new_with_constructor(duration_buckets),
+            bmc_requests: Family::new_with_constructor(request_buckets),
+            bmc_hosts: std::sync::Mutex::default(),
+            max_bmc_hosts: DEFAULT_MAX_BMC_HOSTS,
             machines: Family::default(),
             state_time: Family::new_with_constructor(state_buckets),
             oldest: Family::default(),
@@ -262,6 +286,11 @@ impl Metrics {
             m.commit_failures.clone(),
         );
         registry.register(
+            "bmc_request_duration_seconds",
+            "Requests to BMCs (Redfish), by provider, BMC host (host:port; `other` past the cap of hosts) and HTTP status class (`none`: no answer)",
+            m.bmc_requests.clone(),
+        );
+        registry.register(
             "streams",
             "Event and log streams open now",
             m.streams.clone(),
@@ -357,6 +386,27 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Gives at most `max` BMC hosts series of their own; requests to the others count as
+    /// host `other`, so that a large fleet does not make a series per BMC.
+    #[must_use]
+    pub fn with_max_bmc_hosts(mut self, max: usize) -> Self {
+        self.max_bmc_hosts = max;
+        self
+    }
+
+    /// The `host` label of a BMC: its own while the cap allows, else `other`.
+    fn bmc_host(&self, host: &str) -> String {
+        let mut hosts = self.bmc_hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts.contains(host) {
+            return host.to_owned();
+        }
+        if hosts.len() < self.max_bmc_hosts {
+            hosts.insert(host.to_owned());
+            return host.to_owned();
+        }
+        "other".to_owned()
     }
 
     /// Counts one gRPC call.
@@ -459,6 +509,26 @@ impl Telemetry for Metrics {
                 })
                 .inc();
         }
+    }
+}
+
+impl bm_provider::RequestObserver for Metrics {
+    fn request(&self, provider: &str, host: &str, took: Duration, status: Option<u16>) {
+        let status = match status {
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(500..=599) => "5xx",
+            Some(_) => "other",
+            None => "none",
+        };
+        self.bmc_requests
+            .get_or_create(&BmcLabels {
+                provider: provider.to_owned(),
+                host: self.bmc_host(host),
+                status,
+            })
+            .observe(took.as_secs_f64());
     }
 }
 
@@ -599,5 +669,34 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn bmc_hosts_past_the_cap_count_as_other() {
+        use bm_provider::RequestObserver;
+        let m = Metrics::new().with_max_bmc_hosts(2);
+        let ms = Duration::from_millis(3);
+        m.request("redfish", "10.0.0.1:443", ms, Some(200));
+        m.request("redfish", "10.0.0.2:443", ms, Some(503));
+        m.request("redfish", "10.0.0.3:443", ms, Some(200));
+        m.request("redfish", "10.0.0.4:443", ms, None);
+        // A host that has its series keeps it.
+        m.request("redfish", "10.0.0.1:443", ms, Some(404));
+        let om = m.openmetrics();
+        let count = |host: &str, status: &str| {
+            let line = format!(
+                "bm_bmc_request_duration_seconds_count{{provider=\"redfish\",host=\"{host}\",status=\"{status}\"}} "
+            );
+            om.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map(|v| v.parse::<u64>().unwrap())
+        };
+        assert_eq!(count("10.0.0.1:443", "2xx"), Some(1), "{om}");
+        assert_eq!(count("10.0.0.1:443", "4xx"), Some(1), "{om}");
+        assert_eq!(count("10.0.0.2:443", "5xx"), Some(1), "{om}");
+        assert_eq!(count("other", "2xx"), Some(1), "{om}");
+        assert_eq!(count("other", "none"), Some(1), "{om}");
+        assert!(!om.contains("10.0.0.3"), "{om}");
+        assert!(!om.contains("10.0.0.4"), "{om}");
     }
 }

@@ -10,6 +10,7 @@ pub(crate) mod nic;
 pub(crate) mod power;
 pub(crate) mod system;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bm_provider::ProviderError;
@@ -135,10 +136,12 @@ pub(crate) struct Bmc {
     auth: Option<(String, Secret)>,
     permits: Semaphore,
     timeout: Duration,
+    observer: Option<Arc<dyn bm_provider::RequestObserver>>,
 }
 
 impl Bmc {
-    /// A client for the BMC at `base` (`https://host:port/`), called `name` in messages.
+    /// A client for the BMC at `base` (`https://host:port/`), called `name` in messages;
+    /// `observer` learns of each request.
     /// Building it may read the system's trust store: call it off the async runtime.
     ///
     /// # Errors
@@ -148,6 +151,7 @@ impl Bmc {
         name: String,
         base: Url,
         settings: BmcSettings,
+        observer: Option<Arc<dyn bm_provider::RequestObserver>>,
     ) -> Result<Self, ProviderError> {
         let mut builder = reqwest::Client::builder()
             .timeout(settings.timeout)
@@ -182,6 +186,7 @@ impl Bmc {
             auth: settings.auth,
             permits: Semaphore::new(settings.concurrency.max(1)),
             timeout: settings.timeout,
+            observer,
         })
     }
 
@@ -378,11 +383,26 @@ impl Bmc {
             let bytes = resp.bytes().await?;
             Ok::<_, reqwest::Error>((status, headers, bytes.to_vec()))
         };
+        let sent = tokio::time::Instant::now();
         let result = tokio::select! {
             r = exchange => r,
-            () = cancel.cancelled() => return Err(ProviderError::canceled()),
+            () = cancel.cancelled() => {
+                self.observed(sent, None);
+                return Err(ProviderError::canceled());
+            }
         };
+        self.observed(
+            sent,
+            result.as_ref().ok().map(|(status, ..)| status.as_u16()),
+        );
         result.map_err(|e| self.transport_error(&method, path, timeout, e))
+    }
+
+    /// Tells the observer, if any, of a request sent at `sent`.
+    fn observed(&self, sent: tokio::time::Instant, status: Option<u16>) {
+        if let Some(observer) = &self.observer {
+            observer.request(crate::PROVIDER_NAME, &self.name, sent.elapsed(), status);
+        }
     }
 
     fn transport_error(

@@ -198,6 +198,50 @@ async fn reset_types_from_action_info_and_targets_verbatim() {
     );
 }
 
+/// Records what the provider tells a request observer.
+#[derive(Debug, Default)]
+struct Requests(std::sync::Mutex<Vec<(String, String, Option<u16>)>>);
+
+impl bm_provider::RequestObserver for Requests {
+    fn request(&self, provider: &str, host: &str, _took: Duration, status: Option<u16>) {
+        crate::support::lock(&self.0).push((provider.to_owned(), host.to_owned(), status));
+    }
+}
+
+#[tokio::test]
+async fn every_request_to_a_bmc_is_told_to_the_observer_with_its_host_and_status() {
+    let bmc = ScriptedBmc::start(resources(), Box::new(behave)).await;
+    let requests = std::sync::Arc::new(Requests::default());
+    let p = provider().with_request_observer(requests.clone());
+    let h = Harness::new(machine(&bmc.base(), "", &[]));
+    p.power(h.ctx(), PowerAction::On).await.unwrap();
+    // A refused write: the observer hears its status too.
+    bmc.refuse_on("PATCH", SYS, 400);
+    let _ = p.set_netboot(h.ctx()).await;
+    let seen = crate::support::lock(&requests.0).clone();
+    let host = bmc
+        .base()
+        .trim_start_matches("redfish+")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    assert!(!seen.is_empty());
+    for (provider, h, _) in &seen {
+        assert_eq!(
+            (provider.as_str(), h.as_str()),
+            ("redfish", host.as_str()),
+            "{seen:?}"
+        );
+    }
+    let statuses: Vec<Option<u16>> = seen.iter().map(|(.., s)| *s).collect();
+    // The service root, the systems, the system, the reset, the reads back of its state.
+    assert!(
+        statuses.iter().filter(|s| **s == Some(200)).count() >= 3,
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&Some(400)), "{statuses:?}");
+}
+
 #[tokio::test]
 async fn a_reset_the_bmc_never_applies_ends_in_a_transient_error() {
     let bmc = ScriptedBmc::start(

@@ -369,6 +369,81 @@ fn run_promtool(args: &[&str], stdin: &str) {
     );
 }
 
+/// A BMC that answers every request with 503, on a free port of 127.0.0.1; its port.
+async fn failing_bmc() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app =
+        axum::Router::new().fallback(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+/// A server with metrics, the Redfish provider allowed to talk plain HTTP to loopback BMCs,
+/// and the status poll every second; `extra` flags too.
+async fn start_with_redfish(extra: &[&str]) -> (Server, String) {
+    let server_dir = tempfile::tempdir().unwrap();
+    let config = server_dir.path().join("providers.toml");
+    std::fs::write(
+        &config,
+        "[redfish]\n[redfish.bmc.\"127.0.0.0/8\"]\nallow_plaintext = true\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let mut args = vec!["--provider-config", &config, "--status-poll-interval", "1s"];
+    args.extend_from_slice(extra);
+    let started = start_with(&args).await;
+    // The server read the file at its start.
+    drop(server_dir);
+    started
+}
+
+fn redfish_machine(id: &str, n: u32, bmc_port: u16) -> pb::Machine {
+    let mut m = fake_machine(id, n, &[]);
+    let spec = m.spec.as_mut().unwrap();
+    spec.provider = "redfish".into();
+    spec.bmc_endpoint = format!("redfish+http://127.0.0.1:{bmc_port}");
+    spec.ssh_endpoint = String::new();
+    m
+}
+
+/// Scrapes until `name` has a sample; its value.
+async fn wait_for_sample(url: &str, name: &str) -> f64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, text) = scrape(url, None).await;
+        if let Some(v) = samples(&text).get(name) {
+            return *v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {name} within 30 s:\n{text}"
+        );
+        // A status poll round comes every second: there is nothing to wait on but it.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Requests to BMCs are timed per host, and hosts past the cap count as `other`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bmc_requests_are_counted_by_host_up_to_the_cap() {
+    let (server, url) = start_with_redfish(&["--metrics-max-bmc-hosts", "1"]).await;
+    let mut c = server.clients().await;
+    let (a, b) = (failing_bmc().await, failing_bmc().await);
+    c.register(redfish_machine("r-1", 1, a)).await;
+    let first = format!(
+        "bm_bmc_request_duration_seconds_count{{provider=\"redfish\",host=\"127.0.0.1:{a}\",status=\"5xx\"}}"
+    );
+    assert!(wait_for_sample(&url, &first).await >= 1.0);
+    // The cap is 1: the second BMC's requests count as `other`.
+    c.register(redfish_machine("r-2", 2, b)).await;
+    let other =
+        "bm_bmc_request_duration_seconds_count{provider=\"redfish\",host=\"other\",status=\"5xx\"}";
+    assert!(wait_for_sample(&url, other).await >= 1.0);
+    let (_, text) = scrape(&url, None).await;
+    assert!(!text.contains(&format!("127.0.0.1:{b}")), "{text}");
+}
+
 /// The example alerting rules (docs/alerts) are valid, pass their unit tests, and use only
 /// metrics the server exposes; the exposition passes promtool's lint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,8 +451,18 @@ async fn the_alerting_rules_and_the_exposition_pass_promtool() {
     run_promtool(&["check", "rules", "bm.rules.yml"], "");
     run_promtool(&["test", "rules", "bm.rules.test.yml"], "");
 
-    let (server, url) = start().await;
+    let (server, url) = start_with_redfish(&[]).await;
     let mut c = server.clients().await;
+    // A BMC the status poll reads: the BMC requests have samples.
+    let bmc = failing_bmc().await;
+    c.register(redfish_machine("r-1", 9, bmc)).await;
+    wait_for_sample(
+        &url,
+        &format!(
+            "bm_bmc_request_duration_seconds_count{{provider=\"redfish\",host=\"127.0.0.1:{bmc}\",status=\"5xx\"}}"
+        ),
+    )
+    .await;
     // A reimage whose repave fails once: every family the rules use has a sample.
     c.register(fake_machine(
         "m-1",
@@ -405,7 +490,10 @@ async fn the_alerting_rules_and_the_exposition_pass_promtool() {
         .collect();
     assert!(!used.is_empty());
     for name in used {
-        let family = name.strip_suffix("_total").unwrap_or(name);
+        let family = ["_total", "_count", "_sum", "_bucket"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
         assert!(
             text.contains(&format!("# TYPE {name} "))
                 || text.contains(&format!("# TYPE {family} ")),
