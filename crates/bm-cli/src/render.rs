@@ -323,6 +323,9 @@ pub(crate) fn machine_detail(m: &pb::Machine, pal: &Palette) -> String {
     field("Machine", paint(pal.bold, &m.id));
     field("Phase", phase(status.phase));
     field("Effective", effective(m.effective_state, pal));
+    if status.state_time.is_some() {
+        field("State since", date_time(status.state_time.as_ref()));
+    }
     field("Active op", or_dash(&status.active_operation_id));
     field("Provider", or_dash(&spec.provider));
     field("MACs", or_dash(&spec.mac_addresses.join(", ")));
@@ -644,6 +647,7 @@ mod tests {
                     })
                     .collect(),
                 active_operation_id: active.into(),
+                state_time: None,
             }),
             effective_state: state.into(),
             ..Default::default()

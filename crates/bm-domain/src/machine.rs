@@ -238,6 +238,11 @@ pub struct MachineStatus {
     pub conditions: Conditions,
     /// The operation pending or running on the machine, if any (at most one).
     pub active_operation_id: Option<OperationId>,
+    /// When the machine entered its current effective state (kept by the rules that change
+    /// it: registration, an operation's admission and end, the status poll). Absent on
+    /// records from before it was kept, until the state next changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_since: Option<Timestamp>,
 }
 
 impl Default for MachineStatus {
@@ -246,6 +251,7 @@ impl Default for MachineStatus {
             phase: Phase::FactoryReady,
             conditions: Conditions::new(),
             active_operation_id: None,
+            state_since: None,
         }
     }
 }
@@ -288,7 +294,10 @@ impl Machine {
             id,
             spec,
             labels,
-            status: MachineStatus::default(),
+            status: MachineStatus {
+                state_since: Some(now),
+                ..MachineStatus::default()
+            },
             created_at: now,
             updated_at: now,
             updated_by: Actor::default(),
@@ -340,6 +349,14 @@ impl Machine {
             &self.status.conditions,
             self.status.active_operation_id.is_some(),
         )
+    }
+
+    /// Records that the effective state changed at `now` if it is no longer `before` (the
+    /// state before a rule changed the machine).
+    pub fn track_state(&mut self, before: EffectiveState, now: Timestamp) {
+        if self.effective_state() != before {
+            self.status.state_since = Some(now);
+        }
     }
 
     /// Since when the machine has been BLOCKED or in ATTENTION, as its conditions record it:

@@ -99,6 +99,7 @@ pub fn apply_observation(
 ) -> ObservationEffect {
     use ConditionType as C;
     let before = machine.status.conditions.clone();
+    let state_before = machine.effective_state();
     let c = &mut machine.status.conditions;
     let mut effect = ObservationEffect::default();
     match observation {
@@ -181,6 +182,7 @@ pub fn apply_observation(
     }
     effect.changed = machine.status.conditions != before;
     if effect.changed {
+        machine.track_state(state_before, now);
         machine.updated_at = now;
     }
     effect

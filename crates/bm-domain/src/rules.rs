@@ -205,7 +205,9 @@ pub fn begin(machine: &mut Machine, op: &Operation, now: Timestamp) -> Result<()
         });
     }
     admit(machine, op.op_type)?;
+    let before = machine.effective_state();
     machine.status.active_operation_id = Some(op.id);
+    machine.track_state(before, now);
     machine.updated_at = now;
     Ok(())
 }
@@ -235,6 +237,7 @@ pub fn complete(
             reason: format!("operation {} is not its active operation", op.id),
         });
     }
+    let before = machine.effective_state();
     let (t, id) = (op.op_type, op.id);
     let stage = if op.current_stage.is_empty() {
         "before its first stage".to_owned()
@@ -298,6 +301,7 @@ pub fn complete(
     crate::observe::power_seen_before_operation(machine, &format!("{t} {id}"), now);
     op.finished_at = Some(now);
     machine.status.active_operation_id = None;
+    machine.track_state(before, now);
     machine.updated_at = now;
     Ok(())
 }
@@ -452,6 +456,35 @@ mod tests {
         o.start(Timestamp::EPOCH).unwrap();
         complete(m, &mut o, outcome, Timestamp::from_unix_micros(5)).unwrap();
         o
+    }
+
+    #[test]
+    fn the_rules_keep_when_the_machine_entered_its_effective_state() {
+        let t = Timestamp::from_unix_micros;
+        let mut m = machine(Phase::Maintenance);
+        m.status.state_since = Some(t(1));
+        assert_eq!(m.effective_state(), EffectiveState::MaintenanceIdle);
+        let mut o = op(&m, OperationType::Reimage, 9);
+        begin(&mut m, &o, t(10)).unwrap();
+        assert_eq!(m.effective_state(), EffectiveState::Busy);
+        assert_eq!(m.status.state_since, Some(t(10)));
+        o.start(t(11)).unwrap();
+        complete(
+            &mut m,
+            &mut o,
+            Outcome::Failed {
+                error: "disk".into(),
+                disk_touched: false,
+                unreachable: false,
+            },
+            t(20),
+        )
+        .unwrap();
+        assert_eq!(m.effective_state(), EffectiveState::Attention);
+        assert_eq!(m.status.state_since, Some(t(20)));
+        // A rule that leaves the state as it was keeps the time.
+        m.track_state(EffectiveState::Attention, t(30));
+        assert_eq!(m.status.state_since, Some(t(20)));
     }
 
     #[test]

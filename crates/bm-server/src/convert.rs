@@ -263,6 +263,7 @@ pub(crate) fn machine(m: Machine) -> pb::Machine {
                 .active_operation_id
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
+            state_time: opt_timestamp(m.status.state_since),
         }),
         effective_state: effective.into(),
         create_time: Some(timestamp(m.created_at)),

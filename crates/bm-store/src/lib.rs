@@ -195,6 +195,10 @@ pub struct Admission {
     pub operation: Operation,
     /// False when the request id had been used before and nothing was created.
     pub created: bool,
+    /// The effective state the machine left when the operation was created, and since
+    /// when it had been in it; `None` when nothing was created, the state did not change,
+    /// or the machine's record did not know when it entered it.
+    pub left: Option<(bm_domain::EffectiveState, bm_domain::Timestamp)>,
 }
 
 /// Which events to read or watch.

@@ -277,11 +277,14 @@ pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
         return Ok(Admission {
             operation: existing,
             created: false,
+            left: None,
         });
     }
     let mut m = tx
         .machine(&op.machine_id)?
         .ok_or_else(|| StoreError::MachineNotFound(op.machine_id.clone()))?;
+    let before = m.effective_state();
+    let since = m.status.state_since;
     rules::begin(&mut m, &op, op.created_at)?;
     tx.put_operation(&op, None, 0)?;
     tx.put_machine(&m, Indexed::Unchanged)?;
@@ -291,9 +294,11 @@ pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
         "",
         op.created_at,
     ))?;
+    let left = (m.effective_state() != before).then_some((before, since));
     Ok(Admission {
         operation: op,
         created: true,
+        left: left.and_then(|(state, since)| since.map(|since| (state, since))),
     })
 }
 

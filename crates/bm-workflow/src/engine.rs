@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bm_domain::{
-    MacAddress, Machine, MachineEvent, MachineId, Operation, OperationId, OperationPhase,
+    EffectiveState, MacAddress, Machine, MachineEvent, MachineId, Operation, OperationId,
+    OperationPhase,
 };
 use bm_provider::ProviderRegistry;
 use bm_store::{MachineCount, Store, StoreCondition};
@@ -491,7 +492,19 @@ impl Engine {
         )?;
         op.requested_by = req.requested_by;
         op.trace_parent = self.inner.config.trace_links.capture();
-        let admission = Admission::from_store(self.inner.store.admit(op).await?);
+        let stored = self.inner.store.admit(op).await?;
+        // The idle states end with an admission; the others are reported as the operation
+        // ends (BUSY, and ATTENTION or BLOCKED that an admitted operation may leave).
+        if let Some((state, since)) = stored.left
+            && matches!(
+                state,
+                EffectiveState::New | EffectiveState::Idle | EffectiveState::MaintenanceIdle
+            )
+        {
+            let stayed = stored.operation.created_at.duration_since(since);
+            self.inner.config.telemetry.state_left(state, stayed);
+        }
+        let admission = Admission::from_store(stored);
         if admission.created {
             self.inner.wake.notify_one();
         }

@@ -104,10 +104,11 @@ pub trait Telemetry: Send + Sync + std::fmt::Debug + 'static {
         let _ = (provider, action, took, error);
     }
 
-    /// A machine left `state` after `stayed` in it, as an operation ended: BUSY (since its
+    /// A machine left `state` after `stayed` in it: as an operation ended, BUSY (since its
     /// operation was admitted), ATTENTION or BLOCKED (since the condition that holds it
-    /// became true, see [`bm_domain::Machine::held_since`]). The idle states are not
-    /// reported: the machine's record does not keep when it entered them.
+    /// became true, see [`bm_domain::Machine::held_since`]); as an operation was admitted,
+    /// NEW, IDLE or MAINTENANCE_IDLE (since the machine entered it, its `state_since`; not
+    /// reported for a record from before that was kept).
     fn state_left(&self, state: EffectiveState, stayed: Duration) {
         let _ = (state, stayed);
     }

@@ -191,6 +191,16 @@ async fn operations_stages_calls_and_the_fleet_are_counted() {
         get(r#"bm_machine_state_duration_seconds_count{effective_state="BUSY"}"#),
         4.0
     );
+    // The idle states end with an admission: m-2 and m-3 left NEW for maintenance, then
+    // MAINTENANCE_IDLE for their reimages; m-1 never left NEW.
+    assert_eq!(
+        get(r#"bm_machine_state_duration_seconds_count{effective_state="NEW"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"bm_machine_state_duration_seconds_count{effective_state="MAINTENANCE_IDLE"}"#),
+        2.0
+    );
     assert!(get(r#"bm_oldest_machine_age_seconds{effective_state="ATTENTION"}"#) >= 0.0);
     assert_eq!(
         get(r#"bm_oldest_machine_age_seconds{effective_state="BLOCKED"}"#),

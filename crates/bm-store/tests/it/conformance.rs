@@ -395,7 +395,8 @@ pub(crate) async fn update_spec_labels_and_macs(s: S) {
 }
 
 pub(crate) async fn admission_is_idempotent(s: S) {
-    s.register_machine(maintenance_machine("m-1", 1))
+    let registered = s
+        .register_machine(maintenance_machine("m-1", 1))
         .await
         .unwrap();
     let first = s
@@ -407,6 +408,11 @@ pub(crate) async fn admission_is_idempotent(s: S) {
     let m = s.get_machine(&mid("m-1")).await.unwrap();
     assert_eq!(m.status.active_operation_id, Some(first.operation.id));
     assert_eq!(m.effective_state(), EffectiveState::Busy);
+    // The machine left MAINTENANCE_IDLE, where it had been since it was registered, and
+    // is BUSY since the admission.
+    let since = registered.status.state_since.expect("kept from the registration");
+    assert_eq!(first.left, Some((EffectiveState::MaintenanceIdle, since)));
+    assert_eq!(m.status.state_since, Some(first.operation.created_at));
 
     let again = s
         .admit(op("m-1", OperationType::Reimage, "req-1"))
@@ -414,6 +420,7 @@ pub(crate) async fn admission_is_idempotent(s: S) {
         .unwrap();
     assert!(!again.created);
     assert_eq!(again.operation, first.operation);
+    assert_eq!(again.left, None);
 
     let other_type = s
         .admit(op("m-1", OperationType::Reboot, "req-1"))

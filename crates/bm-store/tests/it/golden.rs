@@ -78,6 +78,7 @@ fn machine() -> Machine {
             phase: Phase::Maintenance,
             conditions,
             active_operation_id: Some(OperationId::from_parts(1_800_000_000_123, 77)),
+            state_since: None,
         },
         created_at: at(0),
         updated_at: at(5),
@@ -203,6 +204,22 @@ fn the_audit_trail_s_actors_read_back_and_encode_the_same() {
     assert_eq!(serde_json::from_str::<Operation>(&text).unwrap(), op);
     let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(serde_json::to_value(&op).unwrap(), expected);
+}
+
+/// When a machine entered its effective state (issue 15). The files without it read as a
+/// machine that does not know, and encode unchanged.
+#[test]
+fn a_machine_s_state_since_reads_back_and_encodes_the_same() {
+    let text = fixture("machine-state-since.json");
+    let mut m = machine();
+    m.updated_by = bm_domain::Actor::new("alice", "token");
+    m.status.state_since = Some(at(4));
+    let decoded: Machine = serde_json::from_str(&text).unwrap();
+    assert_eq!(decoded, m);
+    assert_eq!(decoded.status.state_since, Some(at(4)));
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(serde_json::to_value(&m).unwrap(), expected);
+    assert_eq!(machine().status.state_since, None);
 }
 
 /// The trace context an operation keeps when the server exports traces (issue 15). The
