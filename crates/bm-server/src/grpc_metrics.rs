@@ -65,17 +65,22 @@ where
         Box::pin(async move {
             let result = call.await;
             if let Ok(response) = &result {
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or("OK", |c| bm_proto::code_name(tonic::Code::from(c)));
+                let code = bm_proto::code_name(header_status(response.headers()));
                 metrics.grpc(&method, code, started.elapsed());
             }
             result
         })
     }
+}
+
+/// The status code in a response's headers: an error answered at once; `OK` otherwise,
+/// since a successful call's status (or a stream's late error) comes in its trailers.
+pub(crate) fn header_status(headers: &http::HeaderMap) -> tonic::Code {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from)
 }
 
 /// The `method` label of a call: its path when it is a method the server has (the API's,

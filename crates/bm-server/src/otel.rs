@@ -244,15 +244,10 @@ where
                 if let Ok(response) = &result {
                     // An error answered at once is in the headers; a stream's or a
                     // handler's late error comes in the trailers, after this span.
-                    let code = response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .unwrap_or(0);
+                    let code = crate::grpc_metrics::header_status(response.headers());
                     let span = tracing::Span::current();
-                    span.record("rpc.grpc.status_code", code);
-                    if code != 0 {
+                    span.record("rpc.grpc.status_code", code as i32);
+                    if code != tonic::Code::Ok {
                         span.record("otel.status_code", "ERROR");
                     }
                 }

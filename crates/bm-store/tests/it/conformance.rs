@@ -410,7 +410,10 @@ pub(crate) async fn admission_is_idempotent(s: S) {
     assert_eq!(m.effective_state(), EffectiveState::Busy);
     // The machine left MAINTENANCE_IDLE, where it had been since it was registered, and
     // is BUSY since the admission.
-    let since = registered.status.state_since.expect("kept from the registration");
+    let since = registered
+        .status
+        .state_since
+        .expect("kept from the registration");
     assert_eq!(first.left, Some((EffectiveState::MaintenanceIdle, since)));
     assert_eq!(m.status.state_since, Some(first.operation.created_at));
 
