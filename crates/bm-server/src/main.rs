@@ -493,14 +493,24 @@ fn init_tracing(
         LogFormat::Json => logs.json().boxed(),
     };
     // The traces keep their spans whatever the log level: they have a filter of their own.
+    // They take our spans, and of the log events only warnings and errors (as span events):
+    // the rest is in the log, and each event costs the exporter.
     let traces = tracer.map(|tracer| {
+        let ours = |target: &str| {
+            ["bm_server", "bm_workflow", bm_workflow::TRACE_TARGET]
+                .iter()
+                .any(|t| target.starts_with(t))
+        };
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
-            .with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target("bm_server", tracing::Level::INFO)
-                    .with_target("bm_workflow", tracing::Level::INFO),
-            )
+            .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+                let level = if meta.is_span() {
+                    tracing::Level::INFO
+                } else {
+                    tracing::Level::WARN
+                };
+                ours(meta.target()) && *meta.level() <= level
+            }))
     });
     tracing_subscriber::registry()
         .with(logs.with_filter(filter))

@@ -222,6 +222,7 @@ where
         }
         let method = crate::grpc_metrics::method_label(req.uri().path());
         let span = tracing::info_span!(
+            target: bm_workflow::TRACE_TARGET,
             "grpc request",
             otel.name = %method.trim_start_matches('/'),
             otel.kind = "server",

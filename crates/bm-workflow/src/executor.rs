@@ -507,6 +507,7 @@ impl Runner {
             }
             let began = tokio::time::Instant::now();
             let span = tracing::info_span!(
+                target: crate::TRACE_TARGET,
                 "stage",
                 otel.name = %format_args!("stage {}", step.name()),
                 stage = step.name(),

@@ -65,6 +65,12 @@ pub use stream::{Batch, EventBatch, LogBatch, StreamStats};
 pub use sync::{PollRound, StatusPollConfig};
 pub use telemetry::{Attempt, AttemptOutcome, NoTelemetry, NoTraceLinks, Telemetry, TraceLinks};
 
+/// The `tracing` target of the spans that exist for traces only (a stage attempt, a
+/// provider call; bm-server's gRPC call): the log output leaves it out, so that they cost
+/// nothing unless traces are exported. The `operation` span is in the executor's own target
+/// (its fields give every log line of a run its operation).
+pub const TRACE_TARGET: &str = "bm_trace";
+
 /// The current time, read once per use.
 pub(crate) fn now() -> bm_domain::Timestamp {
     bm_domain::Timestamp::from_system_time(std::time::SystemTime::now())

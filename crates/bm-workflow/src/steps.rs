@@ -25,6 +25,7 @@ pub(crate) async fn run(
                 // Booted means the deploy environment checked in, not that the BMC says On.
                 Some(nb) => {
                     let span = tracing::info_span!(
+                        target: crate::TRACE_TARGET,
                         "netboot check-in",
                         error = tracing::field::Empty,
                         otel.status_code = tracing::field::Empty,
@@ -92,6 +93,7 @@ async fn call<T>(
 ) -> Result<T, ProviderError> {
     let provider = &ctx.machine.spec.provider;
     let span = tracing::info_span!(
+        target: crate::TRACE_TARGET,
         "provider call",
         otel.name = %format_args!("{provider} {action}"),
         otel.kind = "client",
