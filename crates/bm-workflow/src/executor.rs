@@ -147,7 +147,6 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
     );
     let span = tracing::info_span!(
         "operation",
-        otel.name = %format_args!("operation {}", op.op_type),
         operation_id = %op.id,
         machine_id = %op.machine_id,
         r#type = %op.op_type,

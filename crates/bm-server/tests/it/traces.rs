@@ -217,7 +217,7 @@ async fn a_reimage_is_one_tree_from_the_caller_to_the_provider_calls() {
     let spans = receiver
         .until("ended operation span", |spans| {
             spans.iter().any(|s| {
-                s.name.starts_with("operation ")
+                s.name == "operation"
                     && s.attributes.get("operation_id") == Some(&op.id)
                     && s.attributes.contains_key("phase")
             })
@@ -231,7 +231,7 @@ async fn a_reimage_is_one_tree_from_the_caller_to_the_provider_calls() {
 
     let operations: Vec<&Span> = children(&spans, request)
         .into_iter()
-        .filter(|s| s.name.starts_with("operation "))
+        .filter(|s| s.name == "operation")
         .collect();
     assert_eq!(operations.len(), 1, "{operations:#?}");
     let operation = operations[0];
@@ -277,7 +277,7 @@ async fn a_run_resumed_after_a_crash_continues_the_trace_of_the_request() {
     let spans = receiver
         .until("ended resumed operation span", |spans| {
             spans.iter().any(|s| {
-                s.name.starts_with("operation ")
+                s.name == "operation"
                     && s.attributes.get("phase").map(String::as_str) == Some("SUCCEEDED")
             })
         })
@@ -285,7 +285,7 @@ async fn a_run_resumed_after_a_crash_continues_the_trace_of_the_request() {
     let request = the_request(&spans).expect("the Reimage call's span");
     let runs: Vec<&Span> = children(&spans, request)
         .into_iter()
-        .filter(|s| s.name.starts_with("operation "))
+        .filter(|s| s.name == "operation")
         .collect();
     // The killed run never ended, so it never left; the resumed one is the request's child
     // although another process ran it.
