@@ -164,13 +164,15 @@ impl bm_workflow::TraceLinks for OtelTraceLinks {
         carrier.remove("traceparent")
     }
 
-    fn adopt(&self, span: &tracing::Span, parent: &str) {
+    fn adopt(&self, span: &tracing::Span, parent: &str) -> bool {
         let carrier = HashMap::from([("traceparent".to_owned(), parent.to_owned())]);
         let cx = TraceContextPropagator::new().extract(&carrier);
-        if cx.span().span_context().is_valid() {
-            // Fails only for a span that already started; the engine adopts before.
-            let _ = span.set_parent(cx);
+        let context = cx.span().span_context().clone();
+        if !context.is_valid() {
+            return false;
         }
+        // Fails only for a span that already started; the engine adopts before.
+        span.set_parent(cx).is_ok() && context.is_sampled()
     }
 }
 

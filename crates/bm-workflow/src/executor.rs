@@ -153,10 +153,12 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
         phase = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    // Each run of the operation (a resumed one too) is a child of the request's span.
-    if let Some(parent) = &op.trace_parent {
-        inner.config.trace_links.adopt(&span, parent);
-    }
+    // Each run of the operation (a resumed one too) is a child of the request's span; its
+    // stage and provider spans exist only when that trace is exported.
+    let traced = op
+        .trace_parent
+        .as_ref()
+        .is_some_and(|parent| inner.config.trace_links.adopt(&span, parent));
     let slot = Slot {
         inner: inner.clone(),
         id: op.id,
@@ -175,6 +177,7 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
                 log_seq: log_seq.clone(),
                 cut_short: AtomicBool::new(false),
                 state_at_start: None,
+                traced,
             };
             // A panic (in a provider, say) must not leave the operation RUNNING with nobody
             // running it: it ends FAILED, for a person to look at.
@@ -250,6 +253,7 @@ async fn fail_after_panic(
             log_seq,
             cut_short: AtomicBool::new(false),
             state_at_start: None,
+            traced: false,
         };
         let outcome = runner.disarm_netboot(failed).await;
         store.finish(&fence, op, outcome, Vec::new(), now()).await
@@ -363,6 +367,9 @@ struct Runner {
     /// The machine's effective state when this run started and since when it held (for
     /// the time-in-state telemetry), when its record says.
     state_at_start: Option<(EffectiveState, Timestamp)>,
+    /// Whether the run's trace is exported: its stage attempts and provider calls get
+    /// spans (see [`crate::TraceLinks::adopt`]).
+    traced: bool,
 }
 
 impl Runner {
@@ -505,7 +512,10 @@ impl Runner {
                 return self.end_stopped().await.map(Flow::Ended);
             }
             let began = tokio::time::Instant::now();
-            let span = tracing::info_span!(
+            let span = if !self.traced {
+                tracing::Span::none()
+            } else {
+                tracing::info_span!(
                 target: crate::TRACE_TARGET,
                 "stage",
                 otel.name = %format_args!("stage {}", step.name()),
@@ -513,7 +523,8 @@ impl Runner {
                 attempt = self.op.stages.last().map_or(1, |s| s.attempts),
                 error = tracing::field::Empty,
                 otel.status_code = tracing::field::Empty,
-            );
+                )
+            };
             let result = self
                 .attempt(step, provider, machine)
                 .instrument(span.clone())
@@ -637,7 +648,7 @@ impl Runner {
             .unwrap_or_else(|| step.default_timeout());
         let grace = self.inner.config.cancel_grace;
         let netboot = self.inner.config.netboot.as_deref();
-        let action = steps::run(step, provider, ctx, &self.op, netboot);
+        let action = steps::run(step, provider, ctx, &self.op, netboot, self.traced);
         tokio::pin!(action);
         let result = tokio::select! {
             // The action is polled first, so it is always entered: the caller decided that

@@ -8,29 +8,40 @@ use tracing::Instrument;
 use crate::netboot::Netboot;
 use crate::plan::StepKind;
 
-/// Runs the step's provider actions once, each traced as a `provider call` span.
+/// Runs the step's provider actions once, each in a `provider call` span when `traced`.
 pub(crate) async fn run(
     step: StepKind,
     provider: &dyn Provider,
     ctx: ActionContext<'_>,
     op: &Operation,
     netboot: Option<&Netboot>,
+    traced: bool,
 ) -> Result<(), ProviderError> {
     match step {
-        StepKind::SetNetboot => call(ctx, "set-netboot", provider.set_netboot(ctx)).await,
+        StepKind::SetNetboot => call(ctx, traced, "set-netboot", provider.set_netboot(ctx)).await,
         StepKind::RebootToNetboot => {
             let since = std::time::SystemTime::now();
-            call(ctx, "power-cycle", provider.power(ctx, PowerAction::Cycle)).await?;
+            call(
+                ctx,
+                traced,
+                "power-cycle",
+                provider.power(ctx, PowerAction::Cycle),
+            )
+            .await?;
             match netboot {
                 // Booted means the deploy environment checked in, not that the BMC says On.
                 Some(nb) => {
-                    let span = tracing::info_span!(
+                    let span = if !traced {
+                        tracing::Span::none()
+                    } else {
+                        tracing::info_span!(
                         target: crate::TRACE_TARGET,
                         "netboot check-in",
                         error = tracing::field::Empty,
                         otel.status_code = tracing::field::Empty,
-                    );
-                    traced(
+                        )
+                    };
+                    in_span(
                         span,
                         nb.wait(&ctx.machine.id, op.id, since, ctx.cancel, ctx.log),
                     )
@@ -39,18 +50,44 @@ pub(crate) async fn run(
                 None => Ok(()),
             }
         }
-        StepKind::Reboot => call(ctx, "power-cycle", provider.power(ctx, PowerAction::Cycle)).await,
-        StepKind::RepaveImage => call(ctx, "repave", provider.repave(ctx)).await,
+        StepKind::Reboot => {
+            call(
+                ctx,
+                traced,
+                "power-cycle",
+                provider.power(ctx, PowerAction::Cycle),
+            )
+            .await
+        }
+        StepKind::RepaveImage => call(ctx, traced, "repave", provider.repave(ctx)).await,
         StepKind::JoinCluster => {
-            let token = call(ctx, "mint-join-token", provider.mint_join_token(ctx)).await?;
-            call(ctx, "join-cluster", provider.join_cluster(ctx, &token)).await
+            let token = call(
+                ctx,
+                traced,
+                "mint-join-token",
+                provider.mint_join_token(ctx),
+            )
+            .await?;
+            call(
+                ctx,
+                traced,
+                "join-cluster",
+                provider.join_cluster(ctx, &token),
+            )
+            .await
         }
         StepKind::VerifyInCluster => {
-            call(ctx, "verify-in-cluster", provider.verify_in_cluster(ctx)).await
+            call(
+                ctx,
+                traced,
+                "verify-in-cluster",
+                provider.verify_in_cluster(ctx),
+            )
+            .await
         }
-        StepKind::Drain => call(ctx, "drain", provider.drain(ctx)).await,
-        StepKind::Uncordon => call(ctx, "uncordon", provider.uncordon(ctx)).await,
-        StepKind::Wipe => call(ctx, "wipe-disks", provider.wipe_disks(ctx)).await,
+        StepKind::Drain => call(ctx, traced, "drain", provider.drain(ctx)).await,
+        StepKind::Uncordon => call(ctx, traced, "uncordon", provider.uncordon(ctx)).await,
+        StepKind::Wipe => call(ctx, traced, "wipe-disks", provider.wipe_disks(ctx)).await,
         StepKind::Notify => {
             let note = if op.note.is_empty() {
                 "no note given"
@@ -61,14 +98,23 @@ pub(crate) async fn run(
                 kind: NoticeKind::RmaTicket,
                 summary: format!("RMA of machine {} ({}): {note}", op.machine_id, op.id),
             };
-            let ticket = call(ctx, "notify", provider.notify(ctx, &notice)).await?;
+            let ticket = call(ctx, traced, "notify", provider.notify(ctx, &notice)).await?;
             ctx.log.line("notify", format!("ticket {ticket} opened"));
             Ok(())
         }
-        StepKind::PowerOff => call(ctx, "power-off", provider.power(ctx, PowerAction::Off)).await,
+        StepKind::PowerOff => {
+            call(
+                ctx,
+                traced,
+                "power-off",
+                provider.power(ctx, PowerAction::Off),
+            )
+            .await
+        }
         StepKind::ApplyNetConfig => {
             call(
                 ctx,
+                traced,
                 "apply-network-config",
                 provider.apply_network_config(ctx),
             )
@@ -77,6 +123,7 @@ pub(crate) async fn run(
         StepKind::VerifyConnectivity => {
             call(
                 ctx,
+                traced,
                 "verify-connectivity",
                 provider.verify_connectivity(ctx),
             )
@@ -85,12 +132,17 @@ pub(crate) async fn run(
     }
 }
 
-/// One provider call, in a span of its own named after the provider and the action.
+/// One provider call, in a span of its own named after the provider and the action when
+/// `traced`.
 async fn call<T>(
     ctx: ActionContext<'_>,
+    traced: bool,
     action: &'static str,
     call: impl Future<Output = Result<T, ProviderError>>,
 ) -> Result<T, ProviderError> {
+    if !traced {
+        return call.await;
+    }
     let provider = &ctx.machine.spec.provider;
     let span = tracing::info_span!(
         target: crate::TRACE_TARGET,
@@ -102,11 +154,11 @@ async fn call<T>(
         error = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
     );
-    traced(span, call).await
+    in_span(span, call).await
 }
 
 /// Runs `call` in `span`, and marks the span failed with the error when it fails.
-async fn traced<T>(
+async fn in_span<T>(
     span: tracing::Span,
     call: impl Future<Output = Result<T, ProviderError>>,
 ) -> Result<T, ProviderError> {
@@ -175,7 +227,7 @@ mod tests {
             cancel: &cancel,
             log: &log,
         };
-        run(step, &fake, ctx, &op, None)
+        run(step, &fake, ctx, &op, None, false)
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", step.name()));
         let called = Action::ALL

@@ -133,9 +133,13 @@ pub trait TraceLinks: Send + Sync + std::fmt::Debug + 'static {
         None
     }
 
-    /// Makes `span` a child of the context `parent` that [`TraceLinks::capture`] gave.
-    fn adopt(&self, span: &tracing::Span, parent: &str) {
+    /// Makes `span` a child of the context `parent` that [`TraceLinks::capture`] gave, and
+    /// tells whether that trace is exported (sampled): only then does the engine make the
+    /// spans below it (stage attempts, provider calls), which would otherwise cost for
+    /// nothing.
+    fn adopt(&self, span: &tracing::Span, parent: &str) -> bool {
         let _ = (span, parent);
+        false
     }
 }
 

@@ -145,17 +145,17 @@ async fn start(timing: &str) -> (Receiver, Server, String) {
 }
 
 async fn reimage_traced(c: &mut Clients, machine: &str) -> pb::Operation {
+    reimage_with_parent(c, machine, &format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")).await
+}
+
+async fn reimage_with_parent(c: &mut Clients, machine: &str, parent: &str) -> pb::Operation {
     let mut req = tonic::Request::new(pb::ReimageRequest {
         machine_id: machine.into(),
         request_id: format!("traced-{machine}"),
         note: String::new(),
     });
-    req.metadata_mut().insert(
-        "traceparent",
-        format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")
-            .parse()
-            .unwrap(),
-    );
+    req.metadata_mut()
+        .insert("traceparent", parent.parse().unwrap());
     c.machines.reimage(req).await.unwrap().into_inner()
 }
 
@@ -304,6 +304,46 @@ async fn a_run_resumed_after_a_crash_continues_the_trace_of_the_request() {
         .expect("an interrupted stage");
     let rest: Vec<String> = ended.stages[at..].iter().map(|s| s.name.clone()).collect();
     check_stages(&spans, resumed, &rest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_does_not_sample_gets_no_spans_of_its_operation() {
+    let (receiver, mut server, _) = start("instant").await;
+    let mut c = server.clients().await;
+    for (id, n) in [("m-1", 1), ("m-2", 2)] {
+        c.register(fake_machine(id, n, &[])).await;
+        c.enter_maintenance(id).await;
+    }
+    // The caller decided not to sample: flags 00.
+    let unsampled_trace = "0af7651916cd43dd8448eb211c80319c";
+    let quiet = reimage_with_parent(
+        &mut c,
+        "m-1",
+        &format!("00-{unsampled_trace}-b7ad6b7169203331-00"),
+    )
+    .await;
+    assert_eq!(
+        c.wait_end(&quiet.id).await.phase(),
+        pb::OperationPhase::Succeeded
+    );
+    let traced = reimage_traced(&mut c, "m-2").await;
+    c.wait_end(&traced.id).await;
+    let (status, _) = server.terminate();
+    assert!(status.success(), "{}", server.log());
+    // Once the sampled operation's spans are in, the other's would be too.
+    let spans = receiver
+        .until("the sampled operation's span", |spans| {
+            spans.iter().any(|s| {
+                s.name == "operation" && s.attributes.get("operation_id") == Some(&traced.id)
+            })
+        })
+        .await;
+    let leaked: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == unsampled_trace)
+        .collect();
+    assert!(leaked.is_empty(), "{leaked:#?}");
+    assert!(spans.iter().any(|s| s.name.starts_with("stage ")));
 }
 
 #[test]
