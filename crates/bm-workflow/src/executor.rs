@@ -417,7 +417,14 @@ impl Runner {
             if let Some((stage, crashed)) = self.op.mark_interrupted() {
                 let (name, n) = (stage.name.clone(), stage.interruptions);
                 tracing::info!(stage = %name, interruptions = n, "resuming an interrupted stage");
+                // Either refusal below ends the stage here, without an attempt.
+                let refused = |runner: &Self| {
+                    if let Some(step) = StepKind::from_name(&name) {
+                        runner.stage_ended(step, false);
+                    }
+                };
                 if n > max {
+                    refused(&self);
                     return self
                         .fail(format!(
                             "stage {name} was interrupted {n} times by server crashes; check the machine before running it again"
@@ -428,6 +435,7 @@ impl Runner {
                     && StepKind::from_name(&name).map(StepKind::resume_policy)
                         == Some(ResumePolicy::FailForIntervention)
                 {
+                    refused(&self);
                     return self
                         .fail(format!(
                             "stage {name} was interrupted by a server crash and is not safe to run again blindly: check the machine's network and console, then clear the intervention and run the operation again"

@@ -255,6 +255,16 @@ async fn crashed(
     op.id
 }
 
+/// Records the stages the telemetry hears end.
+#[derive(Debug, Default)]
+struct StagesEnded(std::sync::Mutex<Vec<(&'static str, bool)>>);
+
+impl bm_workflow::Telemetry for StagesEnded {
+    fn stage_ended(&self, _: OperationType, stage: &'static str, succeeded: bool, _: Duration) {
+        self.0.lock().unwrap().push((stage, succeeded));
+    }
+}
+
 /// A store no engine runs on, with one machine.
 async fn idle_store(machine: &str, labels: &[(&str, &str)]) -> Harness {
     let h = start_with(Arc::new(bm_store::MemoryStore::new()), config(), fake());
@@ -290,9 +300,23 @@ async fn a_stage_interrupted_too_often_fails_for_intervention() {
         3,
     )
     .await;
-    let h = start_with(idle.store.clone(), config(), idle.fake.clone());
+    let stages = Arc::new(StagesEnded::default());
+    let h = start_with(
+        idle.store.clone(),
+        bm_workflow::EngineConfig {
+            telemetry: stages.clone(),
+            ..config()
+        },
+        idle.fake.clone(),
+    );
     let done = h.wait_end(op).await;
     assert_eq!(done.phase, OperationPhase::Failed);
+    // The refused stage ended, failed, for the stage metrics too.
+    assert_eq!(
+        *stages.0.lock().unwrap(),
+        [("drain", false)],
+        "the stages the telemetry heard end"
+    );
     assert!(
         done.error
             .as_deref()
