@@ -270,17 +270,16 @@ impl Operation {
     }
 
     /// The trace id of [`Operation::trace_parent`] (its 32 hex digits), when it has a
-    /// well-formed one.
+    /// well-formed one that is sampled (exported: a tracing backend has it).
     pub fn trace_id(&self) -> Option<&str> {
         // version "-" trace-id "-" parent-id "-" flags (W3C Trace Context, level 1)
         let mut parts = self.trace_parent.as_deref()?.split('-');
         let (_version, id) = (parts.next()?, parts.next()?);
         let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-        (hex(id, 32)
-            && id.bytes().any(|b| b != b'0')
-            && hex(parts.next()?, 16)
-            && hex(parts.next()?, 2))
-        .then_some(id)
+        let parent = parts.next()?;
+        let flags = parts.next()?;
+        let sampled = hex(flags, 2) && u8::from_str_radix(flags, 16).is_ok_and(|f| f & 1 == 1);
+        (hex(id, 32) && id.bytes().any(|b| b != b'0') && hex(parent, 16) && sampled).then_some(id)
     }
 
     /// Pending or running.
@@ -440,6 +439,9 @@ mod tests {
         let id = "4bf92f3577b34da6a3ce929d0e0e4736";
         for (parent, expected) in [
             (format!("00-{id}-00f067aa0ba902b7-01"), Some(id)),
+            (format!("00-{id}-00f067aa0ba902b7-03"), Some(id)),
+            // Not sampled: no backend has it.
+            (format!("00-{id}-00f067aa0ba902b7-00"), None),
             (format!("00-{id}-00f067aa0ba902b7"), None),
             (format!("00-{id}-00f067aa0ba902-01"), None),
             (format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)), None),

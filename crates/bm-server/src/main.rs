@@ -497,9 +497,9 @@ fn init_tracing(
     // the rest is in the log, and each event costs the exporter.
     let traces = tracer.map(|tracer| {
         let ours = |target: &str| {
-            ["bm_server", "bm_workflow", bm_workflow::TRACE_TARGET]
-                .iter()
-                .any(|t| target.starts_with(t))
+            // Our crates' (the server, the engine, the providers, the store) and the
+            // trace-only spans' (`bm_workflow::TRACE_TARGET`).
+            target.starts_with("bm_")
         };
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
@@ -771,7 +771,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 runtime.handle().clone(),
             )
-            .context("exporting traces (--otlp-endpoint)")?,
+            .context("configuring the export of traces")?,
         ),
         None => None,
     };

@@ -37,7 +37,7 @@ pub struct OtlpConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
     /// The sample ratio is not within 0 to 1.
-    #[error("the OTLP sample ratio must be within 0 and 1, not {0}")]
+    #[error("--otlp-sample-ratio (BM_OTLP_SAMPLE_RATIO) must be within 0 and 1, not {0}")]
     SampleRatio(f64),
     /// The exporter refused its configuration (a malformed endpoint, say).
     #[error(

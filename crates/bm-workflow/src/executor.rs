@@ -200,6 +200,7 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
                     tracing::warn!("lease lost: another executor took the operation over")
                 }
                 Ok(Err(Stop::Abandoned(e))) => {
+                    tracing::Span::current().record("otel.status_code", "ERROR");
                     tracing::error!(error = %e, "operation abandoned; it is taken up again when its lease expires")
                 }
                 Err(panic) => {
@@ -208,6 +209,9 @@ fn spawn_operation(inner: &Arc<Inner>, claim: Claimed, expires: Timestamp) {
                         .map(|s| (*s).to_owned())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
+                    let span = tracing::Span::current();
+                    span.record("phase", tracing::field::display(OperationPhase::Failed));
+                    span.record("otel.status_code", "ERROR");
                     tracing::error!(panic = %what, "the operation's executor panicked; failing it");
                     fail_after_panic(&inner, &claim, log_seq, id, &what).await;
                 }

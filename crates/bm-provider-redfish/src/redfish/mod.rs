@@ -127,6 +127,23 @@ fn same_origin_redirects() -> reqwest::redirect::Policy {
     })
 }
 
+/// One request to a BMC, told to the BMC's observer (if any) when it is dropped: with the
+/// answer's status once one came, else as unanswered.
+struct Observed<'a> {
+    bmc: &'a Bmc,
+    sent: tokio::time::Instant,
+    status: Option<u16>,
+}
+
+impl Drop for Observed<'_> {
+    fn drop(&mut self) {
+        if let Some(observer) = &self.bmc.observer {
+            let took = self.sent.elapsed();
+            observer.request(crate::PROVIDER_NAME, &self.bmc.name, took, self.status);
+        }
+    }
+}
+
 /// One BMC host: an HTTP client and a limit on requests in flight.
 #[derive(Debug)]
 pub(crate) struct Bmc {
@@ -376,33 +393,26 @@ impl Bmc {
         if let Some(etag) = etag {
             req = req.header(IF_MATCH, etag);
         }
+        // Reported however the request ends: answered, failed, canceled, or dropped by a
+        // caller's timeout.
+        let mut observed = Observed {
+            bmc: self,
+            sent: tokio::time::Instant::now(),
+            status: None,
+        };
         let exchange = async {
             let resp = req.send().await?;
             let status = resp.status();
+            observed.status = Some(status.as_u16());
             let headers = resp.headers().clone();
             let bytes = resp.bytes().await?;
             Ok::<_, reqwest::Error>((status, headers, bytes.to_vec()))
         };
-        let sent = tokio::time::Instant::now();
         let result = tokio::select! {
             r = exchange => r,
-            () = cancel.cancelled() => {
-                self.observed(sent, None);
-                return Err(ProviderError::canceled());
-            }
+            () = cancel.cancelled() => return Err(ProviderError::canceled()),
         };
-        self.observed(
-            sent,
-            result.as_ref().ok().map(|(status, ..)| status.as_u16()),
-        );
         result.map_err(|e| self.transport_error(&method, path, timeout, e))
-    }
-
-    /// Tells the observer, if any, of a request sent at `sent`.
-    fn observed(&self, sent: tokio::time::Instant, status: Option<u16>) {
-        if let Some(observer) = &self.observer {
-            observer.request(crate::PROVIDER_NAME, &self.name, sent.elapsed(), status);
-        }
     }
 
     fn transport_error(

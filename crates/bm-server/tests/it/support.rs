@@ -89,8 +89,6 @@ impl Server {
         s
     }
 
-    /// Starts a server in `dir` (its data in `dir/data`, its log in `dir/server.log`), which
-    /// the caller owns.
     /// Like [`Server::start_with`], with these environment variables too.
     pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().expect("temp dir");
@@ -112,6 +110,8 @@ impl Server {
         s
     }
 
+    /// Starts a server in `dir` (its data in `dir/data`, its log in `dir/server.log`), which
+    /// the caller owns.
     pub(crate) fn start_in(dir: &Path, args: &[&str]) -> Server {
         let mut s = Server {
             child: None,

@@ -322,10 +322,10 @@ async fn a_caller_that_does_not_sample_gets_no_spans_of_its_operation() {
         &format!("00-{unsampled_trace}-b7ad6b7169203331-00"),
     )
     .await;
-    assert_eq!(
-        c.wait_end(&quiet.id).await.phase(),
-        pb::OperationPhase::Succeeded
-    );
+    let quiet = c.wait_end(&quiet.id).await;
+    assert_eq!(quiet.phase(), pb::OperationPhase::Succeeded);
+    // No backend has its trace: the API gives no id to look for.
+    assert!(quiet.trace_id.is_empty(), "{quiet:?}");
     let traced = reimage_traced(&mut c, "m-2").await;
     c.wait_end(&traced.id).await;
     let (status, _) = server.terminate();
@@ -343,6 +343,12 @@ async fn a_caller_that_does_not_sample_gets_no_spans_of_its_operation() {
         .filter(|s| s.trace_id == unsampled_trace)
         .collect();
     assert!(leaked.is_empty(), "{leaked:#?}");
+    // Nor a trace of its own, as a root.
+    let runs: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.attributes.get("operation_id") == Some(&quiet.id))
+        .collect();
+    assert!(runs.is_empty(), "{runs:#?}");
     assert!(spans.iter().any(|s| s.name.starts_with("stage ")));
 }
 
@@ -356,11 +362,11 @@ fn a_bad_endpoint_or_sample_ratio_is_refused_at_start_naming_it() {
                 "--otlp-sample-ratio",
                 "1.5",
             ],
-            "sample ratio must be within 0 and 1, not 1.5",
+            "--otlp-sample-ratio (BM_OTLP_SAMPLE_RATIO) must be within 0 and 1, not 1.5",
         ),
         (
             ["--otlp-endpoint", "not a url", "--otlp-sample-ratio", "1"],
-            "--otlp-endpoint",
+            "refused the endpoint \"not a url\"",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();
