@@ -19,6 +19,7 @@ mod error;
 mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
+mod gateway;
 mod grpc_metrics;
 mod health;
 mod limits;
@@ -95,6 +96,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
     deps: Deps,
 ) -> Result<(), ServeError> {
+    serve_with_gateway(listener, None, shutdown, deps).await
+}
+
+/// Like [`serve`], and the HTTP gateway (the API as JSON and Server-Sent Events, see
+/// `gateway.rs`) on `http`, over the same TLS, through the same authentication and limits.
+///
+/// # Errors
+///
+/// [`ServeError`] if the transport fails.
+pub async fn serve_with_gateway(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+    deps: Deps,
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // Every service's status is set before the first connection is accepted, so that a
     // health watch never finds one unregistered.
@@ -121,6 +137,7 @@ pub async fn serve(
     let engine = deps.engine.clone();
     let grace = deps.shutdown_grace;
     let (stopped, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let (gateway_stop, gateway_stopped) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown.await;
         store_health.abort();
@@ -137,6 +154,7 @@ pub async fn serve(
             .set_not_serving::<OperationServiceServer<operations::Operations>>()
             .await;
         engine.shutdown(grace).await;
+        let _ = gateway_stop.send(true);
         let _ = stopped.send(());
     };
     let limits = deps.limits;
@@ -144,18 +162,45 @@ pub async fn serve(
     let shared = std::sync::Arc::new(limits::Shared::new(limits.clone()));
     let quotas = std::sync::Arc::new(quota::Quotas::new(&limits));
     let incoming = listener::incoming(listener, shared.clone(), deps.tls.clone());
-    let server = Server::builder()
-        .max_concurrent_streams(Some(limits.max_concurrent_streams))
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .layer(grpc_metrics::GrpcMetricsLayer::new(deps.metrics.clone()))
-        .layer(otel::RequestSpanLayer::new(deps.traced))
-        .layer(limits::AdmissionLayer::new(shared))
-        .layer(tower::util::MapResponseLayer::new(
-            decode_errors_are_invalid_arguments,
-        ))
-        .layer(auth::AuthLayer::new(deps.auth.clone()))
-        .layer(quota::QuotaLayer::new(quotas))
+    // One stack of layers for the API's listener and for the gateway's in-process calls.
+    macro_rules! grpc {
+        () => {
+            Server::builder()
+                .max_concurrent_streams(Some(limits.max_concurrent_streams))
+                .http2_keepalive_interval(Some(limits.keepalive_interval))
+                .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+                .layer(grpc_metrics::GrpcMetricsLayer::new(deps.metrics.clone()))
+                .layer(otel::RequestSpanLayer::new(deps.traced))
+                .layer(limits::AdmissionLayer::new(shared.clone()))
+                .layer(tower::util::MapResponseLayer::new(
+                    decode_errors_are_invalid_arguments,
+                ))
+                .layer(auth::AuthLayer::new(deps.auth.clone()))
+                .layer(quota::QuotaLayer::new(quotas.clone()))
+        };
+    }
+    let gateway = match http {
+        Some(http) => {
+            let (pipes, conns) = gateway::InProcess::new();
+            let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|stopped| *stopped).await;
+            };
+            let in_process = grpc!()
+                .add_service(machines.clone())
+                .add_service(operations.clone())
+                .serve_with_incoming_shutdown(conns, stop(gateway_stopped.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = in_process.await {
+                    tracing::error!(error = %e, "the gateway's in-process API stopped");
+                }
+            });
+            let app = gateway::router(&pipes);
+            let served = gateway::serve(http, app, deps.tls.clone(), stop(gateway_stopped));
+            Some(tokio::spawn(served))
+        }
+        None => None,
+    };
+    let server = grpc!()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -176,6 +221,13 @@ pub async fn serve(
     tokio::select! {
         r = &mut server => r?,
         () = stragglers => tracing::warn!("closing connections still open {STRAGGLER_GRACE:?} after the shutdown"),
+    }
+    if let Some(gateway) = gateway {
+        match gateway.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP gateway failed"),
+            Err(e) => tracing::error!(error = %e, "the HTTP gateway panicked"),
+        }
     }
     tracing::info!("server stopped");
     Ok(())

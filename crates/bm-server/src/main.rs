@@ -145,6 +145,12 @@ struct Args {
     #[arg(long, env = "BM_METRICS_MAX_BMC_HOSTS", default_value_t = bm_server::DEFAULT_MAX_BMC_HOSTS, value_name = "N")]
     metrics_max_bmc_hosts: usize,
 
+    /// Serve the API as JSON and Server-Sent Events on this address, e.g. 127.0.0.1:8443
+    /// (POST /api/v1/<Service>/<Method>, GET /api/v1/watch and /api/v1/logs), with the same
+    /// TLS and tokens as the gRPC API; off by default (docs/http-api.md).
+    #[arg(long, env = "BM_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+
     /// Export traces (a span per gRPC call, operation run, stage attempt and provider call)
     /// over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317; off by default
     /// (docs/observability.md).
@@ -1012,6 +1018,7 @@ async fn run(args: Args, instance: String) -> anyhow::Result<()> {
         "refusing to listen on {addr} without TLS: give --tls-cert and --tls-key (and --tokens-file), or --insecure to serve anyone in plaintext (never on a shared network)"
     );
     reload_on_sighup(tls.clone(), auth.clone());
+    let tls_on = tls.is_some();
 
     let deps = bm_server::Deps {
         engine,
@@ -1088,7 +1095,22 @@ async fn run(args: Args, instance: String) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let served = bm_server::serve(listener, shutdown_signal(), deps).await;
+    let http = match args.http_listen {
+        Some(http_addr) => {
+            anyhow::ensure!(
+                http_addr.ip().is_loopback() || args.insecure || tls_on,
+                "refusing to serve the HTTP API on {http_addr} without TLS: give --tls-cert and --tls-key, or --insecure (never on a shared network)"
+            );
+            let http = tokio::net::TcpListener::bind(http_addr)
+                .await
+                .with_context(|| format!("binding the HTTP API to {http_addr}"))?;
+            let scheme = if tls_on { "https" } else { "http" };
+            tracing::info!(addr = %http.local_addr()?, "HTTP API on {scheme}://{}/api/v1", http.local_addr()?);
+            Some(http)
+        }
+        None => None,
+    };
+    let served = bm_server::serve_with_gateway(listener, http, shutdown_signal(), deps).await;
     let _ = side_stop.send(true);
     for (what, task) in [
         ("the boot service", boot),

@@ -101,6 +101,15 @@ impl Tls {
             .clone();
         tokio_rustls::TlsAcceptor::from(config)
     }
+
+    /// The same for an HTTP/1.1 listener (the gateway): the API's certificate and client
+    /// verification, offering HTTP/1.1 instead of HTTP/2.
+    pub(crate) fn http1_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let mut config =
+            rustls::ServerConfig::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()));
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -10,6 +10,7 @@ mod auth;
 mod boot;
 mod cli;
 mod fuzz_corpus;
+mod gateway;
 mod hygiene;
 mod inproc;
 mod limits;
