@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -253,6 +254,11 @@ fn resume_after(headers: &HeaderMap, query: Option<u64>) -> Result<Option<u64>, 
     }
 }
 
+/// A query string that does not parse, as the API's error.
+fn bad_query(e: QueryRejection) -> Failure {
+    Failure::new(tonic::Code::InvalidArgument, e.body_text())
+}
+
 /// The query of `GET /api/v1/watch`.
 #[derive(Debug, Default, Deserialize)]
 struct WatchQuery {
@@ -298,9 +304,10 @@ fn sse<M: Send + 'static>(
 /// `GET /api/v1/watch`.
 async fn watch(
     State(gw): State<Gateway>,
-    Query(q): Query<WatchQuery>,
+    q: Result<Query<WatchQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
+    let Query(q) = q.map_err(bad_query)?;
     let request = pb::WatchOperationsRequest {
         machine_id: q.machine_id,
         operation_id: q.operation_id,
@@ -333,9 +340,10 @@ struct LogsQuery {
 /// `GET /api/v1/logs`.
 async fn logs(
     State(gw): State<Gateway>,
-    Query(q): Query<LogsQuery>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
+    let Query(q) = q.map_err(bad_query)?;
     let request = pb::StreamLogsRequest {
         operation_id: q.operation_id,
         after_sequence: resume_after(&headers, q.after_sequence)?.unwrap_or(0),

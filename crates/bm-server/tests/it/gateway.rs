@@ -257,6 +257,15 @@ async fn errors_are_the_api_s_codes_with_http_statuses_and_clear_messages() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
+    let r = reqwest::get(format!("{base}/watch?after_revision=soon"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let e: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert!(
+        e["message"].as_str().unwrap().contains("after_revision"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
