@@ -165,26 +165,29 @@ async fn the_api_as_json_and_its_streams_as_server_sent_events() {
     assert_eq!(status, 200, "{op}");
     let reimage = op["id"].as_str().unwrap().to_owned();
     let url = format!("{base}/watch?operation_id={reimage}&after_revision=0");
-    let first = read_sse(&url, None, |events| !events.is_empty()).await;
-    let id = first[0].id.clone().expect("an id to resume from");
-    let seen: Vec<u64> = first[0].data["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["revision"].as_str().unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(id, seen.last().unwrap().to_string());
-    let rest = read_sse(&url, Some(&id), |_| false).await;
-    let revisions: Vec<u64> = rest
-        .iter()
-        .flat_map(|e| e.data["events"].as_array().unwrap().clone())
-        .map(|e| e["revision"].as_str().unwrap().parse().unwrap())
-        .collect();
-    assert!(!revisions.is_empty());
-    assert!(
-        revisions.iter().all(|r| r > seen.last().unwrap()),
-        "resumed after {id}: {revisions:?}"
-    );
+    let revisions = |events: &[SseEvent]| -> Vec<u64> {
+        events
+            .iter()
+            .flat_map(|e| e.data["events"].as_array().unwrap().clone())
+            .map(|e| e["revision"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let whole = read_sse(&url, None, |_| false).await;
+    let all = revisions(&whole);
+    assert!(all.len() >= 3, "{all:?}");
+    // Every event's id is the revision of the last event of its batch.
+    for e in &whole {
+        assert_eq!(
+            e.id,
+            revisions(std::slice::from_ref(e))
+                .last()
+                .map(u64::to_string)
+        );
+    }
+    // A reconnect that says it saw the first event gets the rest, once each.
+    let first = all[0].to_string();
+    let rest = read_sse(&url, Some(&first), |_| false).await;
+    assert_eq!(revisions(&rest), all[1..], "resumed after {first}");
     // The log stream of the ended reimage: every line, then the end.
     let lines = read_sse(&format!("{base}/logs?operation_id={reimage}"), None, |_| {
         false
