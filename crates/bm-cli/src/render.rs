@@ -648,6 +648,7 @@ mod tests {
                     .collect(),
                 active_operation_id: active.into(),
                 state_time: None,
+                held_time: None,
             }),
             effective_state: state.into(),
             ..Default::default()

@@ -248,6 +248,7 @@ fn condition(c: Condition) -> pb::Condition {
 /// of machines may carry megabytes of network configuration).
 pub(crate) fn machine(m: Machine) -> pb::Machine {
     let effective = effective_state(m.effective_state());
+    let held_time = opt_timestamp(m.held_since());
     pb::Machine {
         id: m.id.to_string(),
         spec: Some(spec(m.spec)),
@@ -264,6 +265,7 @@ pub(crate) fn machine(m: Machine) -> pb::Machine {
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
             state_time: opt_timestamp(m.status.state_since),
+            held_time,
         }),
         effective_state: effective.into(),
         create_time: Some(timestamp(m.created_at)),

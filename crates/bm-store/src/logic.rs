@@ -294,11 +294,14 @@ pub(crate) fn admit(tx: &mut impl Tx, op: Operation) -> Result<Admission> {
         "",
         op.created_at,
     ))?;
-    let left = (m.effective_state() != before).then_some((before, since));
+    let left = match since {
+        Some(since) if m.effective_state() != before => Some((before, since)),
+        _ => None,
+    };
     Ok(Admission {
         operation: op,
         created: true,
-        left: left.and_then(|(state, since)| since.map(|since| (state, since))),
+        left,
     })
 }
 

@@ -69,27 +69,10 @@ fn is_held(m: &pb::Machine) -> bool {
         || m.effective_state == pb::EffectiveState::Attention as i32
 }
 
-/// Since when a BLOCKED or ATTENTION machine has been held, as its conditions record it
-/// (the server's rule, `Machine::held_since`): BLOCKED since the first blocking condition
-/// that holds, ATTENTION since NeedsIntervention.
+/// Since when a BLOCKED or ATTENTION machine has been held (the server says, by the
+/// domain's rule).
 fn held_since(m: &pb::Machine) -> Option<pbjson_types::Timestamp> {
-    let status = m.status.as_ref()?;
-    let since = |t: &str| {
-        status
-            .conditions
-            .iter()
-            .find(|c| c.r#type == t && c.status)
-            .and_then(|c| c.last_transition_time)
-    };
-    let key = |t: &pbjson_types::Timestamp| (t.seconds, t.nanos);
-    match pb::EffectiveState::try_from(m.effective_state) {
-        Ok(pb::EffectiveState::Blocked) => ["RMA", "Retired"]
-            .iter()
-            .filter_map(|t| since(t))
-            .min_by_key(key),
-        Ok(pb::EffectiveState::Attention) => since("NeedsIntervention"),
-        _ => None,
-    }
+    m.status.as_ref()?.held_time
 }
 
 /// What `bmctl stats` prints as JSON.
