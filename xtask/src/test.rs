@@ -9,7 +9,10 @@
 //! (`/usr/lib/postgresql/*/bin`). The metrics tests check the exposition and the alerting
 //! rules with Prometheus's `promtool`: the one on the `PATH`, else the one of Debian's
 //! `prometheus` package, extracted into `target/tools` (not installed: the package would
-//! start a Prometheus server), given to the tests as `BM_PROMTOOL`.
+//! start a Prometheus server), given to the tests as `BM_PROMTOOL`. The web dashboard's tests
+//! drive Debian's `chromium` with playwright-core from npm (`nodejs`, `npm`), which this
+//! installs in `crates/bm-server/tests/dashboard` (`npm ci`, from its lock file; Playwright's
+//! own browser download is never used).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -37,6 +40,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         .iter()
         .take_while(|a| *a != "--")
         .any(|a| a.starts_with("-p") || a.starts_with("--package"));
+    playwright()?;
     let mut cargo = Command::new(proc::cargo());
     cargo.current_dir(proc::root()).arg("test");
     if find("promtool").is_none() {
@@ -60,6 +64,26 @@ pub(crate) fn find(name: &str) -> Option<PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// playwright-core for the dashboard's tests, from the lock file, unless it is there.
+fn playwright() -> anyhow::Result<()> {
+    let dir = proc::root().join("crates/bm-server/tests/dashboard");
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return Ok(());
+    }
+    println!("==> installing playwright-core for the dashboard's tests (npm ci)");
+    let npm = find("npm").context("npm is needed for the dashboard's tests")?;
+    let status = Command::new(npm)
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .status()
+        .context("running npm ci")?;
+    anyhow::ensure!(status.success(), "npm ci in {} failed", dir.display());
+    Ok(())
 }
 
 /// `promtool` from Debian's `prometheus` package, extracted once into `target/tools`.
@@ -113,6 +137,16 @@ fn missing_packages() -> Vec<&'static str> {
     // The PostgreSQL store's tests start a throwaway cluster (crates/bm-pg-cluster).
     if bm_pg_cluster::find_binaries().is_err() {
         missing.push("postgresql");
+    }
+    // The dashboard's tests: a real browser, and Node.js to run Playwright.
+    if find("chromium").is_none() {
+        missing.push("chromium");
+    }
+    if find("node").is_none() {
+        missing.push("nodejs");
+    }
+    if find("npm").is_none() {
+        missing.push("npm");
     }
     missing
 }

@@ -59,7 +59,8 @@ impl InProcess {
         (InProcess { conns: tx }, incoming)
     }
 
-    /// A channel to the in-process server.
+    /// A channel to the in-process server: one HTTP/2 connection, opened on first use and
+    /// closed when the last clone of the channel is dropped.
     fn channel(&self) -> Channel {
         let conns = self.conns.clone();
         Endpoint::from_static("http://bm-server.in-process").connect_with_connector_lazy(
@@ -83,21 +84,57 @@ impl InProcess {
 /// The gateway's clients of the API.
 #[derive(Clone, Debug)]
 struct Gateway {
+    /// Unary calls share one connection: they are short, and HTTP/2 multiplexes them.
     machines: MachineServiceClient<Channel>,
     operations: OperationServiceClient<Channel>,
+    /// Each stream gets a connection of its own, so that open dashboards never use up the
+    /// streams one connection may carry (`--max-concurrent-streams`) and starve the calls.
+    pipes: InProcess,
+    /// The streams open at once, over all callers; one more is RESOURCE_EXHAUSTED.
+    streams: Arc<tokio::sync::Semaphore>,
+    max_streams: usize,
 }
 
-/// The gateway's routes over the in-process server `to`.
-pub(crate) fn router(to: &InProcess) -> Router {
+impl Gateway {
+    /// A client of its own for one stream, with its place among the open streams.
+    fn stream_client(
+        &self,
+    ) -> Result<
+        (
+            OperationServiceClient<Channel>,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
+        Failure,
+    > {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Failure::new(
+                tonic::Code::ResourceExhausted,
+                format!(
+                    "the HTTP API has {} streams open, its limit (--max-concurrent-streams): close a dashboard or retry later",
+                    self.max_streams
+                ),
+            )
+        })?;
+        Ok((OperationServiceClient::new(self.pipes.channel()), permit))
+    }
+}
+
+/// The gateway's routes over the in-process server `to`: the API, and the dashboard's
+/// pages at `/`. At most `max_streams` streams are open at once.
+pub(crate) fn router(to: &InProcess, max_streams: usize) -> Router {
     let channel = to.channel();
     let gateway = Gateway {
         machines: MachineServiceClient::new(channel.clone()),
         operations: OperationServiceClient::new(channel),
+        pipes: to.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
+        max_streams,
     };
     Router::new()
         .route("/api/v1/watch", get(watch))
         .route("/api/v1/logs", get(logs))
         .route("/api/v1/{service}/{method}", post(unary))
+        .merge(crate::dashboard::router())
         .with_state(gateway)
 }
 
@@ -270,15 +307,17 @@ struct WatchQuery {
 }
 
 /// The SSE events of a stream: `kind` events with the messages' JSON, each id from `id`;
-/// an error that ends the stream is an `error` event with `{"code", "message"}`.
+/// an error that ends the stream is an `error` event with `{"code", "message"}`. The
+/// stream's place among the open ones (`permit`) is given back when it ends.
 fn sse<M: Send + 'static>(
     stream: tonic::Streaming<M>,
+    permit: tokio::sync::OwnedSemaphorePermit,
     kind: &'static str,
     id: fn(&M) -> Option<u64>,
     json: fn(&M) -> String,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let events = futures::stream::unfold(Some(stream), move |state| async move {
-        let mut stream = state?;
+    let events = futures::stream::unfold(Some((stream, permit)), move |state| async move {
+        let (mut stream, permit) = state?;
         match stream.message().await {
             Ok(Some(message)) => {
                 let data = json(&message);
@@ -286,7 +325,7 @@ fn sse<M: Send + 'static>(
                 if let Some(id) = id(&message) {
                     event = event.id(id.to_string());
                 }
-                Some((Ok(event), Some(stream)))
+                Some((Ok(event), Some((stream, permit))))
             }
             Ok(None) => None,
             Err(status) => {
@@ -313,14 +352,14 @@ async fn watch(
         operation_id: q.operation_id,
         after_revision: resume_after(&headers, q.after_revision)?,
     };
-    let stream = gw
-        .operations
-        .clone()
+    let (mut client, permit) = gw.stream_client()?;
+    let stream = client
         .watch_operations(with_auth(&headers, request))
         .await?
         .into_inner();
     Ok(sse(
         stream,
+        permit,
         "events",
         |m: &pb::WatchOperationsResponse| m.events.last().map(|e| e.revision),
         // Written by hand (bm-proto's watch.rs), without serde: its one field.
@@ -348,14 +387,14 @@ async fn logs(
         operation_id: q.operation_id,
         after_sequence: resume_after(&headers, q.after_sequence)?.unwrap_or(0),
     };
-    let stream = gw
-        .operations
-        .clone()
+    let (mut client, permit) = gw.stream_client()?;
+    let stream = client
         .stream_logs(with_auth(&headers, request))
         .await?
         .into_inner();
     Ok(sse(
         stream,
+        permit,
         "lines",
         |m: &pb::StreamLogsResponse| m.lines.last().map(|l| l.sequence),
         |m: &pb::StreamLogsResponse| serde_json::to_string(m).unwrap_or_default(),

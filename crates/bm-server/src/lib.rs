@@ -15,6 +15,7 @@
 mod auth;
 mod boot;
 mod convert;
+mod dashboard;
 mod error;
 mod fanout;
 #[doc(hidden)]
@@ -194,7 +195,7 @@ pub async fn serve_with_gateway(
                     tracing::error!(error = %e, "the gateway's in-process API stopped");
                 }
             });
-            let app = gateway::router(&pipes);
+            let app = gateway::router(&pipes, limits.max_concurrent_streams as usize);
             let served = gateway::serve(http, app, deps.tls.clone(), stop(gateway_stopped));
             Some(tokio::spawn(served))
         }

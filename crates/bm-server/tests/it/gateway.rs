@@ -366,3 +366,86 @@ async fn with_tls_the_gateway_serves_https_with_the_api_s_certificate() {
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_the_dashboard_s_pages() {
+    let (_server, base) = start(&[], false).await;
+    let root = base.trim_end_matches("/api/v1");
+    let page = reqwest::get(format!("{root}/")).await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(policy.contains("script-src 'self'"), "{policy}");
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"src="/assets/app.js""#), "{html}");
+    for (name, media_type) in [
+        ("app.js", "text/javascript"),
+        ("api.js", "text/javascript"),
+        ("style.css", "text/css"),
+    ] {
+        let r = reqwest::get(format!("{root}/assets/{name}")).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{name}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(media_type),
+            "{name}"
+        );
+    }
+    let missing = reqwest::get(format!("{root}/assets/nothing.js"))
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
+
+/// Each stream has an in-process connection of its own: open streams never hold up calls,
+/// and past the limit a stream is refused clearly, until one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_limited_and_never_starve_the_calls() {
+    let (_server, base) = start(&["--max-concurrent-streams", "3"], false).await;
+    let client = reqwest::Client::new();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let r = client.get(format!("{base}/watch")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        open.push(r);
+    }
+    // A call goes through while the streams are open.
+    let (status, page) = post(&base, "MachineService/ListMachines", json!({}), None).await;
+    assert_eq!(status, 200, "{page}");
+    let refused = client.get(format!("{base}/watch")).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    let body: Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    assert_eq!(body["code"], "RESOURCE_EXHAUSTED");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-concurrent-streams"),
+        "{body}"
+    );
+    // Once a dashboard goes away, its place is free again.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client.get(format!("{base}/watch")).send().await.unwrap();
+        if r.status().as_u16() == 200 {
+            break;
+        }
+        assert_eq!(r.status().as_u16(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed stream's place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod boot;
 mod cli;
+mod dashboard;
 mod fuzz_corpus;
 mod gateway;
 mod hygiene;
