@@ -112,6 +112,12 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<i32> {
             dir.join("server.log").display()
         ),
     }
+    if let Some(http) = dashboard_address(&dir.join("server.log")) {
+        println!(
+            "Dashboard on http://{http}/ (sign in with the token in {})",
+            dir.join("data/admin-token").display()
+        );
+    }
 
     let mut demo = Demo {
         bin,
@@ -183,7 +189,9 @@ fn start_server(
         .arg(dir.join("data"))
         .args(["--fake-timing", &o.timing])
         // Every few seconds rather than the default 5 minutes, so that step 11 shows it.
-        .args(["--status-poll-interval", "2s"]);
+        .args(["--status-poll-interval", "2s"])
+        // The web dashboard, to watch the demo in a browser.
+        .args(["--http-listen", "127.0.0.1:0"]);
     if let Some(url) = store {
         cmd.args(["--store", url]);
     }
@@ -209,6 +217,24 @@ fn start_server(
             let _ = child.wait();
             Err(e)
         }
+    }
+}
+
+/// Where the server's dashboard listens, from its log (it logs that as it starts serving);
+/// nothing if it has not said so within 5 s.
+fn dashboard_address(log: &Path) -> Option<String> {
+    const NEEDLE: &str = "HTTP API on http://";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(at) = text.find(NEEDLE) {
+            let rest = &text[at + NEEDLE.len()..];
+            return rest.split('/').next().map(str::to_owned);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

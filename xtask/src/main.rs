@@ -3,7 +3,8 @@
 //! - `demo [--slow] [--store postgres]`: plays spec 000's presenter script against a fresh
 //!   server (on SQLite, or on a throwaway local PostgreSQL that it starts and stops).
 //! - `bench [--quick] [--scenario NAME] [--store postgres]`: builds in release mode and runs
-//!   `bm-bench`.
+//!   `bm-bench`; `--scenario dashboard` runs the web dashboard's benchmark in chromium
+//!   instead (`crates/bm-server/tests/dashboard/bench.mjs`).
 //! - `test [ARGS]`: installs the system packages the tests need, then `cargo test --workspace
 //!   ARGS`.
 //! - `lab netboot | up | status | reimage | down | test`: a QEMU VM network-boots the deploy
@@ -37,9 +38,13 @@ tasks:
         --store postgres adds the fleet on a throwaway PostgreSQL, 1 and 3 replicas;
         --metrics runs the server with --metrics-listen, scraped every second;
         --traces with --otlp-endpoint, exporting every trace to a receiver in bm-bench
+  bench --scenario dashboard [--machines N]
+        the web dashboard in headless chromium with 10,000 machines (or N): load, scroll,
+        and a burst of operations it follows live (installs chromium and playwright-core)
   test [ARGS]
         install the system packages the tests need (openssh-server, python3-venv,
-        postgresql) when missing, then run cargo test --workspace ARGS
+        postgresql, chromium, nodejs, npm) and playwright-core when missing, then run
+        cargo test --workspace ARGS
   lab netboot
         a QEMU VM (software emulation, user-mode network) network-boots through the boot
         service into the deploy environment built here, during a reimage (docs/netboot.md)
@@ -78,6 +83,12 @@ fn main() -> anyhow::Result<()> {
 
 /// Builds the server and the benchmark client in release mode and runs the benchmarks.
 fn bench(args: &[String]) -> anyhow::Result<()> {
+    if args
+        .windows(2)
+        .any(|w| w[0] == "--scenario" && w[1] == "dashboard")
+    {
+        return bench_dashboard(args);
+    }
     println!("Building bm-server and bm-bench in release mode...");
     let bin = proc::build(&["bm-server", "bm-bench"], true)?;
     let status = std::process::Command::new(bin.join("bm-bench"))
@@ -90,6 +101,37 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         .status()?;
     if !status.success() {
         bail!("the benchmark failed");
+    }
+    Ok(())
+}
+
+/// The dashboard's benchmark: a release bm-server, the fleet page in chromium.
+fn bench_dashboard(args: &[String]) -> anyhow::Result<()> {
+    let mut machines = "10000".to_owned();
+    let mut rest = args.iter();
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "--scenario" => {
+                rest.next();
+            }
+            "--machines" => match rest.next() {
+                Some(n) if n.parse::<u32>().is_ok_and(|n| n > 0) => machines.clone_from(n),
+                _ => bail!("--machines takes a number of machines above 0"),
+            },
+            other => bail!("bench --scenario dashboard takes only --machines N, not {other:?}"),
+        }
+    }
+    test::browser_tools()?;
+    println!("Building bm-server in release mode...");
+    let bin = proc::build(&["bm-server"], true)?;
+    let status = std::process::Command::new("node")
+        .arg("bench.mjs")
+        .current_dir(test::dashboard_dir())
+        .env("BM_SERVER_BIN", bin.join("bm-server"))
+        .env("BM_BENCH_MACHINES", machines)
+        .status()?;
+    if !status.success() {
+        bail!("the dashboard's benchmark failed");
     }
     Ok(())
 }

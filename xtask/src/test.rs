@@ -66,9 +66,32 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Where the dashboard's browser tests and benchmark live, with their npm lock file.
+pub(crate) fn dashboard_dir() -> PathBuf {
+    proc::root().join("crates/bm-server/tests/dashboard")
+}
+
+/// The programs of the dashboard's tests, and the Debian packages that bring them.
+const BROWSER_TOOLS: [(&str, &str); 3] =
+    [("chromium", "chromium"), ("node", "nodejs"), ("npm", "npm")];
+
+/// What the dashboard's browser tests and benchmark need: chromium, Node.js and npm from
+/// Debian's packages, playwright-core from npm.
+pub(crate) fn browser_tools() -> anyhow::Result<()> {
+    let missing: Vec<_> = BROWSER_TOOLS
+        .into_iter()
+        .filter(|(program, _)| find(program).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        install(&missing)?;
+    }
+    playwright()
+}
+
 /// playwright-core for the dashboard's tests, from the lock file, unless it is there.
 fn playwright() -> anyhow::Result<()> {
-    let dir = proc::root().join("crates/bm-server/tests/dashboard");
+    let dir = dashboard_dir();
     if dir
         .join("node_modules/playwright-core/package.json")
         .exists()
@@ -139,14 +162,10 @@ fn missing_packages() -> Vec<&'static str> {
         missing.push("postgresql");
     }
     // The dashboard's tests: a real browser, and Node.js to run Playwright.
-    if find("chromium").is_none() {
-        missing.push("chromium");
-    }
-    if find("node").is_none() {
-        missing.push("nodejs");
-    }
-    if find("npm").is_none() {
-        missing.push("npm");
+    for (program, package) in BROWSER_TOOLS {
+        if find(program).is_none() {
+            missing.push(package);
+        }
     }
     missing
 }

@@ -395,7 +395,7 @@ function machinePage(id) {
           (c) => `<tr data-condition="${esc(c.type)}"><td>${esc(c.type)}</td><td>${c.status ? '✓' : '✗'}</td>
             <td>${esc(c.reason)}</td><td>${esc(c.message)}</td><td>${esc(when(c.lastTransitionTime))}</td></tr>`,
         )
-        .join('')}</tbody></table>
+        .join('') || '<tr><td colspan="5" class="muted">none recorded yet (the status poll and operations set them)</td></tr>'}</tbody></table>
       <h2>Operations</h2>
       <table class="grid" id="operations"><thead><tr><th>Operation</th><th>Type</th><th>Phase</th><th>Stage</th><th>Created</th><th>Took</th><th>Error</th></tr></thead>
       <tbody>${ops

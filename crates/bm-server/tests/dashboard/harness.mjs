@@ -131,19 +131,22 @@ export class Server {
 
 export const id = (i) => `m-${String(i).padStart(3, '0')}`;
 
-/** `n` machines of the fake provider, the even ones in rack r1, the odd ones in r2. */
-export async function fleet(server, n) {
-  const machines = Array.from({ length: n }, (_, i) => ({
-    id: id(i),
-    labels: { rack: i % 2 ? 'r2' : 'r1', role: 'worker' },
-    spec: {
-      provider: 'fake',
-      macAddresses: [`02:00:00:00:${String((i >> 8) & 0xff).padStart(2, '0')}:${(i & 0xff).toString(16).padStart(2, '0')}`],
-      sshEndpoint: `root@10.0.${i >> 8}.${i & 0xff}:22`,
-      image: 'ubuntu-24.04',
-      targetCluster: 'prod',
-    },
-  }));
+/** Machines `from`..`from + n` of the fake provider, the even ones in rack r1, the odd in r2. */
+export async function fleet(server, n, from = 0) {
+  const machines = Array.from({ length: n }, (_, k) => {
+    const i = from + k;
+    return {
+      id: id(i),
+      labels: { rack: i % 2 ? 'r2' : 'r1', role: 'worker' },
+      spec: {
+        provider: 'fake',
+        macAddresses: [`02:00:00:00:${((i >> 8) & 0xff).toString(16).padStart(2, '0')}:${(i & 0xff).toString(16).padStart(2, '0')}`],
+        sshEndpoint: `root@10.0.${i >> 8}.${i & 0xff}:22`,
+        image: 'ubuntu-24.04',
+        targetCluster: 'prod',
+      },
+    };
+  });
   const r = await server.call('MachineService', 'ImportMachines', { machines, source: 'dashboard test' });
   assert.equal(r.createdCount, n, JSON.stringify(r.results?.filter((x) => x.errorMessage)));
 }
