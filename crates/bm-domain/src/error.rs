@@ -1,6 +1,8 @@
 //! The one error type of the domain: bad input, or an operation the rules refuse.
 
-use crate::{MachineId, OperationId, OperationPhase, OperationType, Phase};
+use crate::{
+    MachineId, OperationId, OperationPhase, OperationType, Phase, RolloutId, RolloutPhase,
+};
 
 /// Why the domain refused a value or an operation.
 ///
@@ -83,6 +85,16 @@ pub enum DomainError {
         operation_id: OperationId,
         /// How it ended.
         phase: OperationPhase,
+    },
+    /// The rollout is in a phase where it cannot be paused, resumed or aborted.
+    #[error("rollout {rollout_id} is {phase}: it cannot be {action}")]
+    RolloutState {
+        /// The rollout.
+        rollout_id: RolloutId,
+        /// Its phase.
+        phase: RolloutPhase,
+        /// What was asked: `paused`, `resumed`, `aborted`.
+        action: &'static str,
     },
     /// The operation has nothing to do on this machine.
     #[error("{op} does not apply to machine {machine_id}: {reason}")]

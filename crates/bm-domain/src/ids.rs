@@ -206,6 +206,12 @@ impl RequestId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A request id the domain derives itself, known to be valid (a rollout's).
+    pub(crate) fn derived(id: String) -> Self {
+        debug_assert!(RequestId::new(id.clone()).is_ok(), "{id}");
+        RequestId(id)
+    }
 }
 
 impl fmt::Display for RequestId {

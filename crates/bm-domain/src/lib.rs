@@ -24,6 +24,7 @@ mod mac;
 mod machine;
 mod observe;
 mod operation;
+mod rollout;
 pub mod rules;
 mod snippet;
 mod state;
@@ -43,6 +44,10 @@ pub use observe::{
     REASON_POWER_CHANGED_OUTSIDE, apply_observation,
 };
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
+pub use rollout::{
+    Amount, Ended, Progress, Rollout, RolloutAction, RolloutCounts, RolloutId, RolloutMachine,
+    RolloutPhase, RolloutSpec, Start, Target, WhenBusy,
+};
 pub use snippet::{Snippet, snippet};
 pub use state::{EffectiveState, Phase, effective_state};
 pub use time::Timestamp;
