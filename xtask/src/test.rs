@@ -98,6 +98,7 @@ fn playwright() -> anyhow::Result<()> {
     {
         return Ok(());
     }
+    node_is_recent()?;
     println!("==> installing playwright-core for the dashboard's tests (npm ci)");
     let npm = find("npm").context("npm is needed for the dashboard's tests")?;
     let status = Command::new(npm)
@@ -106,6 +107,27 @@ fn playwright() -> anyhow::Result<()> {
         .status()
         .context("running npm ci")?;
     anyhow::ensure!(status.success(), "npm ci in {} failed", dir.display());
+    Ok(())
+}
+
+/// playwright-core needs Node.js 20 or later; Debian bookworm's `nodejs` is 18.
+fn node_is_recent() -> anyhow::Result<()> {
+    let out = Command::new("node")
+        .arg("--version")
+        .output()
+        .context("running node --version")?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let major: u32 = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("node --version printed {version:?}"))?;
+    if major < 20 {
+        bail!(
+            "the dashboard's tests need Node.js 20 or later (playwright-core), and node is {version}: install Node.js 20 (NodeSource's package, or Debian trixie's nodejs)"
+        );
+    }
     Ok(())
 }
 

@@ -77,10 +77,14 @@ const FINAL = new Set(['INVALID_ARGUMENT', 'NOT_FOUND', 'PERMISSION_DENIED', 'UN
 
 /**
  * Follows the event stream at `url`: `onEvent(kind, data, id)` for each event,
- * `onState(state, error)` as it goes ('live', 'reconnecting', 'ended', 'failed').
- * After a break it reconnects (backing off up to 10 s) with the last event id, so nothing
- * is lost or repeated. When the server ends the stream and `endsWhenDone` is set (a stream
- * of one operation), it is over; else it reconnects. `close()` stops it.
+ * `onState(state, error)` as it goes ('live', 'reconnecting', 'reset', 'ended', 'failed').
+ * After a break it reconnects with the last event id, so nothing is lost or repeated; it
+ * waits 0.5 s before the first try and doubles that, up to 10 s, until an event comes
+ * again. When the server no longer has what followed the last event (OUT_OF_RANGE: its
+ * store was restored, say), the stream starts again from `url`'s own position and
+ * `onState('reset')` tells the page to read everything again. When the server ends the
+ * stream and `endsWhenDone` is set (a stream of one operation), it is over; else it
+ * reconnects. `close()` stops it.
  */
 export function follow(url, { onEvent, onState = () => {}, endsWhenDone = false }) {
   let last = null;
@@ -97,13 +101,13 @@ export function follow(url, { onEvent, onState = () => {}, endsWhenDone = false 
         const r = await fetch(url, { headers: h, signal: abort.signal, cache: 'no-store' });
         if (!r.ok) throw await failure(r);
         onState('live');
-        delay = 500;
         await readEvents(r.body, (ev) => {
           if (ev.event === 'error') {
             const j = JSON.parse(ev.data);
             broke = new ApiError(0, j.code, j.message);
             return;
           }
+          delay = 500;
           if (ev.id !== undefined) last = ev.id;
           onEvent(ev.event, JSON.parse(ev.data), ev.id);
         });
@@ -112,6 +116,11 @@ export function follow(url, { onEvent, onState = () => {}, endsWhenDone = false 
         broke = e;
       }
       if (closed) return;
+      if (broke instanceof ApiError && broke.code === 'OUT_OF_RANGE' && last !== null) {
+        last = null;
+        onState('reset', broke);
+        continue;
+      }
       if (broke instanceof ApiError && FINAL.has(broke.code)) {
         onState('failed', broke);
         return;

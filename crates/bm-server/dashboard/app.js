@@ -282,30 +282,45 @@ function fleetPage(params) {
     draw();
   }
 
+  // A failure the page cannot get past ends it: it says so, and stops following.
+  let watch = null;
+  function fail(e) {
+    if (gone) return;
+    gone = true;
+    watch?.close();
+    failed(e);
+  }
+
   let lastList = 0;
   let listing = null;
-  async function list() {
+  let listed = false;
+  function list() {
     if (listing) return listing;
     lastList = Date.now();
     listing = listMachines(listFilter)
       .then((all) => {
         if (gone) return;
+        listed = true;
         machines.clear();
         for (const m of all) machines.set(m.id, m);
         refresh();
       })
+      .catch(fail)
       .finally(() => (listing = null));
     return listing;
   }
 
   const dirty = new Set();
   const reread = coalesce(300, async () => {
+    // Machines are read after a list in progress, so that the list never overwrites them
+    // with what it read before their change.
+    if (listing) await listing;
     if (gone) return;
     if (dirty.size > 200) {
       const wait = 5000 - (Date.now() - lastList);
       if (wait > 0) return setTimeout(reread, wait);
       dirty.clear();
-      return list().catch(failed);
+      return list();
     }
     const batch = [...dirty];
     dirty.clear();
@@ -321,6 +336,7 @@ function fleetPage(params) {
               else if (machines.has(id) || !listFilter.labelSelector) machines.set(id, m);
             },
             (e) => {
+              // Gone: out of the table. Anything else: its next event reads it again.
               if (e instanceof ApiError && e.code === 'NOT_FOUND') machines.delete(id);
             },
           ),
@@ -330,8 +346,11 @@ function fleetPage(params) {
     refresh();
   });
 
+  // The list is read once the watch is live, so that no change falls between the two (or
+  // at once if the watch cannot start, so that the page shows the fleet all the same);
+  // again after a break, since events may have been missed.
   let broken = false;
-  const watch = follow('/api/v1/watch', {
+  watch = follow('/api/v1/watch', {
     onEvent(_kind, data) {
       let changed = false;
       for (const ev of data.events || []) {
@@ -347,16 +366,15 @@ function fleetPage(params) {
     },
     onState(state, e) {
       showLive(state);
-      if (state === 'reconnecting') broken = true;
-      // After a break, events may have been missed: read the whole list again once.
-      if (state === 'live' && broken) {
+      if (state === 'reconnecting' || state === 'reset') broken = true;
+      if (state === 'reconnecting' && !listed) list();
+      if (state === 'live' && (broken || !listed)) {
         broken = false;
-        list().catch(failed);
+        list();
       }
-      if (state === 'failed') failed(e);
+      if (state === 'failed') fail(e);
     },
   });
-  list().catch((e) => gone || failed(e));
   return () => {
     gone = true;
     watch.close();
@@ -424,26 +442,37 @@ function machinePage(id) {
     if (b.dataset.action) machineAction(machine.id, MACHINE_ACTIONS.find((a) => a.name === b.dataset.action));
     if (b.dataset.cancel) cancelAction(b.dataset.cancel, load);
   };
+  // Reads overlap (an event, an action's end): only the latest one asked for is shown.
+  let asked = 0;
   async function load() {
+    const mine = ++asked;
     try {
       const [m, ops] = await Promise.all([
         call('MachineService', 'GetMachine', { machineId: id }),
         call('OperationService', 'ListOperations', { machineId: id, pageSize: 50 }),
       ]);
-      if (!gone) render(m, ops.operations || []);
+      if (!gone && mine === asked) render(m, ops.operations || []);
     } catch (e) {
-      if (!gone) failed(e);
+      if (!gone && mine === asked) fail(e);
     }
   }
   const again = coalesce(250, load);
-  const watch = follow(`/api/v1/watch?machine_id=${encodeURIComponent(id)}`, {
+  let watch = null;
+  function fail(e) {
+    gone = true;
+    watch?.close();
+    failed(e);
+  }
+  watch = follow(`/api/v1/watch?machine_id=${encodeURIComponent(id)}`, {
     onEvent: again,
     onState(state, e) {
       showLive(state);
+      // Read again when the stream (re)starts: changes may have come meanwhile.
       if (state === 'live') again();
-      if (state === 'failed') failed(e);
+      if (state === 'failed') fail(e);
     },
   });
+  load();
   return () => {
     gone = true;
     watch.close();
@@ -477,12 +506,20 @@ function operationPage(id) {
         const outcome = short(s.outcome, 'STAGE_OUTCOME_');
         return `<tr class="stage o-${esc(outcome)}" data-stage="${esc(s.name)}" data-outcome="${esc(outcome)}">
           <td>${esc(s.name)}</td><td>${esc(outcome === '-' ? 'PENDING' : outcome)}</td>
-          <td>${s.attempts || 0}${s.interruptions ? ` (${s.interruptions} interrupted)` : ''}</td>
+          <td>${esc(s.attempts || 0)}${s.interruptions ? ` (${esc(s.interruptions)} interrupted)` : ''}</td>
           <td>${esc(s.startTime ? took(s.startTime, s.endTime) : '-')}</td>
           <td class="bar"><span data-left="${left.toFixed(2)}" data-width="${width.toFixed(2)}"></span></td>
           <td class="error">${esc(s.lastError || '')}</td></tr>`;
       })
       .join('');
+  }
+
+  // Set through the CSSOM: the content security policy forbids inline styles.
+  function placeBars() {
+    for (const bar of opEl.querySelectorAll('.bar span')) {
+      bar.style.marginLeft = `${bar.dataset.left}%`;
+      bar.style.width = `${bar.dataset.width}%`;
+    }
   }
 
   function render(o) {
@@ -500,38 +537,54 @@ function operationPage(id) {
       <div class="actions">${ended ? '' : '<button class="danger" id="cancel">Cancel</button>'}</div>
       <table class="grid timeline"><thead><tr><th>Stage</th><th>Outcome</th><th>Attempts</th><th>Took</th><th class="bar">Timeline</th><th>Last error</th></tr></thead>
       <tbody>${timeline(o)}</tbody></table>`;
-    // Set through the CSSOM: the content security policy forbids inline styles.
-    for (const bar of opEl.querySelectorAll('.bar span')) {
-      bar.style.marginLeft = `${bar.dataset.left}%`;
-      bar.style.width = `${bar.dataset.width}%`;
-    }
+    placeBars();
     const cancel = document.getElementById('cancel');
     if (cancel) cancel.onclick = () => cancelAction(o.id, load);
   }
 
+  // Reads overlap (events, the end of a cancel): only the latest one asked for is shown.
+  let asked = 0;
   async function load() {
+    const mine = ++asked;
     try {
       const o = await call('OperationService', 'GetOperation', { operationId: id });
-      if (!gone) render(o);
+      if (!gone && mine === asked) render(o);
     } catch (e) {
-      if (!gone) failed(e);
+      if (!gone && mine === asked) fail(e);
     }
   }
   const again = coalesce(200, load);
-  // The running stage's bar grows while nothing else happens.
-  const tick = setInterval(() => op && !TERMINAL.has(op.phase) && render(op), 1000);
+  // The running stage's bar grows while nothing else happens: only the timeline is drawn
+  // again, so that a click on Cancel is never lost to a redraw.
+  const tick = setInterval(() => {
+    const body = opEl.querySelector('.timeline tbody');
+    if (op && !TERMINAL.has(op.phase) && body) {
+      body.innerHTML = timeline(op);
+      placeBars();
+    }
+  }, 1000);
 
-  const watch = follow(`/api/v1/watch?operation_id=${encodeURIComponent(id)}&after_revision=0`, {
+  let watch = null;
+  let logs = null;
+  function fail(e) {
+    gone = true;
+    watch?.close();
+    logs?.close();
+    clearInterval(tick);
+    failed(e);
+  }
+  watch = follow(`/api/v1/watch?operation_id=${encodeURIComponent(id)}&after_revision=0`, {
     endsWhenDone: true,
     onEvent: again,
     onState(state, e) {
       showLive(state);
       if (state === 'ended') again();
-      if (state === 'failed') failed(e);
+      if (state === 'failed') fail(e);
     },
   });
+  load();
   const logState = document.getElementById('log-state');
-  const logs = follow(`/api/v1/logs?operation_id=${encodeURIComponent(id)}`, {
+  logs = follow(`/api/v1/logs?operation_id=${encodeURIComponent(id)}`, {
     endsWhenDone: true,
     onEvent(_kind, data) {
       const atBottom = logEl.scrollTop + logEl.clientHeight >= logEl.scrollHeight - 4;
@@ -571,7 +624,12 @@ function route() {
   document.getElementById('signout').hidden = !token();
   const hash = location.hash.replace(/^#/, '') || '/';
   const [path, query] = hash.split('?');
-  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+  let parts;
+  try {
+    parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+  } catch {
+    parts = []; // a malformed address: the fleet
+  }
   if (parts[0] === 'machines' && parts[1]) {
     document.title = `bm · ${parts[1]}`;
     leave = machinePage(parts[1]);

@@ -89,6 +89,7 @@ struct Gateway {
     operations: OperationServiceClient<Channel>,
     /// Each stream gets a connection of its own, so that open dashboards never use up the
     /// streams one connection may carry (`--max-concurrent-streams`) and starve the calls.
+    /// They are bounded over all callers by `--http-max-streams`.
     pipes: InProcess,
     /// The streams open at once, over all callers; one more is RESOURCE_EXHAUSTED.
     streams: Arc<tokio::sync::Semaphore>,
@@ -110,7 +111,7 @@ impl Gateway {
             Failure::new(
                 tonic::Code::ResourceExhausted,
                 format!(
-                    "the HTTP API has {} streams open, its limit (--max-concurrent-streams): close a dashboard or retry later",
+                    "the HTTP API has {} streams open, its limit (--http-max-streams): close a dashboard or retry later",
                     self.max_streams
                 ),
             )

@@ -195,7 +195,7 @@ pub async fn serve_with_gateway(
                     tracing::error!(error = %e, "the gateway's in-process API stopped");
                 }
             });
-            let app = gateway::router(&pipes, limits.max_concurrent_streams as usize);
+            let app = gateway::router(&pipes, limits.http_max_streams);
             let served = gateway::serve(http, app, deps.tls.clone(), stop(gateway_stopped));
             Some(tokio::spawn(served))
         }

@@ -59,6 +59,9 @@ pub struct Limits {
     pub op_rate_per_principal: u32,
     /// How many operation requests one principal may make at once, above the rate.
     pub op_burst_per_principal: u32,
+    /// Streams open at once through the HTTP gateway (`--http-listen`), over all callers:
+    /// each holds an in-process connection of its own; one more is RESOURCE_EXHAUSTED.
+    pub http_max_streams: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +80,7 @@ impl Default for Limits {
             // and their scripts ask for, far less than what would swamp the BMCs.
             op_rate_per_principal: 50,
             op_burst_per_principal: 500,
+            http_max_streams: 1024,
         }
     }
 }

@@ -250,6 +250,15 @@ struct Args {
     )]
     max_request_bytes: usize,
 
+    /// Streams (watch, logs) open at once through the HTTP gateway, over all callers.
+    #[arg(
+        long,
+        env = "BM_HTTP_MAX_STREAMS",
+        default_value_t = bm_server::Limits::default().http_max_streams,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    http_max_streams: usize,
+
     /// Server streams (WatchOperations, StreamLogs) one principal may hold open at once.
     #[arg(
         long,
@@ -1034,6 +1043,7 @@ async fn run(args: Args, instance: String) -> anyhow::Result<()> {
             max_streams_per_principal: args.max_streams_per_principal,
             op_rate_per_principal: args.op_rate_per_principal,
             op_burst_per_principal: args.op_burst_per_principal,
+            http_max_streams: args.http_max_streams,
         },
         tls,
         auth,
@@ -1281,6 +1291,7 @@ mod tests {
         );
         assert_eq!(d.op_rate_per_principal, defaults.op_rate_per_principal);
         assert_eq!(d.op_burst_per_principal, defaults.op_burst_per_principal);
+        assert_eq!(d.http_max_streams, defaults.http_max_streams);
         let ok = parse(&[
             "--handshake-timeout",
             "250ms",

@@ -48,6 +48,7 @@ test('the fleet page counts, filters and virtualises, and follows operations liv
   assert.equal(await p.locator('.row[data-id="m-000"]').count(), 0);
 
   // Live: an operation started elsewhere shows in its row, and the counts follow.
+  await p.locator('#live[data-state="live"]').waitFor({ state: 'attached', timeout: WAIT });
   await p.locator('#viewport').evaluate((v) => (v.scrollTop = 0));
   await server.each('EnterMaintenance', [id(10)]);
   await waitCount(p, 'MAINTENANCE_IDLE', 6);
@@ -84,9 +85,10 @@ test('the fleet page counts, filters and virtualises, and follows operations liv
   assert.match(await p.locator('main .error').textContent(), /INVALID_ARGUMENT/);
 });
 
-test('a reimage from the machine page: confirmed once, its stages and log live, then a cancel', async () => {
-  // Normal fake timing: a reimage takes seconds, so that its stages are seen one by one.
-  const server = await new Server(['--fake-timing', 'normal']).start();
+test('a reimage from the machine page: a retried confirmation is one operation, its stages and log live, then a cancel', async () => {
+  // Slow fake timing: a reimage takes several seconds, so that its stages are seen one by
+  // one and a cancel lands while it runs, even on a loaded machine.
+  const server = await new Server(['--fake-timing', 'slow']).start();
   await fleet(server, 3);
   const fast = await server.call('MachineService', 'EnterMaintenance', { machineId: id(1), requestId: 'enter' });
   assert.equal((await server.ended(fast.id)).phase, 'OPERATION_PHASE_SUCCEEDED');
@@ -97,12 +99,28 @@ test('a reimage from the machine page: confirmed once, its stages and log live, 
   await p.locator('#operations tr[data-operation]').first().waitFor();
   await p.screenshot({ path: join(SHOTS, 'machine.png'), fullPage: true });
 
-  // Reimage, behind a confirmation; a double click on Confirm is one operation.
+  // Reimage, behind a confirmation. The first answer is lost on its way back (the request
+  // reached the server, which started the reimage); Confirm again resends the same request
+  // id, and the server answers with the same operation.
+  let lost = 0;
+  await p.route('**/api/v1/MachineService/Reimage', async (route) => {
+    const answer = await route.fetch();
+    if (lost++ === 0) {
+      assert.equal(answer.status(), 200);
+      await route.fulfill({ status: 503, contentType: 'application/json', body: '{"code":"UNAVAILABLE","message":"the answer was lost"}' });
+    } else {
+      await route.fulfill({ response: answer });
+    }
+  });
   await p.click('button[data-action="Reimage"]');
   const requestId = await p.locator('#confirm-request').textContent();
   assert.match(requestId, /^ui-[0-9a-f]{32}$/);
-  await p.locator('#confirm-yes').dblclick();
+  await p.locator('#confirm-yes').click();
+  await p.locator('#confirm-error:not([hidden])', { hasText: 'the answer was lost' }).waitFor({ timeout: WAIT });
+  await p.locator('#confirm-yes').click();
   await p.waitForURL(/#\/operations\//, { timeout: WAIT });
+  assert.equal(lost, 2);
+  await p.unroute('**/api/v1/MachineService/Reimage');
   const opId = decodeURIComponent(p.url().split('#/operations/')[1]);
   const ops = await server.call('OperationService', 'ListOperations', { machineId: id(1), type: 'OPERATION_TYPE_REIMAGE' });
   assert.equal(ops.operations.length, 1, 'one reimage for one confirmation');
@@ -153,6 +171,7 @@ test('the operation page resumes its log after the server restarts, with no line
   const before = await p.locator('#log div').count();
 
   // A restart mid-operation: the page's streams break, reconnect, and resume.
+  const logged = server.log.length;
   await server.restart();
   await p.locator('#op-phase', { hasText: 'SUCCEEDED' }).waitFor({ timeout: WAIT });
   await p.locator('#log-state[data-state="ended"]').waitFor({ timeout: WAIT });
@@ -161,7 +180,10 @@ test('the operation page resumes its log after the server restarts, with no line
   const all = await fetch(`${server.base}/api/v1/logs?operation_id=${op.id}`).then((r) => r.text());
   const expected = [...all.matchAll(/"sequence":"?(\d+)/g)].map((m) => Number(m[1]));
   assert.deepEqual(seqs, expected);
-  assert.ok(server.log.some((l) => l.includes('resum')), 'the server resumed the operation');
+  assert.ok(
+    server.log.slice(logged).some((l) => l.includes('resuming an interrupted stage')),
+    'the restarted server resumed the operation',
+  );
 });
 
 test('with tokens, the page asks for one; a viewer sees, an operator acts', async () => {

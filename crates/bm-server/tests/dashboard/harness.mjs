@@ -38,9 +38,18 @@ export function launch() {
   });
 }
 
-/** Stops the servers and closes the pages made so far, last first. */
+/** Stops the servers and closes the pages made so far, last first; every one of them, even
+ * when one fails (its error is thrown at the end). */
 export async function cleanUp() {
-  while (cleanups.length) await cleanups.pop()();
+  const errors = [];
+  while (cleanups.length) {
+    try {
+      await cleanups.pop()();
+    } catch (e) {
+      errors.push(e);
+    }
+  }
+  if (errors.length) throw errors[0];
 }
 
 /** A bm-server process on a data directory of its own; `restart()` keeps its ports. */
@@ -158,9 +167,9 @@ export async function newPage(browser) {
   const errors = [];
   p.on('pageerror', (e) => errors.push(e.message));
   p.on('console', (m) => m.type() === 'error' && !/Failed to load resource|ERR_/.test(m.text()) && errors.push(m.text()));
-  cleanups.push(() => {
+  cleanups.push(async () => {
+    await context.close();
     assert.deepEqual(errors, [], 'the page had script errors');
-    return context.close();
   });
   return p;
 }

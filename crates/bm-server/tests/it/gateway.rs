@@ -411,7 +411,13 @@ async fn the_gateway_serves_the_dashboard_s_pages() {
 /// and past the limit a stream is refused clearly, until one closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_limited_and_never_starve_the_calls() {
-    let (_server, base) = start(&["--max-concurrent-streams", "3"], false).await;
+    // Three streams for the gateway, and as many on the in-process connection of the calls:
+    // the calls do not wait behind the streams.
+    let (_server, base) = start(
+        &["--http-max-streams", "3", "--max-concurrent-streams", "3"],
+        false,
+    )
+    .await;
     let client = reqwest::Client::new();
     let mut open = Vec::new();
     for _ in 0..3 {
@@ -430,7 +436,7 @@ async fn streams_are_limited_and_never_starve_the_calls() {
         body["message"]
             .as_str()
             .unwrap()
-            .contains("--max-concurrent-streams"),
+            .contains("--http-max-streams"),
         "{body}"
     );
     // Once a dashboard goes away, its place is free again.
