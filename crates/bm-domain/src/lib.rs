@@ -46,7 +46,7 @@ pub use observe::{
 pub use operation::{Operation, OperationPhase, OperationType, StageOutcome, StageRecord};
 pub use rollout::{
     Amount, Ended, Progress, Rollout, RolloutAction, RolloutCounts, RolloutId, RolloutMachine,
-    RolloutPhase, RolloutSpec, Start, Target, WhenBusy,
+    RolloutPhase, RolloutSpec, Seen, Start, Target, WhenBusy,
 };
 pub use snippet::{Snippet, snippet};
 pub use state::{EffectiveState, Phase, effective_state};

@@ -344,6 +344,17 @@ pub struct RolloutMachine {
     pub operations: Vec<OperationId>,
 }
 
+/// What the caller of [`Rollout::advance`] knows of a machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Its effective state now.
+    State(EffectiveState),
+    /// It no longer exists.
+    Gone,
+    /// Not read: admission waits for the next call.
+    NotRead,
+}
+
 /// An operation to start now, as [`Rollout::advance`] asks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Start {
@@ -537,18 +548,15 @@ impl Rollout {
         RequestId::derived(format!("{}.{step}", self.id))
     }
 
-    /// Moves the rollout on at `now`: which operations to start, given each machine's
-    /// effective state (`None`: the machine no longer exists). Machines that are not fit
+    /// Moves the rollout on at `now`: which operations to start, given what the caller saw
+    /// of each machine ([`Seen`]; admission stops at the first machine it has not read, until
+    /// the next call). Machines that are not fit
     /// when their turn comes are skipped (or left waiting, by the spec), the next batch
     /// opens when the current one is done and has soaked, and the phase ends when nothing
     /// is left to do. The caller starts what is returned and reports each with
     /// [`Rollout::started`] or [`Rollout::refused`]; asking again before that returns the
     /// same starts, with the same request ids.
-    pub fn advance(
-        &mut self,
-        now: Timestamp,
-        state_of: impl Fn(&MachineId) -> Option<EffectiveState>,
-    ) -> Vec<Start> {
+    pub fn advance(&mut self, now: Timestamp, state_of: impl Fn(&MachineId) -> Seen) -> Vec<Start> {
         if self.phase.is_terminal() {
             return Vec::new();
         }
@@ -597,7 +605,7 @@ impl Rollout {
     fn admit(
         &mut self,
         now: Timestamp,
-        state_of: &impl Fn(&MachineId) -> Option<EffectiveState>,
+        state_of: &impl Fn(&MachineId) -> Seen,
         steps: &[OperationType],
         starts: &mut Vec<Start>,
     ) {
@@ -616,12 +624,14 @@ impl Rollout {
                     continue;
                 }
                 match state_of(&m.machine_id) {
-                    None => {
+                    // Machines start in order: none after one whose state is not known.
+                    Seen::NotRead => return,
+                    Seen::Gone => {
                         self.machines[i].progress = Progress::Skipped {
                             reason: "the machine no longer exists".into(),
                         };
                     }
-                    Some(
+                    Seen::State(
                         s @ (EffectiveState::Blocked
                         | EffectiveState::Attention
                         | EffectiveState::Busy),
@@ -632,7 +642,7 @@ impl Rollout {
                             };
                         }
                     }
-                    Some(_) => {
+                    Seen::State(_) => {
                         starts.push(self.start(i, 0, steps));
                         active += 1;
                     }
@@ -841,6 +851,17 @@ impl Rollout {
         Ok(())
     }
 
+    /// The machines whose turn may come at the next [`Rollout::advance`], in order: the
+    /// pending ones of the current batch (none while paused, stopping or soaking). The caller
+    /// reads their states, as many as it likes, from the first.
+    pub fn next_up(&self) -> impl Iterator<Item = &MachineId> + '_ {
+        let open = self.phase == RolloutPhase::Running && self.soak_until.is_none();
+        self.machines
+            .iter()
+            .filter(move |m| open && m.batch == self.batch && m.progress == Progress::Pending)
+            .map(|m| &m.machine_id)
+    }
+
     /// When [`Rollout::advance`] should be called again if nothing else happens: at the end
     /// of a soak.
     pub fn wake_at(&self) -> Option<Timestamp> {
@@ -949,7 +970,7 @@ mod tests {
         fn advance(&mut self) {
             let states = self.states.clone();
             let starts = self.r.advance(self.now, |m| {
-                Some(states.get(m).copied().unwrap_or(EffectiveState::Idle))
+                Seen::State(states.get(m).copied().unwrap_or(EffectiveState::Idle))
             });
             for s in starts {
                 let op = OperationId::from_parts(1, u128::from(self.next_op));
@@ -1137,13 +1158,13 @@ mod tests {
             4,
             |_| None,
         );
-        let first = r.advance(T0, |_| Some(EffectiveState::Idle));
+        let first = r.advance(T0, |_| Seen::State(EffectiveState::Idle));
         assert_eq!(first.len(), 2);
         // The process dies before it records the starts; the stored rollout is read back.
         let stored: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(stored, r);
         let mut again = stored;
-        let second = again.advance(T0, |_| Some(EffectiveState::Idle));
+        let second = again.advance(T0, |_| Seen::State(EffectiveState::Idle));
         assert_eq!(first, second);
     }
 
@@ -1286,7 +1307,7 @@ mod tests {
     #[test]
     fn a_refused_first_step_is_a_skip_and_a_refused_later_step_a_failure() {
         let mut r = rollout(spec(RolloutAction::MaintenanceReimage, 2, 5), 2, |_| None);
-        let starts = r.advance(T0, |_| Some(EffectiveState::Idle));
+        let starts = r.advance(T0, |_| Seen::State(EffectiveState::Idle));
         r.refused(&starts[0].machine_id, 0, "READY is not allowed".into());
         assert!(
             matches!(&r.machines[0].progress, Progress::Skipped { reason } if reason == "refused: READY is not allowed")
@@ -1294,10 +1315,41 @@ mod tests {
         let op = OperationId::from_parts(1, 1);
         r.started(&starts[1].machine_id, 0, op);
         assert!(r.ended(op, Ended::Succeeded));
-        let next = r.advance(T0, |_| Some(EffectiveState::MaintenanceIdle));
+        let next = r.advance(T0, |_| Seen::State(EffectiveState::MaintenanceIdle));
         assert_eq!(next[0].step, 1);
         r.refused(&next[0].machine_id, 1, "busy".into());
         assert_eq!(r.counts().failed, 1);
+    }
+
+    #[test]
+    fn admission_waits_at_the_first_machine_not_read_and_skips_the_gone() {
+        let mut r = rollout(
+            spec(RolloutAction::Operation(OperationType::Reboot), 10, 5),
+            5,
+            |_| None,
+        );
+        assert_eq!(r.next_up().count(), 5);
+        let read: BTreeMap<_, _> = [
+            (id(0), Seen::State(EffectiveState::Idle)),
+            (id(1), Seen::Gone),
+        ]
+        .into();
+        let starts = r.advance(T0, |m| read.get(m).copied().unwrap_or(Seen::NotRead));
+        assert_eq!(starts.len(), 1);
+        assert!(
+            matches!(&r.machines[1].progress, Progress::Skipped { reason } if reason.contains("no longer exists"))
+        );
+        assert_eq!(
+            r.next_up().cloned().collect::<Vec<_>>(),
+            vec![id(2), id(3), id(4)]
+        );
+        assert_eq!(r.phase, RolloutPhase::Running);
+        // m-000's start was not reported as done: it is asked for again, with the others.
+        let starts = r.advance(T0, |_| Seen::State(EffectiveState::Idle));
+        let ids: Vec<_> = starts.iter().map(|s| s.machine_id.clone()).collect();
+        assert_eq!(ids, vec![id(0), id(2), id(3), id(4)]);
+        r.pause(T0).unwrap();
+        assert_eq!(r.next_up().count(), 0);
     }
 
     #[test]
