@@ -273,9 +273,10 @@ impl RolloutPhase {
     }
 }
 
-impl fmt::Display for RolloutPhase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl RolloutPhase {
+    /// The name, as stored and shown: `RUNNING`, `PAUSED`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
             RolloutPhase::Running => "RUNNING",
             RolloutPhase::Paused => "PAUSED",
             RolloutPhase::Stopping => "STOPPING",
@@ -283,7 +284,13 @@ impl fmt::Display for RolloutPhase {
             RolloutPhase::Succeeded => "SUCCEEDED",
             RolloutPhase::Failed => "FAILED",
             RolloutPhase::Aborted => "ABORTED",
-        })
+        }
+    }
+}
+
+impl fmt::Display for RolloutPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

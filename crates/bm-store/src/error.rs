@@ -1,6 +1,8 @@
 //! The store's error type.
 
-use bm_domain::{DomainError, MacAddress, MachineId, OperationId, OperationType, RequestId};
+use bm_domain::{
+    DomainError, MacAddress, MachineId, OperationId, OperationType, RequestId, RolloutId,
+};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +13,22 @@ pub enum StoreError {
     /// No operation has that id.
     #[error("operation {0} not found")]
     OperationNotFound(OperationId),
+    /// No rollout has that id.
+    #[error("rollout {0} not found")]
+    RolloutNotFound(RolloutId),
+    /// A rollout was written by someone else since it was read: read it again, and apply
+    /// the change to what it is now.
+    #[error(
+        "rollout {id} changed since it was read (version {expected}, now {found}); read it again"
+    )]
+    RolloutChanged {
+        /// The rollout.
+        id: RolloutId,
+        /// The version the write expected.
+        expected: u64,
+        /// The version stored.
+        found: u64,
+    },
     /// A machine with that id is registered.
     #[error("machine {0} already exists")]
     MachineExists(MachineId),

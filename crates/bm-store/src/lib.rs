@@ -48,7 +48,7 @@ use bm_domain::rules::Outcome;
 use bm_domain::{
     EffectiveState, LabelSelector, LogLine, MacAddress, Machine, MachineEvent, MachineId,
     MachinePatch, Observation, Operation, OperationEvent, OperationId, OperationPhase,
-    OperationType, Phase, PowerState, Timestamp,
+    OperationType, Phase, PowerState, Rollout, RolloutId, Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -177,6 +177,27 @@ pub struct Page<T> {
     pub items: Vec<T>,
     /// True when more items match after the last one.
     pub more: bool,
+}
+
+/// A rollout as stored, with its version: a write names the version it read, and is
+/// refused if the rollout changed since ([`Store::save_rollout`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRollout {
+    /// The rollout.
+    pub rollout: Rollout,
+    /// Its version: 1 when created, one more at each write.
+    pub version: u64,
+}
+
+/// What [`Store::list_rollouts`] lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RolloutQuery {
+    /// Start before this id (the last id of the previous page).
+    pub before: Option<RolloutId>,
+    /// The most rollouts to return.
+    pub limit: usize,
+    /// Only those that have not ended.
+    pub active_only: bool,
 }
 
 /// What an import did with one row.
@@ -440,6 +461,29 @@ pub trait Store: Send + Sync + 'static {
         events: Vec<OperationEvent>,
         now: Timestamp,
     ) -> Result<(Operation, Machine)>;
+
+    /// Stores a new rollout at version 1. A request id used before returns the rollout it
+    /// created instead (and `false`): creating a rollout is idempotent.
+    async fn create_rollout(&self, rollout: Rollout) -> Result<(StoredRollout, bool)>;
+
+    /// A rollout and its version.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::RolloutNotFound`].
+    async fn get_rollout(&self, id: RolloutId) -> Result<StoredRollout>;
+
+    /// Rollouts, newest first.
+    async fn list_rollouts(&self, query: &RolloutQuery) -> Result<Page<StoredRollout>>;
+
+    /// Writes `rollout` if it is still at `version` (compare and swap), and returns its new
+    /// version: two drivers of one rollout (two replicas) never overwrite each other.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::RolloutChanged`] if it was written since `version`;
+    /// [`StoreError::RolloutNotFound`].
+    async fn save_rollout(&self, rollout: Rollout, version: u64) -> Result<u64>;
 
     /// Committed events with a revision above `after`, in revision order, at most `limit`.
     async fn events_after(

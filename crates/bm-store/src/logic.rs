@@ -12,12 +12,12 @@ use bm_domain::rules::{self, Outcome};
 use bm_domain::{
     DomainError, EventKind, Labels, MacAddress, Machine, MachineEvent, MachineEventKind, MachineId,
     MachinePatch, Observation, Operation, OperationEvent, OperationId, OperationPhase, RequestId,
-    Timestamp, apply_observation,
+    Rollout, RolloutId, Timestamp, apply_observation,
 };
 
 use crate::{
     Admission, Claimed, Fence, ImportOutcome, Lease, MachineCount, Recorded, Renewal, Result,
-    StoreError,
+    StoreError, StoredRollout,
 };
 
 /// An operation as stored: the record and who holds it.
@@ -106,6 +106,12 @@ pub(crate) trait Tx {
 
     /// Appends a machine event with the machine's next sequence number.
     fn append_machine_event(&mut self, event: MachineEvent) -> Result<()>;
+    /// A rollout, locked until the commit where the backend locks rows.
+    fn rollout(&mut self, id: RolloutId) -> Result<Option<StoredRollout>>;
+    /// The rollout created with `request`.
+    fn rollout_by_request(&mut self, request: &RequestId) -> Result<Option<StoredRollout>>;
+    /// Writes a rollout at `version` (new, or over the one stored).
+    fn put_rollout(&mut self, rollout: &Rollout, version: u64) -> Result<()>;
 }
 
 fn check_macs(tx: &mut impl Tx, id: &MachineId, macs: &[MacAddress]) -> Result<()> {
@@ -445,4 +451,35 @@ pub(crate) fn finish(
     }
     tx.append_event(phase_changed(&op, now))?;
     Ok((op, m))
+}
+
+/// Stores a new rollout, or returns the one its request id created before.
+pub(crate) fn create_rollout(tx: &mut impl Tx, rollout: Rollout) -> Result<(StoredRollout, bool)> {
+    if let Some(found) = tx.rollout_by_request(&rollout.request_id)? {
+        return Ok((found, false));
+    }
+    tx.put_rollout(&rollout, 1)?;
+    Ok((
+        StoredRollout {
+            rollout,
+            version: 1,
+        },
+        true,
+    ))
+}
+
+/// Writes a rollout over the one stored at `version`; its new version.
+pub(crate) fn save_rollout(tx: &mut impl Tx, rollout: Rollout, version: u64) -> Result<u64> {
+    let found = tx
+        .rollout(rollout.id)?
+        .ok_or(StoreError::RolloutNotFound(rollout.id))?;
+    if found.version != version {
+        return Err(StoreError::RolloutChanged {
+            id: rollout.id,
+            expected: version,
+            found: found.version,
+        });
+    }
+    tx.put_rollout(&rollout, version + 1)?;
+    Ok(version + 1)
 }

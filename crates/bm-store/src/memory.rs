@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
     LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
-    OperationEvent, OperationId, RequestId, Timestamp,
+    OperationEvent, OperationId, RequestId, Rollout, RolloutId, Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -15,7 +15,8 @@ use crate::condition::ConditionCell;
 use crate::logic::{self, Holding, Indexed, StoredOp, Tx};
 use crate::{
     Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineCount,
-    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition,
+    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, RolloutQuery, Store,
+    StoreCondition, StoredRollout,
 };
 
 #[derive(Default)]
@@ -29,6 +30,8 @@ struct State {
     events: Vec<Arc<OperationEvent>>,
     logs: HashMap<OperationId, Vec<LogLine>>,
     machine_events: HashMap<MachineId, Vec<MachineEvent>>,
+    rollouts: BTreeMap<RolloutId, StoredRollout>,
+    rollout_requests: HashMap<RequestId, RolloutId>,
 }
 
 /// A [`Store`] that keeps everything in memory, behind one lock.
@@ -208,6 +211,33 @@ impl Tx for MemTx<'_> {
             .or_default();
         event.sequence = events.len() as u64 + 1;
         events.push(event);
+        Ok(())
+    }
+
+    fn rollout(&mut self, id: RolloutId) -> Result<Option<StoredRollout>> {
+        Ok(self.state.rollouts.get(&id).cloned())
+    }
+
+    fn rollout_by_request(&mut self, request: &RequestId) -> Result<Option<StoredRollout>> {
+        Ok(self
+            .state
+            .rollout_requests
+            .get(request)
+            .and_then(|id| self.state.rollouts.get(id))
+            .cloned())
+    }
+
+    fn put_rollout(&mut self, rollout: &Rollout, version: u64) -> Result<()> {
+        self.state
+            .rollout_requests
+            .insert(rollout.request_id.clone(), rollout.id);
+        self.state.rollouts.insert(
+            rollout.id,
+            StoredRollout {
+                rollout: rollout.clone(),
+                version,
+            },
+        );
         Ok(())
     }
 
@@ -392,6 +422,42 @@ impl Store for MemoryStore {
         let more = items.len() > q.limit;
         items.truncate(q.limit);
         Ok(Page { items, more })
+    }
+
+    async fn create_rollout(&self, rollout: Rollout) -> Result<(StoredRollout, bool)> {
+        self.tx(|tx| logic::create_rollout(tx, rollout))
+    }
+
+    async fn get_rollout(&self, id: RolloutId) -> Result<StoredRollout> {
+        self.lock()
+            .rollouts
+            .get(&id)
+            .cloned()
+            .ok_or(crate::StoreError::RolloutNotFound(id))
+    }
+
+    async fn list_rollouts(&self, q: &RolloutQuery) -> Result<Page<StoredRollout>> {
+        let state = self.lock();
+        let end = match q.before {
+            Some(before) => std::ops::Bound::Excluded(before),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut items: Vec<StoredRollout> = state
+            .rollouts
+            .range((std::ops::Bound::Unbounded, end))
+            .rev()
+            .map(|(_, s)| s)
+            .filter(|s| !q.active_only || !s.rollout.phase.is_terminal())
+            .take(q.limit + 1)
+            .cloned()
+            .collect();
+        let more = items.len() > q.limit;
+        items.truncate(q.limit);
+        Ok(Page { items, more })
+    }
+
+    async fn save_rollout(&self, rollout: Rollout, version: u64) -> Result<u64> {
+        self.tx(|tx| logic::save_rollout(tx, rollout, version))
     }
 
     async fn request_cancel(

@@ -128,9 +128,11 @@ fn domain_kind(e: &DomainError) -> ErrorKind {
 fn store_kind(e: &StoreError) -> ErrorKind {
     match e {
         StoreError::Domain(d) => domain_kind(d),
-        StoreError::MachineNotFound { .. } | StoreError::OperationNotFound { .. } => {
-            ErrorKind::NotFound
-        }
+        StoreError::MachineNotFound { .. }
+        | StoreError::OperationNotFound { .. }
+        | StoreError::RolloutNotFound { .. } => ErrorKind::NotFound,
+        // Someone else wrote the rollout meanwhile: read it again and retry.
+        StoreError::RolloutChanged { .. } => ErrorKind::Unavailable,
         StoreError::MachineExists { .. }
         | StoreError::MacInUse { .. }
         | StoreError::ImportConflict { .. }

@@ -251,6 +251,35 @@ impl Store for FaultyStore {
         self.inner.list_operations(query).await
     }
 
+    async fn create_rollout(
+        &self,
+        rollout: bm_domain::Rollout,
+    ) -> bm_store::Result<(bm_store::StoredRollout, bool)> {
+        self.inner.create_rollout(rollout).await
+    }
+
+    async fn get_rollout(
+        &self,
+        id: bm_domain::RolloutId,
+    ) -> bm_store::Result<bm_store::StoredRollout> {
+        self.inner.get_rollout(id).await
+    }
+
+    async fn list_rollouts(
+        &self,
+        query: &bm_store::RolloutQuery,
+    ) -> bm_store::Result<Page<bm_store::StoredRollout>> {
+        self.inner.list_rollouts(query).await
+    }
+
+    async fn save_rollout(
+        &self,
+        rollout: bm_domain::Rollout,
+        version: u64,
+    ) -> bm_store::Result<u64> {
+        self.inner.save_rollout(rollout, version).await
+    }
+
     async fn request_cancel(
         &self,
         id: OperationId,

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
     LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
-    OperationEvent, OperationId, Timestamp,
+    OperationEvent, OperationId, Rollout, RolloutId, Timestamp,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -42,8 +42,8 @@ use crate::logic::{self, StoredOp, Tx};
 use crate::sqlite::codec as docs;
 use crate::{
     Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineCount,
-    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, SchemaStatus, Store,
-    StoreCondition, StoreError,
+    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, RolloutQuery, SchemaStatus,
+    Store, StoreCondition, StoreError, StoredRollout,
 };
 use writer::{Command, PgTx, Writer};
 
@@ -193,6 +193,22 @@ impl Rows {
             ));
         }
         Ok(m)
+    }
+
+    /// A rollouts row selected as `id, doc, doc_crc32, version`.
+    pub(crate) fn stored_rollout(r: &Row) -> Result<StoredRollout> {
+        let id: String = r.get(0);
+        let rollout: Rollout = docs::document("rollouts", &id, r.get(1), r.get(2))?;
+        if rollout.id.to_string() != id {
+            return Err(docs::corrupt_row(
+                "rollouts",
+                &id,
+                format_args!("the document is of rollout {}", rollout.id),
+            ));
+        }
+        let version = u64::try_from(r.get::<_, i64>(3))
+            .map_err(|_| docs::corrupt_row("rollouts", &id, "its version is negative"))?;
+        Ok(StoredRollout { rollout, version })
     }
 
     pub(crate) fn stored_op(r: &Row) -> Result<StoredOp> {
@@ -825,6 +841,53 @@ impl Store for PgStore {
             requests: vec![(operation.machine_id.clone(), operation.request_id.clone())],
         };
         self.write_keyed(keys, move |tx| logic::admit(tx, operation.clone()))
+            .await
+    }
+
+    async fn create_rollout(&self, rollout: Rollout) -> Result<(StoredRollout, bool)> {
+        self.write(move |tx| logic::create_rollout(tx, rollout.clone()))
+            .await
+    }
+
+    async fn get_rollout(&self, id: RolloutId) -> Result<StoredRollout> {
+        self.read(move |conn| {
+            let rows = conn.query(
+                "SELECT id, doc, doc_crc32, version FROM rollouts WHERE id = $1",
+                &[&id.to_string()],
+            )?;
+            match rows.first() {
+                Some(r) => Rows::stored_rollout(r),
+                None => Err(StoreError::RolloutNotFound(id)),
+            }
+        })
+        .await
+    }
+
+    async fn list_rollouts(&self, q: &RolloutQuery) -> Result<Page<StoredRollout>> {
+        let q = q.clone();
+        self.read(move |conn| {
+            let mut sql = "SELECT id, doc, doc_crc32, version FROM rollouts WHERE TRUE".to_owned();
+            let mut params: Params = Vec::new();
+            if let Some(b) = q.before {
+                params.push(Box::new(b.to_string()));
+                sql.push_str(&format!(" AND id < ${}", params.len()));
+            }
+            if q.active_only {
+                sql.push_str(" AND phase NOT IN ('SUCCEEDED', 'FAILED', 'ABORTED')");
+            }
+            params.push(Box::new(i64::try_from(q.limit).unwrap_or(i64::MAX - 1) + 1));
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+            let rows = conn.query(&sql, &refs(&params))?;
+            let mut items = readable(&rows, Rows::stored_rollout);
+            let more = items.len() > q.limit;
+            items.truncate(q.limit);
+            Ok(Page { items, more })
+        })
+        .await
+    }
+
+    async fn save_rollout(&self, rollout: Rollout, version: u64) -> Result<u64> {
+        self.write(move |tx| logic::save_rollout(tx, rollout.clone(), version))
             .await
     }
 

@@ -105,6 +105,20 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (machine_id, sequence)
     );
     "#,
+    // 3: rollouts, one JSON document each with its version (writes compare and swap on it,
+    // under the row's lock); creation is idempotent by request id.
+    r#"
+    CREATE TABLE rollouts (
+        id         TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL UNIQUE,
+        phase      TEXT NOT NULL,
+        version    BIGINT NOT NULL,
+        doc        TEXT NOT NULL,
+        doc_crc32  BIGINT NOT NULL
+    );
+    CREATE INDEX rollouts_active ON rollouts (id)
+        WHERE phase NOT IN ('SUCCEEDED', 'FAILED', 'ABORTED');
+    "#,
 ];
 
 /// How many migrations this program knows.

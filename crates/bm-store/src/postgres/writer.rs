@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use bm_domain::{
     LogLine, MacAddress, Machine, MachineEvent, MachineId, Operation, OperationEvent, OperationId,
-    RequestId, Timestamp,
+    RequestId, Rollout, RolloutId, Timestamp,
 };
 use postgres::error::SqlState;
 use postgres::types::ToSql;
@@ -37,7 +37,7 @@ use postgres::{Client, Statement};
 use super::{Feed, Rows, Target};
 use crate::logic::{Holding, Indexed, StoredOp, Tx};
 use crate::sqlite::codec as docs;
-use crate::{Claimed, Lease, Renewal, Result, StoreError};
+use crate::{Claimed, Lease, Renewal, Result, StoreError, StoredRollout};
 
 /// How often a job that met a conflict with another writer is run again before its error
 /// is returned.
@@ -1222,6 +1222,48 @@ impl Tx for PgTx<'_> {
 
     fn append_event(&mut self, event: OperationEvent) -> Result<()> {
         self.events.push(event);
+        Ok(())
+    }
+
+    fn rollout(&mut self, id: RolloutId) -> Result<Option<StoredRollout>> {
+        self.eager_only("read a rollout")?;
+        // Locked until the commit: the version compared is the one overwritten.
+        let rows = self.query(
+            "SELECT id, doc, doc_crc32, version FROM rollouts WHERE id = $1 FOR UPDATE",
+            &[&id.to_string()],
+        )?;
+        rows.first().map(Rows::stored_rollout).transpose()
+    }
+
+    fn rollout_by_request(&mut self, request: &RequestId) -> Result<Option<StoredRollout>> {
+        self.eager_only("read a rollout")?;
+        // Two creations with one request id at once: the second insert meets the unique
+        // index, its job runs again, and finds the first one here.
+        let rows = self.query(
+            "SELECT id, doc, doc_crc32, version FROM rollouts WHERE request_id = $1",
+            &[&request.as_str()],
+        )?;
+        rows.first().map(Rows::stored_rollout).transpose()
+    }
+
+    fn put_rollout(&mut self, rollout: &Rollout, version: u64) -> Result<()> {
+        self.eager_only("write a rollout")?;
+        let (doc, crc) = docs::to_json(rollout)?;
+        self.execute(
+            "INSERT INTO rollouts (id, request_id, phase, version, doc, doc_crc32)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET
+               phase = EXCLUDED.phase, version = EXCLUDED.version, doc = EXCLUDED.doc,
+               doc_crc32 = EXCLUDED.doc_crc32",
+            &[
+                &rollout.id.to_string(),
+                &rollout.request_id.as_str(),
+                &rollout.phase.as_str(),
+                &i64::try_from(version).unwrap_or(i64::MAX),
+                &doc,
+                &crc,
+            ],
+        )?;
         Ok(())
     }
 

@@ -8,11 +8,13 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use bm_domain::{LogLine, Machine, MachineId, Operation, OperationEvent, OperationType, Timestamp};
+use bm_domain::{
+    LogLine, Machine, MachineId, Operation, OperationEvent, OperationType, Rollout, Timestamp,
+};
 use rusqlite::Row;
 
 use crate::logic::StoredOp;
-use crate::{Lease, Result, StoreError};
+use crate::{Lease, Result, StoreError, StoredRollout};
 
 /// A record of `table` with primary key `id` cannot be read back.
 pub(crate) fn corrupt_row(table: &str, id: &str, why: impl std::fmt::Display) -> StoreError {
@@ -63,6 +65,31 @@ pub(super) fn machine(row: &Row<'_>) -> rusqlite::Result<Result<Machine>> {
                     format_args!("the document is of machine {}", m.id),
                 ))
             }
+        }),
+    )
+}
+
+/// The columns of a rollouts row, in the order [`stored_rollout`] reads them.
+pub(super) const ROLLOUT_COLUMNS: &str = "id, doc, doc_crc32, version";
+
+/// Reads a rollouts row selected with [`ROLLOUT_COLUMNS`].
+pub(super) fn stored_rollout(row: &Row<'_>) -> rusqlite::Result<Result<StoredRollout>> {
+    let id: String = row.get(0)?;
+    let doc: String = row.get(1)?;
+    let crc: Option<i64> = row.get(2)?;
+    let version: i64 = row.get(3)?;
+    Ok(
+        document::<Rollout>("rollouts", &id, &doc, crc).and_then(|rollout| {
+            if rollout.id.to_string() != id {
+                return Err(corrupt_row(
+                    "rollouts",
+                    &id,
+                    format_args!("the document is of rollout {}", rollout.id),
+                ));
+            }
+            let version = u64::try_from(version)
+                .map_err(|_| corrupt_row("rollouts", &id, "its version is negative"))?;
+            Ok(StoredRollout { rollout, version })
         }),
     )
 }

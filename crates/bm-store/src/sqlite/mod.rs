@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
     LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
-    OperationEvent, OperationId, Timestamp,
+    OperationEvent, OperationId, Rollout, RolloutId, Timestamp,
 };
 use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value};
 use tokio::sync::{broadcast, oneshot, watch};
@@ -37,8 +37,8 @@ use crate::condition::ConditionCell;
 use crate::logic::{self, Tx};
 use crate::{
     Admission, BROADCAST_CAPACITY, Claimed, EventFilter, Fence, ImportOutcome, Lease, MachineCount,
-    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, Store, StoreCondition,
-    StoreError,
+    MachineQuery, OperationQuery, Page, Recorded, Renewal, Result, RolloutQuery, Store,
+    StoreCondition, StoreError, StoredRollout,
 };
 use files::DataDir;
 pub use files::{BackupReport, backup};
@@ -646,6 +646,55 @@ impl Store for SqliteStore {
 
     async fn admit(&self, operation: Operation) -> Result<Admission> {
         self.write(|tx| logic::admit(tx, operation)).await
+    }
+
+    async fn create_rollout(&self, rollout: Rollout) -> Result<(StoredRollout, bool)> {
+        self.write(|tx| logic::create_rollout(tx, rollout)).await
+    }
+
+    async fn get_rollout(&self, id: RolloutId) -> Result<StoredRollout> {
+        self.read_point(move |conn| {
+            writer::read_rollout(conn, id)?.ok_or(StoreError::RolloutNotFound(id))
+        })
+        .await
+    }
+
+    async fn list_rollouts(&self, q: &RolloutQuery) -> Result<Page<StoredRollout>> {
+        let q = q.clone();
+        self.scan(move |conn, _cancel| {
+            let mut sql = format!(
+                "SELECT {} FROM rollouts WHERE 1 = 1",
+                codec::ROLLOUT_COLUMNS
+            );
+            let mut args: Vec<Value> = Vec::new();
+            if let Some(b) = q.before {
+                args.push(Value::Text(b.to_string()));
+                sql.push_str(&format!(" AND id < ?{}", args.len()));
+            }
+            if q.active_only {
+                sql.push_str(" AND phase NOT IN ('SUCCEEDED', 'FAILED', 'ABORTED')");
+            }
+            args.push(Value::Integer(
+                i64::try_from(q.limit).unwrap_or(i64::MAX - 1) + 1,
+            ));
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut items = Vec::new();
+            for row in stmt.query_map(params_from_iter(args.iter()), codec::stored_rollout)? {
+                if let Some(r) = codec::skip_unreadable(row)? {
+                    items.push(r);
+                }
+            }
+            let more = items.len() > q.limit;
+            items.truncate(q.limit);
+            Ok(Page { items, more })
+        })
+        .await
+    }
+
+    async fn save_rollout(&self, rollout: Rollout, version: u64) -> Result<u64> {
+        self.write(move |tx| logic::save_rollout(tx, rollout, version))
+            .await
     }
 
     async fn get_operation(&self, id: OperationId) -> Result<Operation> {

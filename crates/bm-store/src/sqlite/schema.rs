@@ -112,6 +112,20 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (machine_id, sequence)
     ) WITHOUT ROWID;
     "#,
+    // 5: rollouts, one JSON document each with its version (writes compare and swap on it);
+    // creation is idempotent by request id.
+    r#"
+    CREATE TABLE rollouts (
+        id         TEXT PRIMARY KEY NOT NULL,
+        request_id TEXT NOT NULL UNIQUE,
+        phase      TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        doc        TEXT NOT NULL,
+        doc_crc32  INTEGER NOT NULL
+    );
+    CREATE INDEX rollouts_active ON rollouts (id)
+        WHERE phase NOT IN ('SUCCEEDED', 'FAILED', 'ABORTED');
+    "#,
 ];
 
 /// How long a connection waits for a lock another one holds (the writer for a checkpoint,

@@ -18,7 +18,7 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 
 use bm_domain::{
     Labels, LogLine, MacAddress, Machine, MachineEvent, MachineId, Operation, OperationEvent,
-    OperationId, RequestId, Timestamp,
+    OperationId, RequestId, Rollout, RolloutId, Timestamp,
 };
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::broadcast;
@@ -28,7 +28,7 @@ use super::files::DataDir;
 use super::wal::WalWatch;
 use crate::condition::ConditionCell;
 use crate::logic::{Holding, Indexed, StoredOp, Tx};
-use crate::{Lease, Renewal, Result, StoreError};
+use crate::{Lease, Renewal, Result, StoreError, StoredRollout};
 
 /// Why a batch was not committed.
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +334,17 @@ pub(super) fn read_operation(conn: &Connection, id: OperationId) -> Result<Optio
     .transpose()
 }
 
+/// A rollouts row by id.
+pub(super) fn read_rollout(conn: &Connection, id: RolloutId) -> Result<Option<StoredRollout>> {
+    conn.prepare_cached(&format!(
+        "SELECT {} FROM rollouts WHERE id = ?1",
+        codec::ROLLOUT_COLUMNS
+    ))?
+    .query_row([id.to_string()], codec::stored_rollout)
+    .optional()?
+    .transpose()
+}
+
 impl Tx for SqlTx<'_> {
     fn machine(&mut self, id: &MachineId) -> Result<Option<Machine>> {
         read_machine(self.conn, id)
@@ -567,6 +578,42 @@ impl Tx for SqlTx<'_> {
                 event.time.as_unix_micros(),
                 event.kind.as_str(),
                 event.message
+            ])?;
+        Ok(())
+    }
+
+    fn rollout(&mut self, id: RolloutId) -> Result<Option<StoredRollout>> {
+        read_rollout(self.conn, id)
+    }
+
+    fn rollout_by_request(&mut self, request: &RequestId) -> Result<Option<StoredRollout>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM rollouts WHERE request_id = ?1",
+                codec::ROLLOUT_COLUMNS
+            ))?
+            .query_row([request.as_str()], codec::stored_rollout)
+            .optional()?
+            .transpose()
+    }
+
+    fn put_rollout(&mut self, rollout: &Rollout, version: u64) -> Result<()> {
+        let (doc, crc) = codec::to_json(rollout)?;
+        self.wrote = true;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO rollouts (id, request_id, phase, version, doc, doc_crc32)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET
+                   phase = ?3, version = ?4, doc = ?5, doc_crc32 = ?6",
+            )?
+            .execute(params![
+                rollout.id.to_string(),
+                rollout.request_id.as_str(),
+                rollout.phase.as_str(),
+                i64::try_from(version).unwrap_or(i64::MAX),
+                doc,
+                crc
             ])?;
         Ok(())
     }

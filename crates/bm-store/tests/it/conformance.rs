@@ -1249,3 +1249,153 @@ pub(crate) async fn a_machine_is_found_by_any_of_its_macs(s: S) {
         Some(m.id)
     );
 }
+
+/// A rollout of `machines` machines created with `request`.
+fn rollout(id: u128, request: &str, machines: usize) -> bm_domain::Rollout {
+    use bm_domain::{Amount, RolloutAction, RolloutSpec, Target, WhenBusy};
+    bm_domain::Rollout::new(
+        bm_domain::RolloutId::from_parts(1_800_000_000_000, id),
+        bm_domain::RequestId::new(request).unwrap(),
+        RolloutSpec {
+            action: RolloutAction::Operation(OperationType::Reboot),
+            max_in_flight: Amount::Machines(2),
+            failure_budget: Amount::Percent(10),
+            batch_by: Some("rack".into()),
+            soak: std::time::Duration::from_secs(60),
+            when_busy: WhenBusy::Skip,
+        },
+        (0..machines)
+            .map(|i| Target {
+                machine_id: mid(&format!("m-{i}")),
+                labels: Labels::from_pairs([("rack", if i % 2 == 0 { "r1" } else { "r2" })])
+                    .unwrap(),
+            })
+            .collect(),
+        bm_domain::Actor::new("alice", "token"),
+        t(0),
+        "roll the kernel".into(),
+    )
+    .unwrap()
+}
+
+pub(crate) async fn rollouts_are_created_once_and_written_by_version(s: S) {
+    let r = rollout(1, "create-1", 4);
+    let (stored, created) = s.create_rollout(r.clone()).await.unwrap();
+    assert!(created);
+    assert_eq!((stored.rollout.clone(), stored.version), (r.clone(), 1));
+    // The same request id again: the first rollout, nothing new.
+    let (again, created) = s.create_rollout(rollout(2, "create-1", 9)).await.unwrap();
+    assert!(!created);
+    assert_eq!(again, stored);
+    assert!(matches!(
+        s.get_rollout(rollout(2, "x", 1).id).await,
+        Err(StoreError::RolloutNotFound(_))
+    ));
+
+    // A write names the version it read; a stale one is refused and changes nothing.
+    let mut next = r.clone();
+    next.pause(t(5)).unwrap();
+    assert_eq!(s.save_rollout(next.clone(), 1).await.unwrap(), 2);
+    let mut stale = r.clone();
+    stale.abort(t(6)).unwrap();
+    let e = s.save_rollout(stale, 1).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::RolloutChanged {
+                expected: 1,
+                found: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let now = s.get_rollout(r.id).await.unwrap();
+    assert_eq!((now.rollout, now.version), (next, 2));
+    let e = s
+        .save_rollout(rollout(3, "never-created", 1), 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::RolloutNotFound(_)), "{e}");
+}
+
+pub(crate) async fn rollouts_list_newest_first_and_by_activity(s: S) {
+    for i in 1..=5u128 {
+        let mut r = rollout(i, &format!("list-{i}"), 2);
+        if i % 2 == 0 {
+            r.abort(t(1)).unwrap();
+            r.advance(t(2), |_| bm_domain::Seen::NotRead);
+            assert!(r.phase.is_terminal());
+        }
+        s.create_rollout(r).await.unwrap();
+    }
+    let ids = |page: &bm_store::Page<bm_store::StoredRollout>| {
+        page.items
+            .iter()
+            .map(|s| s.rollout.request_id.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let q = |before, active_only| bm_store::RolloutQuery {
+        before,
+        limit: 2,
+        active_only,
+    };
+    let first = s.list_rollouts(&q(None, false)).await.unwrap();
+    assert_eq!(ids(&first), ["list-5", "list-4"]);
+    assert!(first.more);
+    let second = s
+        .list_rollouts(&q(Some(first.items[1].rollout.id), false))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second), ["list-3", "list-2"]);
+    let active = s
+        .list_rollouts(&bm_store::RolloutQuery {
+            limit: 10,
+            ..q(None, true)
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&active), ["list-5", "list-3", "list-1"]);
+    assert!(!active.more);
+}
+
+pub(crate) async fn concurrent_writes_of_a_rollout_keep_one(s: S) {
+    let r = rollout(1, "race", 2);
+    // Creations with one request id at once make one rollout.
+    let creates: Vec<_> = (0..4)
+        .map(|i| {
+            let (s, r) = (s.clone(), rollout(10 + i, "race", 2));
+            tokio::spawn(async move { s.create_rollout(r).await.unwrap() })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for c in creates {
+        created.push(c.await.unwrap());
+    }
+    assert_eq!(created.iter().filter(|(_, c)| *c).count(), 1);
+    let id = created[0].0.rollout.id;
+    assert!(created.iter().all(|(s, _)| s.rollout.id == id));
+    // Writes at one version at once: one wins, the others are told to read again.
+    let writes: Vec<_> = (0..4)
+        .map(|i| {
+            let s = s.clone();
+            let mut r = r.clone();
+            r.id = id;
+            r.note = format!("writer {i}");
+            tokio::spawn(async move { s.save_rollout(r, 1).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for w in writes {
+        results.push(w.await.unwrap());
+    }
+    let won = results.iter().filter(|r| matches!(r, Ok(2))).count();
+    assert_eq!(won, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Ok(2) | Err(StoreError::RolloutChanged { .. }))),
+        "{results:?}"
+    );
+    assert_eq!(s.get_rollout(id).await.unwrap().version, 2);
+}

@@ -396,3 +396,66 @@ async fn holds_the_v1_fixture(s: &dyn Store) {
         .await
         .unwrap();
 }
+
+/// A rollout with a machine in each kind of progress.
+fn rollout() -> bm_domain::Rollout {
+    use bm_domain::{Amount, Progress, RolloutAction, RolloutId, RolloutSpec, Target, WhenBusy};
+    let mut r = bm_domain::Rollout::new(
+        "ro-01JD3F5Q2W8Y4ZP0N7R6T9V3KM"
+            .parse::<RolloutId>()
+            .unwrap(),
+        RequestId::new("kernel-6.12").unwrap(),
+        RolloutSpec {
+            action: RolloutAction::MaintenanceReimage,
+            max_in_flight: Amount::Percent(25),
+            failure_budget: Amount::Machines(2),
+            batch_by: Some("rack".into()),
+            soak: std::time::Duration::from_secs(900),
+            when_busy: WhenBusy::Wait,
+        },
+        (0..6)
+            .map(|i| Target {
+                machine_id: MachineId::new(format!("m-{i}")).unwrap(),
+                labels: Labels::from_pairs([("rack", if i < 3 { "r1" } else { "r2" })]).unwrap(),
+            })
+            .collect(),
+        bm_domain::Actor::new("alice", "token"),
+        at(0),
+        "kernel 6.12 everywhere".into(),
+    )
+    .unwrap();
+    let op = |n: u128| OperationId::from_parts(1_800_000_000_000, n);
+    r.machines[0].progress = Progress::Succeeded;
+    r.machines[0].operations = vec![op(1), op(2), op(3)];
+    r.machines[1].progress = Progress::Failed {
+        step: 1,
+        error: "repave failed".into(),
+    };
+    r.machines[1].operations = vec![op(4), op(5)];
+    r.machines[2].progress = Progress::Skipped {
+        reason: "it was ATTENTION when its turn came".into(),
+    };
+    r.machines[3].progress = Progress::Active {
+        step: 1,
+        operation: Some(op(6)),
+    };
+    r.machines[3].operations = vec![op(7), op(6)];
+    r.machines[4].progress = Progress::Canceled { step: 0 };
+    r.batch = 1;
+    r.soak_until = Some(at(60));
+    r.update_time = at(30);
+    r
+}
+
+/// A stored rollout (issue 16) decodes to the same values and encodes the same.
+#[test]
+fn a_stored_rollout_reads_back_and_encodes_the_same() {
+    let text = fixture("rollout.json");
+    let decoded: bm_domain::Rollout = serde_json::from_str(&text).unwrap();
+    let r = rollout();
+    assert_eq!(decoded, r);
+    assert_eq!(decoded.batches, ["r1", "r2"]);
+    assert_eq!(decoded.spec.soak, std::time::Duration::from_secs(900));
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(serde_json::to_value(&r).unwrap(), expected);
+}

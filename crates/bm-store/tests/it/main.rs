@@ -96,4 +96,7 @@ conformance!(
     observations_are_written_when_they_change_something_and_never_under_an_operation,
     a_machine_is_found_by_any_of_its_macs,
     machines_are_counted_by_phase_and_effective_state,
+    rollouts_are_created_once_and_written_by_version,
+    rollouts_list_newest_first_and_by_activity,
+    concurrent_writes_of_a_rollout_keep_one,
 );
