@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Actor, DomainError, MachineId, OperationId, RequestId, Timestamp};
+use crate::{Actor, DomainError, MachineId, OperationId, RequestId, RolloutId, Timestamp};
 
 /// What an operation does to a machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -223,6 +223,10 @@ pub struct Operation {
     /// restart, is traced as a child of that request. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_parent: Option<String>,
+    /// The rollout that started it, when one did (its request id is then derived from the
+    /// rollout's). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<RolloutId>,
 }
 
 impl Operation {
@@ -266,6 +270,7 @@ impl Operation {
             requested_by: Actor::default(),
             canceled_by: Actor::default(),
             trace_parent: None,
+            rollout_id: None,
         })
     }
 

@@ -126,6 +126,7 @@ impl Engine {
             return;
         }
         executor::start(&self.inner);
+        self.inner.tasks.spawn(crate::rollouts::run(self.clone()));
         if let Some(interval) = self.inner.config.status_poll.interval {
             self.inner
                 .tasks
@@ -472,6 +473,15 @@ impl Engine {
     /// Not found, the domain's refusals (wrong phase, blocked, busy, ...), a request id
     /// reused for another type, a note too long, or shutdown.
     pub async fn submit(&self, req: OperationRequest) -> Result<Admission, WorkflowError> {
+        self.submit_for(req, None).await
+    }
+
+    /// [`Engine::submit`], for `rollout` when one asks (the operation records it).
+    pub(crate) async fn submit_for(
+        &self,
+        req: OperationRequest,
+        rollout: Option<bm_domain::RolloutId>,
+    ) -> Result<Admission, WorkflowError> {
         if self.is_shutting_down() {
             return Err(WorkflowError::ShuttingDown);
         }
@@ -492,6 +502,7 @@ impl Engine {
         )?;
         op.requested_by = req.requested_by;
         op.trace_parent = self.inner.config.trace_links.capture();
+        op.rollout_id = rollout;
         let stored = self.inner.store.admit(op).await?;
         // The idle states end with an admission; the others are reported as the operation
         // ends (BUSY, and ATTENTION or BLOCKED that an admitted operation may leave).

@@ -155,6 +155,10 @@ pub(crate) struct Inner {
     pub(crate) config: EngineConfig,
     /// Wakes the dispatcher: new work was admitted or capacity freed.
     pub(crate) wake: Notify,
+    /// Wakes the driver of rollouts: one was created or changed.
+    pub(crate) rollouts: Notify,
+    /// Counts the writes of rollouts made here, for those who follow them.
+    pub(crate) rollout_writes: tokio::sync::watch::Sender<u64>,
     /// The operations running here, with the claim each runs under.
     pub(crate) running: Mutex<HashMap<OperationId, Running>>,
     /// Fires on shutdown; every operation's token is a child of it.
@@ -178,12 +182,19 @@ impl Inner {
             providers,
             config,
             wake: Notify::new(),
+            rollouts: Notify::new(),
+            rollout_writes: tokio::sync::watch::Sender::new(0),
             running: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             streams: std::sync::Arc::default(),
             ids: Mutex::new(ulid::Generator::new()),
         }
+    }
+
+    /// Tells the followers of rollouts that one was written.
+    pub(crate) fn rollout_written(&self) {
+        self.rollout_writes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub(crate) fn running(&self) -> MutexGuard<'_, HashMap<OperationId, Running>> {

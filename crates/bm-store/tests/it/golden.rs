@@ -459,3 +459,19 @@ fn a_stored_rollout_reads_back_and_encodes_the_same() {
     let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(serde_json::to_value(&r).unwrap(), expected);
 }
+
+/// An operation that a rollout started (issue 16) names it. The files without it read as an
+/// operation no rollout started, and encode unchanged.
+#[test]
+fn an_operation_s_rollout_reads_back_and_encodes_the_same() {
+    let text = fixture("operation-rollout.json");
+    let mut op = operation();
+    op.requested_by = bm_domain::Actor::new("ops-bot", "cert");
+    op.trace_parent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    op.rollout_id = Some("ro-01JD3F5Q2W8Y4ZP0N7R6T9V3KM".parse().unwrap());
+    let decoded: Operation = serde_json::from_str(&text).unwrap();
+    assert_eq!(decoded, op);
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(serde_json::to_value(&op).unwrap(), expected);
+    assert_eq!(operation().rollout_id, None);
+}

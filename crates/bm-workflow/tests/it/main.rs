@@ -7,5 +7,6 @@ mod harness;
 mod hold;
 mod lifecycle;
 mod resume;
+mod rollouts;
 mod status_poll;
 mod streams;
