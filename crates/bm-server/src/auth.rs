@@ -258,6 +258,13 @@ const ROLE_TABLE: &[(&str, Role)] = &[
         "/baremetal.v1.OperationService/ListOperationTypes",
         Role::Viewer,
     ),
+    ("/baremetal.v1.RolloutService/CreateRollout", Role::Operator),
+    ("/baremetal.v1.RolloutService/GetRollout", Role::Viewer),
+    ("/baremetal.v1.RolloutService/ListRollouts", Role::Viewer),
+    ("/baremetal.v1.RolloutService/PauseRollout", Role::Operator),
+    ("/baremetal.v1.RolloutService/ResumeRollout", Role::Operator),
+    ("/baremetal.v1.RolloutService/AbortRollout", Role::Operator),
+    ("/baremetal.v1.RolloutService/WatchRollout", Role::Viewer),
 ];
 
 /// The response header (gRPC initial metadata) of every answer of a server started with

@@ -616,6 +616,7 @@ pub(crate) fn operation(o: Operation) -> pb::Operation {
         trace_id,
         requested_by: actor(o.requested_by),
         canceled_by: actor(o.canceled_by),
+        rollout_id: o.rollout_id.map(|r| r.to_string()).unwrap_or_default(),
     }
 }
 
@@ -798,6 +799,240 @@ pub(crate) fn log_line(l: &LogLine) -> pb::LogLine {
         stage: l.stage.clone(),
         tag: l.tag.clone(),
         message: l.message.clone(),
+    }
+}
+
+// ---- rollouts ---------------------------------------------------------------------------
+
+pub(crate) fn rollout_id(field: &str, s: &str) -> Result<bm_domain::RolloutId, ApiError> {
+    if s.is_empty() {
+        return Err(at(field, "is required"));
+    }
+    s.parse().map_err(|e| at(field, e))
+}
+
+/// `5` or `10%`.
+fn amount(field: &str, s: &str) -> Result<bm_domain::Amount, ApiError> {
+    if s.trim().is_empty() {
+        return Err(at(
+            field,
+            "is required: a number of machines (\"5\") or a percentage of the target (\"10%\")",
+        ));
+    }
+    s.parse().map_err(|e| at(field, e))
+}
+
+/// What CreateRollout asks for, as the engine's request (its caller and scope are the
+/// handler's to fill in).
+pub(crate) fn rollout_request(
+    req: pb::CreateRolloutRequest,
+) -> Result<bm_workflow::RolloutRequest, ApiError> {
+    use bm_domain::{RolloutAction, RolloutSpec, WhenBusy};
+    let target = req.target.unwrap_or_default();
+    let spec = req.spec.ok_or_else(|| {
+        at(
+            "spec",
+            "is required: the operation, max_in_flight and failure_budget",
+        )
+    })?;
+    let op = operation_type_filter("spec.operation_type", spec.operation_type)?;
+    let action = match (op, spec.maintenance_reimage) {
+        (Some(op), false) => RolloutAction::Operation(op),
+        (None, true) => RolloutAction::MaintenanceReimage,
+        (Some(_), true) => {
+            return Err(at(
+                "spec",
+                "give either operation_type or maintenance_reimage, not both",
+            ));
+        }
+        (None, false) => {
+            return Err(at(
+                "spec.operation_type",
+                "is required (or set maintenance_reimage for enter maintenance, reimage, exit maintenance)",
+            ));
+        }
+    };
+    let soak = match spec.soak {
+        None => std::time::Duration::ZERO,
+        Some(d) => {
+            if d.seconds < 0 || d.nanos < 0 {
+                return Err(at("spec.soak", "must not be negative"));
+            }
+            std::time::Duration::new(d.seconds.cast_unsigned(), d.nanos.cast_unsigned())
+        }
+    };
+    let when_busy = match pb::WhenBusy::try_from(spec.when_busy) {
+        Ok(pb::WhenBusy::Unspecified | pb::WhenBusy::Skip) => WhenBusy::Skip,
+        Ok(pb::WhenBusy::Wait) => WhenBusy::Wait,
+        Err(_) => {
+            return Err(at(
+                "spec.when_busy",
+                format!("unknown value {}", spec.when_busy),
+            ));
+        }
+    };
+    let spec = RolloutSpec {
+        action,
+        max_in_flight: amount("spec.max_in_flight", &spec.max_in_flight)?,
+        failure_budget: amount("spec.failure_budget", &spec.failure_budget)?,
+        batch_by: (!spec.batch_by.trim().is_empty()).then(|| spec.batch_by.trim().to_owned()),
+        soak,
+        when_busy,
+    };
+    spec.validate().map_err(|e| at("spec", e))?;
+    let machine_ids = target
+        .machine_ids
+        .iter()
+        .map(|m| machine_id("target.machine_ids", m))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(bm_workflow::RolloutRequest {
+        target: bm_workflow::RolloutTarget {
+            selector: target
+                .label_selector
+                .parse()
+                .map_err(|e| at("target.label_selector", e))?,
+            phase: phase_filter("target.phase", target.phase)?,
+            effective_state: effective_state_filter(
+                "target.effective_state",
+                target.effective_state,
+            )?,
+            machine_ids,
+        },
+        spec,
+        request_id: request_id(&req.request_id)?,
+        note: note(req.note)?,
+        requested_by: bm_domain::Actor::default(),
+        scope: bm_workflow::Scope::All,
+    })
+}
+
+fn rollout_phase(p: bm_domain::RolloutPhase) -> pb::RolloutPhase {
+    use bm_domain::RolloutPhase as P;
+    match p {
+        P::Running => pb::RolloutPhase::Running,
+        P::Paused => pb::RolloutPhase::Paused,
+        P::Stopping => pb::RolloutPhase::Stopping,
+        P::Aborting => pb::RolloutPhase::Aborting,
+        P::Succeeded => pb::RolloutPhase::Succeeded,
+        P::Failed => pb::RolloutPhase::Failed,
+        P::Aborted => pb::RolloutPhase::Aborted,
+    }
+}
+
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// A rollout for the wire; its machines too when `machines` is set.
+pub(crate) fn rollout(r: bm_domain::Rollout, machines: bool) -> pb::Rollout {
+    use bm_domain::{Progress, RolloutAction, WhenBusy};
+    let c = r.counts();
+    let (max_in_flight, failure_limit) = (r.max_in_flight(), r.failure_limit());
+    let spec = pb::RolloutSpec {
+        operation_type: match r.spec.action {
+            RolloutAction::Operation(op) => operation_type(op).into(),
+            RolloutAction::MaintenanceReimage => 0,
+        },
+        maintenance_reimage: r.spec.action == RolloutAction::MaintenanceReimage,
+        max_in_flight: r.spec.max_in_flight.to_string(),
+        failure_budget: r.spec.failure_budget.to_string(),
+        batch_by: r.spec.batch_by.clone().unwrap_or_default(),
+        soak: (!r.spec.soak.is_zero()).then(|| bm_proto::pbjson_types::Duration {
+            seconds: i64::try_from(r.spec.soak.as_secs()).unwrap_or(i64::MAX),
+            nanos: r.spec.soak.subsec_nanos().cast_signed(),
+        }),
+        when_busy: match r.spec.when_busy {
+            WhenBusy::Skip => pb::WhenBusy::Skip,
+            WhenBusy::Wait => pb::WhenBusy::Wait,
+        }
+        .into(),
+    };
+    let machines = if machines {
+        r.machines
+            .into_iter()
+            .map(|m| {
+                let (state, step, reason) = match m.progress {
+                    Progress::Pending => ("PENDING", 0, String::new()),
+                    Progress::Active { step, .. } => ("ACTIVE", step, String::new()),
+                    Progress::Succeeded => ("SUCCEEDED", 0, String::new()),
+                    Progress::Failed { step, error } => ("FAILED", step, error),
+                    Progress::Skipped { reason } => ("SKIPPED", 0, reason),
+                    Progress::Canceled { step } => ("CANCELED", step, String::new()),
+                };
+                pb::RolloutMachine {
+                    machine_id: m.machine_id.to_string(),
+                    batch: count(m.batch as usize),
+                    state: state.to_owned(),
+                    step: count(step as usize),
+                    reason,
+                    operation_ids: m.operations.iter().map(ToString::to_string).collect(),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    pb::Rollout {
+        id: r.id.to_string(),
+        request_id: r.request_id.to_string(),
+        spec: Some(spec),
+        phase: rollout_phase(r.phase).into(),
+        batches: r.batches,
+        batch: count(r.batch as usize),
+        soak_until: opt_timestamp(r.soak_until),
+        counts: Some(pb::RolloutCounts {
+            pending: count(c.pending as usize),
+            active: count(c.active as usize),
+            succeeded: count(c.succeeded as usize),
+            failed: count(c.failed as usize),
+            skipped: count(c.skipped as usize),
+            canceled: count(c.canceled as usize),
+        }),
+        max_in_flight: count(max_in_flight),
+        failure_limit: count(failure_limit),
+        machines,
+        created_by: actor(r.created_by),
+        create_time: Some(timestamp(r.create_time)),
+        update_time: Some(timestamp(r.update_time)),
+        end_time: opt_timestamp(r.end_time),
+        note: r.note,
+    }
+}
+
+/// What ListRollouts asks for, and the filters its page token is bound to.
+pub(crate) fn rollout_query(
+    req: &pb::ListRolloutsRequest,
+) -> Result<(bm_workflow::RolloutQuery, String), ApiError> {
+    let limit = paging::page_size(req.page_size)?;
+    let filters = format!("{}", req.active_only);
+    let before = paging::decode(&req.page_token, "rollouts", &filters)?
+        .map(|k| rollout_id("page_token", &k))
+        .transpose()?;
+    Ok((
+        bm_workflow::RolloutQuery {
+            before,
+            limit,
+            active_only: req.active_only,
+        },
+        filters,
+    ))
+}
+
+/// A page of rollouts for the wire (without their machines).
+pub(crate) fn rollout_page(
+    page: Page<bm_domain::Rollout>,
+    filters: &str,
+) -> pb::ListRolloutsResponse {
+    let mut rollouts: Vec<pb::Rollout> =
+        page.items.into_iter().map(|r| rollout(r, false)).collect();
+    let cut = paging::fit(&mut rollouts);
+    let next_page_token = match rollouts.last() {
+        Some(last) if page.more || cut => paging::encode("rollouts", &last.id, filters),
+        _ => String::new(),
+    };
+    pb::ListRolloutsResponse {
+        rollouts,
+        next_page_token,
     }
 }
 

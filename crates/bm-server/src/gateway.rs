@@ -31,6 +31,7 @@ use axum::routing::{get, post};
 use bm_proto::v1 as pb;
 use bm_proto::v1::machine_service_client::MachineServiceClient;
 use bm_proto::v1::operation_service_client::OperationServiceClient;
+use bm_proto::v1::rollout_service_client::RolloutServiceClient;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream};
@@ -87,6 +88,7 @@ struct Gateway {
     /// Unary calls share one connection: they are short, and HTTP/2 multiplexes them.
     machines: MachineServiceClient<Channel>,
     operations: OperationServiceClient<Channel>,
+    rollouts: RolloutServiceClient<Channel>,
     /// Each stream gets a connection of its own, so that open dashboards never use up the
     /// streams one connection may carry (`--max-concurrent-streams`) and starve the calls.
     /// They are bounded over all callers by `--http-max-streams`.
@@ -126,7 +128,8 @@ pub(crate) fn router(to: &InProcess, max_streams: usize) -> Router {
     let channel = to.channel();
     let gateway = Gateway {
         machines: MachineServiceClient::new(channel.clone()),
-        operations: OperationServiceClient::new(channel),
+        operations: OperationServiceClient::new(channel.clone()),
+        rollouts: RolloutServiceClient::new(channel),
         pipes: to.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
         max_streams,
@@ -241,7 +244,7 @@ async fn unary(
                 )*)*
                 _ => Err(Failure::new(
                     tonic::Code::NotFound,
-                    format!("no unary method {service}/{method}: POST /api/v1/MachineService/<Method> or /api/v1/OperationService/<Method>, as in proto/baremetal/v1/baremetal.proto; streams are GET /api/v1/watch and /api/v1/logs"),
+                    format!("no unary method {service}/{method}: POST /api/v1/MachineService/<Method>, /api/v1/OperationService/<Method> or /api/v1/RolloutService/<Method>, as in proto/baremetal/v1/baremetal.proto; streams are GET /api/v1/watch and /api/v1/logs"),
                 )),
             }
         };
@@ -270,6 +273,14 @@ async fn unary(
             "ListOperations" => list_operations(ListOperationsRequest),
             "CancelOperation" => cancel_operation(CancelOperationRequest),
             "ListOperationTypes" => list_operation_types(ListOperationTypesRequest),
+        }
+        "RolloutService", rollouts {
+            "CreateRollout" => create_rollout(CreateRolloutRequest),
+            "GetRollout" => get_rollout(GetRolloutRequest),
+            "ListRollouts" => list_rollouts(ListRolloutsRequest),
+            "PauseRollout" => pause_rollout(PauseRolloutRequest),
+            "ResumeRollout" => resume_rollout(ResumeRolloutRequest),
+            "AbortRollout" => abort_rollout(AbortRolloutRequest),
         }
     }
 }

@@ -13,12 +13,14 @@
 
 use bm_proto::v1::machine_service_server::MachineServiceServer;
 use bm_proto::v1::operation_service_server::OperationServiceServer;
+use bm_proto::v1::rollout_service_server::RolloutServiceServer;
 use bm_workflow::{Engine, StoreCondition};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::machines::Machines;
 use crate::operations::Operations;
+use crate::rollouts::Rollouts;
 
 /// The health service name that is SERVING only while the store takes writes.
 pub(crate) const STORE_WRITES: &str = "bm-store-writes";
@@ -43,6 +45,12 @@ async fn apply(health: &HealthReporter, condition: &StoreCondition) {
     health
         .set_service_status(
             <OperationServiceServer<Operations> as tonic::server::NamedService>::NAME,
+            serving,
+        )
+        .await;
+    health
+        .set_service_status(
+            <RolloutServiceServer<Rollouts> as tonic::server::NamedService>::NAME,
             serving,
         )
         .await;

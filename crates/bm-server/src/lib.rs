@@ -31,6 +31,7 @@ mod operations;
 mod otel;
 mod paging;
 mod quota;
+mod rollouts;
 mod tls;
 
 use std::future::Future;
@@ -38,6 +39,7 @@ use std::time::Duration;
 
 use bm_proto::v1::machine_service_server::MachineServiceServer;
 use bm_proto::v1::operation_service_server::OperationServiceServer;
+use bm_proto::v1::rollout_service_server::RolloutServiceServer;
 use bm_workflow::Engine;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -134,6 +136,10 @@ pub async fn serve_with_gateway(
         encoded: std::sync::Arc::new(fanout::EncodedEvents::new(deps.engine.live_event_window())),
     })
     .max_decoding_message_size(deps.limits.max_request_bytes);
+    let rollouts = RolloutServiceServer::new(rollouts::Rollouts {
+        engine: deps.engine.clone(),
+    })
+    .max_decoding_message_size(deps.limits.max_request_bytes);
 
     let engine = deps.engine.clone();
     let grace = deps.shutdown_grace;
@@ -153,6 +159,9 @@ pub async fn serve_with_gateway(
             .await;
         health
             .set_not_serving::<OperationServiceServer<operations::Operations>>()
+            .await;
+        health
+            .set_not_serving::<RolloutServiceServer<rollouts::Rollouts>>()
             .await;
         engine.shutdown(grace).await;
         let _ = gateway_stop.send(true);
@@ -189,6 +198,7 @@ pub async fn serve_with_gateway(
             let in_process = grpc!()
                 .add_service(machines.clone())
                 .add_service(operations.clone())
+                .add_service(rollouts.clone())
                 .serve_with_incoming_shutdown(conns, stop(gateway_stopped.clone()));
             tokio::spawn(async move {
                 if let Err(e) = in_process.await {
@@ -207,6 +217,7 @@ pub async fn serve_with_gateway(
         .add_service(reflection_v1alpha)
         .add_service(machines)
         .add_service(operations)
+        .add_service(rollouts)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     // Once the engine has stopped, every stream has ended; a client that does not read its

@@ -43,6 +43,7 @@ use crate::limits::{Limits, Throttle};
 pub(crate) const SERVER_STREAMS: &[&str] = &[
     "/baremetal.v1.OperationService/WatchOperations",
     "/baremetal.v1.OperationService/StreamLogs",
+    "/baremetal.v1.RolloutService/WatchRollout",
 ];
 
 /// The length of a gRPC message's prefix: a compression flag and a 4-byte length.
@@ -289,7 +290,7 @@ where
                 Ok(s) => slot = Some(s),
                 Err(open) => {
                     let message = format!(
-                        "{name} has {open} streams open (WatchOperations, StreamLogs), the limit (--max-streams-per-principal); end one before opening another"
+                        "{name} has {open} streams open (WatchOperations, StreamLogs, WatchRollout), the limit (--max-streams-per-principal); end one before opening another"
                     );
                     Quotas::warn(
                         &q.warn_streams,

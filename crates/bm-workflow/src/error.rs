@@ -94,6 +94,12 @@ impl WorkflowError {
         WorkflowError::Store(StoreError::OperationNotFound(id))
     }
 
+    /// The error of a rollout that does not exist; also what a caller gets for a rollout
+    /// it may not see.
+    pub fn rollout_not_found(id: bm_domain::RolloutId) -> Self {
+        WorkflowError::Store(StoreError::RolloutNotFound(id))
+    }
+
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {

@@ -56,7 +56,7 @@ pub use api::{
     Admission, CancelRequest, EventFilter, ImportOutcome, ImportRequest, MachineQuery,
     MachineUpdate, NewMachine, OperationQuery, OperationRequest, Page, Scope,
 };
-pub use bm_store::{CommitObserver, MachineCount, StoreCondition};
+pub use bm_store::{CommitObserver, MachineCount, RolloutQuery, StoreCondition};
 pub use engine::{Engine, EngineConfig};
 pub use error::{ErrorKind, ResumePoint, WorkflowError};
 pub use netboot::{BootAnswer, CheckIn, CheckInError, NETBOOT_STAGE, Netboot, NetbootConfig};

@@ -22,6 +22,7 @@ mod quota;
 mod random_requests;
 mod replicas;
 mod restart;
+mod rollouts;
 mod scopes;
 mod store;
 mod streams;

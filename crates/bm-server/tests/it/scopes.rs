@@ -196,6 +196,15 @@ async fn every_rpc_with_a_scoped_grant_reaches_only_the_machines_of_its_scope() 
         // Field 1 is a machine filter: a watch of a machine outside the scope is a watch
         // of nothing, as for a machine that does not exist (see the watch test).
         "/baremetal.v1.OperationService/WatchOperations",
+        // Rollouts: a scoped caller's target is resolved within its scope, and it sees its
+        // own rollouts only (see the rollouts test).
+        "/baremetal.v1.RolloutService/CreateRollout",
+        "/baremetal.v1.RolloutService/GetRollout",
+        "/baremetal.v1.RolloutService/ListRollouts",
+        "/baremetal.v1.RolloutService/PauseRollout",
+        "/baremetal.v1.RolloutService/ResumeRollout",
+        "/baremetal.v1.RolloutService/AbortRollout",
+        "/baremetal.v1.RolloutService/WatchRollout",
     ]
     .into();
     // What each principal holds, by role: the machines, or None without any grant of it.
@@ -798,4 +807,93 @@ async fn registration_import_endpoint_changes_and_cancel_record_their_actor() {
         .into_inner();
     assert_eq!(again.canceled_by, actor("scoped"));
     f.server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_rollout_targets_the_scope_and_is_seen_by_its_creator_and_unscoped_callers() {
+    use bm_proto::v1::rollout_service_client::RolloutServiceClient;
+    let f = fleet().await;
+    let channel = f.server.clients().await.channel;
+    let mut rollouts = RolloutServiceClient::new(channel);
+    // Every machine with a team, asked by an operator of team=storage in racks r1 and r2:
+    // S1 only.
+    let create = pb::CreateRolloutRequest {
+        target: Some(pb::RolloutTarget {
+            label_selector: "team".into(),
+            ..Default::default()
+        }),
+        spec: Some(pb::RolloutSpec {
+            operation_type: pb::OperationType::Reboot.into(),
+            max_in_flight: "1".into(),
+            failure_budget: "1".into(),
+            ..Default::default()
+        }),
+        request_id: "scoped-rollout".into(),
+        note: String::new(),
+    };
+    let r = rollouts
+        .create_rollout(with(&f.scoped, create.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let targeted: Vec<_> = r.machines.iter().map(|m| m.machine_id.as_str()).collect();
+    assert_eq!(targeted, [S1]);
+    assert_eq!(r.created_by.as_ref().unwrap().name, "scoped");
+
+    // Its creator and an unscoped admin see it; another scoped principal does not.
+    let get = |id: &str| pb::GetRolloutRequest {
+        rollout_id: id.to_owned(),
+    };
+    rollouts
+        .get_rollout(with(&f.scoped, get(&r.id)))
+        .await
+        .unwrap();
+    rollouts
+        .get_rollout(with(&f.admin, get(&r.id)))
+        .await
+        .unwrap();
+    let hidden = rollouts
+        .get_rollout(with(&f.storage_admin, get(&r.id)))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden:?}");
+    let paused = rollouts
+        .pause_rollout(with(
+            &f.storage_admin,
+            pb::PauseRolloutRequest {
+                rollout_id: r.id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(paused.code(), Code::NotFound, "{paused:?}");
+    let list = |token: &str| {
+        let mut rollouts = rollouts.clone();
+        let token = token.to_owned();
+        async move {
+            rollouts
+                .list_rollouts(with(&token, pb::ListRolloutsRequest::default()))
+                .await
+                .unwrap()
+                .into_inner()
+                .rollouts
+                .len()
+        }
+    };
+    assert_eq!(list(&f.scoped).await, 1);
+    assert_eq!(list(&f.admin).await, 1);
+    assert_eq!(list(&f.storage_admin).await, 0);
+    // A target with nothing in the caller's scope selects nothing.
+    let mut nothing = create;
+    nothing.request_id = "scoped-nothing".into();
+    nothing.target = Some(pb::RolloutTarget {
+        label_selector: "team=db".into(),
+        ..Default::default()
+    });
+    let e = rollouts
+        .create_rollout(with(&f.scoped, nothing))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("selects no machine"), "{e:?}");
 }

@@ -1,0 +1,211 @@
+//! RolloutService through a real server process: a rollout followed with WatchRollout, a
+//! SIGKILL of the server in the middle of it, and the API's refusals.
+
+use bm_proto::v1 as pb;
+use bm_proto::v1::rollout_service_client::RolloutServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::support::{Server, fake_machine};
+
+fn create(request_id: &str, op: pb::OperationType) -> pb::CreateRolloutRequest {
+    pb::CreateRolloutRequest {
+        target: Some(pb::RolloutTarget {
+            label_selector: "fleet=a".into(),
+            ..Default::default()
+        }),
+        spec: Some(pb::RolloutSpec {
+            operation_type: op.into(),
+            max_in_flight: "3".into(),
+            failure_budget: "2".into(),
+            batch_by: "rack".into(),
+            ..Default::default()
+        }),
+        request_id: request_id.into(),
+        note: "kernel 6.12".into(),
+    }
+}
+
+/// Reads WatchRollout until `done` holds for a message; returns it.
+async fn watch_until(
+    client: &mut RolloutServiceClient<Channel>,
+    id: &str,
+    done: impl Fn(&pb::Rollout) -> bool,
+) -> pb::Rollout {
+    let mut stream = client
+        .watch_rollout(pb::WatchRolloutRequest {
+            rollout_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let read = async {
+        while let Some(r) = stream.message().await.unwrap() {
+            if done(&r) {
+                return r;
+            }
+        }
+        panic!("the watch ended before the rollout got there");
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("the rollout did not get there within 60 s")
+}
+
+fn counts(r: &pb::Rollout) -> pb::RolloutCounts {
+    r.counts.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_survives_a_sigkill_and_runs_no_machine_twice() {
+    let mut server = Server::start_with(&["--fake-timing", "normal"]);
+    let mut c = server.clients().await;
+    for i in 0..12u32 {
+        let rack = if i % 2 == 0 { "r1" } else { "r2" };
+        c.register(fake_machine(
+            &format!("m-{i:02}"),
+            i + 1,
+            &[("fleet", "a"), ("rack", rack)],
+        ))
+        .await;
+    }
+    let mut rollouts = RolloutServiceClient::new(c.channel.clone());
+    let r = rollouts
+        .create_rollout(create("sigkill", pb::OperationType::EnterMaintenance))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.machines.len(), 12);
+    assert_eq!(r.batches, ["r1", "r2"]);
+    // The same request again is the same rollout.
+    let again = rollouts
+        .create_rollout(create("sigkill", pb::OperationType::EnterMaintenance))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.id, r.id);
+
+    // Killed while machines of the first rack are in flight and some are done.
+    watch_until(&mut rollouts, &r.id, |r| {
+        counts(r).succeeded >= 1 && counts(r).active > 0
+    })
+    .await;
+    server.kill();
+    server.spawn();
+    let c = server.clients().await;
+    let mut rollouts = RolloutServiceClient::new(c.channel.clone());
+    let end = watch_until(&mut rollouts, &r.id, |r| {
+        r.phase != i32::from(pb::RolloutPhase::Running)
+    })
+    .await;
+    assert_eq!(end.phase(), pb::RolloutPhase::Succeeded, "{end:?}");
+    let n = counts(&end);
+    assert_eq!((n.succeeded, n.failed, n.pending, n.active), (12, 0, 0, 0));
+    assert!(end.end_time.is_some());
+
+    // No machine ran its operation twice; each is the rollout's, with its derived key.
+    let mut ops = c.operations.clone();
+    for m in &end.machines {
+        let list = ops
+            .list_operations(pb::ListOperationsRequest {
+                machine_id: m.machine_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .operations;
+        assert_eq!(list.len(), 1, "{}: {list:?}", m.machine_id);
+        assert_eq!(list[0].rollout_id, r.id);
+        assert_eq!(list[0].request_id, format!("{}.0", r.id));
+        assert_eq!(m.operation_ids, [list[0].id.clone()]);
+        assert!(list[0].note.contains("kernel 6.12"), "{}", list[0].note);
+    }
+    // Listed, newest first, without its machines.
+    let listed = rollouts
+        .list_rollouts(pb::ListRolloutsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.rollouts.len(), 1);
+    assert!(listed.rollouts[0].machines.is_empty());
+    assert_eq!(counts(&listed.rollouts[0]).succeeded, 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_what_it_cannot_do_and_says_why() {
+    let server = Server::start();
+    let mut c = server.clients().await;
+    c.register(fake_machine("m-1", 1, &[("fleet", "a")])).await;
+    let mut rollouts = RolloutServiceClient::new(c.channel.clone());
+    let refused = |req: pb::CreateRolloutRequest| {
+        let mut rollouts = rollouts.clone();
+        async move { rollouts.create_rollout(req).await.unwrap_err() }
+    };
+
+    let mut everything = create("a", pb::OperationType::Reboot);
+    everything.target = Some(pb::RolloutTarget::default());
+    let e = refused(everything).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("rollout target"), "{e:?}");
+
+    let mut zero = create("b", pb::OperationType::Reboot);
+    zero.spec.as_mut().unwrap().max_in_flight = "0".into();
+    let e = refused(zero).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("spec.max_in_flight"), "{e:?}");
+
+    let e = refused(create("c", pb::OperationType::Rma)).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("machine by machine"), "{e:?}");
+
+    let mut missing = create("d", pb::OperationType::Reboot);
+    missing.target = Some(pb::RolloutTarget {
+        machine_ids: vec!["m-nope".into()],
+        ..Default::default()
+    });
+    let e = refused(missing).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let e = rollouts
+        .get_rollout(pb::GetRolloutRequest {
+            rollout_id: "ro-01JD3F5Q2W8Y4ZP0N7R6T9V3KM".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = rollouts
+        .get_rollout(pb::GetRolloutRequest {
+            rollout_id: "not-an-id".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("rollout_id"), "{e:?}");
+
+    // A rollout whose one machine cannot reboot (FACTORY_READY): skipped, with the
+    // server's reason, and the rollout ends; pausing it then is refused.
+    let r = rollouts
+        .create_rollout(create("e", pb::OperationType::Reboot))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = watch_until(&mut rollouts, &r.id, |r| {
+        r.phase == i32::from(pb::RolloutPhase::Succeeded)
+    })
+    .await;
+    assert_eq!(end.machines[0].state, "SKIPPED");
+    assert!(
+        end.machines[0].reason.contains("not allowed"),
+        "{:?}",
+        end.machines[0]
+    );
+    let e = rollouts
+        .pause_rollout(pb::PauseRolloutRequest {
+            rollout_id: r.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("SUCCEEDED"), "{e:?}");
+}
