@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bm_proto::v1::machine_service_client::MachineServiceClient;
 use bm_proto::v1::operation_service_client::OperationServiceClient;
+use bm_proto::v1::rollout_service_client::RolloutServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -30,10 +31,11 @@ const DEFAULT_SERVER: &str = "localhost:50051";
 /// The channel with the credentials on every call.
 pub(crate) type Transport = InterceptedService<Channel, Credentials>;
 
-/// The clients of the two services, over one channel.
+/// The clients of the three services, over one channel.
 pub(crate) struct Clients {
     pub(crate) machines: MachineServiceClient<Transport>,
     pub(crate) operations: OperationServiceClient<Transport>,
+    pub(crate) rollouts: RolloutServiceClient<Transport>,
 }
 
 /// Puts the bearer token, if any, on every call.
@@ -185,7 +187,9 @@ pub(crate) async fn connect(settings: &Settings) -> anyhow::Result<Clients> {
     Ok(Clients {
         machines: MachineServiceClient::with_interceptor(channel.clone(), credentials.clone())
             .max_decoding_message_size(MAX_MESSAGE),
-        operations: OperationServiceClient::with_interceptor(channel, credentials)
+        operations: OperationServiceClient::with_interceptor(channel.clone(), credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE),
+        rollouts: RolloutServiceClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(MAX_MESSAGE),
     })
 }

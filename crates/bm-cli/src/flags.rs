@@ -136,6 +136,10 @@ pub(crate) enum Command {
     },
     /// Each operation type with its stages in the order they run, as the server runs them.
     Plans,
+    /// Roll one kind of operation over many machines, batch by batch, within a failure
+    /// budget (docs/rollouts.md).
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// bmctl's version, and whether the server runs with --insecure (no authentication).
     Version,
     /// The configuration file's contexts (server, CA, credentials).
@@ -408,4 +412,97 @@ pub(crate) enum ConfigCommand {
         /// The context.
         name: String,
     },
+}
+
+/// `bmctl rollout ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum RolloutCommand {
+    /// Start a rollout and follow it live (per batch progress, counts, failures as they
+    /// happen) until it ends; exits 1 if it failed or was aborted.
+    Start(RolloutStartArgs),
+    /// One rollout with each of its machines, or (without an id) the rollouts, newest first.
+    Status {
+        /// The rollout's id.
+        rollout: Option<String>,
+        /// With no id: only the rollouts that have not ended.
+        #[arg(long)]
+        active: bool,
+    },
+    /// Pause: no machine starts until resumed; what runs finishes.
+    Pause {
+        /// The rollout's id.
+        rollout: String,
+    },
+    /// Resume a paused rollout.
+    Resume {
+        /// The rollout's id.
+        rollout: String,
+    },
+    /// Abort: nothing new starts, and the running operations are canceled.
+    Abort {
+        /// The rollout's id.
+        rollout: String,
+    },
+    /// Follow a rollout live until it ends; exits 1 if it failed or was aborted.
+    Watch {
+        /// The rollout's id.
+        rollout: String,
+    },
+}
+
+/// What a rollout does to each machine.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum RolloutOp {
+    Reimage,
+    Upgrade,
+    Reboot,
+    NetReconfig,
+    EnterMaintenance,
+    ExitMaintenance,
+    /// Enter maintenance, reimage, exit maintenance, as one step per machine.
+    MaintenanceReimage,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RolloutStartArgs {
+    /// What to do to each machine.
+    #[arg(long = "op", value_enum)]
+    pub(crate) op: RolloutOp,
+    /// The machines whose labels match this selector, e.g. "rack in (r1,r2)".
+    #[arg(short = 'l', long = "selector", default_value = "")]
+    pub(crate) selector: String,
+    /// Only machines in this phase.
+    #[arg(long, value_enum)]
+    pub(crate) phase: Option<PhaseArg>,
+    /// Only machines in this effective state.
+    #[arg(long, value_enum)]
+    pub(crate) state: Option<StateArg>,
+    /// These machines (repeatable), filtered by the criteria above.
+    #[arg(long = "machine")]
+    pub(crate) machines: Vec<String>,
+    /// The most machines in flight at once: a number (50) or a share of the target (10%).
+    #[arg(long)]
+    pub(crate) max_in_flight: String,
+    /// Stop when this many machines failed (5), or this share of the target (2%).
+    #[arg(long)]
+    pub(crate) failure_budget: String,
+    /// One batch per value of this label, in order (one rack at a time).
+    #[arg(long)]
+    pub(crate) batch_by: Option<String>,
+    /// Wait this long after a batch before the next one, e.g. 10m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) soak: Option<std::time::Duration>,
+    /// Wait for machines that are BLOCKED, ATTENTION or BUSY when their turn comes,
+    /// instead of skipping them.
+    #[arg(long)]
+    pub(crate) wait_busy: bool,
+    /// Idempotency key: the same key returns the same rollout (default: a new one).
+    #[arg(long)]
+    pub(crate) request_id: Option<String>,
+    /// A note for the audit trail, also on each of its operations.
+    #[arg(long, default_value = "")]
+    pub(crate) note: String,
+    /// Return at once instead of following the rollout.
+    #[arg(long)]
+    pub(crate) no_wait: bool,
 }

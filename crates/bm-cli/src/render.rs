@@ -616,6 +616,200 @@ pub(crate) fn watch_line(e: &pb::OperationEvent, pal: &Palette) -> String {
     )
 }
 
+// ---- rollouts ---------------------------------------------------------------------------
+
+fn rollout_phase(r: &pb::Rollout, pal: &Palette) -> String {
+    let name = short(r.phase().as_str_name(), "ROLLOUT_PHASE_");
+    match r.phase() {
+        pb::RolloutPhase::Succeeded => paint(pal.ok, name),
+        pb::RolloutPhase::Failed | pb::RolloutPhase::Aborted => paint(pal.bad, name),
+        pb::RolloutPhase::Stopping | pb::RolloutPhase::Aborting | pb::RolloutPhase::Paused => {
+            paint(pal.warn, name)
+        }
+        _ => paint(pal.accent, name),
+    }
+}
+
+/// What a rollout does to each machine, in words.
+fn rollout_action(r: &pb::Rollout) -> String {
+    match &r.spec {
+        Some(s) if s.maintenance_reimage => "MAINTENANCE_REIMAGE".into(),
+        Some(s) => op_type(s.operation_type),
+        None => "-".into(),
+    }
+}
+
+/// `[#####.....]`: `done` of `total`, `width` wide.
+fn bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done * width).checked_div(total).unwrap_or(0).min(width);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// The counts of a rollout, on one line.
+fn rollout_counts(r: &pb::Rollout) -> String {
+    let c = r.counts.unwrap_or_default();
+    format!(
+        "{} succeeded, {} failed (stops at {}), {} skipped, {} in flight (at most {}), {} pending{}",
+        c.succeeded,
+        c.failed,
+        r.failure_limit,
+        c.skipped,
+        c.active,
+        r.max_in_flight,
+        c.pending,
+        if c.canceled > 0 {
+            format!(", {} canceled", c.canceled)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// One line per change, for a log or a pipe.
+pub(crate) fn rollout_line(r: &pb::Rollout) -> String {
+    format!(
+        "{} {}: batch {}/{}: {}",
+        r.id,
+        short(r.phase().as_str_name(), "ROLLOUT_PHASE_"),
+        r.batch + 1,
+        r.batches.len().max(1),
+        rollout_counts(r)
+    )
+}
+
+/// A failure, as it happens.
+pub(crate) fn rollout_failure(m: &pb::RolloutMachine, pal: &Palette) -> String {
+    format!(
+        "{} {}: {}",
+        paint(pal.bad, "FAILED"),
+        m.machine_id,
+        if m.reason.is_empty() { "-" } else { &m.reason }
+    )
+}
+
+/// The live view: the rollout, its counts, and a progress bar per batch.
+pub(crate) fn rollout_view(r: &pb::Rollout, pal: &Palette) -> String {
+    let mut out = format!(
+        "{} {} {} over {} machines\n  {}\n",
+        paint(pal.bold, &r.id),
+        rollout_phase(r, pal),
+        rollout_action(r),
+        r.machines.len(),
+        rollout_counts(r)
+    );
+    if let Some(until) = &r.soak_until {
+        out.push_str(&format!("  soaking until {}\n", clock(Some(until))));
+    }
+    let label = r.spec.as_ref().map_or("", |s| s.batch_by.as_str());
+    for (i, value) in r.batches.iter().enumerate() {
+        let of: Vec<_> = r
+            .machines
+            .iter()
+            .filter(|m| usize::try_from(m.batch).ok() == Some(i))
+            .collect();
+        if of.is_empty() {
+            continue;
+        }
+        let count = |state: &str| of.iter().filter(|m| m.state == state).count();
+        let done = of
+            .iter()
+            .filter(|m| !matches!(m.state.as_str(), "PENDING" | "ACTIVE"))
+            .count();
+        let name = match (label, value.as_str()) {
+            ("", _) => "all".to_owned(),
+            (key, "") => format!("(no {key})"),
+            (key, v) => format!("{key}={v}"),
+        };
+        let current = if usize::try_from(r.batch).ok() == Some(i) && r.end_time.is_none() {
+            "▶"
+        } else {
+            " "
+        };
+        out.push_str(&format!(
+            "  {current} {name:<16} {} {done}/{} done, {} active, {} failed, {} skipped\n",
+            bar(done, of.len(), 20),
+            of.len(),
+            count("ACTIVE"),
+            count("FAILED"),
+            count("SKIPPED"),
+        ));
+    }
+    out
+}
+
+/// `bmctl rollout status ID`: the view, then every machine that is not simply done.
+pub(crate) fn rollout_detail(r: &pb::Rollout, pal: &Palette) -> String {
+    let mut out = rollout_view(r, pal);
+    out.push_str(&format!(
+        "  created {} by {}{}\n",
+        date_time(r.create_time.as_ref()),
+        actor(r.created_by.as_ref()),
+        if r.note.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", r.note)
+        }
+    ));
+    let rows: Vec<Vec<String>> = r
+        .machines
+        .iter()
+        .filter(|m| m.state != "SUCCEEDED" && m.state != "PENDING")
+        .map(|m| {
+            vec![
+                m.machine_id.clone(),
+                match m.state.as_str() {
+                    "FAILED" => paint(pal.bad, &m.state),
+                    "SKIPPED" | "CANCELED" => paint(pal.warn, &m.state),
+                    _ => paint(pal.accent, &m.state),
+                },
+                m.operation_ids
+                    .last()
+                    .cloned()
+                    .unwrap_or_else(|| "-".into()),
+                if m.reason.is_empty() {
+                    "-".into()
+                } else {
+                    m.reason.clone()
+                },
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        out.push('\n');
+        out.push_str(&table(&["MACHINE", "STATE", "OPERATION", "REASON"], &rows));
+    }
+    out
+}
+
+/// `bmctl rollout status`: the rollouts, newest first.
+pub(crate) fn rollouts_table(all: &[pb::Rollout], pal: &Palette) -> String {
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|r| {
+            let c = r.counts.unwrap_or_default();
+            vec![
+                r.id.clone(),
+                rollout_phase(r, pal),
+                rollout_action(r),
+                format!(
+                    "{}/{}",
+                    c.succeeded + c.failed + c.skipped + c.canceled,
+                    c.pending + c.active + c.succeeded + c.failed + c.skipped + c.canceled
+                ),
+                c.failed.to_string(),
+                date_time(r.create_time.as_ref()),
+                actor(r.created_by.as_ref()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ROLLOUT", "PHASE", "ACTION", "DONE", "FAILED", "CREATED", "BY",
+        ],
+        &rows,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@ mod generate;
 mod machines;
 mod operations;
 mod plans;
+mod rollouts;
 mod streams;
 mod version;
 
@@ -56,6 +57,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => streams::watch(c, args, json, pal).await,
         Command::Logs { operation, after } => streams::logs(c, operation, after, json, pal).await,
         Command::Plans => plans::plans(c, json, pal).await,
+        Command::Rollout(cmd) => rollouts::run(c, cmd, json, pal).await,
         Command::Version => version::version(c, json).await,
         Command::Completion { .. } | Command::Man { .. } | Command::Config(_) => {
             unreachable!("answered above without a server")

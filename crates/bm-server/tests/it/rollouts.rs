@@ -209,3 +209,58 @@ async fn the_api_refuses_what_it_cannot_do_and_says_why() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("SUCCEEDED"), "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bmctl_starts_a_rollout_shows_its_failures_and_exits_1_when_the_budget_is_spent() {
+    use crate::support::text;
+    let server = Server::start();
+    let mut c = server.clients().await;
+    for i in 0..6u32 {
+        let mut labels = vec![("fleet", "a"), ("rack", if i < 3 { "r1" } else { "r2" })];
+        if i == 1 || i == 4 {
+            labels.push((bm_provider_fake::LABEL_FAIL_ACTION, "drain"));
+            labels.push((bm_provider_fake::LABEL_FAIL_KIND, "permanent"));
+        }
+        c.register(fake_machine(&format!("m-{i}"), i + 1, &labels))
+            .await;
+    }
+    let out = server.bmctl(&[
+        "rollout",
+        "start",
+        "--op",
+        "enter-maintenance",
+        "-l",
+        "fleet=a",
+        "--max-in-flight",
+        "1",
+        "--failure-budget",
+        "2",
+        "--batch-by",
+        "rack",
+        "--request-id",
+        "cli-rollout",
+    ]);
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(shown.contains("FAILED m-1: "), "{shown}");
+    assert!(shown.contains("FAILED m-4: "), "{shown}");
+    assert!(shown.contains("rack=r1"), "{shown}");
+    // One machine at a time: m-5 never started after the second failure.
+    let status = server.bmctl(&["-o", "json", "rollout", "status"]);
+    let list: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    let detail = server.bmctl(&["rollout", "status", &id]);
+    let detail = text(&detail);
+    assert!(detail.contains("FAILED"), "{detail}");
+    assert!(detail.contains("m-4"), "{detail}");
+    let r = server.bmctl(&["-o", "json", "rollout", "status", &id]);
+    let r: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(r["phase"], "ROLLOUT_PHASE_FAILED", "{r}");
+    assert_eq!(r["counts"]["failed"], 2, "{r}");
+    assert_eq!(r["machines"][5]["state"], "PENDING", "{r}");
+    // An ended rollout cannot be paused: said plainly, exit code 1.
+    let paused = server.bmctl(&["rollout", "pause", &id]);
+    assert_eq!(paused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&paused.stderr);
+    assert!(said.contains("FAILED: it cannot be paused"), "{said}");
+}
