@@ -608,6 +608,79 @@ impl Demo {
             run.stdout.contains("POWER_CHANGED") && run.stdout.contains("from On to Off"),
             "machine-1's power change is not among its events"
         );
+        self.rollout()
+    }
+
+    /// Step 12: a rollout over five new machines, two at a time, rack by rack, with one
+    /// failure (injected) within the budget.
+    fn rollout(&mut self) -> anyhow::Result<()> {
+        self.caption(
+            "12",
+            "five new machines in two racks; edge-4's disk will fail to take the image",
+        )?;
+        let fail = "fake.baremetal.dev/fail-action=repave;fake.baremetal.dev/fail-kind=permanent";
+        let mut csv =
+            String::from("id,provider,mac_addresses,ssh_endpoint,image,target_cluster,labels\n");
+        for i in 1..=5 {
+            let rack = if i <= 3 { "r1" } else { "r2" };
+            let extra = if i == 4 {
+                format!(";{fail}")
+            } else {
+                String::new()
+            };
+            csv.push_str(&format!(
+                "edge-{i},fake,02:00:00:00:e0:0{i},root@10.0.9.{i}:22,ubuntu-24.04,prod,pool=edge;rack={rack}{extra}\n"
+            ));
+        }
+        let file = self
+            .data
+            .parent()
+            .context("the demo's directory")?
+            .join("edge.csv");
+        std::fs::write(&file, csv)?;
+        let file = file.display().to_string();
+        self.expect_ok(&["import", "--file", &file])?;
+        self.caption(
+            "12",
+            "a rollout: enter maintenance, reimage, exit maintenance on each, 2 at a time, rack by rack, stop at 2 failures",
+        )?;
+        self.expect_ok(&[
+            "rollout",
+            "start",
+            "--op",
+            "maintenance-reimage",
+            "-l",
+            "pool=edge",
+            "--max-in-flight",
+            "2",
+            "--failure-budget",
+            "2",
+            "--batch-by",
+            "rack",
+            "--note",
+            "demo rollout",
+        ])?;
+        let list = self.json(&["rollout", "status"])?;
+        let id = list[0]["id"]
+            .as_str()
+            .context("no rollout listed")?
+            .to_owned();
+        let r = self.json(&["rollout", "status", &id])?;
+        ensure!(
+            r["phase"] == "ROLLOUT_PHASE_SUCCEEDED"
+                && r["counts"]["succeeded"] == 4
+                && r["counts"]["failed"] == 1,
+            "the rollout did not end SUCCEEDED with 4 machines done and 1 failed: {r}"
+        );
+        self.caption(
+            "12",
+            "the failure stayed within the budget: the rollout says which machine and why",
+        )?;
+        let run = self.expect_ok(&["rollout", "status", &id])?;
+        ensure!(
+            run.stdout.contains("edge-4") && run.stdout.contains("FAILED"),
+            "the rollout's status does not show edge-4's failure"
+        );
         Ok(())
     }
 

@@ -111,6 +111,18 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutLabels {
+    rollout: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutPhaseLabels {
+    rollout: String,
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrpcLabels {
     method: String,
     code: &'static str,
@@ -158,6 +170,8 @@ pub struct Metrics {
     stream_buffered_bytes: Gauge,
     streams_waiting: Gauge,
     stream_catch_ups: Counter,
+    rollout_machines: Family<RolloutLabels, Gauge>,
+    rollout_phase: Family<RolloutPhaseLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -198,6 +212,8 @@ impl Metrics {
             stream_buffered_bytes: Gauge::default(),
             streams_waiting: Gauge::default(),
             stream_catch_ups: Counter::default(),
+            rollout_machines: Family::default(),
+            rollout_phase: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -310,6 +326,16 @@ impl Metrics {
             "Times a stream fell behind the live feed and read what it missed back from the store",
             m.stream_catch_ups.clone(),
         );
+        registry.register(
+            "rollout_machines",
+            "Machines of each rollout by what happened to them (pending, active, succeeded, failed, skipped, canceled): the active rollouts and the newest ended ones, read when scraped",
+            m.rollout_machines.clone(),
+        );
+        registry.register(
+            "rollout_phase",
+            "1 for the phase each rollout is in (RUNNING, PAUSED, STOPPING, ABORTING, SUCCEEDED, FAILED, ABORTED), for the same rollouts",
+            m.rollout_phase.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -365,6 +391,7 @@ impl Metrics {
             };
             set(&self.oldest.get_or_create(&labels), age);
         }
+        self.read_rollouts(engine).await;
         set(&self.running, engine.running_operations());
         match engine.queued_operations().await {
             Ok(n) => set(&self.queued, n),
@@ -543,6 +570,66 @@ impl bm_workflow::CommitObserver for Metrics {
 }
 
 /// Sets a gauge to a count (saturating: a gauge is an i64).
+/// Rollouts with series: every active one, and this many of the newest (ended ones stay
+/// visible for a while after their end, until newer rollouts push them out).
+const ROLLOUTS_SHOWN: usize = 20;
+
+impl Metrics {
+    /// The rollouts' gauges: the active rollouts and the newest ones; the series of the
+    /// others are dropped.
+    async fn read_rollouts(&self, engine: &Engine) {
+        let newest = bm_workflow::RolloutQuery {
+            before: None,
+            limit: ROLLOUTS_SHOWN,
+            active_only: false,
+        };
+        let active = bm_workflow::RolloutQuery {
+            limit: 1000,
+            active_only: true,
+            ..newest.clone()
+        };
+        let (newest, active) = match (
+            engine.list_rollouts(&newest).await,
+            engine.list_rollouts(&active).await,
+        ) {
+            (Ok(n), Ok(a)) => (n.items, a.items),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "metrics: cannot list the rollouts");
+                return;
+            }
+        };
+        self.rollout_machines.clear();
+        self.rollout_phase.clear();
+        let mut seen = std::collections::HashSet::new();
+        for r in active.into_iter().chain(newest) {
+            if !seen.insert(r.id) {
+                continue;
+            }
+            let id = r.id.to_string();
+            let c = r.counts();
+            for (state, n) in [
+                ("pending", c.pending),
+                ("active", c.active),
+                ("succeeded", c.succeeded),
+                ("failed", c.failed),
+                ("skipped", c.skipped),
+                ("canceled", c.canceled),
+            ] {
+                let labels = RolloutLabels {
+                    rollout: id.clone(),
+                    state,
+                };
+                set(&self.rollout_machines.get_or_create(&labels), n);
+            }
+            let labels = RolloutPhaseLabels {
+                rollout: id,
+                phase: r.phase.as_str(),
+            };
+            set(&self.rollout_phase.get_or_create(&labels), 1);
+        }
+    }
+}
+
 fn set(gauge: &Gauge, n: impl TryInto<i64>) {
     gauge.set(n.try_into().unwrap_or(i64::MAX));
 }

@@ -8,6 +8,7 @@ use super::{print_json, show};
 use crate::connect::Clients;
 use crate::flags::{RolloutCommand, RolloutOp, RolloutStartArgs, api_enum};
 use crate::render::{self, Palette};
+use crate::stream;
 
 pub(super) async fn run(
     c: &mut Clients,
@@ -132,43 +133,73 @@ async fn start(
 }
 
 /// Follows a rollout until it ends: the view redrawn in place on a terminal, a line per
-/// change otherwise; each failure printed once, as it happens. Exit 1 if it did not
-/// succeed.
+/// change otherwise; each failure printed once, as it happens. Every message of the stream
+/// is the whole rollout, so after the server went away the stream is opened again and
+/// nothing is missed (for up to [`stream::RECONNECT_FOR`]). Exit 1 if it did not succeed.
 async fn watch(c: &mut Clients, id: String, json: bool, pal: &Palette) -> anyhow::Result<u8> {
-    let mut stream = c
-        .rollouts
-        .watch_rollout(pb::WatchRolloutRequest { rollout_id: id })
-        .await?
-        .into_inner();
     let tty = !json && std::io::stdout().is_terminal();
     let mut drawn_lines = 0;
     let mut reported = std::collections::HashSet::new();
-    let mut last = None;
-    while let Some(r) = stream.message().await? {
-        if json {
-            print_json(&r)?;
-        } else {
-            for m in &r.machines {
-                if m.state == "FAILED" && reported.insert(m.machine_id.clone()) {
-                    if tty && drawn_lines > 0 {
-                        out!("\x1b[{drawn_lines}A\x1b[J");
-                        drawn_lines = 0;
-                    }
-                    outln!("{}", render::rollout_failure(m, pal));
-                }
+    let mut last: Option<pb::Rollout> = None;
+    let mut last_line = None;
+    let mut broken: Option<std::time::Instant> = None;
+    'connect: loop {
+        let opened = c
+            .rollouts
+            .watch_rollout(pb::WatchRolloutRequest {
+                rollout_id: id.clone(),
+            })
+            .await;
+        let mut messages = match opened {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                wait_to_reconnect(&e, &mut broken).await?;
+                continue 'connect;
             }
-            if tty {
-                if drawn_lines > 0 {
-                    out!("\x1b[{drawn_lines}A\x1b[J");
+        };
+        loop {
+            let r = match messages.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => break 'connect,
+                Err(e) => {
+                    wait_to_reconnect(&e, &mut broken).await?;
+                    continue 'connect;
                 }
-                let view = render::rollout_view(&r, pal);
-                drawn_lines = view.lines().count();
-                out!("{view}");
+            };
+            broken = None;
+            if last.as_ref() == Some(&r) {
+                continue;
+            }
+            if json {
+                print_json(&r)?;
             } else {
-                outln!("{}", render::rollout_line(&r));
+                for m in &r.machines {
+                    if m.state == "FAILED" && reported.insert(m.machine_id.clone()) {
+                        if tty && drawn_lines > 0 {
+                            out!("\x1b[{drawn_lines}A\x1b[J");
+                            drawn_lines = 0;
+                        }
+                        outln!("{}", render::rollout_failure(m, pal));
+                    }
+                }
+                if tty {
+                    if drawn_lines > 0 {
+                        out!("\x1b[{drawn_lines}A\x1b[J");
+                    }
+                    let view = render::rollout_view(&r, pal);
+                    drawn_lines = view.lines().count();
+                    out!("{view}");
+                } else {
+                    // A line when something a reader can see changed.
+                    let line = render::rollout_line(&r);
+                    if last_line.as_ref() != Some(&line) {
+                        outln!("{line}");
+                        last_line = Some(line);
+                    }
+                }
             }
+            last = Some(r);
         }
-        last = Some(r);
     }
     let Some(r) = last else {
         anyhow::bail!("the watch ended before it sent the rollout");
@@ -177,6 +208,31 @@ async fn watch(c: &mut Clients, id: String, json: bool, pal: &Palette) -> anyhow
         out!("{}", render::rollout_view(&r, pal));
     }
     Ok(u8::from(r.phase() != pb::RolloutPhase::Succeeded))
+}
+
+/// After the server went away (`e` says so): waits a moment before the stream is opened
+/// again, and gives up [`stream::RECONNECT_FOR`] after the break. Any other error is the
+/// command's.
+async fn wait_to_reconnect(
+    e: &tonic::Status,
+    broken: &mut Option<std::time::Instant>,
+) -> anyhow::Result<()> {
+    if !matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+        return Err(e.clone().into());
+    }
+    let since = *broken.get_or_insert_with(|| {
+        anstream::eprintln!("↻ lost the server ({}); reconnecting...", e.message());
+        std::time::Instant::now()
+    });
+    if since.elapsed() > stream::RECONNECT_FOR {
+        anyhow::bail!(
+            "the server did not come back within {:?}: {}",
+            stream::RECONNECT_FOR,
+            e.message()
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    Ok(())
 }
 
 async fn list(c: &mut Clients, active: bool, json: bool, pal: &Palette) -> anyhow::Result<u8> {

@@ -264,3 +264,61 @@ async fn bmctl_starts_a_rollout_shows_its_failures_and_exits_1_when_the_budget_i
     let said = String::from_utf8_lossy(&paused.stderr);
     assert!(said.contains("FAILED: it cannot be paused"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_are_in_the_metrics_by_machine_state_and_phase() {
+    let server = Server::start_with(&[
+        "--fake-timing",
+        "instant",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let metrics = server.logged_address("metrics on http://").await;
+    let mut c = server.clients().await;
+    for i in 0..3u32 {
+        c.register(fake_machine(
+            &format!("m-{i}"),
+            i + 1,
+            &[("fleet", "a"), ("rack", "r1")],
+        ))
+        .await;
+    }
+    let mut rollouts = RolloutServiceClient::new(c.channel.clone());
+    let r = rollouts
+        .create_rollout(create("metrics", pb::OperationType::EnterMaintenance))
+        .await
+        .unwrap()
+        .into_inner();
+    watch_until(&mut rollouts, &r.id, |r| {
+        r.phase == i32::from(pb::RolloutPhase::Succeeded)
+    })
+    .await;
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = |name: &str, labels: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+            .unwrap_or_else(|| panic!("no {name} with {labels} in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let of = format!("rollout=\"{}\"", r.id);
+    assert_eq!(
+        line("bm_rollout_machines", &format!("{of},state=\"succeeded\"")),
+        "3"
+    );
+    assert_eq!(
+        line("bm_rollout_machines", &format!("{of},state=\"failed\"")),
+        "0"
+    );
+    assert_eq!(
+        line("bm_rollout_phase", &format!("{of},phase=\"SUCCEEDED\"")),
+        "1"
+    );
+}
