@@ -33,7 +33,7 @@ tasks:
   demo [--slow] [--fake-timing normal|slow|instant] [--store sqlite|postgres]
         play spec 000's presenter script (steps 3-10) against a fresh server; with
         --store postgres, on a local PostgreSQL that it starts and stops itself
-  bench [--quick] [--scenario all|baseline|fleet|api|watch|memory|poll] [--store postgres] [--metrics] [--traces]
+  bench [--quick] [--scenario all|baseline|fleet|rollout|api|watch|memory|poll] [--store postgres] [--metrics] [--traces]
         build in release mode, run the benchmarks against a real server, print one table;
         --store postgres adds the fleet on a throwaway PostgreSQL, 1 and 3 replicas;
         --metrics runs the server with --metrics-listen, scraped every second;

@@ -528,3 +528,64 @@ pub(crate) async fn fan_out(
         wall: started.elapsed(),
     })
 }
+
+/// What a rollout over the fleet took.
+pub(crate) struct RolloutRun {
+    /// From its creation to its end.
+    pub(crate) wall: Duration,
+    /// The server's CPU time meanwhile.
+    pub(crate) cpu: Duration,
+}
+
+/// Reimages the `n` machines in MAINTENANCE as one rollout, at most 1,000 in flight, and
+/// follows it (WatchRollout) to its end; it must succeed on every machine.
+pub(crate) async fn rollout(addr: &str, pid: u32, n: u32) -> anyhow::Result<RolloutRun> {
+    use bm_proto::v1::rollout_service_client::RolloutServiceClient;
+    let channel = crate::connect(addr).await?;
+    let mut rollouts =
+        RolloutServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let cpu0 = crate::procs::cpu(pid)?;
+    let started = Instant::now();
+    let r = rollouts
+        .create_rollout(pb::CreateRolloutRequest {
+            target: Some(pb::RolloutTarget {
+                phase: pb::Phase::Maintenance.into(),
+                ..Default::default()
+            }),
+            spec: Some(pb::RolloutSpec {
+                operation_type: pb::OperationType::Reimage.into(),
+                max_in_flight: "1000".into(),
+                failure_budget: "1%".into(),
+                ..Default::default()
+            }),
+            request_id: "bench-rollout".into(),
+            note: "bm-bench".into(),
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        r.machines.len() == n as usize,
+        "the rollout targets {} machines, not {n}",
+        r.machines.len()
+    );
+    let mut watch = rollouts
+        .watch_rollout(pb::WatchRolloutRequest {
+            rollout_id: r.id.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(r) = watch.message().await? {
+        last = Some(r);
+    }
+    let wall = started.elapsed();
+    let cpu = crate::procs::cpu(pid)?.saturating_sub(cpu0);
+    let end = last.context("the rollout's watch sent nothing")?;
+    let c = end.counts.unwrap_or_default();
+    ensure!(
+        end.phase() == pb::RolloutPhase::Succeeded && c.succeeded == n as i32,
+        "the rollout ended {:?} with {c:?}",
+        end.phase()
+    );
+    Ok(RolloutRun { wall, cpu })
+}

@@ -97,6 +97,8 @@ enum Scenario {
     Memory,
     /// The status poll over `memory_machines` machines, in this process.
     Poll,
+    /// A rollout reimaging the fleet (max in flight 1,000), against the plain fleet run.
+    Rollout,
 }
 
 struct Sizes {
@@ -221,6 +223,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The control plane.
     let needs_server = [
         Scenario::Fleet,
+        Scenario::Rollout,
         Scenario::Api,
         Scenario::Watch,
         Scenario::Memory,
@@ -259,6 +262,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let mut c = Clients::new(connect(&server.addr).await?);
         let mut registered = 0u32;
         let mut in_maintenance = 0u32;
+        let mut fleet_rate: Option<f64> = None;
         let mut memory_at = None;
 
         // 2. The fleet: import, maintenance, reimage everything at once.
@@ -312,6 +316,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .await
                 .context("after the fleet reimage")?;
             let ops = f64::from(n) / re.wall.as_secs_f64();
+            fleet_rate = Some(ops);
             rows.push(
                 Row::new(
                     "fleet",
@@ -402,6 +407,59 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     ),
                 ));
             }
+        }
+
+        // 2b. The same reimage of the fleet as one rollout.
+        if want(Scenario::Rollout) {
+            let n = sizes.fleet;
+            if registered < n {
+                control::import(&mut c, registered, n).await?;
+                registered = n;
+            }
+            if in_maintenance < n {
+                control::run_phase(
+                    std::slice::from_ref(&c),
+                    &[pid],
+                    n,
+                    Kind::EnterMaintenance,
+                    sizes.client_in_flight,
+                    "enter",
+                )
+                .await?;
+                in_maintenance = n;
+            }
+            let r = control::rollout(&server.addr, pid, n).await?;
+            let rate = f64::from(n) / r.wall.as_secs_f64();
+            rows.push(
+                Row::new(
+                    "rollout",
+                    format!(
+                        "reimage x {} as one rollout, max in flight 1,000",
+                        fmt_count(f64::from(n))
+                    ),
+                    fmt_duration(r.wall),
+                )
+                .vs(format!("{} reimages/s", fmt_count(rate))),
+            );
+            if let Some(fleet) = fleet_rate {
+                rows.push(Row::new(
+                    "rollout",
+                    "throughput vs the plain fleet run (512 reimages in flight from the client)",
+                    format!("{:+.1}%", (rate / fleet - 1.0) * 100.0),
+                ));
+            }
+            rows.push(
+                Row::new(
+                    "rollout",
+                    "server CPU time during the rollout",
+                    format!("{:.2} s", r.cpu.as_secs_f64()),
+                )
+                .vs(format!(
+                    "{:.2} ms per machine",
+                    r.cpu.as_secs_f64() * 1000.0 / f64::from(n)
+                )),
+            );
+            println!("rollout: done ({n} reimages in {})", fmt_duration(r.wall));
         }
 
         // 3. The API under load.
