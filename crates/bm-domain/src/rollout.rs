@@ -195,7 +195,8 @@ pub enum WhenBusy {
     /// Skip it, with the reason recorded.
     #[default]
     Skip,
-    /// Leave it waiting, and start it once it is fit; its batch stays open meanwhile.
+    /// Leave it waiting (BUSY or ATTENTION; a BLOCKED one is skipped all the same), and start
+    /// it once it is fit; its batch stays open meanwhile.
     Wait,
 }
 
@@ -358,6 +359,9 @@ pub enum Seen {
     State(EffectiveState),
     /// It no longer exists.
     Gone,
+    /// It runs (or ran) this operation, which this rollout started for its first step
+    /// without recording it: it is adopted, not started again nor judged unfit.
+    Started(OperationId),
     /// Not read: admission waits for the next call.
     NotRead,
 }
@@ -603,7 +607,6 @@ impl Rollout {
             self.admit(now, &state_of, &steps, &mut starts);
         }
         self.settle(now);
-        self.update_time = now;
         starts
     }
 
@@ -638,11 +641,26 @@ impl Rollout {
                             reason: "the machine no longer exists".into(),
                         };
                     }
-                    Seen::State(
-                        s @ (EffectiveState::Blocked
-                        | EffectiveState::Attention
-                        | EffectiveState::Busy),
-                    ) => {
+                    // Started before, and the record of it lost (a crash, a write that
+                    // lost to another): it is this rollout's, in flight.
+                    Seen::Started(op) => {
+                        let m = &mut self.machines[i];
+                        m.progress = Progress::Active {
+                            step: 0,
+                            operation: Some(op),
+                        };
+                        if !m.operations.contains(&op) {
+                            m.operations.push(op);
+                        }
+                        active += 1;
+                    }
+                    // A blocked machine stays blocked until a person acts: never waited for.
+                    Seen::State(s @ EffectiveState::Blocked) => {
+                        self.machines[i].progress = Progress::Skipped {
+                            reason: format!("it was {s} when its turn came"),
+                        };
+                    }
+                    Seen::State(s @ (EffectiveState::Attention | EffectiveState::Busy)) => {
                         if self.spec.when_busy == WhenBusy::Skip {
                             self.machines[i].progress = Progress::Skipped {
                                 reason: format!("it was {s} when its turn came"),
@@ -714,9 +732,17 @@ impl Rollout {
         })
     }
 
-    /// `operation` was started (or found, by its request id) for `step` on `machine`.
+    /// `operation` was started (or found, by its request id) for `step` on `machine`. Also
+    /// for a machine still pending at step 0: a start that a copy of the rollout made, and
+    /// another copy (the one stored when that one's write lost) did not record.
     pub fn started(&mut self, machine: &MachineId, step: u32, operation: OperationId) {
-        if let Some(i) = self.active_index(machine, step) {
+        let pending = || {
+            self.machines
+                .iter()
+                .position(|m| m.machine_id == *machine && m.progress == Progress::Pending)
+                .filter(|_| step == 0)
+        };
+        if let Some(i) = self.active_index(machine, step).or_else(pending) {
             let m = &mut self.machines[i];
             m.progress = Progress::Active {
                 step,
@@ -1357,6 +1383,38 @@ mod tests {
         assert_eq!(ids, vec![id(0), id(2), id(3), id(4)]);
         r.pause(T0).unwrap();
         assert_eq!(r.next_up().count(), 0);
+    }
+
+    #[test]
+    fn a_lost_start_is_adopted_and_a_blocked_machine_is_never_waited_for() {
+        let mut s = spec(RolloutAction::Operation(OperationType::Reboot), 1, 5);
+        s.when_busy = WhenBusy::Wait;
+        let mut r = rollout(s, 3, |_| None);
+        let op = OperationId::from_parts(1, 9);
+        let seen: BTreeMap<_, _> = [
+            (id(0), Seen::Started(op)),
+            (id(1), Seen::State(EffectiveState::Blocked)),
+            (id(2), Seen::State(EffectiveState::Idle)),
+        ]
+        .into();
+        // m-000 runs the rollout's own operation: adopted, it fills the one place in flight.
+        let starts = r.advance(T0, |m| seen[m]);
+        assert!(starts.is_empty(), "{starts:?}");
+        assert_eq!(
+            r.machines[0].progress,
+            Progress::Active {
+                step: 0,
+                operation: Some(op)
+            }
+        );
+        assert_eq!(r.running().collect::<Vec<_>>(), vec![op]);
+        assert!(r.ended(op, Ended::Succeeded));
+        let starts = r.advance(T0, |m| seen[m]);
+        assert!(
+            matches!(&r.machines[1].progress, Progress::Skipped { reason } if reason.contains("BLOCKED"))
+        );
+        assert_eq!(starts.len(), 1);
+        assert_eq!(starts[0].machine_id, id(2));
     }
 
     #[test]

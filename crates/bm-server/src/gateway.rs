@@ -129,7 +129,8 @@ pub(crate) fn router(to: &InProcess, max_streams: usize) -> Router {
     let gateway = Gateway {
         machines: MachineServiceClient::new(channel.clone()),
         operations: OperationServiceClient::new(channel.clone()),
-        rollouts: RolloutServiceClient::new(channel),
+        // A rollout holds its machines: 10,000 of them pass the default 4 MiB.
+        rollouts: RolloutServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
         pipes: to.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
         max_streams,

@@ -48,7 +48,7 @@ use bm_domain::rules::Outcome;
 use bm_domain::{
     EffectiveState, LabelSelector, LogLine, MacAddress, Machine, MachineEvent, MachineId,
     MachinePatch, Observation, Operation, OperationEvent, OperationId, OperationPhase,
-    OperationType, Phase, PowerState, Rollout, RolloutId, Timestamp,
+    OperationType, Phase, PowerState, RequestId, Rollout, RolloutId, Timestamp,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -472,6 +472,9 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// [`StoreError::RolloutNotFound`].
     async fn get_rollout(&self, id: RolloutId) -> Result<StoredRollout>;
+
+    /// The rollout created with `request`, if any.
+    async fn rollout_by_request(&self, request: &RequestId) -> Result<Option<StoredRollout>>;
 
     /// Rollouts, newest first.
     async fn list_rollouts(&self, query: &RolloutQuery) -> Result<Page<StoredRollout>>;

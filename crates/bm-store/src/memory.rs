@@ -436,6 +436,15 @@ impl Store for MemoryStore {
             .ok_or(crate::StoreError::RolloutNotFound(id))
     }
 
+    async fn rollout_by_request(&self, request: &RequestId) -> Result<Option<StoredRollout>> {
+        let state = self.lock();
+        Ok(state
+            .rollout_requests
+            .get(request)
+            .and_then(|id| state.rollouts.get(id))
+            .cloned())
+    }
+
     async fn list_rollouts(&self, q: &RolloutQuery) -> Result<Page<StoredRollout>> {
         let state = self.lock();
         let end = match q.before {

@@ -116,6 +116,26 @@ impl Engine {
             )
             .into());
         }
+        // A request id used before: that rollout, without resolving the target again (its
+        // machines may have changed since), if it is this caller's and the same request.
+        if let Some(found) = self.inner.store.rollout_by_request(&req.request_id).await? {
+            let r = found.rollout;
+            if r.created_by.name != req.requested_by.name
+                || r.spec != req.spec
+                || r.note != req.note
+            {
+                return Err(bm_domain::DomainError::invalid(
+                    "request id",
+                    req.request_id.as_str(),
+                    format!(
+                        "was used for another rollout ({}); use a new request id",
+                        r.id
+                    ),
+                )
+                .into());
+            }
+            return Ok((r, false));
+        }
         let targets = self.resolve(&req.target, &req.scope).await?;
         let t = now();
         let id = {
@@ -399,22 +419,29 @@ async fn drive(
 ) -> Result<Option<bm_domain::Timestamp>, WorkflowError> {
     let store = &engine.inner.store;
     let mut ended = ended;
+    // What this pass started: kept over a write that loses to another writer, so that the
+    // rollout as that one left it learns of them too.
+    let mut submitted: Vec<(MachineId, u32, OperationId)> = Vec::new();
     for _ in 0..CAS_TRIES {
         let StoredRollout {
             mut rollout,
             version,
         } = stored;
         let before = rollout.clone();
+        for (m, step, op) in &submitted {
+            rollout.started(m, *step, *op);
+        }
         let to_cancel = settle_ended(engine, &mut rollout, ended).await?;
         if rollout.phase == RolloutPhase::Aborting {
             for op in to_cancel {
                 cancel(engine, op, &rollout.created_by);
             }
         }
-        start_due(engine, &mut rollout).await?;
+        start_due(engine, &mut rollout, &mut submitted).await?;
         if rollout == before {
             return Ok(rollout.wake_at());
         }
+        rollout.update_time = now();
         match store.save_rollout(rollout.clone(), version).await {
             Ok(_) => {
                 engine.inner.rollout_written();
@@ -431,8 +458,8 @@ async fn drive(
                 }
                 return Ok(rollout.wake_at());
             }
-            // Someone wrote it meanwhile: again, from what is stored, reading every
-            // operation (what was learnt of them is in the rollout that was not written).
+            // Someone wrote it meanwhile (a pause, an abort, a replica): again, from what is
+            // stored, with what this pass started, reading every operation in flight.
             Err(StoreError::RolloutChanged { .. }) => {
                 stored = store.get_rollout(rollout.id).await?;
                 ended = None;
@@ -464,18 +491,13 @@ async fn settle_ended(
             }
             Err(e) => return Err(e),
         };
-        let how = match op.phase {
-            OperationPhase::Pending | OperationPhase::Running => {
-                if !op.cancel_requested {
-                    running.push(op_id);
-                }
-                continue;
+        match how(&op) {
+            Some(how) => {
+                rollout.ended(op_id, how);
             }
-            OperationPhase::Succeeded => Ended::Succeeded,
-            OperationPhase::Failed => Ended::Failed(op.error.unwrap_or_else(|| "failed".into())),
-            OperationPhase::Canceled => Ended::Canceled,
-        };
-        rollout.ended(op_id, how);
+            None if !op.cancel_requested => running.push(op_id),
+            None => {}
+        }
     }
     Ok(running)
 }
@@ -497,11 +519,70 @@ fn cancel(engine: &Engine, op: OperationId, by: &Actor) {
     });
 }
 
-/// Starts what is due: reads the states of the machines whose turn may come (a chunk at a
-/// time), asks the rollout, and submits its starts.
-async fn start_due(engine: &Engine, rollout: &mut Rollout) -> Result<(), WorkflowError> {
+/// How an operation that ended, ended, for the rollout.
+fn how(op: &bm_domain::Operation) -> Option<Ended> {
+    match op.phase {
+        OperationPhase::Pending | OperationPhase::Running => None,
+        OperationPhase::Succeeded => Some(Ended::Succeeded),
+        OperationPhase::Failed => Some(Ended::Failed(
+            op.error.clone().unwrap_or_else(|| "failed".into()),
+        )),
+        OperationPhase::Canceled => Some(Ended::Canceled),
+    }
+}
+
+/// What the driver sees of a machine whose turn may come: its state, or, when it is not
+/// fit, the operation this rollout started on it and did not record (then adopted), with
+/// the operation if it has ended already.
+async fn look(
+    engine: &Engine,
+    rollout: &Rollout,
+    id: &MachineId,
+) -> Result<(Seen, Option<bm_domain::Operation>), WorkflowError> {
+    let m = match engine.get_machine(id).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok((Seen::Gone, None)),
+        Err(e) => return Err(e),
+    };
+    let state = m.effective_state();
+    if matches!(
+        state,
+        EffectiveState::Idle | EffectiveState::MaintenanceIdle | EffectiveState::New
+    ) {
+        return Ok((Seen::State(state), None));
+    }
+    // Busy, or left in ATTENTION or BLOCKED: by this rollout's own first operation?
+    let first = rollout.request_id(0);
+    let recent = engine
+        .list_operations(&crate::api::OperationQuery {
+            limit: 8,
+            machine_id: Some(id.clone()),
+            ..crate::api::OperationQuery::default()
+        })
+        .await?;
+    match recent
+        .items
+        .into_iter()
+        .find(|o| o.rollout_id == Some(rollout.id) && o.request_id == first)
+    {
+        Some(op) => Ok((Seen::Started(op.id), Some(op))),
+        None => Ok((Seen::State(state), None)),
+    }
+}
+
+/// Starts what is due: reads what it needs of the machines whose turn may come (a chunk at
+/// a time), asks the rollout, and submits its starts, recording each in `submitted`. A
+/// failure to submit that the rules did not decide (a shutdown, the store) stops the
+/// starts of this pass; what was started is kept, and the rest is asked for again at the
+/// next pass, with the same request ids.
+async fn start_due(
+    engine: &Engine,
+    rollout: &mut Rollout,
+    submitted: &mut Vec<(MachineId, u32, OperationId)>,
+) -> Result<(), WorkflowError> {
     let mut seen: HashMap<MachineId, Seen> = HashMap::new();
     loop {
+        let batch = rollout.batch;
         let room = rollout
             .max_in_flight()
             .saturating_sub(rollout.counts().active as usize);
@@ -511,12 +592,15 @@ async fn start_due(engine: &Engine, rollout: &mut Rollout) -> Result<(), Workflo
             .take(room + READ_AHEAD)
             .cloned()
             .collect();
+        // Operations adopted that have ended already: no event will tell of them.
+        let mut over: Vec<(OperationId, Ended)> = Vec::new();
         for id in &wanted {
-            let s = match engine.get_machine(id).await {
-                Ok(m) => Seen::State(m.effective_state()),
-                Err(e) if e.kind() == ErrorKind::NotFound => Seen::Gone,
-                Err(e) => return Err(e),
-            };
+            let (s, op) = look(engine, rollout, id).await?;
+            if let Some(op) = &op
+                && let Some(how) = how(op)
+            {
+                over.push((op.id, how));
+            }
             seen.insert(id.clone(), s);
         }
         let missed = std::cell::Cell::new(false);
@@ -526,6 +610,9 @@ async fn start_due(engine: &Engine, rollout: &mut Rollout) -> Result<(), Workflo
                 Seen::NotRead
             })
         });
+        for (op, how) in over {
+            rollout.ended(op, how);
+        }
         for s in starts {
             let req = OperationRequest {
                 machine_id: s.machine_id.clone(),
@@ -535,19 +622,30 @@ async fn start_due(engine: &Engine, rollout: &mut Rollout) -> Result<(), Workflo
                 requested_by: rollout.created_by.clone(),
             };
             match engine.submit_for(req, Some(rollout.id)).await {
-                Ok(admission) => rollout.started(&s.machine_id, s.step, admission.operation.id),
+                Ok(admission) => {
+                    let op = admission.operation;
+                    rollout.started(&s.machine_id, s.step, op.id);
+                    submitted.push((s.machine_id.clone(), s.step, op.id));
+                    // Submitted before, and ended since: no event will tell of it.
+                    if let Some(how) = how(&op) {
+                        rollout.ended(op.id, how);
+                    }
+                }
                 // The rules refuse it (a wrong phase, a machine taken meanwhile): recorded.
                 Err(e) if matches!(e.kind(), ErrorKind::WrongState | ErrorKind::NotFound) => {
                     rollout.refused(&s.machine_id, s.step, e.to_string());
                 }
-                // Anything else (a shutdown, the store): the start is asked for again at the
-                // next pass, with the same request id.
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(rollout = %rollout.id, machine = %s.machine_id, error = %e, "could not start a rollout's operation; it is asked for again at the next pass");
+                    return Ok(());
+                }
             }
             // The state read before the start is stale now.
             seen.remove(&s.machine_id);
         }
-        if !missed.get() || wanted.is_empty() {
+        // Again when admission stopped at a machine not read yet, or a new batch opened.
+        let again = rollout.batch != batch || (missed.get() && !wanted.is_empty());
+        if !again {
             return Ok(());
         }
     }

@@ -265,6 +265,13 @@ impl Store for FaultyStore {
         self.inner.get_rollout(id).await
     }
 
+    async fn rollout_by_request(
+        &self,
+        request: &bm_domain::RequestId,
+    ) -> bm_store::Result<Option<bm_store::StoredRollout>> {
+        self.inner.rollout_by_request(request).await
+    }
+
     async fn list_rollouts(
         &self,
         query: &bm_store::RolloutQuery,

@@ -880,6 +880,14 @@ async fn a_scoped_rollout_targets_the_scope_and_is_seen_by_its_creator_and_unsco
                 .len()
         }
     };
+    // Its request id is the creator's: another caller reusing it gets no rollout back.
+    let e = rollouts
+        .clone()
+        .create_rollout(with(&f.storage_admin, create.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("use a new request id"), "{e:?}");
     assert_eq!(list(&f.scoped).await, 1);
     assert_eq!(list(&f.admin).await, 1);
     assert_eq!(list(&f.storage_admin).await, 0);

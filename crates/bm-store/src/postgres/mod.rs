@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
     LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
-    OperationEvent, OperationId, Rollout, RolloutId, Timestamp,
+    OperationEvent, OperationId, RequestId, Rollout, RolloutId, Timestamp,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -859,6 +859,18 @@ impl Store for PgStore {
                 Some(r) => Rows::stored_rollout(r),
                 None => Err(StoreError::RolloutNotFound(id)),
             }
+        })
+        .await
+    }
+
+    async fn rollout_by_request(&self, request: &RequestId) -> Result<Option<StoredRollout>> {
+        let request = request.clone();
+        self.read(move |conn| {
+            let rows = conn.query(
+                "SELECT id, doc, doc_crc32, version FROM rollouts WHERE request_id = $1",
+                &[&request.as_str()],
+            )?;
+            rows.first().map(Rows::stored_rollout).transpose()
         })
         .await
     }

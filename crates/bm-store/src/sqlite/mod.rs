@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use bm_domain::rules::Outcome;
 use bm_domain::{
     LogLine, MacAddress, Machine, MachineEvent, MachineId, MachinePatch, Observation, Operation,
-    OperationEvent, OperationId, Rollout, RolloutId, Timestamp,
+    OperationEvent, OperationId, RequestId, Rollout, RolloutId, Timestamp,
 };
 use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value};
 use tokio::sync::{broadcast, oneshot, watch};
@@ -657,6 +657,12 @@ impl Store for SqliteStore {
             writer::read_rollout(conn, id)?.ok_or(StoreError::RolloutNotFound(id))
         })
         .await
+    }
+
+    async fn rollout_by_request(&self, request: &RequestId) -> Result<Option<StoredRollout>> {
+        let request = request.clone();
+        self.read_point(move |conn| writer::read_rollout_by_request(conn, &request))
+            .await
     }
 
     async fn list_rollouts(&self, q: &RolloutQuery) -> Result<Page<StoredRollout>> {

@@ -345,6 +345,20 @@ pub(super) fn read_rollout(conn: &Connection, id: RolloutId) -> Result<Option<St
     .transpose()
 }
 
+/// The rollouts row created with `request`.
+pub(super) fn read_rollout_by_request(
+    conn: &Connection,
+    request: &RequestId,
+) -> Result<Option<StoredRollout>> {
+    conn.prepare_cached(&format!(
+        "SELECT {} FROM rollouts WHERE request_id = ?1",
+        codec::ROLLOUT_COLUMNS
+    ))?
+    .query_row([request.as_str()], codec::stored_rollout)
+    .optional()?
+    .transpose()
+}
+
 impl Tx for SqlTx<'_> {
     fn machine(&mut self, id: &MachineId) -> Result<Option<Machine>> {
         read_machine(self.conn, id)
@@ -587,14 +601,7 @@ impl Tx for SqlTx<'_> {
     }
 
     fn rollout_by_request(&mut self, request: &RequestId) -> Result<Option<StoredRollout>> {
-        self.conn
-            .prepare_cached(&format!(
-                "SELECT {} FROM rollouts WHERE request_id = ?1",
-                codec::ROLLOUT_COLUMNS
-            ))?
-            .query_row([request.as_str()], codec::stored_rollout)
-            .optional()?
-            .transpose()
+        read_rollout_by_request(self.conn, request)
     }
 
     fn put_rollout(&mut self, rollout: &Rollout, version: u64) -> Result<()> {

@@ -1287,6 +1287,12 @@ pub(crate) async fn rollouts_are_created_once_and_written_by_version(s: S) {
     let (again, created) = s.create_rollout(rollout(2, "create-1", 9)).await.unwrap();
     assert!(!created);
     assert_eq!(again, stored);
+    let request = |r: &str| bm_domain::RequestId::new(r).unwrap();
+    assert_eq!(
+        s.rollout_by_request(&request("create-1")).await.unwrap(),
+        Some(stored.clone())
+    );
+    assert_eq!(s.rollout_by_request(&request("never")).await.unwrap(), None);
     assert!(matches!(
         s.get_rollout(rollout(2, "x", 1).id).await,
         Err(StoreError::RolloutNotFound(_))

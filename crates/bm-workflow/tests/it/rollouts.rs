@@ -55,14 +55,25 @@ async fn fleet(h: &Harness, n: usize, failing: &[usize]) {
 
 /// Waits (on the engine's writes of rollouts, never on time) until `done` holds.
 async fn wait_rollout(h: &Harness, id: RolloutId, done: impl Fn(&Rollout) -> bool) -> Rollout {
-    let mut writes = h.engine.rollout_writes();
+    wait_rollout_of(&[h], id, done).await
+}
+
+/// Waits on the writes of every engine of `hs` (replicas of one store): any of them may be
+/// the one that writes the rollout.
+async fn wait_rollout_of(
+    hs: &[&Harness],
+    id: RolloutId,
+    done: impl Fn(&Rollout) -> bool,
+) -> Rollout {
+    let mut writes: Vec<_> = hs.iter().map(|h| h.engine.rollout_writes()).collect();
     let wait = async {
         loop {
-            let r = h.engine.get_rollout(id).await.unwrap();
+            let r = hs[0].engine.get_rollout(id).await.unwrap();
             if done(&r) {
                 return r;
             }
-            writes.changed().await.unwrap();
+            let changed = writes.iter_mut().map(|w| Box::pin(w.changed()));
+            futures::future::select_all(changed).await.0.unwrap();
         }
     };
     tokio::time::timeout(Duration::from_secs(30), wait)
@@ -304,4 +315,35 @@ async fn a_new_engine_on_the_same_store_carries_on_and_runs_nothing_twice() {
         assert_eq!(list.len(), 1, "{machine} ran {} operations", list.len());
     }
     assert_eq!(second.get("m-000").await.status.phase, Phase::Maintenance);
+}
+
+/// Two engines on one store (two replicas) drive the same rollout: their writes collide, and
+/// whichever loses adopts what the other started. No machine is skipped as busy by its
+/// own rollout's operation, and none runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_drive_one_rollout_without_skipping_or_repeating_a_machine() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let a = harness::start(store.clone(), config());
+    let b = harness::start(store, config());
+    fleet(&a, 40, &[]).await;
+    let (r, _) = a
+        .engine
+        .create_rollout(request(
+            "fleet=a",
+            spec(OperationType::EnterMaintenance, 8, 1),
+            "replicas",
+        ))
+        .await
+        .unwrap();
+    // Both drivers hear of it: `b` through the store's events, and a pause and resume
+    // through it wakes `b` as well.
+    b.engine.pause_rollout(r.id).await.unwrap();
+    b.engine.resume_rollout(r.id).await.unwrap();
+    let r = wait_rollout_of(&[&a, &b], r.id, |r| r.phase.is_terminal()).await;
+    assert_eq!(r.phase, RolloutPhase::Succeeded, "{:?}", r.counts());
+    assert_eq!(r.counts().succeeded, 40, "{:?}", r.counts());
+    let ops = operations_by_machine(&a).await;
+    assert_eq!(ops.len(), 40);
+    assert!(ops.values().all(|l| l.len() == 1));
+    assert!(most_in_flight(&a).await <= 8);
 }
