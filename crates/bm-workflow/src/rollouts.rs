@@ -23,6 +23,7 @@ use bm_domain::{
     RequestId, Rollout, RolloutId, RolloutPhase, RolloutSpec, Seen, Target,
 };
 use bm_store::{RolloutQuery, StoreError, StoredRollout};
+use futures::StreamExt;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::api::{MachineQuery, OperationRequest, Page, Scope};
@@ -82,6 +83,10 @@ const TARGET_PAGE: usize = 1000;
 const READ_AHEAD: usize = 32;
 /// Writes of one change tried again when another writer got there first.
 const CAS_TRIES: usize = 16;
+/// Reads of machines or operations a pass has under way at once.
+const READS_AT_ONCE: usize = 64;
+/// Operations a pass submits at once (each waits for a commit; commits take many).
+const SUBMITS_AT_ONCE: usize = 256;
 
 impl Engine {
     /// Creates a rollout over the machines its target selects now (in the caller's
@@ -303,6 +308,9 @@ impl Engine {
     }
 }
 
+/// How long the driver lets ends gather before a pass.
+const COALESCE: Duration = Duration::from_millis(50);
+
 /// Every how often a pass reads every operation the rollouts have in flight, whatever the
 /// events said (a safety net: the events tell of every end, from every replica).
 const FULL_PASS: Duration = Duration::from_secs(10);
@@ -360,8 +368,8 @@ pub(crate) async fn run(engine: Engine) {
                 },
             }
         }
-        // What ends together is handled in one pass.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // What ends together is handled in one pass (and a pass writes the whole rollout).
+        tokio::time::sleep(COALESCE).await;
         loop {
             match events.try_recv() {
                 Ok(e) if e.is_terminal() => {
@@ -479,11 +487,22 @@ async fn settle_ended(
 ) -> Result<Vec<OperationId>, WorkflowError> {
     let aborting = rollout.phase == RolloutPhase::Aborting;
     let mut running = Vec::new();
-    for op_id in rollout.running().collect::<Vec<_>>() {
-        if !aborting && ended.is_some_and(|e| !e.contains(&op_id)) {
-            continue;
-        }
-        let op = match engine.get_operation(op_id).await {
+    let read: Vec<OperationId> = rollout
+        .running()
+        .filter(|op| aborting || ended.is_none_or(|e| e.contains(op)))
+        .collect();
+    // Read at once, a bounded number at a time: a thousand in flight is a thousand reads.
+    let ops: Vec<(OperationId, Result<bm_domain::Operation, WorkflowError>)> =
+        futures::stream::iter(read)
+            .map(|id| {
+                let engine = engine.clone();
+                async move { (id, engine.get_operation(id).await) }
+            })
+            .buffered(READS_AT_ONCE)
+            .collect()
+            .await;
+    for (op_id, op) in ops {
+        let op = match op {
             Ok(op) => op,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 rollout.ended(op_id, Ended::Failed("its operation was lost".into()));
@@ -536,7 +555,8 @@ fn how(op: &bm_domain::Operation) -> Option<Ended> {
 /// the operation if it has ended already.
 async fn look(
     engine: &Engine,
-    rollout: &Rollout,
+    rollout: RolloutId,
+    first: &RequestId,
     id: &MachineId,
 ) -> Result<(Seen, Option<bm_domain::Operation>), WorkflowError> {
     let m = match engine.get_machine(id).await {
@@ -552,7 +572,6 @@ async fn look(
         return Ok((Seen::State(state), None));
     }
     // Busy, or left in ATTENTION or BLOCKED: by this rollout's own first operation?
-    let first = rollout.request_id(0);
     let recent = engine
         .list_operations(&crate::api::OperationQuery {
             limit: 8,
@@ -563,7 +582,7 @@ async fn look(
     match recent
         .items
         .into_iter()
-        .find(|o| o.rollout_id == Some(rollout.id) && o.request_id == first)
+        .find(|o| o.rollout_id == Some(rollout) && o.request_id == *first)
     {
         Some(op) => Ok((Seen::Started(op.id), Some(op))),
         None => Ok((Seen::State(state), None)),
@@ -594,8 +613,20 @@ async fn start_due(
             .collect();
         // Operations adopted that have ended already: no event will tell of them.
         let mut over: Vec<(OperationId, Ended)> = Vec::new();
-        for id in &wanted {
-            let (s, op) = look(engine, rollout, id).await?;
+        let (rid, first) = (rollout.id, rollout.request_id(0));
+        let looks: Vec<_> = futures::stream::iter(wanted.clone())
+            .map(|id| {
+                let (engine, first) = (engine.clone(), first.clone());
+                async move {
+                    let looked = look(&engine, rid, &first, &id).await;
+                    (id, looked)
+                }
+            })
+            .buffered(READS_AT_ONCE)
+            .collect()
+            .await;
+        for (id, looked) in looks {
+            let (s, op) = looked?;
             if let Some(op) = &op
                 && let Some(how) = how(op)
             {
@@ -613,15 +644,31 @@ async fn start_due(
         for (op, how) in over {
             rollout.ended(op, how);
         }
-        for s in starts {
-            let req = OperationRequest {
-                machine_id: s.machine_id.clone(),
-                op_type: s.operation,
-                request_id: s.request_id,
-                note: note(rollout),
-                requested_by: rollout.created_by.clone(),
-            };
-            match engine.submit_for(req, Some(rollout.id)).await {
+        // Submitted at once, a bounded number at a time (each waits for a commit of the
+        // store, which takes many together), and recorded in order.
+        let note = note(rollout);
+        let by = rollout.created_by.clone();
+        let id = rollout.id;
+        let results: Vec<_> = futures::stream::iter(starts)
+            .map(|s| {
+                let req = OperationRequest {
+                    machine_id: s.machine_id.clone(),
+                    op_type: s.operation,
+                    request_id: s.request_id.clone(),
+                    note: note.clone(),
+                    requested_by: by.clone(),
+                };
+                let engine = engine.clone();
+                async move { (s, engine.submit_for(req, Some(id)).await) }
+            })
+            .buffered(SUBMITS_AT_ONCE)
+            .collect()
+            .await;
+        let mut stopped = false;
+        for (s, result) in results {
+            // The state read before the start is stale now.
+            seen.remove(&s.machine_id);
+            match result {
                 Ok(admission) => {
                     let op = admission.operation;
                     rollout.started(&s.machine_id, s.step, op.id);
@@ -637,11 +684,12 @@ async fn start_due(
                 }
                 Err(e) => {
                     tracing::warn!(rollout = %rollout.id, machine = %s.machine_id, error = %e, "could not start a rollout's operation; it is asked for again at the next pass");
-                    return Ok(());
+                    stopped = true;
                 }
             }
-            // The state read before the start is stale now.
-            seen.remove(&s.machine_id);
+        }
+        if stopped {
+            return Ok(());
         }
         // Again when admission stopped at a machine not read yet, or a new batch opened.
         let again = rollout.batch != batch || (missed.get() && !wanted.is_empty());
