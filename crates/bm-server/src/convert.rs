@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub(crate) use bm_domain::MachineId;
+pub(crate) use bm_domain::{Rollout, RolloutId};
 pub(crate) use bm_domain::snippet;
 use bm_domain::{
     Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachineEvent,

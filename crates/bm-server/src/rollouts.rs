@@ -7,14 +7,13 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use bm_domain::{Rollout, RolloutId};
 use bm_proto::v1 as pb;
 use bm_workflow::{Engine, WorkflowError};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Caller, Role};
-use crate::convert;
+use crate::convert::{self, Rollout, RolloutId};
 use crate::error::{ApiError, respond};
 
 pub(crate) struct Rollouts {
