@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub(crate) use bm_domain::MachineId;
-pub(crate) use bm_domain::{Rollout, RolloutId};
 pub(crate) use bm_domain::snippet;
 use bm_domain::{
     Condition, EffectiveState, EventKind, Labels, LogLine, MacAddress, Machine, MachineEvent,
     MachineEventKind, MachinePatch, MachineSpec, Operation, OperationEvent, OperationId,
     OperationPhase, OperationType, Phase, RequestId, StageOutcome, StageRecord, Timestamp,
 };
+pub(crate) use bm_domain::{Rollout, RolloutId};
 use bm_proto::code_name;
 use bm_proto::v1 as pb;
 use bm_workflow::{
