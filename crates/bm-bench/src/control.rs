@@ -589,3 +589,32 @@ pub(crate) async fn rollout(addr: &str, pid: u32, n: u32) -> anyhow::Result<Roll
     );
     Ok(RolloutRun { wall, cpu })
 }
+
+/// Makes the first `n` machines exist and be in MAINTENANCE: imports those past
+/// `registered` and puts them in maintenance unless `entered` says they are, and moves both
+/// on.
+pub(crate) async fn in_maintenance(
+    c: &mut Clients,
+    pid: u32,
+    n: u32,
+    (registered, entered): (&mut u32, &mut u32),
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    if *registered < n {
+        import(c, *registered, n).await?;
+        *registered = n;
+    }
+    if *entered < n {
+        run_phase(
+            std::slice::from_ref(c),
+            &[pid],
+            n,
+            Kind::EnterMaintenance,
+            in_flight,
+            "enter",
+        )
+        .await?;
+        *entered = n;
+    }
+    Ok(())
+}

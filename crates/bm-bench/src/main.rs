@@ -418,22 +418,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // 2b. The same reimage of the fleet as one rollout.
         if want(Scenario::Rollout) {
             let n = sizes.fleet;
-            if registered < n {
-                control::import(&mut c, registered, n).await?;
-                registered = n;
-            }
-            if in_maintenance < n {
-                control::run_phase(
-                    std::slice::from_ref(&c),
-                    &[pid],
-                    n,
-                    Kind::EnterMaintenance,
-                    sizes.client_in_flight,
-                    "enter",
-                )
-                .await?;
-                in_maintenance = n;
-            }
+            let have = (&mut registered, &mut in_maintenance);
+            control::in_maintenance(&mut c, pid, n, have, sizes.client_in_flight).await?;
             let r = control::rollout(&server.addr, pid, n).await?;
             let rate = f64::from(n) / r.wall.as_secs_f64();
             rows.push(
@@ -503,21 +489,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // 4. Watch fan-out during a fleet run.
         if want(Scenario::Watch) {
             let n = sizes.fan_out_machines;
-            if registered < n {
-                control::import(&mut c, registered, n).await?;
-                registered = n;
-            }
-            if in_maintenance < n {
-                control::run_phase(
-                    std::slice::from_ref(&c),
-                    &[pid],
-                    n,
-                    Kind::EnterMaintenance,
-                    sizes.client_in_flight,
-                    "enter-fan",
-                )
-                .await?;
-            }
+            let have = (&mut registered, &mut in_maintenance);
+            control::in_maintenance(&mut c, pid, n, have, sizes.client_in_flight).await?;
             let f = control::fan_out(&endpoint, &mut c, pid, sizes.watchers, n).await?;
             rows.push(
                 Row::new(
