@@ -63,7 +63,7 @@ mod tests {
     use prost::Message;
 
     #[test]
-    fn descriptor_set_describes_both_services() {
+    fn descriptor_set_describes_every_service() {
         let fds = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
         let file = fds
             .file
@@ -71,7 +71,10 @@ mod tests {
             .find(|f| f.package() == "baremetal.v1")
             .expect("baremetal.v1 is in the set");
         let services: Vec<&str> = file.service.iter().map(|s| s.name()).collect();
-        assert_eq!(services, ["MachineService", "OperationService"]);
+        assert_eq!(
+            services,
+            ["MachineService", "OperationService", "RolloutService"]
+        );
         // Imports are included, so reflection clients can resolve google.protobuf types.
         assert!(
             fds.file
