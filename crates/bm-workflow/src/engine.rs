@@ -486,12 +486,7 @@ impl Engine {
             return Err(WorkflowError::ShuttingDown);
         }
         let t = now();
-        let id = {
-            let mut ids = self.inner.ids.lock().unwrap_or_else(|e| e.into_inner());
-            // A monotonic generator only fails after 2^80 ids in one millisecond.
-            ids.generate_from_datetime(t.to_system_time())
-                .unwrap_or_else(|_| ulid::Ulid::from_datetime(t.to_system_time()))
-        };
+        let id = self.inner.new_ulid(t);
         let mut op = Operation::new(
             OperationId::from_ulid(id),
             req.machine_id,

@@ -143,11 +143,7 @@ impl Engine {
         }
         let targets = self.resolve(&req.target, &req.scope).await?;
         let t = now();
-        let id = {
-            let mut ids = self.inner.ids.lock().unwrap_or_else(|e| e.into_inner());
-            ids.generate_from_datetime(t.to_system_time())
-                .unwrap_or_else(|_| ulid::Ulid::from_datetime(t.to_system_time()))
-        };
+        let id = self.inner.new_ulid(t);
         let rollout = Rollout::new(
             RolloutId::from_parts(id.timestamp_ms(), id.random()),
             req.request_id,
@@ -330,11 +326,13 @@ pub(crate) async fn run(engine: Engine) {
         if ended.is_none() {
             last_full = tokio::time::Instant::now();
         }
-        let wake_at = match pass(&engine, ended.as_ref()).await {
+        // Without an active rollout, operation ends are nobody's business here: only a
+        // rollout created (or, from a replica, the next full pass) wakes the driver.
+        let (wake_at, active) = match pass(&engine, ended.as_ref()).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "a pass over the rollouts failed; trying again shortly");
-                Some(now().saturating_add(Duration::from_secs(1)))
+                (Some(now().saturating_add(Duration::from_secs(1))), true)
             }
         };
         let mut seen = HashSet::new();
@@ -355,7 +353,7 @@ pub(crate) async fn run(engine: Engine) {
                 () = inner.rollouts.notified() => break,
                 () = &mut deadline => break,
                 e = events.recv() => match e {
-                    Ok(e) if e.is_terminal() => {
+                    Ok(e) if e.is_terminal() && active => {
                         seen.insert(e.operation_id);
                         break;
                     }
@@ -384,12 +382,13 @@ pub(crate) async fn run(engine: Engine) {
     }
 }
 
-/// One pass over the active rollouts; when the next one is due, if any is soaking.
-/// Of the operations in flight, only those in `ended` are read (all when `None`).
+/// One pass over the active rollouts; when the next one is due, if any is soaking, and
+/// whether any was active. Of the operations in flight, only those in `ended` are read (all
+/// when `None`).
 async fn pass(
     engine: &Engine,
     ended: Option<&HashSet<OperationId>>,
-) -> Result<Option<bm_domain::Timestamp>, WorkflowError> {
+) -> Result<(Option<bm_domain::Timestamp>, bool), WorkflowError> {
     let store = &engine.inner.store;
     let mut q = RolloutQuery {
         before: None,
@@ -397,8 +396,10 @@ async fn pass(
         active_only: true,
     };
     let mut wake: Option<bm_domain::Timestamp> = None;
+    let mut active = false;
     loop {
         let page = store.list_rollouts(&q).await?;
+        active |= !page.items.is_empty();
         q.before = page.items.last().map(|s| s.rollout.id);
         for stored in page.items {
             let id = stored.rollout.id;
@@ -410,11 +411,11 @@ async fn pass(
                 }
             }
             if engine.is_shutting_down() {
-                return Ok(None);
+                return Ok((None, active));
             }
         }
         if !page.more {
-            return Ok(wake);
+            return Ok((wake, active));
         }
     }
 }

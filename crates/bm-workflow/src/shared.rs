@@ -192,6 +192,15 @@ impl Inner {
         }
     }
 
+    /// A new id (an operation's, a rollout's) for time `t`: monotonic within a millisecond,
+    /// so ids sort by creation.
+    pub(crate) fn new_ulid(&self, t: Timestamp) -> ulid::Ulid {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        // A monotonic generator only fails after 2^80 ids in one millisecond.
+        ids.generate_from_datetime(t.to_system_time())
+            .unwrap_or_else(|_| ulid::Ulid::from_datetime(t.to_system_time()))
+    }
+
     /// Tells the followers of rollouts that one was written.
     pub(crate) fn rollout_written(&self) {
         self.rollout_writes.send_modify(|n| *n = n.wrapping_add(1));
