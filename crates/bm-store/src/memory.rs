@@ -252,6 +252,29 @@ impl Tx for MemTx<'_> {
     }
 }
 
+/// A page of `map`'s values, newest (highest key) first, before `before`: those `select`
+/// keeps, at most `limit`, and whether more follow.
+fn newest_first<K: Ord + Copy, V, T>(
+    map: &BTreeMap<K, V>,
+    before: Option<K>,
+    limit: usize,
+    select: impl Fn(&V) -> Option<T>,
+) -> Page<T> {
+    let end = match before {
+        Some(before) => std::ops::Bound::Excluded(before),
+        None => std::ops::Bound::Unbounded,
+    };
+    let mut items: Vec<T> = map
+        .range((std::ops::Bound::Unbounded, end))
+        .rev()
+        .filter_map(|(_, v)| select(v))
+        .take(limit + 1)
+        .collect();
+    let more = items.len() > limit;
+    items.truncate(limit);
+    Page { items, more }
+}
+
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
@@ -404,24 +427,13 @@ impl Store for MemoryStore {
 
     async fn list_operations(&self, q: &OperationQuery) -> Result<Page<Operation>> {
         let state = self.lock();
-        let end = match q.before {
-            Some(before) => std::ops::Bound::Excluded(before),
-            None => std::ops::Bound::Unbounded,
-        };
-        let mut items: Vec<Operation> = state
-            .operations
-            .range((std::ops::Bound::Unbounded, end))
-            .rev()
-            .map(|(_, s)| &s.op)
-            .filter(|o| q.machine_id.as_ref().is_none_or(|m| *m == o.machine_id))
-            .filter(|o| q.op_type.is_none_or(|t| t == o.op_type))
-            .filter(|o| q.phase.is_none_or(|p| p == o.phase))
-            .take(q.limit + 1)
-            .cloned()
-            .collect();
-        let more = items.len() > q.limit;
-        items.truncate(q.limit);
-        Ok(Page { items, more })
+        Ok(newest_first(&state.operations, q.before, q.limit, |s| {
+            let o = &s.op;
+            (q.machine_id.as_ref().is_none_or(|m| *m == o.machine_id)
+                && q.op_type.is_none_or(|t| t == o.op_type)
+                && q.phase.is_none_or(|p| p == o.phase))
+            .then(|| o.clone())
+        }))
     }
 
     async fn create_rollout(&self, rollout: Rollout) -> Result<(StoredRollout, bool)> {
@@ -437,32 +449,14 @@ impl Store for MemoryStore {
     }
 
     async fn rollout_by_request(&self, request: &RequestId) -> Result<Option<StoredRollout>> {
-        let state = self.lock();
-        Ok(state
-            .rollout_requests
-            .get(request)
-            .and_then(|id| state.rollouts.get(id))
-            .cloned())
+        self.tx(|tx| tx.rollout_by_request(request))
     }
 
     async fn list_rollouts(&self, q: &RolloutQuery) -> Result<Page<StoredRollout>> {
         let state = self.lock();
-        let end = match q.before {
-            Some(before) => std::ops::Bound::Excluded(before),
-            None => std::ops::Bound::Unbounded,
-        };
-        let mut items: Vec<StoredRollout> = state
-            .rollouts
-            .range((std::ops::Bound::Unbounded, end))
-            .rev()
-            .map(|(_, s)| s)
-            .filter(|s| !q.active_only || !s.rollout.phase.is_terminal())
-            .take(q.limit + 1)
-            .cloned()
-            .collect();
-        let more = items.len() > q.limit;
-        items.truncate(q.limit);
-        Ok(Page { items, more })
+        Ok(newest_first(&state.rollouts, q.before, q.limit, |s| {
+            (!q.active_only || !s.rollout.phase.is_terminal()).then(|| s.clone())
+        }))
     }
 
     async fn save_rollout(&self, rollout: Rollout, version: u64) -> Result<u64> {
