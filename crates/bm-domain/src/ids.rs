@@ -123,27 +123,39 @@ impl fmt::Display for OperationId {
 impl FromStr for OperationId {
     type Err = DomainError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let body = s
-            .strip_prefix(Self::PREFIX)
-            .or_else(|| s.strip_prefix("OP-"))
-            .unwrap_or(s);
-        // 26 base-32 digits hold 130 bits; a ULID has 128, so the first digit is 0-7. The
-        // ulid crate drops the extra bits, which would make `op-8ZZZ...` name `op-0ZZZ...`.
-        if body.len() == 26 && body.as_bytes()[0] > b'7' {
-            return Err(DomainError::invalid(
-                "operation id",
-                s,
-                "is out of range: a ULID begins with a digit from 0 to 7",
-            ));
-        }
-        Ulid::from_string(body).map(OperationId).map_err(|_| {
-            DomainError::invalid(
-                "operation id",
-                s,
-                "expected op- followed by a 26-character ULID, e.g. op-01JD3F5Q2W8Y4ZP0N7R6T9V3KM",
-            )
-        })
+        prefixed_ulid(s, Self::PREFIX, "operation id").map(OperationId)
     }
+}
+
+/// The ULID of an id written `<prefix><ULID>` (an operation's `op-`, a rollout's `ro-`):
+/// the prefix in either case, or none; `what` names the id in the error.
+pub(crate) fn prefixed_ulid(
+    s: &str,
+    prefix: &str,
+    what: &'static str,
+) -> Result<Ulid, DomainError> {
+    let body = s
+        .strip_prefix(prefix)
+        .or_else(|| s.strip_prefix(prefix.to_uppercase().as_str()))
+        .unwrap_or(s);
+    // 26 base-32 digits hold 130 bits; a ULID has 128, so the first digit is 0-7. The ulid
+    // crate drops the extra bits, which would make `op-8ZZZ...` name `op-0ZZZ...`.
+    if body.len() == 26 && body.as_bytes()[0] > b'7' {
+        return Err(DomainError::invalid(
+            what,
+            s,
+            "is out of range: a ULID begins with a digit from 0 to 7",
+        ));
+    }
+    Ulid::from_string(body).map_err(|_| {
+        DomainError::invalid(
+            what,
+            s,
+            format!(
+                "expected {prefix} followed by a 26-character ULID, e.g. {prefix}01JD3F5Q2W8Y4ZP0N7R6T9V3KM"
+            ),
+        )
+    })
 }
 
 impl TryFrom<String> for OperationId {

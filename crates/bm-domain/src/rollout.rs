@@ -50,25 +50,7 @@ impl fmt::Display for RolloutId {
 impl FromStr for RolloutId {
     type Err = DomainError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let body = s
-            .strip_prefix(Self::PREFIX)
-            .or_else(|| s.strip_prefix("RO-"))
-            .unwrap_or(s);
-        // As for operation ids: a 26-digit ULID begins with 0-7, or bits would be dropped.
-        if body.len() == 26 && body.as_bytes()[0] > b'7' {
-            return Err(DomainError::invalid(
-                "rollout id",
-                s,
-                "is out of range: a ULID begins with a digit from 0 to 7",
-            ));
-        }
-        Ulid::from_string(body).map(RolloutId).map_err(|_| {
-            DomainError::invalid(
-                "rollout id",
-                s,
-                "expected ro- followed by a 26-character ULID, e.g. ro-01JD3F5Q2W8Y4ZP0N7R6T9V3KM",
-            )
-        })
+        crate::ids::prefixed_ulid(s, Self::PREFIX, "rollout id").map(RolloutId)
     }
 }
 
